@@ -1,0 +1,1 @@
+"""Shared core of the teacher -> assistant -> student distillation toolkit."""

@@ -1,0 +1,1 @@
+"""Losses -> engine (one epoch) -> stage (one model) -> chain (teacher -> assistant -> student)."""

@@ -1,0 +1,183 @@
+"""A chain: the stages of a config run in order, each KD stage distilled from the frozen
+best-validation checkpoint of an earlier stage.
+
+run_dir/
+    config.yaml   the resolved config (what --resume re-reads)
+    env.json      package versions, GPU, git commit, seed settings, command line
+    plan.json     per-stage batch / micro-batch / checkpointing / compile decisions
+    <stage>/      see src/distillation/stage.py
+    summary.csv   one row per stage (model): params, FLOPs, val / test accuracy, F1, memory, time
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+
+from src.data import build_loaders, load_dataset
+from src.distillation.config import RunConfig, save_config
+from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, use_channels_last
+from src.models import is_vit
+from src.utils.environment import environment_record
+from src.utils.errors import ConfigError, UserError
+from src.utils.logger import get_console
+from src.utils.reproducibility import setup_reproducibility
+from src.utils.training_guards import cleanup_training_state, freeze_teacher, requires_gradient_checkpointing
+
+log = get_console()
+SUMMARY_COLUMNS = ["stage", "model", "role", "teacher", "params", "flops", "epochs", "best_epoch", "val_accuracy",
+                   "val_f1_score", "test_accuracy", "test_precision", "test_recall", "test_f1_score", "test_loss",
+                   "last_val_accuracy", "peak_gpu_memory_mb", "train_seconds", "img_per_s", "lr", "precision",
+                   "batch_size", "micro_batch", "grad_checkpointing"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name} but no CUDA device is visible (torch {torch.__version__}, "
+                              f"built for CUDA {torch.version.cuda}). Use --device cpu, or check the driver / CUDA_VISIBLE_DEVICES")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return dev
+    return torch.device("cpu")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before training, not after an hour, when the output folder cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to the output folder {path}: {exc.strerror or exc}. Choose another --output-dir") from None
+
+
+def with_baselines(cfg: RunConfig) -> RunConfig:
+    """Add the two baselines beside the chain: the student trained alone, and the student
+    distilled directly from the teacher (no assistant). Same data, epochs and recipe."""
+    names = {s.name for s in cfg.stages}
+    if len(cfg.stages) < 2 or "student_scratch" in names:
+        return cfg
+    first, last = cfg.stages[0], cfg.stages[-1]
+    scratch = replace(last, name="student_scratch", teacher=None, checkpoint=None, role=last.role or "student")
+    direct = replace(last, name="student_kd", teacher=first.name, checkpoint=None, role=last.role or "student")
+    return replace(cfg, stages=[*cfg.stages, scratch, direct])
+
+
+def stage_method(stage, cfg: RunConfig) -> str:
+    """scratch (no teacher), kd (distilled from the first stage) or takd (through an assistant)."""
+    if not stage.teacher:
+        return "scratch"
+    return "kd" if stage.teacher == cfg.stages[0].name else "takd"
+
+
+def plan_stage(cfg: RunConfig, stage, device: torch.device, planner: Optional[Callable] = None) -> StagePlan:
+    plan = StagePlan(epochs=stage.epochs or cfg.train.epochs, batch_size=stage.batch_size or cfg.train.batch_size,
+                     grad_checkpointing=stage.grad_checkpointing or requires_gradient_checkpointing(stage.model),
+                     compile=cfg.train.compile)
+    if planner is not None:
+        plan = planner(cfg, stage, device, plan)
+    return plan
+
+
+def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
+    if not is_vit(stage.model) and not (stage.model.startswith("hf:")):
+        return None
+    from src.data.loaders import _Normalizer
+    from src.visualization.vit_viz import save_attention_maps
+    n = cfg.viz.attention_images
+    raw = data.val.images[:n]
+    norm = _Normalizer(cfg.data.normalize, device, cfg.data.image_size, False)
+
+    def callback(model, epoch: int, stage_dir: Path):
+        if epoch % cfg.viz.attention_every and epoch != epochs:
+            return
+        x = norm(raw.to(device).float() / 255)
+        save_attention_maps(model, x, raw, stage_dir / "attention" / f"epoch_{epoch:03d}.png",
+                            heads=cfg.viz.attention_heads, rollout=cfg.viz.attention_rollout,
+                            title=f"{stage.name} ({stage.model}) epoch {epoch}")
+    return callback
+
+
+def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, device: torch.device):
+    tstage = cfg.stage(name)
+    model = build_stage_model(cfg, replace(tstage, pretrained=False, pretrained_file=None), num_classes)
+    load_weights(model, run_dir / name / "best.pt", f"teacher {name}")
+    model = model.to(device)
+    if use_channels_last(cfg, tstage, device):
+        model = model.to(memory_format=torch.channels_last)
+    return freeze_teacher(model, verbose=True)
+
+
+def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
+              should_stop: Callable[[], bool] = lambda: False, planner: Optional[Callable] = None) -> pd.DataFrame:
+    """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir)
+    device = resolve_device(cfg.train.device)
+    repro = setup_reproducibility(cfg.seed, cfg.deterministic)
+    if not resume or not (run_dir / "config.yaml").exists():
+        save_config(cfg, run_dir / "config.yaml")
+    env = environment_record(repro, {"device": str(device), "resumed": resume})
+    (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
+
+    data = load_dataset(cfg.data)
+    for split in (data.train, data.val, data.test):
+        if split.images is not None:
+            split.images = split.images.to(device)
+            split.labels = split.labels.to(device)
+    log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
+             f"{data.num_classes} classes, stored at {data.store_size}px, model input {cfg.data.image_size}px, device {device}")
+
+    plans, rows = {}, []
+    plan_path = run_dir / "plan.json"
+    if plan_path.exists():
+        plans = json.loads(plan_path.read_text())
+    for idx, stage in enumerate(cfg.stages):
+        stage_dir = run_dir / stage.name
+        done = stage_dir / "stage.json"
+        if resume and done.exists():
+            log.info(f"✓ {stage.name}: finished earlier, skipped")
+            rows.append(json.loads(done.read_text()))
+            continue
+        resuming_stage = resume and (stage_dir / "last.pt").exists()
+        setup_reproducibility(cfg.seed + 1000 * idx, cfg.deterministic)
+        if stage.name in plans and resuming_stage:
+            plan = StagePlan(**plans[stage.name])
+        else:
+            plan = plan_stage(cfg, stage, device, planner)
+            plans[stage.name] = asdict(plan)
+            plan_path.write_text(json.dumps(plans, indent=2))
+        teacher_note = f" <- {stage.teacher}" if stage.teacher else ""
+        log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  "
+                 f"epochs {plan.epochs}, batch {plan.batch_size}"
+                 + (f" (micro-batch {plan.micro_batch})" if plan.micro_batch else ""))
+        teacher = load_teacher(cfg, run_dir, stage.teacher, data.num_classes, device) if stage.teacher else None
+        loaders = build_loaders(data, plan.batch_size, device, cfg.data, use_channels_last(cfg, stage, device),
+                                seed=cfg.seed + idx)
+        summary = run_stage(cfg, stage, data, loaders, stage_dir, device, plan, teacher=teacher,
+                            resume=resuming_stage, progress=progress, should_stop=should_stop,
+                            on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs))
+        summary["method"] = stage_method(stage, cfg)
+        (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
+        if teacher is not None:
+            cleanup_training_state(model=teacher, verbose=False)
+            del teacher
+        rows.append(summary)
+        log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}), "
+                 f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}")
+    df = pd.DataFrame(rows)
+    df = df[[c for c in SUMMARY_COLUMNS + ["method"] if c in df.columns]]
+    tmp = run_dir / "summary.csv.tmp"
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, run_dir / "summary.csv")
+    return df

@@ -1,0 +1,197 @@
+"""Command line shared by cnn_distillation/train_cnn.py and vit_distillation/train_vit.py.
+
+Library code raises; this is the one place that turns exceptions into one-line errors and
+exit codes: 0 done, 1 unexpected error, 2 bad input, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import signal
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
+
+
+class _StopFlag:
+    """First Ctrl-C / SIGTERM asks the engine to stop after the current step; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        def handler(signum, frame):
+            if self.signum is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signum = signum
+            print(f"\n⏸  {signal.Signals(signum).name} received: finishing the current step, then stopping "
+                  f"(Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"train_{chain}.sh",
+        description=f"Teacher -> assistant -> student distillation ({chain.upper()} chain). "
+                    f"Every stage's results land in one run folder.",
+        epilog="Relative paths on the command line are taken from the current folder; relative paths inside "
+               "a config file from the repository root.")
+    p.add_argument("--config", type=Path, default=default_config, help=f"YAML preset (default: {default_config.relative_to(REPO_ROOT)})")
+    p.add_argument("--output-dir", type=Path, default=None, help="run folder (default: runs/<chain>/<name>-<time>); must be new or empty")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run: finished stages are skipped, the unfinished one continues from its last epoch")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every stage (overrides the preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size for every stage")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate (before the 1.0 / 0.75 / 0.5 role factor)")
+    p.add_argument("--data-root", type=str, default=None, help="dataset folder, or a .tar.gz of an ImageFolder tree")
+    p.add_argument("--data-source", choices=("cifar10", "cifar100", "imagefolder", "digits"), default=None)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seeds", type=str, default=None, help="comma-separated seeds, e.g. 0,1,2: the chain once per seed, results as mean ± std")
+    p.add_argument("--baselines", action="store_true", help="also train the student from scratch and distilled directly from the teacher")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config value, e.g. --set kd.temperature=2 --set stages.student.epochs=5 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def _abs(path):
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+def _load_cfg(args, chain: str):
+    from src.distillation.config import load_config, apply_override  # noqa: F401
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.batch_size is not None:
+        overrides.append(f"train.batch_size={args.batch_size}")
+    if args.lr is not None:
+        overrides.append(f"train.lr={args.lr}")
+    if args.data_root is not None:
+        overrides.append(f"data.root={args.data_root}")
+    if args.data_source is not None:
+        overrides.append(f"data.source={args.data_source}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    return load_config(args.config, overrides)
+
+
+def _parse_seeds(text):
+    from src.utils.errors import ConfigError
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds needs distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def run(argv, chain: str, default_config: Path) -> int:
+    args = build_parser(chain, default_config).parse_args(argv)
+    # Command-line paths are the user's (current folder); config paths are the repository's.
+    args.config, args.output_dir, args.resume = _abs(args.config), _abs(args.output_dir), _abs(args.resume)
+    if args.data_root is not None:
+        args.data_root = str(_abs(args.data_root))
+    os.chdir(REPO_ROOT)
+    stop = _StopFlag().install()
+    from src.utils.logger import get_console
+    log = get_console()
+    out = args.resume or args.output_dir
+    try:
+        from src.distillation.chain import run_chain, with_baselines
+        from src.distillation.config import load_config
+        from src.distillation.engine import StopRequested
+        from src.distillation.stage import StageFailed
+        from src.utils.errors import UserError
+        if args.resume:
+            seeds_file = args.resume / "seeds.json"
+            if not (args.resume / "config.yaml").exists() and not seeds_file.exists():
+                raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml or seeds.json)")
+            if seeds_file.exists():
+                meta = json.loads(seeds_file.read_text())
+                seeds = meta["seeds"]
+                cfg = load_config(args.resume / f"seed_{seeds[0]}" / "config.yaml") if (args.resume / f"seed_{seeds[0]}" / "config.yaml").exists() else None
+                if cfg is None:
+                    cfg = load_config(Path(meta["config"]))
+            else:
+                seeds, cfg = None, load_config(args.resume / "config.yaml")
+        else:
+            cfg = _load_cfg(args, chain)
+            if args.baselines:
+                cfg = with_baselines(cfg)
+            seeds = _parse_seeds(args.seeds) if args.seeds else None
+            if out is None:
+                stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+                out = REPO_ROOT / "runs" / chain / f"{cfg.name}-{stamp}"
+            if out.exists() and any(out.iterdir()):
+                raise UserError(f"output folder {out} already holds files; choose a new --output-dir, "
+                                f"or continue that run with --resume {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        resume = args.resume is not None
+        progress = not args.no_progress
+        if seeds:
+            (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "config": str(args.config)}))
+            run_dirs = []
+            for s in seeds:
+                log.info(f"\n════ seed {s} ════")
+                rd = out / f"seed_{s}"
+                run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop)
+                run_dirs.append(rd)
+        else:
+            run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
+        _report(out, log)
+        log.info(f"\n✅ Done. Results in {out}")
+        return EXIT_OK
+    except StopRequested:
+        code = EXIT_SIGTERM if stop.signum == signal.SIGTERM else EXIT_SIGINT
+        sh = f"bash {chain}_distillation/train_{chain}.sh"
+        print(f"Stopped. Completed epochs are saved; continue with:\n  {sh} --resume {out}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        print(f"Aborted. Completed epochs are saved; continue with --resume {out}", file=sys.stderr)
+        return EXIT_SIGINT
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return EXIT_NAN
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        return EXIT_USER
+    except Exception as exc:  # an unexpected failure: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _report(out: Path, log) -> None:
+    try:
+        from src.report import write_report
+    except ImportError:
+        return
+    path = write_report([out])
+    log.info(f"Report: {path}")
+
+
+def main(chain: str, default_config: Path) -> None:
+    sys.exit(run(sys.argv[1:], chain, default_config))

@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML presets -> dataclasses, with unknown keys and bad values refused.
+
+A chain is data: a list of stages, each "train model M, optionally distilled from the frozen
+model of an earlier stage". CNN and ViT chains differ only in their YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from src.utils.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    source: str = "cifar10"            # cifar10 | cifar100 | imagefolder | digits
+    root: str = "data"                 # dataset folder (imagefolder tree, or torchvision download dir)
+    image_size: int = 32               # size the model sees (on-device resize when it differs)
+    val_fraction: float = 0.1          # validation split carved from train, for model selection
+    split_seed: int = 0                # the split is fixed by this seed, independent of the run seed
+    max_train_samples: Optional[int] = None  # subsample (stratified) for quick runs
+    max_test_samples: Optional[int] = None
+    augment: str = "crop_flip"         # crop_flip | flip | none
+    crop_padding: int = 4
+    mixup: float = 0.0                 # timm Mixup alpha (0 = off)
+    cutmix: float = 0.0                # timm CutMix alpha (0 = off)
+    random_erasing: float = 0.0        # probability, on-device
+    normalize: str = "imagenet"        # imagenet | cifar
+    loader: str = "auto"               # auto | tensor (whole set in memory, device-side aug) | dataloader
+    num_workers: int = 2
+    cache_dir: Optional[str] = None    # decoded uint8 tensors cached here (default: <root>/.cache)
+    skip_bad_images: bool = False      # skip unreadable images (count reported) instead of stopping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0             # max global grad norm (0 = off)
+    label_smoothing: float = 0.0
+    amp: bool = True                   # bf16 where supported, fp16 + GradScaler otherwise; fp32 on CPU
+    channels_last: str = "auto"        # auto (CNNs on CUDA) | true | false
+    compile: bool = False
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class KDConfig:
+    temperature: float = 4.0
+    alpha_start: float = 0.9
+    alpha_end: float = 0.5
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    model: str = ""
+    role: Optional[str] = None         # teacher | assistant | student (LR factor); default from the model name
+    teacher: Optional[str] = None      # name of an earlier stage to distill from; None = plain training
+    pretrained: bool = False           # ImageNet weights from the timm / Hugging Face hub
+    pretrained_file: Optional[str] = None  # ... or from a local file
+    checkpoint: Optional[str] = None   # skip training: load this checkpoint (e.g. a trained teacher)
+    cifar_stem: bool = False           # ResNet: 3x3 stride-1 first conv, no max-pool (32 px from scratch)
+    patch_size: Optional[int] = None   # ViT: override patch size (e.g. 4 for 32 px)
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False   # force on for this model (always on for ViT-Base)
+    epochs: Optional[int] = None       # override train.epochs
+    lr: Optional[float] = None         # override train.lr (before the role factor)
+    batch_size: Optional[int] = None   # override train.batch_size
+    model_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class VizConfig:
+    attention_every: int = 10          # attention maps every N epochs (and at the last epoch)
+    attention_images: int = 8
+    attention_heads: int = 2
+    attention_rollout: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 42
+    deterministic: bool = True
+    output_dir: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    viz: VizConfig = field(default_factory=VizConfig)
+    stages: list = field(default_factory=list)
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+_CHOICES = {
+    ("data", "source"): ("cifar10", "cifar100", "imagefolder", "digits"),
+    ("data", "augment"): ("crop_flip", "flip", "none"),
+    ("data", "normalize"): ("imagenet", "cifar"),
+    ("data", "loader"): ("auto", "tensor", "dataloader"),
+    ("train", "channels_last"): ("auto", "true", "false"),
+    ("stage", "role"): ("teacher", "assistant", "student", None),
+}
+
+
+def _check_type(path: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _check_type(path, value, next(a for a in args if a is not type(None)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if isinstance(value, bool) and path.endswith("channels_last"):
+            return str(value).lower()
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, raw: Any, path: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        where = f" in '{path}'" if path else ""
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {unknown}{where}; valid keys: {', '.join(valid)}")
+    kwargs = {}
+    for name, value in raw.items():
+        sub = f"{path}.{name}" if path else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, sub)
+        elif name == "stages" and cls is RunConfig:
+            if not isinstance(value, list) or not value:
+                raise ConfigError("stages: expected a non-empty list of stages")
+            kwargs[name] = [_build(StageConfig, s, f"stages[{i}]") for i, s in enumerate(value)]
+        else:
+            kwargs[name] = _check_type(sub, value, hint)
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and cross-field checks; raises ConfigError naming the key and the allowed values."""
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    for (section, key), choices in _CHOICES.items():
+        objs = cfg.stages if section == "stage" else [getattr(cfg, section)]
+        for obj in objs:
+            value = getattr(obj, key)
+            need(value in choices, f"{section}.{key}: {value!r} is not one of {[c for c in choices if c]}")
+    d, t, k = cfg.data, cfg.train, cfg.kd
+    need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    for key in ("max_train_samples", "max_test_samples"):
+        v = getattr(d, key)
+        need(v is None or v > 0, f"data.{key} must be positive, got {v}")
+    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    for key in ("mixup", "cutmix"):
+        need(getattr(d, key) >= 0, f"data.{key} must be >= 0, got {getattr(d, key)}")
+    need(0.0 <= d.random_erasing <= 1.0, f"data.random_erasing must be in [0, 1], got {d.random_erasing}")
+    need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+         f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    need(k.temperature > 0, f"kd.temperature must be > 0, got {k.temperature}")
+    for key in ("alpha_start", "alpha_end"):
+        v = getattr(k, key)
+        need(0.0 <= v <= 1.0, f"kd.{key} must be in [0, 1], got {v}")
+    need(cfg.viz.attention_every >= 1, f"viz.attention_every must be >= 1, got {cfg.viz.attention_every}")
+    need(1 <= cfg.viz.attention_heads <= 2, "viz.attention_heads must be 1 or 2 (attention maps are O(N^2) in memory)")
+    need(1 <= cfg.viz.attention_images <= 8, "viz.attention_images must be 1..8 (one small batch only)")
+    need(bool(cfg.stages), "stages: at least one stage is needed")
+    seen = set()
+    for s in cfg.stages:
+        need(bool(s.name) and bool(s.model), f"every stage needs a name and a model, got name={s.name!r} model={s.model!r}")
+        need(s.name not in seen, f"stage names must be unique: {s.name!r} appears twice")
+        need(s.teacher is None or s.teacher in seen,
+             f"stage {s.name!r}: teacher {s.teacher!r} must name an earlier stage (have {sorted(seen)})")
+        need(s.epochs is None or s.epochs >= 1, f"stage {s.name!r}: epochs must be >= 1, got {s.epochs}")
+        need(s.lr is None or s.lr > 0, f"stage {s.name!r}: lr must be > 0, got {s.lr}")
+        need(s.batch_size is None or s.batch_size >= 1, f"stage {s.name!r}: batch_size must be >= 1")
+        need(0 <= s.drop_path < 1, f"stage {s.name!r}: drop_path must be in [0, 1), got {s.drop_path}")
+        need(not (s.pretrained and s.checkpoint), f"stage {s.name!r}: use pretrained or checkpoint, not both")
+        seen.add(s.name)
+    return cfg
+
+
+def from_dict(raw: dict) -> RunConfig:
+    return validate(_build(RunConfig, raw, ""))
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML preset (safe_load only), apply `key.sub=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`train.epochs=5` or `stages.student.epochs=3` (a stage addressed by its name)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        if part == "stages" and isinstance(node.get("stages"), list):
+            name = parts[i + 1]
+            match = [s for s in node["stages"] if s.get("name") == name]
+            if not match:
+                raise ConfigError(f"override {item!r}: no stage named {name!r}")
+            node = match[0]
+            rest = parts[i + 2:]
+            for p in rest[:-1]:
+                node = node.setdefault(p, {})
+            node[rest[-1]] = yaml.safe_load(value)
+            return
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Ground floor: guards, logging, reproducibility and metrics. Imports nothing else from src."""

@@ -1,0 +1,89 @@
+"""Checkpoint files: written atomically, read with weights_only=True.
+
+A checkpoint is written to `<name>.tmp` and moved over the old file with os.replace, so a
+crash or a full disk mid-write leaves the previous checkpoint intact. Loading never unpickles
+arbitrary objects: only tensors, numbers, strings and containers of them are accepted.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from src.utils.errors import CheckpointError, UserError
+
+
+class SaveError(UserError):
+    """A checkpoint or log could not be written (full disk, permissions)."""
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        kept = " (the previous checkpoint is kept)" if path.exists() else ""
+        raise SaveError(f"could not write {path}: {exc.strerror or exc}{kept}. Free disk space or choose "
+                        f"another --output-dir, then --resume") from None
+
+
+def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
+    """torch.load with weights_only=True; CheckpointError for missing, corrupt or pickled files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: it contains pickled Python objects, which could run code "
+            f"({str(exc).splitlines()[0][:160]}). Re-save only the state_dict (tensors) from a trusted source") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+
+def extract_state_dict(obj: dict) -> dict:
+    """Model weights from one of our checkpoints, a {'state_dict': ...} file or a bare state_dict."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return obj
+    raise CheckpointError("no model weights found in the checkpoint (expected a state_dict)")
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch and CUDA RNG states in a weights_only-loadable form."""
+    py = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

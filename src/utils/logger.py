@@ -1,0 +1,133 @@
+"""Console output and the per-epoch CSV log (spec fix 5).
+
+`EpochLogger` writes one row per epoch with exactly `REQUIRED_COLUMNS`, in that order. Every
+write checks count and order, every row is flushed and fsync'ed at once, and an existing file
+is only appended to when its header is identical.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Mapping
+
+REQUIRED_COLUMNS = [
+    'epoch',
+    'train_loss', 'train_accuracy', 'train_precision', 'train_recall', 'train_f1_score',
+    'val_loss', 'val_accuracy', 'val_precision', 'val_recall', 'val_f1_score',
+    'learning_rate', 'epoch_time_sec', 'gpu_memory_mb'
+]
+
+_CONSOLE_NAME = "distill"
+
+
+def get_console() -> logging.Logger:
+    """The project's console logger: plain messages on stdout, configured once."""
+    logger = logging.getLogger(_CONSOLE_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+class SchemaError(ValueError):
+    """A CSV row or header does not match REQUIRED_COLUMNS."""
+
+
+def check_header(header: list[str], path: str | os.PathLike = "<csv>") -> None:
+    """Raise SchemaError naming the first difference between `header` and REQUIRED_COLUMNS."""
+    if header == REQUIRED_COLUMNS:
+        return
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    extra = [c for c in header if c not in REQUIRED_COLUMNS]
+    if missing or extra:
+        detail = f"missing {missing}" if missing else ""
+        if extra:
+            detail += ("; " if detail else "") + f"unexpected {extra}"
+    else:
+        detail = f"columns out of order: got {header}"
+    raise SchemaError(f"{path}: header does not match REQUIRED_COLUMNS ({detail})")
+
+
+def read_epoch_csv(path: str | os.PathLike) -> list[dict[str, float]]:
+    """Read and schema-check an epoch log; values parsed as floats, epochs checked 1..N."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise SchemaError(f"{path}: empty file, no header") from None
+        check_header(header, path)
+        rows = []
+        for line_no, values in enumerate(reader, start=2):
+            if len(values) != len(REQUIRED_COLUMNS):
+                raise SchemaError(f"{path}:{line_no}: {len(values)} values, expected {len(REQUIRED_COLUMNS)}")
+            try:
+                rows.append({k: float(v) for k, v in zip(REQUIRED_COLUMNS, values)})
+            except ValueError as exc:
+                raise SchemaError(f"{path}:{line_no}: non-numeric value ({exc})") from None
+    epochs = [int(r['epoch']) for r in rows]
+    if epochs != list(range(1, len(rows) + 1)):
+        raise SchemaError(f"{path}: epochs must run 1..N with no gap or repeat, got {epochs}")
+    return rows
+
+
+class EpochLogger:
+    """Append-only per-epoch CSV with a hard schema.
+
+    Args:
+        path: CSV file. Created with the header if absent; appended to if its header matches.
+        resume_from_epoch: when appending, rows with epoch > this are dropped first (an epoch
+            that was logged but whose checkpoint was not saved is re-run, never duplicated).
+    """
+
+    def __init__(self, path: str | os.PathLike, resume_from_epoch: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            rows = read_epoch_csv(self.path)  # raises SchemaError on a differing header
+            if resume_from_epoch is not None and len(rows) > resume_from_epoch:
+                self._rewrite(rows[:resume_from_epoch])
+        else:
+            self._rewrite([])
+
+    def _rewrite(self, rows: Iterable[Mapping[str, float]]) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(REQUIRED_COLUMNS)
+            for r in rows:
+                writer.writerow([_fmt(r[c]) for c in REQUIRED_COLUMNS])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def log(self, row: Mapping[str, float]) -> None:
+        """Append one epoch. `row` must have exactly REQUIRED_COLUMNS as keys, in order."""
+        if len(row) != len(REQUIRED_COLUMNS):
+            raise SchemaError(f"Column count mismatch: got {len(row)}, expected {len(REQUIRED_COLUMNS)}")
+        if list(row.keys()) != REQUIRED_COLUMNS:
+            raise SchemaError(f"Column order mismatch: got {list(row.keys())}, expected {REQUIRED_COLUMNS}")
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row[c]) for c in REQUIRED_COLUMNS])
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rows(self) -> list[dict[str, float]]:
+        return read_epoch_csv(self.path)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, (int,)) and not isinstance(value, bool):
+        return str(value)
+    value = float(value)
+    if value.is_integer() and not math.isinf(value):
+        return str(int(value))
+    return f"{value:.6g}"
