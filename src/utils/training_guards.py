@@ -87,14 +87,19 @@ def gradient_checkpointing_active(model: nn.Module) -> bool:
 def count_block_recomputation(model: nn.Module, sample: torch.Tensor, block_filter: Callable[[nn.Module], bool]) -> tuple[int, int]:
     """Measure checkpointing by its effect: how often blocks run forward in one training step.
 
-    Registers forward hooks on the modules selected by `block_filter`, runs a forward and a
-    backward pass of `sample` in train mode, and returns (forward calls during forward,
-    forward calls during backward). With checkpointing active the second number is > 0:
-    activations were dropped and recomputed. Hooks are removed and gradients cleared afterwards.
+    Counts calls of the modules selected by `block_filter` during a forward and a backward
+    pass of `sample` in train mode, and returns (calls during forward, calls during backward).
+    With checkpointing active the second number is > 0: activations were dropped and
+    recomputed. The counting wrappers are removed and gradients cleared afterwards.
     """
     counts = {"phase": "forward", "forward": 0, "backward": 0}
-    hooks = [m.register_forward_hook(lambda *_: counts.__setitem__(counts["phase"], counts[counts["phase"]] + 1))
-             for m in model.modules() if block_filter(m)]
+    # Wrap forward itself: torch runs checkpoint recomputation with module hooks silenced.
+    wrapped = [m for m in model.modules() if block_filter(m)]
+    for m in wrapped:
+        def counting_forward(*args, _orig=m.forward, **kwargs):
+            counts[counts["phase"]] += 1
+            return _orig(*args, **kwargs)
+        m.forward = counting_forward
     was_training = model.training
     try:
         model.train()
@@ -103,8 +108,8 @@ def count_block_recomputation(model: nn.Module, sample: torch.Tensor, block_filt
         counts["phase"] = "backward"
         out.float().sum().backward()
     finally:
-        for h in hooks:
-            h.remove()
+        for m in wrapped:
+            del m.forward
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return counts["forward"], counts["backward"]

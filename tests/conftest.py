@@ -1,0 +1,64 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub traffic from tests
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_cfg(**over):
+    """A two-stage digits chain with tiny models: seconds on a CPU."""
+    from src.distillation.config import from_dict
+    raw = {
+        "name": "tiny", "seed": 0, "deterministic": True,
+        "data": {"source": "digits", "image_size": 16, "max_train_samples": 160, "max_test_samples": 60,
+                 "augment": "crop_flip", "crop_padding": 2},
+        "train": {"epochs": 2, "batch_size": 32, "lr": 0.003, "device": "cpu"},
+        "stages": [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+                   {"name": "student", "model": "resnet10t", "role": "student", "teacher": "teacher",
+                    "model_kwargs": {}}],
+    }
+    for key, value in over.items():
+        node = raw
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node[p]
+        node[parts[-1]] = value
+    return from_dict(raw)
+
+
+def run_entry(chain: str, *args, timeout=600, cwd=None):
+    """Run bash <chain>_distillation/train_<chain>.sh as a user would; returns CompletedProcess."""
+    script = ROOT / f"{chain}_distillation" / f"train_{chain}.sh"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    return subprocess.run(["bash", str(script), "--no-progress", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env=env)
+
+
+def write_image(path: Path, mode: str = "RGB", size=(12, 12), seed: int = 0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(arr, "RGB").convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """train/ and test/ with 2 classes x a few 12x12 PNGs."""
+    root = tmp_path / "tree"
+    for split, n in (("train", 10), ("test", 3)):
+        for c in ("cat", "dog"):
+            for i in range(n):
+                write_image(root / split / c / f"{i}.png", seed=hash((split, c, i)) % 1000)
+    return root
