@@ -130,4 +130,4 @@ def _fmt(value: float) -> str:
     value = float(value)
     if value.is_integer() and not math.isinf(value):
         return str(int(value))
-    return f"{value:.6g}"
+    return f"{value:.10g}"

@@ -1,0 +1,191 @@
+import tarfile
+
+import pytest
+import torch
+
+from src.data.loaders import TensorLoader, random_crop_flip
+from src.data.sources import load_dataset
+from src.distillation.config import DataConfig
+from src.models import count_params, create_model
+from src.models.factory import check_state_dict
+from src.utils.checkpoint import atomic_save, safe_load
+from src.utils.errors import CheckpointError, ConfigError, DataError
+from tests.conftest import write_image
+
+
+class PickledThing:
+    """Stands for any arbitrary object in a checkpoint (its unpickling could run code)."""
+
+
+def test_digits_splits_are_fixed_stratified_and_disjoint():
+    d = DataConfig(source="digits", image_size=16, val_fraction=0.1)
+    a, b = load_dataset(d), load_dataset(d)
+    assert torch.equal(a.val.labels, b.val.labels) and torch.equal(a.train.images, b.train.images)
+    assert a.train.images.shape[1:] == (3, 16, 16) and a.train.images.dtype == torch.uint8
+    assert len(a.train) + len(a.val) + len(a.test) == 1797
+    assert set(a.val.labels.tolist()) == set(range(10))
+    ta = {tuple(x.flatten().tolist()) for x in a.test.images[:50]}
+    assert not ta & {tuple(x.flatten().tolist()) for x in a.val.images}
+
+
+def test_image_folder_with_mixed_sizes_and_modes(image_tree):
+    write_image(image_tree / "train" / "cat" / "grey.png", mode="L", size=(20, 14))
+    write_image(image_tree / "train" / "cat" / "rgba.png", mode="RGBA", size=(9, 9))
+    write_image(image_tree / "train" / "dog" / "cmyk.jpg", mode="CMYK", size=(30, 12))
+    write_image(image_tree / "train" / "dog" / "pal.gif", mode="P", size=(12, 12))
+    data = load_dataset(DataConfig(source="imagefolder", root=str(image_tree), image_size=32, val_fraction=0.2,
+                                   cache_dir=str(image_tree.parent / "cache")))
+    assert data.classes == ["cat", "dog"]
+    assert data.store_size == 12  # first image's native size; the device resizes to 32
+    assert len(data.train) + len(data.val) == 24 and len(data.test) == 6
+    assert data.train.images.shape[1:] == (3, 12, 12)
+    again = load_dataset(DataConfig(source="imagefolder", root=str(image_tree), image_size=32, val_fraction=0.2,
+                                    cache_dir=str(image_tree.parent / "cache")))
+    assert torch.equal(again.train.images, data.train.images)  # from the decode cache
+    assert list((image_tree.parent / "cache").glob("decoded-*.pt"))
+
+
+def test_image_folder_from_a_tarball(image_tree, tmp_path, monkeypatch):
+    import src.data.sources as sources
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(image_tree, arcname="mydata")
+    monkeypatch.setattr(sources, "EXTRACT_DIR", tmp_path / "extracted")
+    data = load_dataset(DataConfig(source="imagefolder", root=str(archive), image_size=12,
+                                   cache_dir=str(tmp_path / "cache")))
+    assert data.num_classes == 2 and len(data.test) == 6
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "dataset folder not found"),
+    ("empty_class", "has no images"),
+    ("no_classes", "has no class folders"),
+    ("no_test", "neither test/ nor val/"),
+    ("corrupt", "cannot read image .*broken.png"),
+])
+def test_bad_image_folders_are_named(image_tree, case, match):
+    import shutil
+    root = image_tree
+    if case == "missing":
+        root = image_tree / "nope"
+    elif case == "empty_class":
+        (image_tree / "train" / "bird").mkdir()
+        (image_tree / "test" / "bird").mkdir()
+    elif case == "no_classes":
+        shutil.rmtree(image_tree / "train")
+        (image_tree / "train").mkdir()
+    elif case == "no_test":
+        shutil.rmtree(image_tree / "test")
+    elif case == "corrupt":
+        (image_tree / "train" / "cat" / "broken.png").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=match):
+        load_dataset(DataConfig(source="imagefolder", root=str(root), image_size=12, cache_dir=str(image_tree.parent / "c")))
+
+
+def test_corrupt_images_can_be_skipped_and_are_counted(image_tree):
+    (image_tree / "train" / "cat" / "broken.png").write_bytes(b"garbage")
+    data = load_dataset(DataConfig(source="imagefolder", root=str(image_tree), image_size=12, skip_bad_images=True,
+                                   cache_dir=str(image_tree.parent / "c")))
+    assert len(data.skipped_files) == 1 and data.skipped_files[0].endswith("broken.png")
+    assert len(data.train) + len(data.val) == 20
+
+
+def test_offline_cifar_download_failure_names_the_alternatives(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def no_network(self, *a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(tvd.CIFAR10, "download", no_network)
+    with pytest.raises(DataError, match="imagefolder.*digits"):
+        load_dataset(DataConfig(source="cifar10", root=str(tmp_path)))
+
+
+def test_crop_flip_geometry():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(random_crop_flip(x, 0, False, g), x)
+    out = random_crop_flip(x, 2, True, g)
+    assert out.shape == x.shape
+    for b in range(2):  # every output is a (possibly flipped) window of the reflect-padded image
+        padded = torch.nn.functional.pad(x[b:b + 1], (2, 2, 2, 2), mode="reflect")[0]
+        windows = [padded[:, i:i + 4, j:j + 4] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], w) or torch.equal(out[b], w.flip(2)) for w in windows)
+
+
+def test_tensor_loader_epochs_are_reproducible_and_cover_the_split():
+    data = load_dataset(DataConfig(source="digits", image_size=8))
+    d = DataConfig(source="digits", image_size=8)
+    loader = TensorLoader(data.train, 100, torch.device("cpu"), True, d, seed=3)
+    loader.set_epoch(2)
+    first = [y.clone() for _, y in loader]
+    loader.set_epoch(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, [y for _, y in loader]))
+    assert sum(len(y) for y in first) == len(loader) * 100
+    ev = TensorLoader(data.val, 64, torch.device("cpu"), False, d)
+    assert torch.equal(torch.cat([y for _, y in ev]), data.val.labels)
+
+
+def test_cifar_stem_keeps_32px_resolution():
+    m = create_model("resnet18", 10, cifar_stem=True)
+    assert m.conv1.stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)
+    feats = m.forward_features(torch.randn(1, 3, 32, 32))
+    assert feats.shape[-1] == 4  # 32 / 8 (three stride-2 stages), not 1
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_vit_patch_and_image_size_override():
+    m = create_model("vit_tiny_patch16_224", 10, image_size=32, patch_size=4)
+    assert m.patch_embed.grid_size == (8, 8)
+    assert m(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_unknown_model_and_offline_weights_are_clear_errors(monkeypatch):
+    with pytest.raises(ConfigError, match="unknown timm model"):
+        create_model("resnet_does_not_exist", 10)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="pretrained_file"):
+        create_model("resnet18", 10, pretrained=True)
+
+
+def test_local_pretrained_file(tmp_path):
+    src = create_model("resnet18", 1000)
+    path = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), path)
+    m = create_model("resnet18", 10, pretrained_file=str(path))
+    assert torch.equal(m.conv1.weight, src.conv1.weight)  # backbone loaded, head re-initialised for 10 classes
+
+
+def test_checkpoint_mismatch_names_class_count_or_architecture():
+    m10 = create_model("resnet10t", 10)
+    with pytest.raises(CheckpointError, match="class count"):
+        check_state_dict(m10, create_model("resnet10t", 100).state_dict(), "ckpt")
+    with pytest.raises(CheckpointError, match="architecture does not match"):
+        check_state_dict(m10, create_model("resnet18", 10).state_dict(), "ckpt")
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": PickledThing()}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        safe_load(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        safe_load(tmp_path / "missing.pt")
+
+
+def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch):
+    from src.utils.checkpoint import SaveError
+    path = tmp_path / "last.pt"
+    atomic_save({"epoch": torch.tensor(1)}, path)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SaveError, match="No space left on device.*previous checkpoint is kept"):
+        atomic_save({"epoch": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert int(safe_load(path)["epoch"]) == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_param_count():
+    assert count_params(torch.nn.Linear(3, 2)) == 8
