@@ -1,0 +1,103 @@
+"""ViT-specific pieces: attention maps (timm and transformers), cross-architecture chains."""
+import json
+
+import pytest
+import timm
+import torch
+
+from src.distillation.chain import run_chain
+from src.models import create_model
+from src.visualization.vit_viz import attention_rollout, attention_weights, save_attention_maps
+from tests.conftest import ROOT, run_entry, tiny_cfg
+
+
+def _all_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", ["timm", "hf"])
+def test_attention_maps_written_without_gradients_or_leftover_hooks(tmp_path, kind):
+    if kind == "timm":
+        model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
+                                  num_heads=2, num_classes=3)
+    else:
+        model = create_model("hf:vit", 3, image_size=16, patch_size=4,
+                             model_kwargs=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64))
+    model.train()
+    x = torch.randn(10, 3, 16, 16)
+    raw = (torch.rand(10, 3, 16, 16) * 255).to(torch.uint8)
+    hooks_before = _all_hooks(model)
+    path = save_attention_maps(model, x, raw, tmp_path / "att.png", heads=2, rollout=True)
+    assert path.stat().st_size > 1000
+    assert all(p.grad is None for p in model.parameters())
+    if kind == "timm":
+        assert _all_hooks(model) == hooks_before
+    else:  # transformers installs its own output-recording hooks once, on first use; none may pile up
+        after_first = _all_hooks(model)
+        save_attention_maps(model, x, raw, tmp_path / "att2.png", heads=1)
+        assert _all_hooks(model) == after_first
+    assert model.training  # mode restored
+    assert torch.is_grad_enabled()
+
+
+def test_recomputed_timm_attention_equals_the_unfused_computation():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1,
+                              num_heads=2, num_classes=3).eval()
+    x = torch.randn(3, 3, 16, 16)
+    ours = attention_weights(model, x)[0]
+    captured = {}
+    attn = model.blocks[-1].attn
+    attn.fused_attn = False
+    h = attn.attn_drop.register_forward_hook(lambda m, i, o: captured.setdefault("w", o))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    assert ours.shape == (3, 2, 17, 17)
+    assert torch.allclose(ours, captured["w"], atol=1e-6)
+    assert torch.allclose(ours.sum(-1), torch.ones(3, 2, 17))
+
+
+def test_rollout_rows_are_distributions():
+    layers = [torch.softmax(torch.randn(2, 3, 5, 5), -1) for _ in range(3)]
+    r = attention_rollout(layers)
+    assert r.shape == (2, 5, 5) and torch.allclose(r.sum(-1), torch.ones(2, 5))
+
+
+def test_hf_vit_chain_through_the_same_engine(tmp_path):
+    hf = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+    cfg = tiny_cfg(stages=[
+        {"name": "teacher", "model": "resnet10t", "role": "teacher"},
+        {"name": "student", "model": "hf:vit", "role": "student", "teacher": "teacher", "patch_size": 4,
+         "grad_checkpointing": True, "model_kwargs": hf}], viz={"attention_every": 1, "attention_images": 2})
+    df = run_chain(cfg, tmp_path / "run", progress=False)
+    assert list(df["model"]) == ["resnet10t", "hf:vit"]
+    assert list((tmp_path / "run" / "student" / "attention").glob("*.png"))
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["student"]["grad_checkpointing"] is True
+
+
+@pytest.mark.slow
+def test_cross_architecture_preset_runs(tmp_path):
+    res = run_entry("vit", "--config", ROOT / "vit_distillation/configs/cnn_teacher.yaml", "--output-dir",
+                    tmp_path / "run", "--data-source", "digits", "--epochs", 1, "--batch-size", 50,
+                    "--set", "data.max_train_samples=100", "--set", "data.max_test_samples=50")
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = (tmp_path / "run" / "summary.csv").read_text()
+    assert "resnet50" in summary and "vit_small_patch16_224" in summary and "vit_tiny_patch16_224" in summary
+
+
+def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path):
+    import subprocess
+    for chain in ("cnn", "vit"):
+        text = (ROOT / f"{chain}_distillation" / "clean.sh").read_text()
+        assert "python}\" -m src.utils.clean" in text  # one implementation, two thin scripts
+    runs = tmp_path / "runs"
+    (runs / "old").mkdir(parents=True)
+    res = subprocess.run(["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs), "--remove"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and (runs / "old").exists()  # no confirmation, nothing deleted
+    res = subprocess.run(["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs), "--remove", "--yes"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and not (runs / "old").exists()
+    if not torch.cuda.is_available():
+        assert "No CUDA device" in res.stdout
