@@ -80,7 +80,7 @@ def test_hf_vit_chain_through_the_same_engine(tmp_path):
 def test_cross_architecture_preset_runs(tmp_path):
     res = run_entry("vit", "--config", ROOT / "vit_distillation/configs/cnn_teacher.yaml", "--output-dir",
                     tmp_path / "run", "--data-source", "digits", "--epochs", 1, "--batch-size", 50,
-                    "--set", "data.max_train_samples=100", "--set", "data.max_test_samples=50")
+                    "--set", "data.max_train_samples=100", "--set", "data.max_test_samples=50", "--set", "data.image_size=16")
     assert res.returncode == 0, res.stderr[-2000:]
     summary = (tmp_path / "run" / "summary.csv").read_text()
     assert "resnet50" in summary and "vit_small_patch16_224" in summary and "vit_tiny_patch16_224" in summary

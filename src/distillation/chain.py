@@ -21,6 +21,8 @@ import torch
 
 from src.data import build_loaders, load_dataset
 from src.distillation.config import RunConfig, save_config
+from src.distillation.engine import Precision
+from src.distillation.planner import apply_vram_budget, probe_plan
 from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, use_channels_last
 from src.models import is_vit
 from src.utils.environment import environment_record
@@ -80,12 +82,25 @@ def stage_method(stage, cfg: RunConfig) -> str:
     return "kd" if stage.teacher == cfg.stages[0].name else "takd"
 
 
-def plan_stage(cfg: RunConfig, stage, device: torch.device, planner: Optional[Callable] = None) -> StagePlan:
+def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int) -> StagePlan:
+    """Configured settings, refined on CUDA by measuring a few real steps under the VRAM budget."""
     plan = StagePlan(epochs=stage.epochs or cfg.train.epochs, batch_size=stage.batch_size or cfg.train.batch_size,
                      grad_checkpointing=stage.grad_checkpointing or requires_gradient_checkpointing(stage.model),
-                     compile=cfg.train.compile)
-    if planner is not None:
-        plan = planner(cfg, stage, device, plan)
+                     compile=cfg.train.compile == "true")
+    if device.type != "cuda" or not cfg.train.auto_batch:
+        return plan
+    bare = lambda s: replace(s, pretrained=False, pretrained_file=None, checkpoint=None)  # noqa: E731 (shapes only)
+    teacher_builder = None
+    if stage.teacher:
+        tstage = cfg.stage(stage.teacher)
+        teacher_builder = lambda: build_stage_model(cfg, bare(tstage), num_classes)  # noqa: E731
+    plan = probe_plan(plan, model_builder=lambda: build_stage_model(cfg, bare(stage), num_classes),
+                      teacher_builder=teacher_builder, model_name=stage.model, image_size=cfg.data.image_size,
+                      num_classes=num_classes, device=device, precision=Precision.choose(device, cfg.train.amp),
+                      channels_last=use_channels_last(cfg, stage, device), budget_gb=cfg.train.vram_budget_gb,
+                      compile_mode=cfg.train.compile)
+    for note in plan.notes:
+        log.info(f"  plan {stage.name}: {note}")
     return plan
 
 
@@ -119,7 +134,7 @@ def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, dev
 
 
 def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
-              should_stop: Callable[[], bool] = lambda: False, planner: Optional[Callable] = None) -> pd.DataFrame:
+              should_stop: Callable[[], bool] = lambda: False) -> pd.DataFrame:
     """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume."""
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -127,7 +142,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
     if not resume or not (run_dir / "config.yaml").exists():
         save_config(cfg, run_dir / "config.yaml")
-    env = environment_record(repro, {"device": str(device), "resumed": resume})
+    budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
+    env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget})
     (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
 
     data = load_dataset(cfg.data)
@@ -154,7 +170,7 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if stage.name in plans and resuming_stage:
             plan = StagePlan(**plans[stage.name])
         else:
-            plan = plan_stage(cfg, stage, device, planner)
+            plan = plan_stage(cfg, stage, device, data.num_classes)
             plans[stage.name] = asdict(plan)
             plan_path.write_text(json.dumps(plans, indent=2))
         teacher_note = f" <- {stage.teacher}" if stage.teacher else ""

@@ -49,8 +49,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     amp: bool = True                   # bf16 where supported, fp16 + GradScaler otherwise; fp32 on CPU
     channels_last: str = "auto"        # auto (CNNs on CUDA) | true | false
-    compile: bool = False
+    compile: str = "auto"              # auto (probe: on where it measurably helps, CUDA only) | true | false
     device: str = "auto"               # auto | cpu | cuda | cuda:N
+    vram_budget_gb: float = 6.0        # the process is capped to this much GPU memory (0 = no cap)
+    auto_batch: bool = True            # on CUDA: probe micro-batch / checkpointing to fit the budget
 
 
 @dataclass
@@ -112,6 +114,7 @@ _CHOICES = {
     ("data", "normalize"): ("imagenet", "cifar"),
     ("data", "loader"): ("auto", "tensor", "dataloader"),
     ("train", "channels_last"): ("auto", "true", "false"),
+    ("train", "compile"): ("auto", "true", "false"),
     ("stage", "role"): ("teacher", "assistant", "student", None),
 }
 
@@ -136,7 +139,7 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if annotation is str:
-        if isinstance(value, bool) and path.endswith("channels_last"):
+        if isinstance(value, bool) and path.endswith(("channels_last", "compile")):
             return str(value).lower()
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -206,6 +209,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    need(t.vram_budget_gb >= 0, f"train.vram_budget_gb must be >= 0, got {t.vram_budget_gb}")
     need(k.temperature > 0, f"kd.temperature must be > 0, got {k.temperature}")
     for key in ("alpha_start", "alpha_end"):
         v = getattr(k, key)
