@@ -151,6 +151,7 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if split.images is not None:
             split.images = split.images.to(device)
             split.labels = split.labels.to(device)
+    (run_dir / "classes.json").write_text(json.dumps(data.classes))
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
              f"{data.num_classes} classes, stored at {data.store_size}px, model input {cfg.data.image_size}px, device {device}")
 

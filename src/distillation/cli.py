@@ -114,7 +114,7 @@ def run(argv, chain: str, default_config: Path) -> int:
     log = get_console()
     out = args.resume or args.output_dir
     try:
-        from src.distillation.chain import run_chain, with_baselines
+        from src.distillation.chain import check_writable, run_chain, with_baselines
         from src.distillation.config import load_config
         from src.distillation.engine import StopRequested
         from src.distillation.stage import StageFailed
@@ -142,7 +142,7 @@ def run(argv, chain: str, default_config: Path) -> int:
             if out.exists() and any(out.iterdir()):
                 raise UserError(f"output folder {out} already holds files; choose a new --output-dir, "
                                 f"or continue that run with --resume {out}")
-        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
         resume = args.resume is not None
         progress = not args.no_progress
         if seeds:

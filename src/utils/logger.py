@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from src.utils.errors import UserError
+
 REQUIRED_COLUMNS = [
     'epoch',
     'train_loss', 'train_accuracy', 'train_precision', 'train_recall', 'train_f1_score',
@@ -36,7 +38,7 @@ def get_console() -> logging.Logger:
     return logger
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
     """A CSV row or header does not match REQUIRED_COLUMNS."""
 
 

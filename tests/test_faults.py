@@ -1,0 +1,189 @@
+"""Nothing lost: resume, signals, NaN, bad input. Each case through the code path a user hits."""
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from src.distillation.chain import run_chain
+from src.distillation.config import to_dict
+from src.distillation.engine import StopRequested
+from src.utils.logger import read_epoch_csv
+from tests.conftest import ROOT, run_entry, tiny_cfg
+
+CMP = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate"]
+
+
+def _rows(run, stage):
+    return [{k: r[k] for k in ["epoch"] + CMP} for r in read_epoch_csv(run / stage / "epoch_log.csv")]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = tiny_cfg(train__epochs=3)
+    run_chain(cfg, tmp_path / "full", progress=False)
+
+    calls = {"n": 0}
+
+    def stop_in_student_epoch_2():  # interrupt mid-epoch, after a few steps of the student's epoch 2
+        calls["n"] += 1
+        student_csv = tmp_path / "cut" / "student" / "epoch_log.csv"
+        return student_csv.exists() and len(read_epoch_csv(student_csv)) == 1 and calls["n"] % 3 == 0
+    with pytest.raises(StopRequested):
+        run_chain(cfg, tmp_path / "cut", progress=False, should_stop=stop_in_student_epoch_2)
+    assert len(read_epoch_csv(tmp_path / "cut" / "student" / "epoch_log.csv")) == 1
+    run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
+    for stage in ("teacher", "student"):
+        assert _rows(tmp_path / "cut", stage) == _rows(tmp_path / "full", stage)
+
+
+def _write_cfg(tmp_path, **over):
+    cfg = tiny_cfg(**over)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def _start(tmp_path, cfg_path, out):
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(["bash", str(ROOT / "cnn_distillation/train_cnn.sh"), "--no-progress", "--config",
+                             str(cfg_path), "--output-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+
+
+def _wait_rows(csv, n, proc, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if csv.exists() and len(csv.read_text().strip().splitlines()) >= n + 1:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the CSV")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_one_row_per_epoch_and_a_complete_summary(tmp_path):
+    cfg_path = _write_cfg(tmp_path, train__epochs=3, data__max_train_samples=480)
+    out = tmp_path / "run"
+    proc = _start(tmp_path, cfg_path, out)
+    _wait_rows(out / "teacher" / "epoch_log.csv", 1, proc)
+    time.sleep(0.3)  # mid-epoch 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    res = run_entry("cnn", "--resume", out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for stage in ("teacher", "student"):
+        assert [int(r["epoch"]) for r in read_epoch_csv(out / stage / "epoch_log.csv")] == [1, 2, 3]
+    check = subprocess.run([sys.executable, str(ROOT / "validate_project.py"), "--runs", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_finishes_the_step_and_says_how_to_resume(tmp_path, sig, code):
+    cfg_path = _write_cfg(tmp_path, train__epochs=3, data__max_train_samples=480)
+    out = tmp_path / "run"
+    proc = _start(tmp_path, cfg_path, out)
+    _wait_rows(out / "teacher" / "epoch_log.csv", 1, proc)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert f"--resume {out}" in err and "Traceback" not in err
+    rows = read_epoch_csv(out / "teacher" / "epoch_log.csv")
+    last = torch.load(out / "teacher" / "last.pt", weights_only=True)
+    assert last["epoch"] == len(rows) >= 1  # every logged epoch has its checkpoint
+
+
+def _digest(folder):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_nan_stops_naming_stage_epoch_step_and_keeps_earlier_results(tmp_path):
+    cfg_path = _write_cfg(tmp_path, train__epochs=1)
+    out = tmp_path / "run"
+    first = run_entry("cnn", "--config", cfg_path, "--output-dir", out)
+    assert first.returncode == 0
+    teacher_files = _digest(out / "teacher")
+    broken = tmp_path / "run2"
+    import shutil
+    shutil.copytree(out / "teacher", broken / "teacher")
+    (broken / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((out / "config.yaml").read_text()),
+                                                        "stages": [*yaml.safe_load((out / "config.yaml").read_text())["stages"][:1],
+                                                                   {**yaml.safe_load((out / "config.yaml").read_text())["stages"][1], "lr": 1e12}]}))
+    (broken / "teacher" / "stage.json").write_text((out / "teacher" / "stage.json").read_text())
+    res = run_entry("cnn", "--resume", broken)
+    assert res.returncode == 3, res.stderr
+    assert "stage 'student', epoch 1, step" in res.stderr and "non-finite loss" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert _digest(broken / "teacher") == teacher_files
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--data-source", "imagefolder", "--data-root", "/nonexistent/data"], "dataset folder not found: /nonexistent/data"),
+    (["--set", "train.epoch=3"], r"unknown config key \['epoch'\] in 'train'; valid keys: epochs"),
+    (["--epochs", "-1"], "train.epochs must be >= 1"),
+    (["--set", "kd.alpha_start=1.5"], r"kd.alpha_start must be in \[0, 1\]"),
+    (["--set", "kd.temperature=0"], "kd.temperature must be > 0"),
+    (["--set", "train.batch_size=many"], "train.batch_size: expected an integer"),
+    (["--set", "stages.teacher.checkpoint=/nope/teacher.pt"], "checkpoint not found: /nope/teacher.pt"),
+])
+def test_bad_input_is_one_line_with_exit_2(tmp_path, args, match):
+    import re
+    cfg_path = _write_cfg(tmp_path, train__epochs=1)
+    res = run_entry("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run", *args)
+    assert res.returncode == 2, res.stdout[-1000:] + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(match, lines[0]), res.stderr
+
+
+def test_teacher_checkpoint_with_wrong_class_count(tmp_path):
+    from src.models import create_model
+    ckpt = tmp_path / "t.pt"
+    torch.save({"model": create_model("resnet10t", 100).state_dict()}, ckpt)
+    cfg_path = _write_cfg(tmp_path, train__epochs=1)
+    res = run_entry("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run", "--set", f"stages.teacher.checkpoint={ckpt}")
+    assert res.returncode == 2 and "class count does not match" in res.stderr
+
+
+def test_cuda_asked_for_where_there_is_none(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    res = run_entry("cnn", "--config", _write_cfg(tmp_path), "--output-dir", tmp_path / "run", "--device", "cuda")
+    assert res.returncode == 2 and "no CUDA device is visible" in res.stderr and "--device cpu" in res.stderr
+
+
+def test_output_folder_that_cannot_be_written_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    res = run_entry("cnn", "--config", _write_cfg(tmp_path), "--output-dir", blocker / "run")
+    assert res.returncode == 2 and "cannot write to the output folder" in res.stderr
+
+
+def test_resume_into_a_csv_with_another_header_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert run_entry("cnn", "--config", _write_cfg(tmp_path, train__epochs=1), "--output-dir", out).returncode == 0
+    (out / "student" / "stage.json").unlink()  # pretend the student stage was interrupted
+    csv = out / "student" / "epoch_log.csv"
+    csv.write_text(csv.read_text().replace("train_loss", "loss", 1))
+    before = csv.read_text()
+    res = run_entry("cnn", "--resume", out)
+    assert res.returncode == 2 and "header does not match REQUIRED_COLUMNS" in res.stderr
+    assert csv.read_text() == before
+
+
+def test_no_shell_true_and_only_safe_yaml_and_weights_only_loads():
+    offenders = []
+    for path in list((ROOT / "src").rglob("*.py")) + [ROOT / "validate_project.py"] + list((ROOT / "benchmarks").glob("*.py")):
+        text = path.read_text()
+        if "shell=True" in text or "yaml.load(" in text or "yaml.unsafe_load" in text:
+            offenders.append(str(path))
+        for line in text.splitlines():
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}: {line.strip()}")
+    assert not offenders
