@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from src.data import build_loaders, load_dataset
+from src.distillation import distributed as dist
 from src.distillation.config import RunConfig, save_config
 from src.distillation.engine import Precision
 from src.distillation.planner import apply_vram_budget, probe_plan
@@ -137,21 +138,33 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
               should_stop: Callable[[], bool] = lambda: False) -> pd.DataFrame:
     """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume."""
     run_dir = Path(run_dir)
-    check_writable(run_dir)
+    ds = dist.state()
+    main = ds.is_main
+    if main:
+        check_writable(run_dir)
     device = resolve_device(cfg.train.device)
+    if ds.enabled and device.type == "cuda":
+        device = torch.device("cuda", ds.local_rank)
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
-    if not resume or not (run_dir / "config.yaml").exists():
-        save_config(cfg, run_dir / "config.yaml")
     budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
-    env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget})
-    (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
+    if main:
+        if not resume or not (run_dir / "config.yaml").exists():
+            save_config(cfg, run_dir / "config.yaml")
+        env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
+                                         "world_size": ds.world_size})
+        (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
 
+    if not main:
+        dist.barrier()  # rank 0 decodes and caches first; the others read its cache
     data = load_dataset(cfg.data)
+    if main:
+        dist.barrier()
     for split in (data.train, data.val, data.test):
         if split.images is not None:
             split.images = split.images.to(device)
             split.labels = split.labels.to(device)
-    (run_dir / "classes.json").write_text(json.dumps(data.classes))
+    if main:
+        (run_dir / "classes.json").write_text(json.dumps(data.classes))
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
              f"{data.num_classes} classes, stored at {data.store_size}px, model input {cfg.data.image_size}px, device {device}")
 
@@ -171,21 +184,24 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if stage.name in plans and resuming_stage:
             plan = StagePlan(**plans[stage.name])
         else:
-            plan = plan_stage(cfg, stage, device, data.num_classes)
+            plan = dist.broadcast(plan_stage(cfg, stage, device, data.num_classes) if main else None)
             plans[stage.name] = asdict(plan)
-            plan_path.write_text(json.dumps(plans, indent=2))
+            if main:
+                plan_path.write_text(json.dumps(plans, indent=2))
         teacher_note = f" <- {stage.teacher}" if stage.teacher else ""
         log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  "
                  f"epochs {plan.epochs}, batch {plan.batch_size}"
                  + (f" (micro-batch {plan.micro_batch})" if plan.micro_batch else ""))
         teacher = load_teacher(cfg, run_dir, stage.teacher, data.num_classes, device) if stage.teacher else None
         loaders = build_loaders(data, plan.batch_size, device, cfg.data, use_channels_last(cfg, stage, device),
-                                seed=cfg.seed + idx)
+                                seed=cfg.seed + idx, rank=ds.rank, world_size=ds.world_size)
         summary = run_stage(cfg, stage, data, loaders, stage_dir, device, plan, teacher=teacher,
                             resume=resuming_stage, progress=progress, should_stop=should_stop,
                             on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs))
         summary["method"] = stage_method(stage, cfg)
-        (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
+        if main:
+            (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
+        dist.barrier()
         if teacher is not None:
             cleanup_training_state(model=teacher, verbose=False)
             del teacher
@@ -194,7 +210,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
                  f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}")
     df = pd.DataFrame(rows)
     df = df[[c for c in SUMMARY_COLUMNS + ["method"] if c in df.columns]]
-    tmp = run_dir / "summary.csv.tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, run_dir / "summary.csv")
+    if main:
+        tmp = run_dir / "summary.csv.tmp"
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, run_dir / "summary.csv")
     return df

@@ -62,6 +62,9 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
     p.add_argument("--baselines", action="store_true", help="also train the student from scratch and distilled directly from the teacher")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set kd.temperature=2 --set stages.student.epochs=5 (repeatable)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="train every stage on N GPUs with DistributedDataParallel (relaunches itself under torchrun); "
+                        "or start with torchrun --nproc_per_node N -m %(prog)s directly. train.batch_size stays the global batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
@@ -102,17 +105,49 @@ def _parse_seeds(text):
     return seeds
 
 
+def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:
+    """`--gpus N` from a plain process: start N ranks with torchrun on this machine."""
+    rest = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--gpus":
+            skip = True
+            continue
+        if a.startswith("--gpus="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           "-m", f"{chain}_distillation.train_{chain}", *rest]
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    return subprocess.call(cmd, env=env)
+
+
 def run(argv, chain: str, default_config: Path) -> int:
     args = build_parser(chain, default_config).parse_args(argv)
+    if args.gpus < 1:
+        print("error: --gpus must be >= 1", file=sys.stderr)
+        return EXIT_USER
+    if args.gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch_under_torchrun(argv, chain, args.gpus)
     # Command-line paths are the user's (current folder); config paths are the repository's.
     args.config, args.output_dir, args.resume = _abs(args.config), _abs(args.output_dir), _abs(args.resume)
     if args.data_root is not None:
         args.data_root = str(_abs(args.data_root))
     os.chdir(REPO_ROOT)
     stop = _StopFlag().install()
+    import logging
+    from src.distillation import distributed as dist
     from src.utils.logger import get_console
     log = get_console()
     out = args.resume or args.output_dir
+    ds = dist.init_from_env(args.device or "auto")
+    if not ds.is_main:
+        log.setLevel(logging.WARNING)  # one voice: rank 0 reports
+        args.no_progress = True
     try:
         from src.distillation.chain import check_writable, run_chain, with_baselines
         from src.distillation.config import load_config
@@ -137,25 +172,37 @@ def run(argv, chain: str, default_config: Path) -> int:
                 cfg = with_baselines(cfg)
             seeds = _parse_seeds(args.seeds) if args.seeds else None
             if out is None:
-                stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+                stamp = dist.broadcast(_dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
                 out = REPO_ROOT / "runs" / chain / f"{cfg.name}-{stamp}"
-            if out.exists() and any(out.iterdir()):
-                raise UserError(f"output folder {out} already holds files; choose a new --output-dir, "
-                                f"or continue that run with --resume {out}")
-        check_writable(out)
+            problem = None
+            if ds.is_main and out.exists() and any(out.iterdir()):
+                problem = (f"output folder {out} already holds files; choose a new --output-dir, "
+                           f"or continue that run with --resume {out}")
+            problem = dist.broadcast(problem)
+            if problem:
+                raise UserError(problem)
+        problem = None
+        if ds.is_main:
+            try:
+                check_writable(out)
+            except UserError as exc:
+                problem = str(exc)
+        problem = dist.broadcast(problem)  # every rank stops, not only rank 0
+        if problem:
+            raise UserError(problem)
         resume = args.resume is not None
         progress = not args.no_progress
-        if seeds:
+        if seeds and ds.is_main:
             (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "config": str(args.config)}))
-            run_dirs = []
+        if seeds:
             for s in seeds:
                 log.info(f"\n════ seed {s} ════")
                 rd = out / f"seed_{s}"
                 run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop)
-                run_dirs.append(rd)
         else:
             run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
-        _report(out, log)
+        if ds.is_main:
+            _report(out, log)
         log.info(f"\n✅ Done. Results in {out}")
         return EXIT_OK
     except StopRequested:
@@ -182,6 +229,8 @@ def run(argv, chain: str, default_config: Path) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         print(f"error: {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        dist.shutdown()
 
 
 def _report(out: Path, log) -> None:

@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     vram_budget_gb: float = 6.0        # the process is capped to this much GPU memory (0 = no cap)
     auto_batch: bool = True            # on CUDA: probe micro-batch / checkpointing to fit the budget
+    sync_bn: bool = False              # multi-GPU CNNs: SyncBatchNorm across ranks
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from src.distillation import distributed as dist
 from src.distillation.losses import kd_loss
 from src.utils.errors import NonFiniteLossError
 from src.utils.metrics import classification_metrics
@@ -98,22 +99,25 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
             [x.shape[0] % ctx.micro_batch] if x.shape[0] % ctx.micro_batch else [])
         start = 0
         step_loss = 0.0
-        for n in chunks:
+        for k, n in enumerate(chunks):
             xs, ts = x[start:start + n], targets[start:start + n]
             start += n
+            # DDP: all-reduce gradients once per optimizer step, on the last micro-batch only
+            sync = model.no_sync() if k < len(chunks) - 1 and hasattr(model, "no_sync") else nullcontext()
             teacher_logits = None
             if ctx.teacher is not None and alpha > 0:
                 with torch.no_grad(), ctx.precision.autocast():
                     teacher_logits = ctx.teacher(xs)
-            with ctx.precision.autocast():
-                logits = model(xs)
-            losses = kd_loss(logits, ts, teacher_logits, alpha, ctx.temperature, ctx.label_smoothing)
-            loss = losses["loss"] * (n / x.shape[0])
-            validate_loss(loss, step=step)
-            if ctx.scaler is not None:
-                ctx.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            with sync:
+                with ctx.precision.autocast():
+                    logits = model(xs)
+                losses = kd_loss(logits, ts, teacher_logits, alpha, ctx.temperature, ctx.label_smoothing)
+                loss = losses["loss"] * (n / x.shape[0])
+                validate_loss(loss, step=step)
+                if ctx.scaler is not None:
+                    ctx.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
             step_loss = step_loss + loss.detach()
             preds.append(logits.detach().argmax(1))
         labels.append(y)
@@ -136,17 +140,18 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
                 elapsed = time.perf_counter() - t0
                 correct = (preds[-1] == y).float().mean().item() if not chunks[1:] else float("nan")
                 bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{correct:.3f}", img_s=f"{seen / elapsed:.0f}")
-        if ctx.should_stop():
+        if dist.any_rank(ctx.should_stop()):
             if bar is not None:
                 bar.close()
             raise StopRequested(step)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0
-    y_true = torch.cat(labels).cpu().numpy()
-    y_pred = torch.cat(preds).cpu().numpy()
+    y_true = dist.gather_array(torch.cat(labels).cpu().numpy())
+    y_pred = dist.gather_array(torch.cat(preds).cpu().numpy())
     out = classification_metrics(y_true, y_pred, ctx.num_classes or None)
-    out["loss"] = float(loss_sum) / max(seen, 1)
+    seen = int(dist.all_reduce_sum(seen))
+    out["loss"] = dist.all_reduce_sum(float(loss_sum)) / max(seen, 1)
     out["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
     out["lr"] = opt.param_groups[0]["lr"]
     return out
@@ -168,10 +173,10 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int = 
         preds.append(logits.argmax(1))
         labels.append(y)
     model.train(was_training)
-    y_true = torch.cat(labels).cpu().numpy()
-    y_pred = torch.cat(preds).cpu().numpy()
+    y_true = dist.gather_array(torch.cat(labels).cpu().numpy())
+    y_pred = dist.gather_array(torch.cat(preds).cpu().numpy())
     out = classification_metrics(y_true, y_pred, num_classes or None)
-    out["loss"] = loss_sum / max(n, 1)
+    out["loss"] = dist.all_reduce_sum(loss_sum) / max(dist.all_reduce_sum(n), 1)
     if not math.isfinite(out["loss"]):
         raise NonFiniteLossError(f"non-finite validation loss ({out['loss']})", step=-1, value=out["loss"])
     if return_predictions:

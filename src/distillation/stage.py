@@ -21,12 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.distillation import distributed as dist
 from src.distillation.engine import Precision, StepContext, StopRequested, evaluate, train_one_epoch, warmup_cosine
 from src.models import count_flops, count_params, create_model, is_cnn, is_vit
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, extract_state_dict, rng_state, safe_load, set_rng_state
 from src.utils.errors import NonFiniteLossError
-from src.utils.logger import REQUIRED_COLUMNS, EpochLogger, get_console
+from src.utils.logger import REQUIRED_COLUMNS, EpochLogger, get_console, read_epoch_csv
 from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, get_model_specific_lr,
                                        peak_memory_mb, reset_peak_memory_stats, role_from_model_name,
                                        schedule_kd_alpha)
@@ -102,8 +103,10 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
 
     if stage.checkpoint:  # a trained model handed in: evaluate it, train nothing
         load_weights(model, stage.checkpoint, f"stage {stage.name}: checkpoint {stage.checkpoint}")
-        EpochLogger(csv_path)
-        atomic_save({"model": model.state_dict(), "epoch": 0, "stage": stage.name, "model_name": stage.model}, stage_dir / "best.pt")
+        if dist.is_main():
+            EpochLogger(csv_path)
+            atomic_save({"model": model.state_dict(), "epoch": 0, "stage": stage.name, "model_name": stage.model},
+                        stage_dir / "best.pt")
         epochs_done, best_epoch, last_val = 0, 0, None
         lr = 0.0
         train_seconds = 0.0
@@ -124,7 +127,14 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
             total_steps, int(round(cfg.train.warmup_epochs * steps_per_epoch)), cfg.train.min_lr_ratio))
         scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
-        train_model = torch.compile(model) if plan.compile else model
+        train_model = model
+        ds = dist.state()
+        if ds.enabled:  # one replica per rank; each rank runs its own frozen teacher forward
+            if cfg.train.sync_bn and is_cnn(stage.model):
+                train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+            train_model = nn.parallel.DistributedDataParallel(
+                train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = torch.compile(train_model) if plan.compile else train_model
         ctx = StepContext(model=train_model, optimizer=optimizer, scheduler=scheduler, precision=precision,
                           scaler=scaler, teacher=teacher, temperature=cfg.kd.temperature,
                           label_smoothing=cfg.train.label_smoothing, grad_clip=cfg.train.grad_clip,
@@ -144,7 +154,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             start_epoch = ck["epoch"] + 1
             best_acc, best_epoch, train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
             log.info(f"↻ {stage.name}: resuming after epoch {ck['epoch']}/{plan.epochs}")
-        logger = EpochLogger(csv_path, resume_from_epoch=start_epoch - 1)
+        logger = EpochLogger(csv_path, resume_from_epoch=start_epoch - 1) if dist.is_main() else None
         last_val = None
         for epoch in range(start_epoch, plan.epochs + 1):
             reset_peak_memory_stats()
@@ -158,6 +168,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                 raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite loss ({exc.value}); "
                                   f"the last good checkpoint is {last_path if last_path.exists() else 'none (first epoch)'}. "
                                   f"Reduce the learning rate or check the data") from exc
+            dist.sync_buffers(model)
             val = evaluate(model, loaders["val"], precision, num_classes)
             epoch_time = time.perf_counter() - t0
             train_seconds += epoch_time
@@ -169,30 +180,39 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                             f"{split}_f1_score": m["f1_score"]})
             row.update({"learning_rate": tr["lr"], "epoch_time_sec": epoch_time, "gpu_memory_mb": peak_memory_mb()})
             row = {k: row[k] for k in REQUIRED_COLUMNS}
-            if val["accuracy"] > best_acc:
+            improved = val["accuracy"] > best_acc  # identical on every rank: metrics are gathered
+            if improved:
                 best_acc, best_epoch = val["accuracy"], epoch
-                atomic_save({"model": model.state_dict(), "epoch": epoch, "stage": stage.name,
-                             "model_name": stage.model, "val_accuracy": val["accuracy"]}, stage_dir / "best.pt")
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "rng": rng_state(), "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                         "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model}, last_path)
-            logger.log(row)  # after last.pt: a logged epoch always has its checkpoint
+            if dist.is_main():
+                if improved:
+                    atomic_save({"model": model.state_dict(), "epoch": epoch, "stage": stage.name,
+                                 "model_name": stage.model, "val_accuracy": val["accuracy"]}, stage_dir / "best.pt")
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                             "rng": rng_state(), "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
+                             "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model}, last_path)
+                logger.log(row)  # after last.pt: a logged epoch always has its checkpoint
             last_val = val
             log.info(f"  {stage.name:<10} epoch {epoch:>3}/{plan.epochs}  loss {tr['loss']:.4f}  "
                      f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  alpha {alpha:.2f}  "
                      f"{tr['img_per_s']:.0f} img/s  {epoch_time:.1f}s")
-            if on_epoch_end is not None:
+            if on_epoch_end is not None and dist.is_main():
                 on_epoch_end(model, epoch, stage_dir)
         epochs_done = plan.epochs
 
+    # DDP keeps replicas identical; prove it before trusting rank 0's checkpoint for everyone.
+    checksums = dist.all_checksums(model)
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"stage {stage.name}: ranks hold different weights at the end of training: {checksums}")
+    dist.barrier()  # rank 0 has written best.pt
     # Test once, on the best-validation checkpoint.
     load_weights(model, stage_dir / "best.pt", f"{stage_dir / 'best.pt'}")
     val_best = evaluate(model, loaders["val"], precision, num_classes)
     test = evaluate(model, loaders["test"], precision, num_classes, return_predictions=True)
-    np.savetxt(stage_dir / "test_predictions.csv", np.stack([test["y_true"], test["y_pred"]], 1),
-               fmt="%d", delimiter=",", header="y_true,y_pred", comments="")
-    rows = EpochLogger(csv_path).rows()
+    if dist.is_main():
+        np.savetxt(stage_dir / "test_predictions.csv", np.stack([test["y_true"], test["y_pred"]], 1),
+                   fmt="%d", delimiter=",", header="y_true,y_pred", comments="")
+    rows = read_epoch_csv(csv_path)
     peak = max([r["gpu_memory_mb"] for r in rows], default=0.0)
     summary = {
         "stage": stage.name, "model": stage.model, "role": role or "", "teacher": stage.teacher or "",
@@ -204,8 +224,10 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         "peak_gpu_memory_mb": peak, "train_seconds": train_seconds, "img_per_s": img_per_s,
         "lr": lr, "precision": precision.name, "batch_size": plan.batch_size,
         "micro_batch": plan.micro_batch or plan.batch_size, "grad_checkpointing": plan.grad_checkpointing,
+        "world_size": dist.state().world_size, "rank_weight_checksums": checksums,
     }
-    (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
-    cleanup_training_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, verbose=True)
+    if dist.is_main():
+        (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
+    cleanup_training_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, verbose=dist.is_main())
     del model
     return summary

@@ -1,0 +1,35 @@
+"""DistributedDataParallel on CPU with gloo: two ranks launched by torchrun through --gpus 2."""
+import json
+
+import pytest
+import yaml
+
+from src.distillation.config import to_dict
+from src.utils.logger import REQUIRED_COLUMNS, read_epoch_csv
+from tests.conftest import run_entry, tiny_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_ranks_write_once_and_end_with_identical_weights(tmp_path):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=2))))
+    out = tmp_path / "run"
+    res = run_entry("cnn", "--config", cfg_path, "--output-dir", out, "--gpus", 2, "--device", "cpu")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for stage in ("teacher", "student"):
+        text = (out / stage / "epoch_log.csv").read_text().splitlines()
+        assert text[0] == ",".join(REQUIRED_COLUMNS) and text.count(text[0]) == 1  # written by one rank only
+        assert [int(r["epoch"]) for r in read_epoch_csv(out / stage / "epoch_log.csv")] == [1, 2]
+        info = json.loads((out / stage / "stage.json").read_text())
+        assert info["world_size"] == 2
+        sums = info["rank_weight_checksums"]
+        assert len(sums) == 2 and sums[0] == sums[1]  # each rank hashed its own weights
+    assert res.stdout.count("✅ Done.") == 1  # one voice
+
+
+def test_single_process_run_reports_world_size_one(tmp_path):
+    from src.distillation.chain import run_chain
+    run_chain(tiny_cfg(train__epochs=1), tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "student" / "stage.json").read_text())
+    assert info["world_size"] == 1 and len(info["rank_weight_checksums"]) == 1
