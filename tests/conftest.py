@@ -62,3 +62,20 @@ def image_tree(tmp_path):
             for i in range(n):
                 write_image(root / split / c / f"{i}.png", seed=hash((split, c, i)) % 1000)
     return root
+
+
+def run_cli(chain: str, *args, monkeypatch=None):
+    """The entry point in-process (same code as the shell script minus the interpreter start):
+    returns (exit code, stderr text)."""
+    import contextlib
+    import io
+    from src.distillation.cli import run
+    default = ROOT / f"{chain}_distillation" / "configs" / "cifar10.yaml"
+    err = io.StringIO()
+    cwd = os.getcwd()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = run(["--no-progress", *map(str, args)], chain, default)
+    finally:
+        os.chdir(cwd)
+    return code, err.getvalue()

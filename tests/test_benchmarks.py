@@ -23,7 +23,7 @@ def test_bench_stages_tiny_writes_the_csv(tmp_path):
 def test_bench_accuracy_appends_rows(tmp_path):
     out = tmp_path / "acc.csv"
     cmd = [sys.executable, str(ROOT / "benchmarks/bench_accuracy.py"), "--chains", "cnn", "--data-source", "digits",
-           "--epochs", "1", "--max-train-samples", "60", "--image-size", "16", "--runs", str(tmp_path / "runs"),
+           "--epochs", "1", "--max-train-samples", "40", "--image-size", "8", "--runs", str(tmp_path / "runs"),
            "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

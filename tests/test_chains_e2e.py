@@ -30,7 +30,7 @@ def cnn_run(tmp_path_factory):
 def vit_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("vit") / "run"
     res = run_entry("vit", "--config", ROOT / "vit_distillation/configs/demo.yaml", "--output-dir", out,
-                    "--epochs", 1, "--set", "data.max_train_samples=120", "--set", "data.max_test_samples=60")
+                    "--epochs", 1, "--set", "data.max_train_samples=80", "--set", "data.max_test_samples=40")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     return out, res
 

@@ -14,7 +14,7 @@ from src.distillation.chain import run_chain
 from src.distillation.config import to_dict
 from src.distillation.engine import StopRequested
 from src.utils.logger import read_epoch_csv
-from tests.conftest import ROOT, run_entry, tiny_cfg
+from tests.conftest import ROOT, run_cli, run_entry, tiny_cfg
 
 CMP = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate"]
 
@@ -107,8 +107,8 @@ def _digest(folder):
 def test_nan_stops_naming_stage_epoch_step_and_keeps_earlier_results(tmp_path):
     cfg_path = _write_cfg(tmp_path, train__epochs=1)
     out = tmp_path / "run"
-    first = run_entry("cnn", "--config", cfg_path, "--output-dir", out)
-    assert first.returncode == 0
+    code, _ = run_cli("cnn", "--config", cfg_path, "--output-dir", out)
+    assert code == 0
     teacher_files = _digest(out / "teacher")
     broken = tmp_path / "run2"
     import shutil
@@ -117,10 +117,10 @@ def test_nan_stops_naming_stage_epoch_step_and_keeps_earlier_results(tmp_path):
                                                         "stages": [*yaml.safe_load((out / "config.yaml").read_text())["stages"][:1],
                                                                    {**yaml.safe_load((out / "config.yaml").read_text())["stages"][1], "lr": 1e12}]}))
     (broken / "teacher" / "stage.json").write_text((out / "teacher" / "stage.json").read_text())
-    res = run_entry("cnn", "--resume", broken)
-    assert res.returncode == 3, res.stderr
-    assert "stage 'student', epoch 1, step" in res.stderr and "non-finite loss" in res.stderr
-    assert "Traceback" not in res.stderr
+    code, err = run_cli("cnn", "--resume", broken)
+    assert code == 3, err
+    assert "stage 'student', epoch 1, step" in err and "non-finite loss" in err
+    assert "Traceback" not in err
     assert _digest(broken / "teacher") == teacher_files
 
 
@@ -136,10 +136,10 @@ def test_nan_stops_naming_stage_epoch_step_and_keeps_earlier_results(tmp_path):
 def test_bad_input_is_one_line_with_exit_2(tmp_path, args, match):
     import re
     cfg_path = _write_cfg(tmp_path, train__epochs=1)
-    res = run_entry("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run", *args)
-    assert res.returncode == 2, res.stdout[-1000:] + res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(match, lines[0]), res.stderr
+    code, err = run_cli("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run", *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(match, lines[0]), err
 
 
 def test_teacher_checkpoint_with_wrong_class_count(tmp_path):
@@ -147,33 +147,33 @@ def test_teacher_checkpoint_with_wrong_class_count(tmp_path):
     ckpt = tmp_path / "t.pt"
     torch.save({"model": create_model("resnet10t", 100).state_dict()}, ckpt)
     cfg_path = _write_cfg(tmp_path, train__epochs=1)
-    res = run_entry("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run", "--set", f"stages.teacher.checkpoint={ckpt}")
-    assert res.returncode == 2 and "class count does not match" in res.stderr
+    code, err = run_cli("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run", "--set", f"stages.teacher.checkpoint={ckpt}")
+    assert code == 2 and "class count does not match" in err
 
 
 def test_cuda_asked_for_where_there_is_none(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    res = run_entry("cnn", "--config", _write_cfg(tmp_path), "--output-dir", tmp_path / "run", "--device", "cuda")
-    assert res.returncode == 2 and "no CUDA device is visible" in res.stderr and "--device cpu" in res.stderr
+    code, err = run_cli("cnn", "--config", _write_cfg(tmp_path), "--output-dir", tmp_path / "run", "--device", "cuda")
+    assert code == 2 and "no CUDA device is visible" in err and "--device cpu" in err
 
 
 def test_output_folder_that_cannot_be_written_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    res = run_entry("cnn", "--config", _write_cfg(tmp_path), "--output-dir", blocker / "run")
-    assert res.returncode == 2 and "cannot write to the output folder" in res.stderr
+    code, err = run_cli("cnn", "--config", _write_cfg(tmp_path), "--output-dir", blocker / "run")
+    assert code == 2 and "cannot write to the output folder" in err
 
 
 def test_resume_into_a_csv_with_another_header_is_refused(tmp_path):
     out = tmp_path / "run"
-    assert run_entry("cnn", "--config", _write_cfg(tmp_path, train__epochs=1), "--output-dir", out).returncode == 0
+    assert run_cli("cnn", "--config", _write_cfg(tmp_path, train__epochs=1), "--output-dir", out)[0] == 0
     (out / "student" / "stage.json").unlink()  # pretend the student stage was interrupted
     csv = out / "student" / "epoch_log.csv"
     csv.write_text(csv.read_text().replace("train_loss", "loss", 1))
     before = csv.read_text()
-    res = run_entry("cnn", "--resume", out)
-    assert res.returncode == 2 and "header does not match REQUIRED_COLUMNS" in res.stderr
+    code, err = run_cli("cnn", "--resume", out)
+    assert code == 2 and "header does not match REQUIRED_COLUMNS" in err
     assert csv.read_text() == before
 
 

@@ -26,6 +26,8 @@ class _StopFlag:
         self.signum = None
 
     def install(self):
+        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
         def handler(signum, frame):
             if self.signum is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -35,6 +37,10 @@ class _StopFlag:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
         return self
+
+    def restore(self):
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
 
     def __call__(self) -> bool:
         return self.signum is not None
@@ -231,6 +237,7 @@ def run(argv, chain: str, default_config: Path) -> int:
         return EXIT_ERROR
     finally:
         dist.shutdown()
+        stop.restore()
 
 
 def _report(out: Path, log) -> None:

@@ -1,0 +1,88 @@
+"""The report: built from a small run made here; figures exist; every number matches the CSVs."""
+import re
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from src.distillation.config import to_dict
+from src.report import fmt, write_report
+from tests.conftest import run_cli, tiny_cfg
+
+THREE = [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+         {"name": "assistant", "model": "resnet10t", "role": "assistant", "teacher": "teacher"},
+         {"name": "student", "model": "resnet10t", "role": "student", "teacher": "assistant"}]
+
+
+@pytest.fixture(scope="module")
+def seeded_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rep")
+    cfg = tmp / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(tiny_cfg(stages=THREE, train__epochs=2))))
+    code, err = run_cli("cnn", "--config", cfg, "--output-dir", tmp / "run", "--baselines", "--seeds", "0,1")
+    assert code == 0, err
+    return tmp / "run"
+
+
+def _png_ok(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert w > 100 and h > 100
+
+
+def test_report_rows_methods_and_figures(seeded_run):
+    text = (seeded_run / "report.md").read_text()
+    for stage, method in (("teacher", "SCRATCH"), ("assistant", "KD"), ("student", "TAKD"),
+                          ("student_scratch", "SCRATCH"), ("student_kd", "KD")):
+        assert re.search(rf"\| {stage} \| resnet10t \| {method} \|", text), stage
+    assert "TAKD − KD" in text and "KD − scratch" in text and "Seeds: 0, 1" in text
+    assert "Reporting protocol" in text
+    figs = sorted((seeded_run / "figures").glob("*.png"))
+    names = {p.name for p in figs}
+    for expected in ("accuracy_vs_params.png", "accuracy_vs_flops.png", "methods.png", "tiny_curves.png",
+                     "tiny_schedules.png", "tiny_confusion_student.png"):
+        assert expected in names
+    for p in figs:
+        _png_ok(p)
+        assert f"figures/{p.name}" in text
+
+
+def test_every_number_in_the_report_matches_the_csvs(seeded_run):
+    text = (seeded_run / "report.md").read_text()
+    rows = {s: pd.read_csv(seeded_run / f"seed_{s}" / "summary.csv") for s in (0, 1)}
+    for stage in ("teacher", "assistant", "student", "student_scratch", "student_kd"):
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"| tiny | {stage} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        vals = pd.DataFrame([r[r["stage"] == stage].iloc[0] for r in rows.values()])
+        assert cells[4] == f"{vals['params'].iloc[0] / 1e6:.2f}"
+        assert cells[5] == f"{vals['flops'].iloc[0] / 1e9:.3f}"
+        for i, col in enumerate(["val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision",
+                                 "test_recall", "test_f1_score"], start=6):
+            v = vals[col].astype(float)
+            assert cells[i] == fmt(v.mean(), v.std()), (stage, col)
+        t = vals["train_seconds"].astype(float)
+        assert cells[13] == fmt(t.mean(), t.std(), 1, 1)
+    acc = {s: rows[s].set_index("stage")["test_accuracy"] for s in (0, 1)}
+    d = np.array([acc[s]["student"] - acc[s]["student_kd"] for s in (0, 1)])
+    assert f"| tiny | TAKD − KD | {fmt(d.mean(), d.std(ddof=1))} | 2 |" in text
+
+
+def test_report_compares_two_runs(seeded_run, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(seeded_run / "seed_0", other)
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    cfg["name"] = "other"
+    (other / "config.yaml").write_text(yaml.safe_dump(cfg))
+    path = write_report([seeded_run, other], tmp_path / "cmp")
+    text = path.read_text()
+    assert "| tiny | student |" in text and "| other | student |" in text
+    _png_ok(tmp_path / "cmp" / "figures" / "methods.png")
+
+
+def test_report_cli_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from src.report import main
+    assert main([str(tmp_path)]) == 2
