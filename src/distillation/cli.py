@@ -80,23 +80,15 @@ def _abs(path):
     return None if path is None else Path(path).expanduser().resolve()
 
 
+# Command-line shortcut -> the config key it sets.
+_SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "data_root": "data.root",
+              "data_source": "data.source", "device": "train.device", "seed": "seed"}
+
+
 def _load_cfg(args, chain: str):
-    from src.distillation.config import load_config, apply_override  # noqa: F401
+    from src.distillation.config import load_config
     overrides = list(args.overrides)
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.batch_size is not None:
-        overrides.append(f"train.batch_size={args.batch_size}")
-    if args.lr is not None:
-        overrides.append(f"train.lr={args.lr}")
-    if args.data_root is not None:
-        overrides.append(f"data.root={args.data_root}")
-    if args.data_source is not None:
-        overrides.append(f"data.source={args.data_source}")
-    if args.device is not None:
-        overrides.append(f"train.device={args.device}")
-    if args.seed is not None:
-        overrides.append(f"seed={args.seed}")
+    overrides += [f"{key}={getattr(args, opt)}" for opt, key in _SHORTCUTS.items() if getattr(args, opt) is not None]
     return load_config(args.config, overrides)
 
 
@@ -245,7 +237,11 @@ def _report(out: Path, log) -> None:
         from src.report import write_report
     except ImportError:
         return
-    path = write_report([out])
+    try:
+        path = write_report([out])
+    except Exception as exc:  # the results are on disk already; a figure problem must not fail the run
+        log.warning(f"⚠️  report not written ({type(exc).__name__}: {exc}); rebuild it with: python -m src.report {out}")
+        return
     log.info(f"Report: {path}")
 
 

@@ -21,6 +21,14 @@ from src.utils.metrics import classification_metrics
 from src.utils.training_guards import validate_loss
 
 
+def native_bf16() -> bool:
+    """bf16 in hardware (Ampere and newer). Turing cards such as the GTX 1660 only emulate it, slowly."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        return torch.cuda.is_bf16_supported()
+
+
 @dataclass
 class Precision:
     """Mixed-precision policy: bf16 where the GPU supports it, fp16 + GradScaler otherwise, fp32 on CPU."""
@@ -31,7 +39,7 @@ class Precision:
     def choose(cls, device: torch.device, amp: bool) -> "Precision":
         if not amp or device.type != "cuda":
             return cls(device.type, None)
-        return cls("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return cls("cuda", torch.bfloat16 if native_bf16() else torch.float16)
 
     def autocast(self):
         if self.dtype is None:
