@@ -189,3 +189,16 @@ def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatc
 
 def test_param_count():
     assert count_params(torch.nn.Linear(3, 2)) == 8
+
+
+def test_streamed_image_tree_trains_through_the_dataloader_path(image_tree, tmp_path):
+    from src.distillation.chain import run_chain
+    from tests.conftest import tiny_cfg
+    cfg = tiny_cfg(data={"source": "imagefolder", "root": str(image_tree), "image_size": 16, "loader": "dataloader",
+                         "num_workers": 0, "val_fraction": 0.25},
+                   stages=[{"name": "teacher", "model": "vit_tiny_patch16_224", "patch_size": 8,
+                            "model_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2}}],
+                   train__epochs=1, viz={"attention_every": 1, "attention_images": 2})
+    df = run_chain(cfg, tmp_path / "run", progress=False)
+    assert len(df) == 1 and not (image_tree / ".cache").exists()  # nothing decoded into a tensor cache
+    assert list((tmp_path / "run" / "teacher" / "attention").glob("*.png"))

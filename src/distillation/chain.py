@@ -111,7 +111,10 @@ def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
     from src.data.loaders import _Normalizer
     from src.visualization.vit_viz import save_attention_maps
     n = cfg.viz.attention_images
-    raw = data.val.images[:n]
+    raw = data.val.images[:n] if data.val.images is not None else None
+    if raw is None:  # streamed dataset: decode the few images shown
+        from src.data.sources import decode_images
+        raw = decode_images(data.val.files[:n], data.val.labels[:n].tolist(), data.store_size, True)[0].images
     norm = _Normalizer(cfg.data.normalize, device, cfg.data.image_size, False)
 
     def callback(model, epoch: int, stage_dir: Path):
