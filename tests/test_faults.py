@@ -140,6 +140,8 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path, args, match):
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(match, lines[0]), err
+    run = tmp_path / "run"
+    assert not run.exists() or not any(run.iterdir())  # nothing half-made: the fixed command can reuse the folder
 
 
 def test_teacher_checkpoint_with_wrong_class_count(tmp_path):

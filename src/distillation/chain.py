@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -27,7 +27,7 @@ from src.distillation.planner import apply_vram_budget, probe_plan
 from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, use_channels_last
 from src.models import is_vit
 from src.utils.environment import environment_record
-from src.utils.errors import ConfigError, UserError
+from src.utils.errors import CheckpointError, ConfigError, UserError
 from src.utils.logger import get_console
 from src.utils.reproducibility import setup_reproducibility
 from src.utils.training_guards import cleanup_training_state, freeze_teacher, requires_gradient_checkpointing
@@ -127,6 +127,15 @@ def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
     return callback
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Refuse missing checkpoint / weight files before any time is spent."""
+    for s in cfg.stages:
+        for key in ("checkpoint", "pretrained_file"):
+            path = getattr(s, key)
+            if path and not Path(path).expanduser().is_file():
+                raise CheckpointError(f"stage {s.name!r}: {key} not found: {path}")
+
+
 def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, device: torch.device):
     tstage = cfg.stage(name)
     model = build_stage_model(cfg, replace(tstage, pretrained=False, pretrained_file=None), num_classes)
@@ -150,22 +159,20 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         device = torch.device("cuda", ds.local_rank)
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
     budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
-    if main:
-        if not resume or not (run_dir / "config.yaml").exists():
-            save_config(cfg, run_dir / "config.yaml")
-        env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
-                                         "world_size": ds.world_size})
-        (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
+    preflight(cfg)
 
     if not main:
         dist.barrier()  # rank 0 decodes and caches first; the others read its cache
     data = load_dataset(cfg.data)
     if main:
         dist.barrier()
-    for split in (data.train, data.val, data.test):
-        if split.images is not None:
-            split.images = split.images.to(device)
-            split.labels = split.labels.to(device)
+    # Written only once the inputs are known to be good: a typo leaves no half-made run folder.
+    if main:
+        if not resume or not (run_dir / "config.yaml").exists():
+            save_config(cfg, run_dir / "config.yaml")
+        env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
+                                         "world_size": ds.world_size})
+        (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
     if main:
         (run_dir / "classes.json").write_text(json.dumps(data.classes))
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "

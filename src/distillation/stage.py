@@ -11,9 +11,8 @@ stage_dir/
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 from src.distillation import distributed as dist
-from src.distillation.engine import Precision, StepContext, StopRequested, evaluate, train_one_epoch, warmup_cosine
-from src.models import count_flops, count_params, create_model, is_cnn, is_vit
+from src.distillation.engine import Precision, StepContext, evaluate, train_one_epoch, warmup_cosine
+from src.models import count_flops, count_params, create_model, is_cnn
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, extract_state_dict, rng_state, safe_load, set_rng_state
 from src.utils.errors import NonFiniteLossError
@@ -99,7 +98,6 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
     precision = Precision.choose(device, cfg.train.amp)
     role = stage.role or role_from_model_name(stage.model)
     csv_path = stage_dir / "epoch_log.csv"
-    t_start = time.perf_counter()
 
     if stage.checkpoint:  # a trained model handed in: evaluate it, train nothing
         load_weights(model, stage.checkpoint, f"stage {stage.name}: checkpoint {stage.checkpoint}")
@@ -107,7 +105,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             EpochLogger(csv_path)
             atomic_save({"model": model.state_dict(), "epoch": 0, "stage": stage.name, "model_name": stage.model},
                         stage_dir / "best.pt")
-        epochs_done, best_epoch, last_val = 0, 0, None
+        epochs_done, best_epoch = 0, 0
         lr = 0.0
         train_seconds = 0.0
         img_per_s = 0.0
@@ -155,7 +153,6 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             best_acc, best_epoch, train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
             log.info(f"↻ {stage.name}: resuming after epoch {ck['epoch']}/{plan.epochs}")
         logger = EpochLogger(csv_path, resume_from_epoch=start_epoch - 1) if dist.is_main() else None
-        last_val = None
         for epoch in range(start_epoch, plan.epochs + 1):
             reset_peak_memory_stats()
             alpha = schedule_kd_alpha(epoch, plan.epochs, cfg.kd.alpha_start, cfg.kd.alpha_end) if teacher is not None else 0.0
@@ -192,7 +189,6 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                              "rng": rng_state(), "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
                              "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model}, last_path)
                 logger.log(row)  # after last.pt: a logged epoch always has its checkpoint
-            last_val = val
             log.info(f"  {stage.name:<10} epoch {epoch:>3}/{plan.epochs}  loss {tr['loss']:.4f}  "
                      f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  alpha {alpha:.2f}  "
                      f"{tr['img_per_s']:.0f} img/s  {epoch_time:.1f}s")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
