@@ -1,0 +1,219 @@
+"""Batches on the training device.
+
+`TensorLoader` keeps the whole uint8 split on the device (a CIFAR-10 train split is 150 MB) and
+does crop, flip, resize, normalisation and random erasing there, in batches: no CPU worker
+sits between the GPU and its data, which matters on a 2-core laptop. `StreamLoader` is the
+classic torchvision DataLoader path for image trees that do not fit in memory; both yield
+(images float [B, 3, S, S] normalised, labels int64 [B]) on the device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from src.data.sources import MEANS, DatasetSplits, Split, open_rgb
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (reflect-padded by `padding`) and horizontal flip of x: [B, C, H, W]."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if padding > 0:
+        xp = F.pad(x, (padding,) * 4, mode="reflect")
+        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
+        rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])  # [B, H]
+        cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])  # [B, W]
+        bi = torch.arange(b, device=dev)[:, None, None]
+        x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(dev)
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+class _Normalizer:
+    def __init__(self, normalize: str, device: torch.device, image_size: int, channels_last: bool):
+        mean, std = MEANS[normalize]
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.image_size = image_size
+        self.channels_last = channels_last
+
+    def __call__(self, x_float01: torch.Tensor) -> torch.Tensor:
+        x = x_float01
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                              align_corners=False, antialias=x.shape[-1] > self.image_size)
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class TensorLoader:
+    """Whole split on `device`; shuffled, augmented batches generated there.
+
+    The shuffling and augmentation draw from a CPU generator seeded by (seed, epoch), so an
+    epoch's batches are the same whether or not the run was interrupted before it.
+    """
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, train: bool, data_cfg,
+                 channels_last: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
+        self.images = split.images.to(device, non_blocking=True)
+        self.labels = split.labels.to(device, non_blocking=True)
+        self.batch_size = batch_size
+        self.train = train
+        self.cfg = data_cfg
+        self.seed = seed
+        self.epoch = 0
+        self.drop_last = train and self._local_count() > batch_size
+        self.norm = _Normalizer(data_cfg.normalize, device, data_cfg.image_size, channels_last)
+        self.erasing = None
+        if train and data_cfg.random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+            self.erasing = RandomErasing(probability=data_cfg.random_erasing, mode="pixel", device=str(device))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _local_count(self) -> int:
+        """Samples this rank sees: training shards are cut to equal length, evaluation shards are not."""
+        n, w = len(self.labels), self.world_size
+        if w == 1:
+            return n
+        return n // w if self.train else len(range(self.rank, n, w))
+
+    def __len__(self) -> int:
+        n = self._local_count()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else self._local_count()
+
+    def _order(self, g: torch.Generator) -> torch.Tensor:
+        n, w = len(self.labels), self.world_size
+        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        if w > 1:  # every rank draws the same permutation and takes its own stride of it
+            order = order[: (n // w) * w] if self.train else order
+            order = order[self.rank::w]
+        return order.to(self.images.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = self._order(g)
+        # augmentation draws differ between ranks; with one process they come from the same stream
+        aug_g = g if self.world_size == 1 else torch.Generator().manual_seed(self.seed * 100003 + self.epoch + 7919 * self.rank)
+        n = len(order)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size: min(n, (i + 1) * self.batch_size)]
+            x, y = self.images[idx], self.labels[idx]
+            if self.train and self.cfg.augment != "none":
+                pad = self.cfg.crop_padding if self.cfg.augment == "crop_flip" else 0
+                x = random_crop_flip(x, pad, True, aug_g)
+            x = self.norm(x.float().div_(255))
+            if self.erasing is not None:
+                x = self.erasing(x)
+            yield x, y
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, split: Split, transform):
+        self.files, self.labels, self.transform = split.files, split.labels.tolist(), transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return self.transform(open_rgb(self.files[i])), self.labels[i]
+
+
+class StreamLoader:
+    """torchvision transforms in a CPU DataLoader, for trees too large for memory (and the
+    naive baseline of the benchmarks). Yields normalised float batches on `device`."""
+
+    def __init__(self, split: Split, batch_size: int, device: torch.device, train: bool, data_cfg,
+                 channels_last: bool = False, seed: int = 0, from_tensors: bool = False, rank: int = 0,
+                 world_size: int = 1):
+        from torchvision import transforms as T
+        from src.utils.reproducibility import seed_worker
+        mean, std = MEANS[data_cfg.normalize]
+        size = data_cfg.image_size
+        aug = []
+        if train and data_cfg.augment != "none":
+            if data_cfg.augment == "crop_flip":
+                aug.append(T.RandomCrop(size, padding=data_cfg.crop_padding * size // 32 or None, padding_mode="reflect"))
+            aug.append(T.RandomHorizontalFlip())
+        if from_tensors:  # uint8 tensors -> same transforms as on files (benchmark baseline)
+            tf = T.Compose([T.Resize(size, antialias=True), *aug, T.ConvertImageDtype(torch.float32), T.Normalize(mean, std)])
+            ds = torch.utils.data.TensorDataset(split.images, split.labels)
+            ds = _Mapped(ds, tf)
+        else:
+            tf = T.Compose([T.Resize(size), T.CenterCrop(size), *aug, T.ToTensor(), T.Normalize(mean, std)])
+            ds = _FileDataset(split, tf)
+        self.device = device
+        self.channels_last = channels_last
+        self.train = train
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.sampler = None
+        if world_size > 1:
+            self.sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=train,
+                                                               seed=seed, drop_last=train)
+        self.loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
+            drop_last=train and len(ds) // world_size > batch_size,
+            num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+            generator=self.generator, persistent_workers=data_cfg.num_workers > 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(self.seed * 100003 + epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.loader) * self.batch_size if self.loader.drop_last else len(self.loader.sampler)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, torch.as_tensor(y).to(self.device, non_blocking=True)
+
+
+class _Mapped(torch.utils.data.Dataset):
+    def __init__(self, ds, tf):
+        self.ds, self.tf = ds, tf
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return self.tf(x), y
+
+
+def build_loaders(data: DatasetSplits, batch_size: int, device: torch.device, data_cfg, channels_last: bool,
+                  seed: int, eval_batch_size: Optional[int] = None, rank: int = 0, world_size: int = 1) -> dict:
+    """{'train', 'val', 'test'} loaders of the kind the dataset allows (in memory or streamed).
+
+    `batch_size` is the global batch: with `world_size` ranks each loads batch_size / world_size.
+    """
+    cls = TensorLoader if data.in_memory else StreamLoader
+    per_rank = max(1, batch_size // world_size)
+    eval_bs = eval_batch_size or max(per_rank, 256)
+    kw = dict(rank=rank, world_size=world_size)
+    return {
+        "train": cls(data.train, per_rank, device, True, data_cfg, channels_last, seed, **kw),
+        "val": cls(data.val, eval_bs, device, False, data_cfg, channels_last, seed, **kw),
+        "test": cls(data.test, eval_bs, device, False, data_cfg, channels_last, seed, **kw),
+    }

@@ -1,0 +1,314 @@
+"""Dataset sources. Each yields train / val / test splits as uint8 image tensors [N, 3, S, S]
+plus int64 labels [N], or, for an image tree too large for memory, file lists for a streaming
+DataLoader.
+
+- digits: scikit-learn's bundled 8x8 digits, upscaled to RGB (offline; demos and tests);
+  a fixed 20% of it (split_seed) is the test split.
+- cifar10 / cifar100: torchvision, downloaded into data.root when a network is there.
+- imagefolder: `root/train/<class>/*` plus `root/test/<class>/*` (or `root/val/`). Images are
+  decoded once (any mode: grey, RGBA, CMYK, palette -> RGB; any size -> one square size) and
+  cached on disk as a uint8 tensor file keyed by the file list.
+
+The validation split is carved from train with a fixed seed, stratified by class.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from src.utils.errors import DataError
+from src.utils.logger import get_console
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+         "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+# Above this many bytes of decoded images, loader=auto streams from disk instead.
+TENSOR_LIMIT_BYTES = 6 * 1024 ** 3
+
+
+@dataclass
+class Split:
+    """One split: images uint8 [N, 3, S, S] and labels int64 [N] (tensor mode), or file paths."""
+    labels: torch.Tensor
+    images: Optional[torch.Tensor] = None
+    files: Optional[list] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class DatasetSplits:
+    train: Split
+    val: Split
+    test: Split
+    classes: list
+    store_size: int
+    name: str
+    skipped_files: list = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.train.images is not None
+
+
+def _stratified_take(labels: np.ndarray, n: Optional[int], seed: int) -> np.ndarray:
+    idx = np.arange(len(labels))
+    if n is None or n >= len(labels):
+        return idx
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and n >= len(counts) else None
+    kept, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=stratify)
+    return np.sort(kept)
+
+
+def _split_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    n_val = max(1, int(round(fraction * len(labels))))
+    stratify = labels if counts[counts > 0].min() >= 2 and n_val >= len(counts[counts > 0]) else None
+    train_idx, val_idx = train_test_split(idx, test_size=n_val, random_state=seed, stratify=stratify)
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def _subset(split: Split, idx: np.ndarray) -> Split:
+    t = torch.as_tensor(idx, dtype=torch.long)
+    return Split(labels=split.labels[t],
+                 images=split.images[t] if split.images is not None else None,
+                 files=[split.files[i] for i in idx] if split.files is not None else None)
+
+
+# ----------------------------------------------------------------------------- digits
+def _digits(store_size: int, seed: int) -> tuple[Split, Split, list]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # [N, 1, 8, 8] in [0, 1]
+    x = F.interpolate(x, size=(store_size, store_size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.tensor(d.target, dtype=torch.long)
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=0.2, random_state=seed, stratify=d.target)
+    tr, te = np.sort(tr), np.sort(te)
+    return (Split(y[tr], x[tr]), Split(y[te], x[te]), [str(i) for i in range(10)])
+
+
+# ----------------------------------------------------------------------------- torchvision CIFAR
+def _cifar(source: str, root: Path) -> tuple[Split, Split, list]:
+    from torchvision import datasets
+    cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
+    out = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(str(root), train=train, download=True)
+            except Exception as exc:  # URLError, socket errors, ...
+                raise DataError(
+                    f"{source}: not found in {root} and the download failed ({type(exc).__name__}: {exc}). "
+                    f"Fixes: run once with a network, or copy the python version into {root}, or use "
+                    f"data.source=imagefolder with data.root=<tree with train/ and test/> "
+                    f"(e.g. an extracted cifar10-jpeg.tar.gz), or data.source=digits for an offline demo"
+                ) from None
+        images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        out.append(Split(torch.tensor(ds.targets, dtype=torch.long), images))
+    return out[0], out[1], list(ds.classes)
+
+
+# ----------------------------------------------------------------------------- ImageFolder trees
+def scan_image_folder(split_dir: Path, classes: Optional[list] = None) -> tuple[list, list, list]:
+    """Return (files, labels, classes) for `split_dir/<class>/*`, refusing missing or empty folders."""
+    if not split_dir.is_dir():
+        raise DataError(f"dataset folder not found: {split_dir} (expected <root>/train/<class>/* and <root>/test/<class>/*)")
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not found:
+        raise DataError(f"{split_dir} has no class folders: put each class's images in {split_dir}/<class name>/")
+    if classes is not None and found != classes:
+        raise DataError(f"{split_dir}: class folders {found} differ from the training classes {classes}")
+    files, labels = [], []
+    for label, name in enumerate(found):
+        imgs = sorted(str(p) for p in (split_dir / name).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+        if not imgs:
+            raise DataError(f"class folder {split_dir / name} has no images ({', '.join(IMG_EXTENSIONS)}); "
+                            f"add images or remove the folder")
+        files += imgs
+        labels += [label] * len(imgs)
+    return files, labels, found
+
+
+def open_rgb(path: str):
+    """Open any image as RGB (grey, RGBA, CMYK, palette, 16-bit converted); DataError naming the file."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode == "RGBA" or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                bg = Image.new("RGB", im.size, (0, 0, 0))
+                bg.paste(im, mask=im.split()[-1])
+                return bg
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float32)
+                arr = 255 * arr / max(float(arr.max()), 1.0)
+                return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+            return im.convert("RGB")
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}. Remove or replace it, "
+                        f"or set data.skip_bad_images: true to skip unreadable files") from None
+
+
+def _square(im, size: int):
+    """Resize the shorter side to `size` and centre-crop to size x size."""
+    from PIL import Image
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def decode_images(files: list, labels: list, size: int, skip_bad: bool) -> tuple[Split, list]:
+    from tqdm import tqdm
+    images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
+    keep, skipped = [], []
+    for i, path in enumerate(tqdm(files, desc="decode", unit="img", leave=False, mininterval=1.0, disable=None)):
+        try:
+            im = _square(open_rgb(path), size)
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped.append(path)
+            continue
+        images[i] = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
+        keep.append(i)
+    idx = torch.tensor(keep, dtype=torch.long)
+    return Split(torch.tensor(labels, dtype=torch.long)[idx], images[idx]), skipped
+
+
+def _cache_key(files: list, size: int) -> str:
+    h = hashlib.sha256(f"v1:{size}".encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _first_image_size(path: str) -> int:
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return max(im.size)
+    except Exception:
+        return 0
+
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+EXTRACT_DIR = Path(__file__).resolve().parents[2] / ".data_cache"
+
+
+def extract_archive(archive: Path, dest_root: Path = EXTRACT_DIR) -> Path:
+    """Unpack an ImageFolder tree shipped as a tarball once; return the folder holding train/."""
+    import tarfile
+    name = archive.name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    dest = dest_root / name
+    marker = dest / ".complete"
+    if not marker.exists():
+        get_console().info(f"Extracting {archive} to {dest} (once)")
+        tmp = dest.with_name(dest.name + ".partial")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the tree
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"cannot extract {archive}: {exc}") from None
+        if dest.exists():
+            import shutil
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        marker.write_text("ok")
+    hits = [p.parent for p in sorted(dest.rglob("train")) if p.is_dir()]
+    if not hits:
+        raise DataError(f"{archive} holds no train/ folder: expected <root>/train/<class>/* and <root>/test/<class>/*")
+    return hits[0]
+
+
+def _imagefolder(d, store_size_hint: int) -> tuple[Split, Split, list, int, list]:
+    root = Path(d.root).expanduser()
+    if root.is_file() and root.name.endswith(ARCHIVE_SUFFIXES):
+        root = extract_archive(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}. Point data.root (or --data-root) at a folder with train/ and test/ (or val/)")
+    train_files, train_labels, classes = scan_image_folder(root / "train")
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if test_dir is None:
+        raise DataError(f"{root} has train/ but neither test/ nor val/: add one for the final evaluation")
+    test_files, test_labels, _ = scan_image_folder(test_dir, classes)
+    native = _first_image_size(train_files[0]) or store_size_hint
+    size = min(store_size_hint, native)  # small images stay native; the device resizes per batch
+    n_bytes = (len(train_files) + len(test_files)) * 3 * size * size
+    mode = d.loader if d.loader != "auto" else ("tensor" if n_bytes <= TENSOR_LIMIT_BYTES else "dataloader")
+    if mode == "dataloader":
+        return (Split(torch.tensor(train_labels), files=train_files), Split(torch.tensor(test_labels), files=test_files),
+                classes, size, [])
+    cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else root / ".cache"
+    key = _cache_key(train_files + test_files, size)
+    cache = cache_dir / f"decoded-{size}px-{key}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return (Split(blob["train_labels"], blob["train_images"]), Split(blob["test_labels"], blob["test_images"]),
+                classes, size, blob.get("skipped", []))
+    get_console().info(f"Decoding {len(train_files) + len(test_files):,} images from {root} at {size}px (cached afterwards)")
+    train, skipped_tr = decode_images(train_files, train_labels, size, d.skip_bad_images)
+    test, skipped_te = decode_images(test_files, test_labels, size, d.skip_bad_images)
+    skipped = skipped_tr + skipped_te
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
+                    "test_labels": test.labels, "skipped": skipped}, tmp)
+        os.replace(tmp, cache)
+    except OSError as exc:  # a read-only dataset folder: decode again next time
+        get_console().warning(f"could not write the decode cache {cache}: {exc}")
+    return train, test, classes, size, skipped
+
+
+def load_dataset(d, seed_for_subsets: Optional[int] = None) -> DatasetSplits:
+    """Build train / val / test from a DataConfig. Raises DataError with a fix on bad input."""
+    skipped: list = []
+    if d.source == "digits":
+        size = min(d.image_size, 32)
+        train, test, classes = _digits(size, d.split_seed)
+    elif d.source in ("cifar10", "cifar100"):
+        size = 32
+        train, test, classes = _cifar(d.source, Path(d.root).expanduser())
+    elif d.source == "imagefolder":
+        train, test, classes, size, skipped = _imagefolder(d, d.image_size)
+    else:
+        raise DataError(f"unknown data.source {d.source!r}")
+    if skipped:
+        get_console().warning(f"⚠️  skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+    if len(train) < 2 or len(test) < 1:
+        raise DataError(f"{d.source}: too few images (train {len(train)}, test {len(test)})")
+    seed = d.split_seed if seed_for_subsets is None else seed_for_subsets
+    train = _subset(train, _stratified_take(train.labels.numpy(), d.max_train_samples, seed))
+    test = _subset(test, _stratified_take(test.labels.numpy(), d.max_test_samples, seed))
+    tr_idx, val_idx = _split_val(train.labels.numpy(), d.val_fraction, d.split_seed)
+    return DatasetSplits(train=_subset(train, tr_idx), val=_subset(train, val_idx), test=test,
+                         classes=classes, store_size=size, name=d.source, skipped_files=skipped)
