@@ -207,10 +207,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
                                 seed=cfg.seed + idx, rank=ds.rank, world_size=ds.world_size)
         summary = run_stage(cfg, stage, data, loaders, stage_dir, device, plan, teacher=teacher,
                             resume=resuming_stage, progress=progress, should_stop=should_stop,
-                            on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs))
-        summary["method"] = stage_method(stage, cfg)
-        if main:
-            (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
+                            on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs),
+                            extra={"method": stage_method(stage, cfg)})
         dist.barrier()
         if teacher is not None:
             cleanup_training_state(model=teacher, verbose=False)

@@ -85,8 +85,8 @@ def _mixup(cfg, num_classes: int):
 def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.device, plan: StagePlan,
               teacher: Optional[nn.Module] = None, resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False,
-              on_epoch_end: Optional[Callable[[nn.Module, int, Path], None]] = None) -> dict:
-    """Train (or load) one stage and return its summary row. Artefacts go to `stage_dir`."""
+              on_epoch_end: Optional[Callable[[nn.Module, int, Path], None]] = None, extra: Optional[dict] = None) -> dict:
+    """Train (or load) one stage and return its summary row (plus `extra`). Artefacts go to `stage_dir`."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     num_classes = data.num_classes
     model = build_stage_model(cfg, stage, num_classes).to(device)
@@ -220,7 +220,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         "peak_gpu_memory_mb": peak, "train_seconds": train_seconds, "img_per_s": img_per_s,
         "lr": lr, "precision": precision.name, "batch_size": plan.batch_size,
         "micro_batch": plan.micro_batch or plan.batch_size, "grad_checkpointing": plan.grad_checkpointing,
-        "world_size": dist.state().world_size, "rank_weight_checksums": checksums,
+        "world_size": dist.state().world_size, "rank_weight_checksums": checksums, **(extra or {}),
     }
     if dist.is_main():
         (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
