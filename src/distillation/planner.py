@@ -20,6 +20,7 @@ import torch
 
 from src.distillation.engine import Precision
 from src.distillation.losses import kd_loss
+from src.utils.errors import ConfigError
 from src.utils.logger import get_console
 from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, freeze_teacher,
                                        requires_gradient_checkpointing)
@@ -139,7 +140,7 @@ def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_s
                     break  # the largest micro-batch that fits is the one worth having at this setting
                 micro //= 2
         if best is None:
-            raise RuntimeError(f"{model_name}: no micro-batch down to {MIN_MICRO_BATCH} fits in "
+            raise ConfigError(f"{model_name}: no micro-batch down to {MIN_MICRO_BATCH} fits in "
                                f"{budget_gb} GB (peak reserved must stay under {limit:.1f} GiB); "
                                f"lower data.image_size or train.batch_size, or raise train.vram_budget_gb")
         micro = best["micro_batch"]
