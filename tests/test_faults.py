@@ -189,3 +189,16 @@ def test_no_shell_true_and_only_safe_yaml_and_weights_only_loads():
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path}: {line.strip()}")
     assert not offenders
+
+
+def test_kill_between_checkpoint_and_csv_row_loses_no_epoch(tmp_path):
+    cfg = tiny_cfg(train__epochs=2, stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"}])
+    run_chain(cfg, tmp_path / "full", progress=False)
+    run = tmp_path / "cut"
+    run_chain(cfg, run, progress=False)
+    # the state a kill leaves right after last.pt of epoch 2 was saved but before its row was appended
+    (run / "teacher" / "stage.json").unlink()
+    csv = run / "teacher" / "epoch_log.csv"
+    csv.write_text("\n".join(csv.read_text().splitlines()[:2]) + "\n")
+    run_chain(cfg, run, resume=True, progress=False)
+    assert _rows(run, "teacher") == _rows(tmp_path / "full", "teacher")

@@ -139,6 +139,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                           micro_batch=plan.micro_batch, mixup=_mixup(cfg, num_classes), num_classes=num_classes,
                           should_stop=should_stop)
         start_epoch, best_acc, best_epoch, train_seconds, img_per_s = 1, -1.0, 0, 0.0, 0.0
+        ck_row = None
         last_path = stage_dir / "last.pt"
         if resume and last_path.is_file():
             ck = safe_load(last_path, map_location=device)
@@ -150,9 +151,12 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                 scaler.load_state_dict(ck["scaler"])
             set_rng_state(ck["rng"])
             start_epoch = ck["epoch"] + 1
+            ck_row = ck.get("log_row")
             best_acc, best_epoch, train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
             log.info(f"↻ {stage.name}: resuming after epoch {ck['epoch']}/{plan.epochs}")
         logger = EpochLogger(csv_path, resume_from_epoch=start_epoch - 1) if dist.is_main() else None
+        if logger is not None and ck_row is not None and len(logger.rows()) == start_epoch - 2:
+            logger.log(ck_row)  # killed between saving last.pt and logging its row: the row is in last.pt
         for epoch in range(start_epoch, plan.epochs + 1):
             reset_peak_memory_stats()
             alpha = schedule_kd_alpha(epoch, plan.epochs, cfg.kd.alpha_start, cfg.kd.alpha_end) if teacher is not None else 0.0
@@ -187,7 +191,8 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                 atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                              "rng": rng_state(), "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                             "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model}, last_path)
+                             "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model,
+                             "log_row": row}, last_path)
                 logger.log(row)  # after last.pt: a logged epoch always has its checkpoint
             log.info(f"  {stage.name:<10} epoch {epoch:>3}/{plan.epochs}  loss {tr['loss']:.4f}  "
                      f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  alpha {alpha:.2f}  "
