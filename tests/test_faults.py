@@ -202,3 +202,12 @@ def test_kill_between_checkpoint_and_csv_row_loses_no_epoch(tmp_path):
     csv.write_text("\n".join(csv.read_text().splitlines()[:2]) + "\n")
     run_chain(cfg, run, resume=True, progress=False)
     assert _rows(run, "teacher") == _rows(tmp_path / "full", "teacher")
+
+
+def test_unavailable_pretrained_weights_of_a_later_stage_fail_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg_path = _write_cfg(tmp_path, train__epochs=1)
+    code, err = run_cli("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run",
+                        "--set", "stages.student.pretrained=true")
+    assert code == 2 and "pretrained_file" in err
+    assert not (tmp_path / "run" / "teacher").exists()  # no time spent on the teacher

@@ -127,13 +127,19 @@ def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
     return callback
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Refuse missing checkpoint / weight files before any time is spent."""
+def preflight(cfg: RunConfig, num_classes: int) -> None:
+    """Refuse what would fail hours later before any time is spent: missing checkpoint or weight
+    files, and pretrained weights of later stages that cannot be had (built once here, which
+    also puts hub weights in the local cache)."""
     for s in cfg.stages:
         for key in ("checkpoint", "pretrained_file"):
             path = getattr(s, key)
             if path and not Path(path).expanduser().is_file():
                 raise CheckpointError(f"stage {s.name!r}: {key} not found: {path}")
+    for s in cfg.stages:
+        if (s.pretrained or s.pretrained_file) and not s.checkpoint:
+            model = build_stage_model(cfg, s, num_classes)
+            del model
 
 
 def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, device: torch.device):
@@ -159,11 +165,10 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         device = torch.device("cuda", ds.local_rank)
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
     budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
-    preflight(cfg)
-
     if not main:
-        dist.barrier()  # rank 0 decodes and caches first; the others read its cache
+        dist.barrier()  # rank 0 checks, decodes and caches first; the others read its caches
     data = load_dataset(cfg.data)
+    preflight(cfg, data.num_classes)
     if main:
         dist.barrier()
     # Written only once the inputs are known to be good: a typo leaves no half-made run folder.
