@@ -147,8 +147,10 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
                 gallery[f"{stage}: {pngs[-1].stem}"] = pngs[-1]
         if gallery:
             made.append(plots.image_gallery(gallery, fig_dir / f"{safe}_attention_gallery.png"))
-    made.append(plots.accuracy_vs_size(table, "params", "parameters (log scale)", fig_dir / "accuracy_vs_params.png"))
-    made.append(plots.accuracy_vs_size(table, "flops", "forward FLOPs per image (log scale)", fig_dir / "accuracy_vs_flops.png"))
+    made.append(plots.accuracy_vs_size(table, "params", "parameters (millions, log scale)",
+                                       fig_dir / "accuracy_vs_params.png", scale=1e6))
+    made.append(plots.accuracy_vs_size(table, "flops", "forward GFLOPs per image (log scale)",
+                                       fig_dir / "accuracy_vs_flops.png", scale=1e9))
     students = table[table["stage"].isin(["student", "student_kd", "student_scratch"])]
     if len(students):
         made.append(plots.method_bars(students, fig_dir / "methods.png"))

@@ -70,16 +70,24 @@ def confusion_matrix_plot(matrix: np.ndarray, classes: list, title: str, path: P
     return _save(fig, path)
 
 
-def accuracy_vs_size(table: pd.DataFrame, x: str, xlabel: str, path: Path) -> Path:
-    """Test accuracy (mean ± std over seeds) against parameters or FLOPs, one point per model and method."""
+METHOD_ORDER = {"scratch": 0, "kd": 1, "takd": 2}
+
+
+def accuracy_vs_size(table: pd.DataFrame, x: str, xlabel: str, path: Path, scale: float = 1.0) -> Path:
+    """Test accuracy (mean ± std over seeds) against parameters or FLOPs (divided by `scale`),
+    one point per model and method, log x axis with plain tick labels."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method, sub in table.groupby("method"):
-        ax.errorbar(sub[x], sub["test_accuracy_mean"] * 100, yerr=sub["test_accuracy_std"].fillna(0) * 100,
-                    fmt="o", capsize=3, label=method)
-        for _, r in sub.iterrows():
-            ax.annotate(r["stage"], (r[x], r["test_accuracy_mean"] * 100), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
+    for method, sub in sorted(table.groupby("method"), key=lambda kv: METHOD_ORDER.get(kv[0], 9)):
+        xs = sub[x] / scale
+        ax.errorbar(xs, sub["test_accuracy_mean"] * 100, yerr=sub["test_accuracy_std"].fillna(0) * 100,
+                    fmt="o", capsize=3, label=method.upper())
+        for xv, (_, r) in zip(xs, sub.iterrows()):
+            ax.annotate(f"{r['run']}: {r['stage']}" if table["run"].nunique() > 1 else r["stage"],
+                        (xv, r["test_accuracy_mean"] * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
+    ticks = sorted(set(round(float(v), 3) for v in table[x] / scale))  # one labelled tick per model size
+    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=8)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
@@ -89,18 +97,19 @@ def accuracy_vs_size(table: pd.DataFrame, x: str, xlabel: str, path: Path) -> Pa
 
 def method_bars(table: pd.DataFrame, path: Path) -> Path:
     """Student test accuracy by method (scratch / KD / TAKD), mean ± std over seeds, per run."""
+    table = table.assign(_o=table["method"].map(METHOD_ORDER).fillna(9)).sort_values(["run", "_o"], kind="stable")
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(table)), 4))
     labels = [f"{r['run']}\n{r['method'].upper()}" for _, r in table.iterrows()]
     colors = {"scratch": "#999999", "kd": "#4c72b0", "takd": "#dd8452"}
-    means = table["test_accuracy_mean"] * 100
-    ax.bar(range(len(table)), means, yerr=table["test_accuracy_std"].fillna(0) * 100, capsize=4,
-           color=[colors.get(m, "#55a868") for m in table["method"]])
-    for i, v in enumerate(means):
-        ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    means = (table["test_accuracy_mean"] * 100).to_numpy()
+    stds = (table["test_accuracy_std"].fillna(0) * 100).to_numpy()
+    ax.bar(range(len(table)), means, yerr=stds, capsize=4, color=[colors.get(m, "#55a868") for m in table["method"]])
+    for i, (v, e) in enumerate(zip(means, stds)):
+        ax.text(i, v + e, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(table)), labels, fontsize=8)
     ax.set_ylabel("student test accuracy (%)")
     lo = max(0.0, float(means.min()) - 10)
-    ax.set_ylim(lo, min(100.0, float(means.max()) + 5))
+    ax.set_ylim(lo, min(100.0, float((means + stds).max()) + 5) + 2)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
