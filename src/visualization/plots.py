@@ -132,6 +132,7 @@ def schedules(lr: dict, alpha: dict, path: Path) -> Path:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     return _save(fig, path)
 
 
