@@ -79,11 +79,11 @@ def _timed_epoch(model, teacher, loader, precision, micro, compile_model=False) 
 
 def bench_stage(cfg, stage, device, args, gpu_name):
     num_classes, size = 10, cfg.data.image_size
-    bare = lambda s: replace(s, pretrained=False, pretrained_file=None, checkpoint=None)  # noqa: E731
-    if args.tiny:
-        def bare(s):  # noqa: F811
+    def bare(s):  # random weights (speed and memory only); tiny stand-ins for the CPU smoke test
+        if args.tiny:
             name, kw = TINY_MODELS.get(s.model, (s.model, {}))
-            return replace(s, model=name, model_kwargs=kw, pretrained=False, pretrained_file=None, checkpoint=None)
+            s = replace(s, model=name, model_kwargs=kw)
+        return replace(s, pretrained=False, pretrained_file=None, checkpoint=None)
     builder = lambda: build_stage_model(cfg, bare(stage), num_classes)  # noqa: E731
     tbuilder = (lambda: build_stage_model(cfg, bare(cfg.stage(stage.teacher)), num_classes)) if stage.teacher else None
     precision = Precision.choose(device, True)

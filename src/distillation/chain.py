@@ -169,16 +169,14 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         dist.barrier()  # rank 0 checks, decodes and caches first; the others read its caches
     data = load_dataset(cfg.data)
     preflight(cfg, data.num_classes)
-    if main:
-        dist.barrier()
     # Written only once the inputs are known to be good: a typo leaves no half-made run folder.
     if main:
+        dist.barrier()
         if not resume or not (run_dir / "config.yaml").exists():
             save_config(cfg, run_dir / "config.yaml")
         env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
                                          "world_size": ds.world_size})
         (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
-    if main:
         (run_dir / "classes.json").write_text(json.dumps(data.classes))
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
              f"{data.num_classes} classes, stored at {data.store_size}px, model input {cfg.data.image_size}px, device {device}")

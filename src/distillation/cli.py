@@ -85,7 +85,7 @@ _SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": 
               "data_source": "data.source", "device": "train.device", "seed": "seed"}
 
 
-def _load_cfg(args, chain: str):
+def _load_cfg(args):
     from src.distillation.config import load_config
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, opt)}" for opt, key in _SHORTCUTS.items() if getattr(args, opt) is not None]
@@ -105,18 +105,11 @@ def _parse_seeds(text):
 
 def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:
     """`--gpus N` from a plain process: start N ranks with torchrun on this machine."""
-    rest = []
-    skip = False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a == "--gpus":
-            skip = True
-            continue
-        if a.startswith("--gpus="):
-            continue
-        rest.append(a)
+    rest, skip = [], False
+    for a in argv:  # drop "--gpus N" / "--gpus=N": the ranks must not relaunch again
+        if not skip and a != "--gpus" and not a.startswith("--gpus="):
+            rest.append(a)
+        skip = a == "--gpus"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", f"{chain}_distillation.train_{chain}", *rest]
     import subprocess
@@ -159,13 +152,12 @@ def run(argv, chain: str, default_config: Path) -> int:
             if seeds_file.exists():
                 meta = json.loads(seeds_file.read_text())
                 seeds = meta["seeds"]
-                cfg = load_config(args.resume / f"seed_{seeds[0]}" / "config.yaml") if (args.resume / f"seed_{seeds[0]}" / "config.yaml").exists() else None
-                if cfg is None:
-                    cfg = load_config(Path(meta["config"]))
+                first = args.resume / f"seed_{seeds[0]}" / "config.yaml"  # resolved, baselines included
+                cfg = load_config(first if first.exists() else Path(meta["config"]))
             else:
                 seeds, cfg = None, load_config(args.resume / "config.yaml")
         else:
-            cfg = _load_cfg(args, chain)
+            cfg = _load_cfg(args)
             if args.baselines:
                 cfg = with_baselines(cfg)
             seeds = _parse_seeds(args.seeds) if args.seeds else None

@@ -208,12 +208,17 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
     dist.barrier()  # rank 0 has written best.pt
     # Test once, on the best-validation checkpoint.
     load_weights(model, stage_dir / "best.pt", f"{stage_dir / 'best.pt'}")
-    val_best = evaluate(model, loaders["val"], precision, num_classes)
     test = evaluate(model, loaders["test"], precision, num_classes, return_predictions=True)
     if dist.is_main():
         np.savetxt(stage_dir / "test_predictions.csv", np.stack([test["y_true"], test["y_pred"]], 1),
                    fmt="%d", delimiter=",", header="y_true,y_pred", comments="")
     rows = read_epoch_csv(csv_path)
+    # The best epoch's validation figures are already in its CSV row; only a loaded checkpoint needs a pass.
+    if rows:
+        best_row = rows[best_epoch - 1]
+        val_best = {"accuracy": best_row["val_accuracy"], "f1_score": best_row["val_f1_score"]}
+    else:
+        val_best = evaluate(model, loaders["val"], precision, num_classes)
     peak = max([r["gpu_memory_mb"] for r in rows], default=0.0)
     summary = {
         "stage": stage.name, "model": stage.model, "role": role or "", "teacher": stage.teacher or "",
