@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Between runs: empty the CUDA cache and reset peak-memory statistics; report free GPU memory.
-# Optionally delete this chain's run outputs:  bash cnn_distillation/clean.sh --remove [--yes]
+# Between runs: report free GPU memory and who holds it, reset peak statistics.
+# Remove run folders:  bash cnn_distillation/clean.sh --remove RUN_DIR [--yes]   (or --remove-all)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

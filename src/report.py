@@ -134,7 +134,7 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
         for stage in sub["stage"].unique():
             pred = Path(first_dir) / stage / "test_predictions.csv"
             if pred.exists():
-                yp = np.loadtxt(pred, delimiter=",", skiprows=1, dtype=int, ndmin=2)
+                yp = pd.read_csv(pred, usecols=["y_true", "y_pred"]).to_numpy()
                 n_cls = int(max(yp.max() + 1, 2))
                 classes = classes or [str(i) for i in range(n_cls)]
                 m = normalized_confusion(yp[:, 0], yp[:, 1], len(classes))

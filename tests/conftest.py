@@ -12,7 +12,12 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub traffic from tests
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def requires_cuda(test):
+    """GPU-only test: marked `gpu` (benchmarks/gpu_session.sh smoke runs `-m gpu`), skipped without CUDA."""
+    return pytest.mark.gpu(_skip_without_cuda(test))
 
 
 def tiny_cfg(**over):

@@ -26,7 +26,7 @@ def test_measure_steps_counts_images_over_micro_batches():
 
 @requires_cuda
 def test_budget_caps_the_process_and_the_plan_fits_it():
-    dev = torch.device("cuda")
+    dev = torch.device("cuda")  # un-indexed on purpose: the budget must resolve it
     info = apply_vram_budget(dev, 2.0)
     try:
         big = 3 * 1024 ** 3
@@ -38,11 +38,12 @@ def test_budget_caps_the_process_and_the_plan_fits_it():
                           model_name="resnet18", image_size=32, num_classes=10, device=dev,
                           precision=Precision.choose(dev, True), channels_last=True, budget_gb=2.0,
                           compile_mode="false")
-        assert plan.notes and "probe:" in plan.notes[0]
-        chosen = plan.micro_batch or plan.batch_size
-        assert chosen <= 512
+        assert any("probe:" in n for n in plan.notes)
+        # ResNet-18 has batch norm: the full batch is kept (with checkpointing if needed) whenever it fits
+        assert plan.batchnorm is True
+        assert plan.probe_peak_gib <= 2.0 - 0.5
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         assert info["capped"]
 
 
@@ -55,3 +56,50 @@ def test_vit_base_keeps_checkpointing_in_the_plan():
                       device=dev, precision=Precision.choose(dev, True), channels_last=False, budget_gb=6,
                       compile_mode="false")
     assert plan.grad_checkpointing is True
+    mem = plan.ckpt_memory  # measured at the chosen micro-batch and image size, for the guard's message
+    assert mem["micro_batch"] == (plan.micro_batch or 64) and mem["image_size"] == 32
+    assert mem["without_gib"] is None or mem["without_gib"] > mem["with_gib"]
+
+
+def _fake_prober(table, batch=256, limit=5.5):
+    """The planner's search with a memory/speed table instead of a GPU: (micro, ckpt) -> (img/s, GiB)."""
+    from src.distillation.planner import _Prober
+
+    class Fake(_Prober):
+        def __call__(self, micro, ckpt):
+            speed, gib = table.get((micro, ckpt), (0.0, float("inf")))
+            trial = {"micro_batch": micro, "grad_ckpt": ckpt, "img_per_s": speed, "peak_reserved_gib": gib,
+                     "fits": gib <= limit}
+            self.trials.append(trial)
+            return trial
+    return Fake(None, None, "m", 32, 10, torch.device("cpu"), None, False, batch, limit)
+
+
+# the full batch fits only with checkpointing; micro-batches of 128 fit without it and run faster
+TABLE = {(256, False): (0, 7.0), (256, True): (9000, 4.0), (128, False): (12000, 3.6), (128, True): (8000, 2.1),
+         (64, False): (10000, 2.0), (64, True): (7000, 1.2)}
+
+
+def test_batchnorm_models_keep_the_full_batch_with_checkpointing_rather_than_micro_batches():
+    best, why = _fake_prober(TABLE).find("resnet18", batchnorm=True, forced=False)
+    assert (best["micro_batch"], best["grad_ckpt"]) == (256, True) and "BatchNorm" in why
+
+
+def test_layernorm_models_take_the_fastest_fitting_setting():
+    best, _ = _fake_prober(TABLE).find("vit_small", batchnorm=False, forced=False)
+    assert (best["micro_batch"], best["grad_ckpt"]) == (128, False)
+
+
+def test_forced_checkpointing_grows_only_the_micro_batch():
+    best, _ = _fake_prober(TABLE).find("vit_base", batchnorm=False, forced=True)
+    assert (best["micro_batch"], best["grad_ckpt"]) == (256, True)
+
+
+def test_checkpointing_message_reports_the_stage_measurement():
+    from src.utils.training_guards import describe_checkpointing_saving
+    line = describe_checkpointing_saving({"micro_batch": 256, "image_size": 32, "with_gib": 1.57, "without_gib": 4.02})
+    assert line == ("Memory savings: 61% measured (4.02 GiB -> 1.57 GiB peak reserved, one training step at "
+                    "micro-batch 256, 32 px)")
+    oom = describe_checkpointing_saving({"micro_batch": 256, "image_size": 224, "with_gib": 4.1, "without_gib": None,
+                                         "budget_gib": 6.0})
+    assert "does not fit the 6.0 GiB budget" in oom

@@ -93,11 +93,19 @@ def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path):
         assert "python}\" -m src.utils.clean" in text  # one implementation, two thin scripts
     runs = tmp_path / "runs"
     (runs / "old").mkdir(parents=True)
-    res = subprocess.run(["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs), "--remove"],
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    (runs / "older").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere" / "run1"
+    elsewhere.mkdir(parents=True)
+    clean = ["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs)]
+    res = subprocess.run(clean + ["--remove-all"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert res.returncode == 2 and (runs / "old").exists()  # no confirmation, nothing deleted
-    res = subprocess.run(["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs), "--remove", "--yes"],
-                         capture_output=True, text=True)
-    assert res.returncode == 0 and not (runs / "old").exists()
+    res = subprocess.run(clean + ["--remove", str(elsewhere), "--yes"], capture_output=True, text=True)
+    assert res.returncode == 0 and not elsewhere.exists() and (runs / "old").exists()  # any run folder, only that one
+    res = subprocess.run(clean + ["--remove", str(elsewhere)], capture_output=True, text=True)
+    assert res.returncode == 2 and "not found" in res.stderr
+    res = subprocess.run(clean + ["--remove-all", "--yes"], capture_output=True, text=True)
+    assert res.returncode == 0 and not any(runs.iterdir())
     if not torch.cuda.is_available():
-        assert "No CUDA device" in res.stdout
+        assert "No CUDA device visible" in res.stdout
+    help_text = subprocess.run(clean + ["--help"], capture_output=True, text=True).stdout
+    assert "cannot free" in help_text and "spec fix" not in help_text

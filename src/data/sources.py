@@ -40,6 +40,7 @@ class Split:
     labels: torch.Tensor
     images: Optional[torch.Tensor] = None
     files: Optional[list] = None
+    ids: Optional[list] = None          # per-image id for predictions files (relative path, or index)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -87,7 +88,8 @@ def _subset(split: Split, idx: np.ndarray) -> Split:
     t = torch.as_tensor(idx, dtype=torch.long)
     return Split(labels=split.labels[t],
                  images=split.images[t] if split.images is not None else None,
-                 files=[split.files[i] for i in idx] if split.files is not None else None)
+                 files=[split.files[i] for i in idx] if split.files is not None else None,
+                 ids=[split.ids[i] for i in idx] if split.ids is not None else None)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -250,6 +252,15 @@ def extract_archive(archive: Path, dest_root: Path = EXTRACT_DIR) -> Path:
 
 
 def _imagefolder(d, store_size_hint: int) -> tuple[Split, Split, list, int, list]:
+    train, test, classes, size, skipped, root, test_files = _imagefolder_splits(d, store_size_hint)
+    bad = set(skipped)
+    ids = [os.path.relpath(f, root) for f in test_files if f not in bad]
+    if len(ids) == len(test):
+        test.ids = ids
+    return train, test, classes, size, skipped
+
+
+def _imagefolder_splits(d, store_size_hint: int):
     root = Path(d.root).expanduser()
     if root.is_file() and root.name.endswith(ARCHIVE_SUFFIXES):
         root = extract_archive(root)
@@ -266,14 +277,14 @@ def _imagefolder(d, store_size_hint: int) -> tuple[Split, Split, list, int, list
     mode = d.loader if d.loader != "auto" else ("tensor" if n_bytes <= TENSOR_LIMIT_BYTES else "dataloader")
     if mode == "dataloader":
         return (Split(torch.tensor(train_labels), files=train_files), Split(torch.tensor(test_labels), files=test_files),
-                classes, size, [])
+                classes, size, [], root, test_files)
     cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else root / ".cache"
     key = _cache_key(train_files + test_files, size)
     cache = cache_dir / f"decoded-{size}px-{key}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
         return (Split(blob["train_labels"], blob["train_images"]), Split(blob["test_labels"], blob["test_images"]),
-                classes, size, blob.get("skipped", []))
+                classes, size, blob.get("skipped", []), root, test_files)
     get_console().info(f"Decoding {len(train_files) + len(test_files):,} images from {root} at {size}px (cached afterwards)")
     train, skipped_tr = decode_images(train_files, train_labels, size, d.skip_bad_images)
     test, skipped_te = decode_images(test_files, test_labels, size, d.skip_bad_images)
@@ -286,7 +297,7 @@ def _imagefolder(d, store_size_hint: int) -> tuple[Split, Split, list, int, list
         os.replace(tmp, cache)
     except OSError as exc:  # a read-only dataset folder: decode again next time
         get_console().warning(f"could not write the decode cache {cache}: {exc}")
-    return train, test, classes, size, skipped
+    return train, test, classes, size, skipped, root, test_files
 
 
 def load_dataset(d, seed_for_subsets: Optional[int] = None) -> DatasetSplits:

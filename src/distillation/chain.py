@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
@@ -22,35 +23,24 @@ import torch
 from src.data import build_loaders, load_dataset
 from src.distillation import distributed as dist
 from src.distillation.config import RunConfig, save_config
-from src.distillation.engine import Precision
+from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.planner import apply_vram_budget, probe_plan
-from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, use_channels_last
-from src.models import is_vit
+from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, stage_seeds, use_channels_last
+from src.models import count_params, is_vit
+from src.utils.devices import resolve_device
 from src.utils.environment import environment_record
-from src.utils.errors import CheckpointError, ConfigError, UserError
-from src.utils.logger import get_console
+from src.utils.errors import CheckpointError, UserError
+from src.utils.logger import get_console, is_verbose
 from src.utils.reproducibility import setup_reproducibility
-from src.utils.training_guards import cleanup_training_state, freeze_teacher, requires_gradient_checkpointing
+from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
 
 log = get_console()
 SUMMARY_COLUMNS = ["stage", "model", "role", "teacher", "params", "flops", "epochs", "best_epoch", "val_accuracy",
                    "val_f1_score", "test_accuracy", "test_precision", "test_recall", "test_f1_score", "test_loss",
-                   "last_val_accuracy", "peak_gpu_memory_mb", "train_seconds", "img_per_s", "lr", "precision",
-                   "batch_size", "micro_batch", "grad_checkpointing"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={name} but no CUDA device is visible (torch {torch.__version__}, "
-                              f"built for CUDA {torch.version.cuda}). Use --device cpu, or check the driver / CUDA_VISIBLE_DEVICES")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"train.device={name} but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return dev
-    return torch.device("cpu")
+                   "last_val_accuracy", "peak_gpu_memory_mb", "train_seconds", "eval_seconds", "compile_seconds",
+                   "img_per_s", "lr", "precision", "label_smoothing", "batch_size", "micro_batch", "grad_checkpointing",
+                   "compile", "skipped_images"]
+_PLAN_CACHE: dict = {}  # plan key -> StagePlan: probed once per model and shape in this process (all seeds)
 
 
 def check_writable(path: Path) -> None:
@@ -71,8 +61,9 @@ def with_baselines(cfg: RunConfig) -> RunConfig:
     if len(cfg.stages) < 2 or "student_scratch" in names:
         return cfg
     first, last = cfg.stages[0], cfg.stages[-1]
-    scratch = replace(last, name="student_scratch", teacher=None, checkpoint=None, role=last.role or "student")
-    direct = replace(last, name="student_kd", teacher=first.name, checkpoint=None, role=last.role or "student")
+    shared = dict(checkpoint=None, role=last.role or "student", seed_stream=last.seed_stream or last.name)
+    scratch = replace(last, name="student_scratch", teacher=None, **shared)
+    direct = replace(last, name="student_kd", teacher=first.name, **shared)
     return replace(cfg, stages=[*cfg.stages, scratch, direct])
 
 
@@ -83,25 +74,53 @@ def stage_method(stage, cfg: RunConfig) -> str:
     return "kd" if stage.teacher == cfg.stages[0].name else "takd"
 
 
+def _plan_key(cfg: RunConfig, stage) -> tuple:
+    """Stages with the same key get one plan: the model, its shapes and the step's settings."""
+    return (stage.model, stage.cifar_stem, stage.patch_size, json.dumps(stage.model_kwargs, sort_keys=True),
+            stage.grad_checkpointing, stage.batch_size or cfg.train.batch_size, cfg.data.image_size, cfg.train.amp,
+            cfg.train.amp_dtype, cfg.train.compile, cfg.train.vram_budget_gb, cfg.train.channels_last)
+
+
+def _heaviest_teacher(cfg: RunConfig, stage, num_classes: int):
+    """Of the teachers of every stage sharing this stage's plan, the largest: the plan must fit with it."""
+    key = _plan_key(cfg, stage)
+    names = {s.teacher for s in cfg.stages if s.teacher and _plan_key(cfg, s) == key}
+    if not names:
+        return None
+    bare = lambda n: replace(cfg.stage(n), pretrained=False, pretrained_file=None, checkpoint=None)  # noqa: E731
+    return max(sorted(names), key=lambda n: count_params(build_stage_model(cfg, bare(n), num_classes)))
+
+
 def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int) -> StagePlan:
-    """Configured settings, refined on CUDA by measuring a few real steps under the VRAM budget."""
+    """Configured settings, refined on CUDA by measuring a few real steps under the VRAM budget.
+
+    One plan per model and shape: the three student variants (scratch, KD, TAKD) share it, probed
+    with the largest of their teachers, so they train with the same micro-batch (the same
+    batch-norm statistics) and checkpointing; later seeds reuse it."""
     plan = StagePlan(epochs=stage.epochs or cfg.train.epochs, batch_size=stage.batch_size or cfg.train.batch_size,
                      grad_checkpointing=stage.grad_checkpointing or requires_gradient_checkpointing(stage.model),
                      compile=cfg.train.compile == "true")
     if device.type != "cuda" or not cfg.train.auto_batch:
         return plan
+    key = (_plan_key(cfg, stage), str(device))
+    if key in _PLAN_CACHE:
+        cached = _PLAN_CACHE[key]
+        return replace(cached, epochs=plan.epochs, notes=cached.notes + ["reused: probed once for this model and shape"])
     bare = lambda s: replace(s, pretrained=False, pretrained_file=None, checkpoint=None)  # noqa: E731 (shapes only)
+    teacher_name = _heaviest_teacher(cfg, stage, num_classes)
     teacher_builder = None
-    if stage.teacher:
-        tstage = cfg.stage(stage.teacher)
-        teacher_builder = lambda: build_stage_model(cfg, bare(tstage), num_classes)  # noqa: E731
+    if teacher_name:
+        teacher_builder = lambda: build_stage_model(cfg, bare(cfg.stage(teacher_name)), num_classes)  # noqa: E731
     plan = probe_plan(plan, model_builder=lambda: build_stage_model(cfg, bare(stage), num_classes),
                       teacher_builder=teacher_builder, model_name=stage.model, image_size=cfg.data.image_size,
-                      num_classes=num_classes, device=device, precision=Precision.choose(device, cfg.train.amp),
+                      num_classes=num_classes, device=device,
+                      precision=Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype),
                       channels_last=use_channels_last(cfg, stage, device), budget_gb=cfg.train.vram_budget_gb,
                       compile_mode=cfg.train.compile)
-    for note in plan.notes:
-        log.info(f"  plan {stage.name}: {note}")
+    _PLAN_CACHE[key] = plan
+    if is_verbose():
+        for note in plan.notes:
+            log.info(f"  plan {stage.name}: {note}")
     return plan
 
 
@@ -142,32 +161,47 @@ def preflight(cfg: RunConfig, num_classes: int) -> None:
             del model
 
 
-def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, device: torch.device):
+def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, device: torch.device,
+                 compile_model: bool = False):
+    """The frozen best-validation checkpoint of stage `name`, prepared as the student's steps use it."""
     tstage = cfg.stage(name)
     model = build_stage_model(cfg, replace(tstage, pretrained=False, pretrained_file=None), num_classes)
     load_weights(model, run_dir / name / "best.pt", f"teacher {name}")
-    model = model.to(device)
-    if use_channels_last(cfg, tstage, device):
-        model = model.to(memory_format=torch.channels_last)
-    return freeze_teacher(model, verbose=True)
+    return prepare_teacher(model, device, Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype),
+                           use_channels_last(cfg, tstage, device), compile_model=compile_model, verbose=is_verbose())
+
+
+def _plan_line(plan: StagePlan) -> str:
+    parts = [f"epochs {plan.epochs}", f"batch {plan.batch_size}"]
+    if plan.micro_batch:
+        parts.append(f"micro-batch {plan.micro_batch}")
+    if plan.grad_checkpointing:
+        parts.append("checkpointing")
+    if plan.compile:
+        parts.append("compiled")
+    return ", ".join(parts)
 
 
 def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False) -> pd.DataFrame:
-    """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume."""
+    """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume.
+
+    Besides the stage folders it writes timings.json: wall-clock seconds of the whole chain split
+    into data, planning, compile, training, evaluation and the rest."""
+    t_start = time.perf_counter()
     run_dir = Path(run_dir)
     ds = dist.state()
     main = ds.is_main
     if main:
         check_writable(run_dir)
-    device = resolve_device(cfg.train.device)
-    if ds.enabled and device.type == "cuda":
-        device = torch.device("cuda", ds.local_rank)
+    device = resolve_device(cfg.train.device, ds.local_rank if ds.enabled and cfg.train.device != "cpu" else None)
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
     budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
     if not main:
         dist.barrier()  # rank 0 checks, decodes and caches first; the others read its caches
+    t0 = time.perf_counter()
     data = load_dataset(cfg.data)
+    timings = {"data": time.perf_counter() - t0, "planning": 0.0}
     preflight(cfg, data.num_classes)
     # Written only once the inputs are known to be good: a typo leaves no half-made run folder.
     if main:
@@ -175,7 +209,7 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if not resume or not (run_dir / "config.yaml").exists():
             save_config(cfg, run_dir / "config.yaml")
         env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
-                                         "world_size": ds.world_size})
+                                         "world_size": ds.world_size}, device=device)
         (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
         (run_dir / "classes.json").write_text(json.dumps(data.classes))
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
@@ -193,7 +227,7 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
             rows.append(json.loads(done.read_text()))
             continue
         resuming_stage = resume and (stage_dir / "last.pt").exists()
-        setup_reproducibility(cfg.seed + 1000 * idx, cfg.deterministic)
+        t0 = time.perf_counter()
         if stage.name in plans and resuming_stage:
             plan = StagePlan(**plans[stage.name])
         else:
@@ -201,28 +235,39 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
             plans[stage.name] = asdict(plan)
             if main:
                 plan_path.write_text(json.dumps(plans, indent=2))
+        timings["planning"] += time.perf_counter() - t0
         teacher_note = f" <- {stage.teacher}" if stage.teacher else ""
-        log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  "
-                 f"epochs {plan.epochs}, batch {plan.batch_size}"
-                 + (f" (micro-batch {plan.micro_batch})" if plan.micro_batch else ""))
-        teacher = load_teacher(cfg, run_dir, stage.teacher, data.num_classes, device) if stage.teacher else None
+        log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  {_plan_line(plan)}")
+        teacher = None
+        if stage.teacher:
+            teacher = load_teacher(cfg, run_dir, stage.teacher, data.num_classes, device, compile_model=plan.compile)
         loaders = build_loaders(data, plan.batch_size, device, cfg.data, use_channels_last(cfg, stage, device),
-                                seed=cfg.seed + idx, rank=ds.rank, world_size=ds.world_size)
+                                seed=stage_seeds(cfg, stage)["data"], rank=ds.rank, world_size=ds.world_size)
         summary = run_stage(cfg, stage, data, loaders, stage_dir, device, plan, teacher=teacher,
                             resume=resuming_stage, progress=progress, should_stop=should_stop,
                             on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs),
                             extra={"method": stage_method(stage, cfg)})
         dist.barrier()
-        if teacher is not None:
-            cleanup_training_state(model=teacher, verbose=False)
+        frozen = ""
+        if teacher is not None:  # checked, not assumed: eval mode and no parameter asking for a gradient
+            ok = not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+            frozen = f"; teacher frozen: {'yes' if ok else 'NO'}"
+            cleanup_training_state(model=teacher, verbose=False, device=device)
             del teacher
         rows.append(summary)
         log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}), "
-                 f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}")
+                 f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}{frozen}; "
+                 f"memory released {summary.get('released_mb', 0.0):.0f} MB"
+                 + (f"; compile {summary['compile_seconds']:.1f}s" if summary.get("compile_seconds") else ""))
     df = pd.DataFrame(rows)
     df = df[[c for c in SUMMARY_COLUMNS + ["method"] if c in df.columns]]
     if main:
         tmp = run_dir / "summary.csv.tmp"
         df.to_csv(tmp, index=False)
         os.replace(tmp, run_dir / "summary.csv")
+        for key, col in (("compile", "compile_seconds"), ("training", "train_seconds"), ("evaluation", "eval_seconds")):
+            timings[key] = float(df[col].sum()) if col in df else 0.0
+        timings["wall"] = time.perf_counter() - t_start
+        timings["other"] = timings["wall"] - sum(timings[k] for k in ("data", "planning", "compile", "training", "evaluation"))
+        (run_dir / "timings.json").write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
     return df

@@ -60,18 +60,29 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs for every stage (overrides the preset)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size for every stage")
     p.add_argument("--lr", type=float, default=None, help="base learning rate (before the 1.0 / 0.75 / 0.5 role factor)")
-    p.add_argument("--data-root", type=str, default=None, help="dataset folder, or a .tar.gz of an ImageFolder tree")
-    p.add_argument("--data-source", choices=("cifar10", "cifar100", "imagefolder", "digits"), default=None)
+    p.add_argument("--data-root", type=str, default=None,
+                   help="dataset folder (imagefolder: root/train/<class>/*, root/test/<class>/*), a .tar.gz of such a "
+                        "tree used as is, or the torchvision download folder for cifar10/cifar100")
+    p.add_argument("--data-source", choices=("cifar10", "cifar100", "imagefolder", "digits"), default=None,
+                   help="where the images come from: cifar10 / cifar100 (torchvision, downloaded when online), "
+                        "imagefolder (--data-root), digits (scikit-learn's bundled set, offline demos)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="run seed: initial weights, data order and augmentation of every stage derive from it "
+                        "(the validation split is fixed by data.split_seed)")
     p.add_argument("--seeds", type=str, default=None, help="comma-separated seeds, e.g. 0,1,2: the chain once per seed, results as mean ± std")
     p.add_argument("--baselines", action="store_true", help="also train the student from scratch and distilled directly from the teacher")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set kd.temperature=2 --set stages.student.epochs=5 (repeatable)")
-    p.add_argument("--gpus", type=int, default=1,
-                   help="train every stage on N GPUs with DistributedDataParallel (relaunches itself under torchrun); "
-                        "or start with torchrun --nproc_per_node N -m %(prog)s directly. train.batch_size stays the global batch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help=f"train every stage with DistributedDataParallel on N GPUs of this machine (relaunches itself "
+                        "under torchrun; N=1 runs one NCCL rank). Or start it directly: torchrun --nproc_per_node N "
+                        f"-m {chain}_distillation.train_{chain} [options]. train.batch_size stays the global batch")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (on a terminal a bar, elsewhere a line every 30 s)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the guards' full messages (frozen teacher, checkpointing, cleanup, NaN diagnosis) "
+                        "and the planner's probes")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
@@ -119,10 +130,10 @@ def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:
 
 def run(argv, chain: str, default_config: Path) -> int:
     args = build_parser(chain, default_config).parse_args(argv)
-    if args.gpus < 1:
+    if args.gpus is not None and args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return EXIT_USER
-    if args.gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if args.gpus is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         return _relaunch_under_torchrun(argv, chain, args.gpus)
     # Command-line paths are the user's (current folder); config paths are the repository's.
     args.config, args.output_dir, args.resume = _abs(args.config), _abs(args.output_dir), _abs(args.resume)
@@ -132,8 +143,9 @@ def run(argv, chain: str, default_config: Path) -> int:
     stop = _StopFlag().install()
     import logging
     from src.distillation import distributed as dist
-    from src.utils.logger import get_console
+    from src.utils.logger import get_console, set_verbose
     log = get_console()
+    set_verbose(args.verbose)
     out = args.resume or args.output_dir
     ds = dist.init_from_env(args.device or "auto")
     if not ds.is_main:

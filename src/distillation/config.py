@@ -46,8 +46,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0             # max global grad norm (0 = off)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0       # for stages that teach no other stage; a teacher's default is 0 (see StageConfig)
     amp: bool = True                   # bf16 where supported, fp16 + GradScaler otherwise; fp32 on CPU
+    amp_dtype: str = "auto"            # auto | bf16 | fp16 (fp16 forces the GradScaler path of Turing cards)
     channels_last: str = "auto"        # auto (CNNs on CUDA) | true | false
     compile: str = "auto"              # auto (probe: on where it measurably helps, CUDA only) | true | false
     device: str = "auto"               # auto | cpu | cuda | cuda:N
@@ -76,6 +77,10 @@ class StageConfig:
     patch_size: Optional[int] = None   # ViT: override patch size (e.g. 4 for 32 px)
     drop_path: float = 0.0
     grad_checkpointing: bool = False   # force on for this model (always on for ViT-Base)
+    label_smoothing: Optional[float] = None  # default: 0 when a later stage distils from this one
+                                       # (smoothed teachers distil worse, Mueller et al. 2019), else train.label_smoothing
+    seed_stream: Optional[str] = None  # initial weights and data order drawn from (seed, this name); default: the
+                                       # stage name. The --baselines students share the TAKD student's stream
     epochs: Optional[int] = None       # override train.epochs
     lr: Optional[float] = None         # override train.lr (before the role factor)
     batch_size: Optional[int] = None   # override train.batch_size
@@ -108,6 +113,13 @@ class RunConfig:
                 return s
         raise KeyError(name)
 
+    def label_smoothing(self, stage: StageConfig) -> float:
+        """The stage's own value; else 0 for a stage another one distils from; else train.label_smoothing."""
+        if stage.label_smoothing is not None:
+            return stage.label_smoothing
+        teaches = any(s.teacher == stage.name for s in self.stages)
+        return 0.0 if teaches else self.train.label_smoothing
+
 
 _CHOICES = {
     ("data", "source"): ("cifar10", "cifar100", "imagefolder", "digits"),
@@ -116,6 +128,7 @@ _CHOICES = {
     ("data", "loader"): ("auto", "tensor", "dataloader"),
     ("train", "channels_last"): ("auto", "true", "false"),
     ("train", "compile"): ("auto", "true", "false"),
+    ("train", "amp_dtype"): ("auto", "bf16", "fp16"),
     ("stage", "role"): ("teacher", "assistant", "student", None),
 }
 
@@ -230,6 +243,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(s.batch_size is None or s.batch_size >= 1, f"stage {s.name!r}: batch_size must be >= 1")
         need(0 <= s.drop_path < 1, f"stage {s.name!r}: drop_path must be in [0, 1), got {s.drop_path}")
         need(not (s.pretrained and s.checkpoint), f"stage {s.name!r}: use pretrained or checkpoint, not both")
+        need(s.label_smoothing is None or 0 <= s.label_smoothing < 1,
+             f"stage {s.name!r}: label_smoothing must be in [0, 1), got {s.label_smoothing}")
         seen.add(s.name)
     return cfg
 

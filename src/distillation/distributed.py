@@ -21,10 +21,11 @@ class DistState:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    initialized: bool = False  # a process group exists (torchrun), even with a single rank
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.initialized
 
     @property
     def is_main(self) -> bool:
@@ -50,7 +51,7 @@ def init_from_env(device_name: str = "auto") -> DistState:
     """
     global _STATE
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if "RANK" not in os.environ or "LOCAL_RANK" not in os.environ:  # a plain process, not started by torchrun
         _STATE = DistState()
         return _STATE
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -59,7 +60,7 @@ def init_from_env(device_name: str = "auto") -> DistState:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    _STATE = DistState(rank=rank, world_size=world, local_rank=local)
+    _STATE = DistState(rank=rank, world_size=world, local_rank=local, initialized=True)
     return _STATE
 
 
@@ -90,6 +91,12 @@ def all_reduce_sum(value: float) -> float:
     parts = [None] * _STATE.world_size
     dist.all_gather_object(parts, float(value))
     return float(sum(parts))
+
+
+def all_reduce_max_(t: torch.Tensor) -> None:
+    """In place: the element-wise maximum over ranks (asynchronous on NCCL: no host sync)."""
+    if _STATE.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
 
 
 def any_rank(flag: bool) -> bool:

@@ -2,10 +2,16 @@
 
 The teacher (if any) runs its forward under torch.no_grad() here and hands logits to the pure
 loss function; the student is the only module that ever sees .train() or a backward pass.
+
+The training step never waits for the GPU: the loss check (spec fix 7) keeps a device-side
+flag that the fused optimizer reads to skip its update (`found_inf`), and the host reads the
+flag once every `nan_check_every` steps. Metrics are gathered on the device and read once per
+epoch; the progress display reads the loss only when it redraws.
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,9 +22,13 @@ from torch import nn
 
 from src.distillation import distributed as dist
 from src.distillation.losses import kd_loss
+from src.utils.devices import synchronize
 from src.utils.errors import NonFiniteLossError
+from src.utils.logger import get_console, is_verbose
 from src.utils.metrics import classification_metrics
-from src.utils.training_guards import validate_loss
+from src.utils.training_guards import LossWatch, freeze_teacher, validate_loss
+
+log = get_console()
 
 
 def native_bf16() -> bool:
@@ -36,9 +46,15 @@ class Precision:
     dtype: Optional[torch.dtype]
 
     @classmethod
-    def choose(cls, device: torch.device, amp: bool) -> "Precision":
+    def choose(cls, device: torch.device, amp: bool, amp_dtype: str = "auto") -> "Precision":
+        """`amp_dtype`: auto (bf16 where native, else fp16) | bf16 | fp16. fp16 on a bf16 card takes
+        the GradScaler path the Turing cards take (the GPU smoke test forces it this way)."""
         if not amp or device.type != "cuda":
             return cls(device.type, None)
+        if amp_dtype == "fp16":
+            return cls("cuda", torch.float16)
+        if amp_dtype == "bf16":
+            return cls("cuda", torch.bfloat16)
         return cls("cuda", torch.bfloat16 if native_bf16() else torch.float16)
 
     def autocast(self):
@@ -53,6 +69,21 @@ class Precision:
     @property
     def name(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def prepare_teacher(model: nn.Module, device: torch.device, precision: Precision, channels_last: bool,
+                    compile_model: bool = False, verbose: bool = False) -> nn.Module:
+    """A frozen teacher ready for the student's steps: on `device`, channels_last for CNNs, and under
+    bf16 its convolution and linear weights cast to bf16 once (autocast would cast them again on
+    every forward; the logits are the same). Norm layers keep fp32. Optionally compiled."""
+    model = freeze_teacher(model.to(device), verbose=verbose)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if precision.dtype == torch.bfloat16:
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.to(torch.bfloat16)
+    return torch.compile(model) if compile_model else model
 
 
 @dataclass
@@ -71,42 +102,92 @@ class StepContext:
     mixup: Optional[Callable] = None      # timm Mixup: (x, y) -> (x, soft targets)
     num_classes: int = 0
     should_stop: Callable[[], bool] = field(default=lambda: False)
+    nan_check_every: int = 50             # host reads the non-finite flag this often (fused optimizers)
 
 
 class StopRequested(Exception):
     """Raised between steps when should_stop() turned true (Ctrl-C / SIGTERM)."""
 
 
-def _progress(loader, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=len(loader), desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (a file, a pipe) one line every `every_s` seconds."""
+
+    def __init__(self, total: int, desc: str, enabled: bool, every_s: float = 30.0):
+        self.total, self.desc, self.every_s = total, desc, every_s
+        self.bar = None
+        self.lines = enabled and not sys.stdout.isatty()
+        if enabled and not self.lines:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+        self.t0 = self.last = time.perf_counter()
+
+    @property
+    def wants_update(self) -> bool:
+        return self.bar is not None or (self.lines and time.perf_counter() - self.last >= self.every_s)
+
+    def update(self, step: int, seen: int, loss: Callable[[], float]) -> None:
+        """Called after every step; `loss` is read (a host sync) only when something is shown."""
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 or step == self.total - 1:
+                elapsed = time.perf_counter() - self.t0
+                self.bar.set_postfix(loss=f"{loss():.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+        elif self.wants_update:
+            now = time.perf_counter()
+            elapsed = now - self.t0
+            eta = elapsed / (step + 1) * (self.total - step - 1)
+            log.info(f"    {self.desc}: step {step + 1}/{self.total}, loss {loss():.4f}, "
+                     f"{seen / max(elapsed, 1e-9):,.0f} img/s, {eta:.0f}s left")
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _chunks(n: int, micro: Optional[int]) -> list:
+    if not micro or micro >= n:
+        return [n]
+    return [micro] * (n // micro) + ([n % micro] if n % micro else [])
 
 
 def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train", progress: bool = True) -> dict:
-    """Train ctx.model for one pass over `loader`. Returns mean loss, macro metrics, lr, img/s.
+    """Train ctx.model for one pass over `loader`.
 
-    validate_loss runs on every step: a NaN/Inf raises NonFiniteLossError with the step number
-    (counted within this epoch, from 0) before any backward pass or optimizer step is taken.
+    Returns the mean objective `loss` and its terms `ce` (task cross-entropy against the training
+    targets) and `kd` (T^2 * KL, unweighted), macro metrics, `lr_first` / `lr_last` / `lr_mean`
+    (the LRs the epoch's optimizer steps used), `seconds` and `img_per_s` (after the GPU finished).
+
+    Train metrics are scored against the labels the model was trained on: under mixup / cutmix,
+    the soft target's larger share (its argmax), not the label of the unmixed image.
+
+    Non-finite loss (spec fix 7): no optimizer step is ever taken on it. With a fused optimizer
+    and no GradScaler the check is a device-side flag (`found_inf` makes the fused update a
+    no-op, and the flag stays set until the host reads it every `nan_check_every` steps);
+    otherwise the host checks every step. Either way NonFiniteLossError names the first bad step
+    (counted within this epoch, from 0).
     """
     model, opt = ctx.model, ctx.optimizer
     model.train()
     if ctx.teacher is not None:
         ctx.teacher.eval()
-    bar = _progress(loader, desc, progress)
-    loss_sum = torch.zeros((), device=next(model.parameters()).device)
-    preds, labels = [], []
-    seen, t0 = 0, time.perf_counter()
+    device = next(p.device for p in model.parameters())
+    deferred = getattr(opt, "_step_supports_amp_scaling", False) and ctx.scaler is None
+    watch = LossWatch(device, verbose=is_verbose()) if deferred else None
+    bar = Progress(len(loader), desc, progress)
+    sums = torch.zeros(3, device=device)  # objective, ce, kd: summed over images
+    preds, labels, lrs = [], [], []
+    seen, n_steps = 0, len(loader)
+    synchronize(device)
+    t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         opt.zero_grad(set_to_none=True)
         targets = y
         if ctx.mixup is not None:
             x, targets = ctx.mixup(x, y)
-        chunks = [x.shape[0]] if not ctx.micro_batch else [ctx.micro_batch] * (x.shape[0] // ctx.micro_batch) + (
-            [x.shape[0] % ctx.micro_batch] if x.shape[0] % ctx.micro_batch else [])
+        chunks = _chunks(x.shape[0], ctx.micro_batch)
         start = 0
-        step_loss = 0.0
+        step_sums = torch.zeros(3, device=device)
         for k, n in enumerate(chunks):
             xs, ts = x[start:start + n], targets[start:start + n]
             start += n
@@ -121,75 +202,118 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
                     logits = model(xs)
                 losses = kd_loss(logits, ts, teacher_logits, alpha, ctx.temperature, ctx.label_smoothing)
                 loss = losses["loss"] * (n / x.shape[0])
-                validate_loss(loss, step=step)
                 if ctx.scaler is not None:
                     ctx.scaler.scale(loss).backward()
                 else:
                     loss.backward()
-            step_loss = step_loss + loss.detach()
+            step_sums += torch.stack([losses["loss"], losses["task_loss"], losses["kd_loss"]]).detach() * n
             preds.append(logits.detach().argmax(1))
-        labels.append(y)
-        if ctx.grad_clip > 0 or ctx.scaler is not None:
-            if ctx.scaler is not None:
-                ctx.scaler.unscale_(opt)
-            if ctx.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        labels.append(targets.argmax(1) if targets.dim() == 2 else y)
+        step_loss = step_sums[0] / x.shape[0]
+        if deferred:
+            opt.found_inf = watch.update(step_loss, step, reduce=dist.all_reduce_max_ if dist.state().enabled else None)
+        else:
+            validate_loss(step_loss, step=step, verbose=is_verbose())  # host check: raises before the optimizer step
+        if ctx.scaler is not None:
+            ctx.scaler.unscale_(opt)
+        if ctx.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
         if ctx.scaler is not None:
             ctx.scaler.step(opt)
             ctx.scaler.update()
         else:
             opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
         ctx.scheduler.step()
-        loss_sum += step_loss * x.shape[0]
+        sums += step_sums
         seen += x.shape[0]
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == len(loader) - 1:
-                elapsed = time.perf_counter() - t0
-                correct = (preds[-1] == y).float().mean().item() if not chunks[1:] else float("nan")
-                bar.set_postfix(loss=f"{float(step_loss):.3f}", acc=f"{correct:.3f}", img_s=f"{seen / elapsed:.0f}")
+        if deferred and ((step + 1) % ctx.nan_check_every == 0 or step == n_steps - 1):
+            watch.check()  # one host read; raises NonFiniteLossError naming the first bad step
+        bar.update(step, seen, lambda: float(step_loss))
         if dist.any_rank(ctx.should_stop()):
-            if bar is not None:
-                bar.close()
+            bar.close()
+            if deferred:
+                watch.check()
             raise StopRequested(step)
-    if bar is not None:
-        bar.close()
+    bar.close()
+    synchronize(device)
     elapsed = time.perf_counter() - t0
     y_true = dist.gather_array(torch.cat(labels).cpu().numpy())
     y_pred = dist.gather_array(torch.cat(preds).cpu().numpy())
     out = classification_metrics(y_true, y_pred, ctx.num_classes or None)
     seen = int(dist.all_reduce_sum(seen))
-    out["loss"] = dist.all_reduce_sum(float(loss_sum)) / max(seen, 1)
+    totals = [dist.all_reduce_sum(float(v)) / max(seen, 1) for v in sums.cpu()]
+    out.update(loss=totals[0], ce=totals[1], kd=totals[2] if ctx.teacher is not None and alpha > 0 else float("nan"))
+    out["seconds"] = elapsed
     out["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
-    out["lr"] = opt.param_groups[0]["lr"]
+    out["lr_first"], out["lr_last"] = (lrs[0], lrs[-1]) if lrs else (float("nan"),) * 2
+    out["lr_mean"] = sum(lrs) / len(lrs) if lrs else float("nan")
+    out["steps"] = len(lrs)
     return out
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int = 0,
              return_predictions: bool = False) -> dict:
-    """Mean cross-entropy and macro metrics over `loader` (eval mode, no gradients)."""
+    """Mean cross-entropy and macro metrics over `loader` (eval mode, no gradients).
+    With `return_predictions`: y_true, y_pred [N] and the logits [N, C] (float32, CPU)."""
     was_training = model.training
     model.eval()
-    loss_sum, n = 0.0, 0
-    preds, labels = [], []
+    device = next(p.device for p in model.parameters())
+    loss_sum, n = torch.zeros((), device=device), 0
+    preds, labels, all_logits = [], [], []
     for x, y in loader:
         with precision.autocast():
             logits = model(x)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         n += y.shape[0]
         preds.append(logits.argmax(1))
         labels.append(y)
+        if return_predictions:
+            all_logits.append(logits.float())
     model.train(was_training)
     y_true = dist.gather_array(torch.cat(labels).cpu().numpy())
     y_pred = dist.gather_array(torch.cat(preds).cpu().numpy())
     out = classification_metrics(y_true, y_pred, num_classes or None)
-    out["loss"] = dist.all_reduce_sum(loss_sum) / max(dist.all_reduce_sum(n), 1)
+    out["loss"] = dist.all_reduce_sum(float(loss_sum)) / max(dist.all_reduce_sum(n), 1)
     if not math.isfinite(out["loss"]):
         raise NonFiniteLossError(f"non-finite validation loss ({out['loss']})", step=-1, value=out["loss"])
     if return_predictions:
         out["y_true"], out["y_pred"] = y_true, y_pred
+        out["logits"] = dist.gather_array(torch.cat(all_logits).cpu().numpy())
     return out
+
+
+def compile_warmup(ctx: StepContext, sample: torch.Tensor) -> float:
+    """Compile ctx.model (forward and backward) and the teacher on one micro-batch of `sample`
+    before training, so the compilation is timed apart from the epochs. Weights, buffers
+    (batch-norm statistics), gradients and RNG states are left exactly as they were.
+    Returns the seconds it took."""
+    model = ctx.model
+    device = sample.device
+    saved_buffers = [b.detach().clone() for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    synchronize(device)
+    t0 = time.perf_counter()
+    model.train()
+    if ctx.teacher is not None:
+        with torch.no_grad(), ctx.precision.autocast():
+            ctx.teacher(sample)
+    with ctx.precision.autocast():
+        out = model(sample)
+    out.float().sum().backward()
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), saved_buffers):
+            b.copy_(saved)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return seconds
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -201,3 +325,20 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Call
         progress = min(max(progress, 0.0), 1.0)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
+
+
+MAX_WARMUP_FRACTION = 0.2
+
+
+def warmup_steps_for(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """Configured warm-up in steps, capped at MAX_WARMUP_FRACTION of the run so a short run
+    (`--epochs 3` on a preset with 5 warm-up epochs) still reaches its peak LR and decays."""
+    return min(int(round(warmup_epochs * steps_per_epoch)), int(MAX_WARMUP_FRACTION * total_steps))
+
+
+def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float, min_ratio: float) -> list:
+    """The LR of every optimizer step of a stage, as its scheduler applies it (for the figures)."""
+    total = epochs * steps_per_epoch
+    f = warmup_cosine(total, warmup_steps_for(warmup_epochs, steps_per_epoch, total), min_ratio)
+    return [base_lr * f(s) for s in range(total)]
+

@@ -2,12 +2,17 @@
 
 - `apply_vram_budget` caps this process at `train.vram_budget_gb` (default 6) with
   torch.cuda.set_per_process_memory_fraction, so a 24 or 80 GB card behaves like the user's 6 GB one.
-- `probe_plan` tries micro-batches (largest first; gradient accumulation keeps the configured
-  batch) with and without gradient checkpointing, each for a few real training steps with the
-  stage's model and its frozen teacher, and keeps the fastest that stays under the budget minus a
-  safety margin. ViT-Base always keeps checkpointing (spec fix 2): only its micro-batch grows.
-- With train.compile=auto, torch.compile is then measured against eager at the chosen setting
-  and kept only when it is at least 5% faster.
+- `probe_plan` runs a few real training steps (the stage's model and its frozen teacher) for
+  candidate settings and keeps one that stays under the budget minus a safety margin:
+  * LayerNorm models (ViTs): the fastest of "largest micro-batch without checkpointing" and
+    "largest micro-batch with checkpointing" (gradient accumulation is exact for them);
+  * BatchNorm models (ResNets): micro-batching changes the batch-norm statistics, so the full
+    batch is kept whenever it fits, with gradient checkpointing if that is what makes it fit;
+    micro-batches only when even that does not fit;
+  * ViT-Base always keeps checkpointing (spec fix 2): only its micro-batch grows, and the step
+    without checkpointing is measured at the chosen micro-batch, for the guard's report.
+- With train.compile=auto, torch.compile (student and teacher) is then measured against eager at
+  the chosen setting and kept only when it is at least 5% faster.
 Without CUDA nothing is probed: the configured batch is used as is.
 """
 from __future__ import annotations
@@ -18,27 +23,29 @@ from typing import Optional
 
 import torch
 
-from src.distillation.engine import Precision
+from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.losses import kd_loss
+from src.models import has_batchnorm
+from src.utils.devices import GiB, cuda_index, peak_reserved_bytes, reset_peak_reserved, synchronize
 from src.utils.errors import ConfigError
 from src.utils.logger import get_console
-from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, freeze_teacher,
-                                       requires_gradient_checkpointing)
+from src.utils.training_guards import cleanup_training_state, enforce_gradient_checkpointing, requires_gradient_checkpointing
 
-GiB = 1024 ** 3
 SAFETY_MARGIN_GIB = 0.5   # room for a real card's CUDA context and fragmentation
 MIN_MICRO_BATCH = 8
 log = get_console()
 
 
 def apply_vram_budget(device: torch.device, budget_gb: float) -> dict:
-    """Cap the process at `budget_gb` of GPU memory (no-op on CPU, or when the card is smaller)."""
+    """Cap the process at `budget_gb` of GPU memory on `device` (no-op on CPU, or when the card is smaller)."""
     if device.type != "cuda" or budget_gb <= 0:
         return {"capped": False}
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = cuda_index(device)  # torch refuses an un-indexed torch.device("cuda") here
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, budget_gb * GiB / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    return {"capped": fraction < 1.0, "budget_gib": budget_gb, "card_gib": round(total / GiB, 1), "fraction": fraction}
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return {"capped": fraction < 1.0, "budget_gib": budget_gb, "card_gib": round(total / GiB, 1), "fraction": fraction,
+            "device": f"cuda:{index}"}
 
 
 def measure_steps(model, teacher, micro: int, image_size: int, num_classes: int, precision: Precision,
@@ -48,7 +55,7 @@ def measure_steps(model, teacher, micro: int, image_size: int, num_classes: int,
     One optimizer step covers `full_batch` images in micro-batches of `micro` (as training does).
     Raises torch.cuda.OutOfMemoryError when it does not fit.
     """
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters())
     full_batch = full_batch or micro
     n_micro = max(1, full_batch // micro)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
@@ -74,16 +81,14 @@ def measure_steps(model, teacher, micro: int, image_size: int, num_classes: int,
     try:
         for _ in range(warmup):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        synchronize(device)
+        reset_peak_reserved(device) if device.type == "cuda" else None
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         elapsed = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_reserved() / GiB if device.type == "cuda" else 0.0
+        peak = peak_reserved_bytes(device) / GiB
     finally:
         opt.state.clear()
     return {"img_per_s": steps * n_micro * micro / elapsed, "peak_reserved_gib": peak}
@@ -98,82 +103,130 @@ def _fresh(builder, grad_ckpt: bool, name: str, device, channels_last: bool):
     return model
 
 
-def _release(model):
+def _release(model, device):
     if model is not None:
-        cleanup_training_state(model=model, verbose=False)
+        cleanup_training_state(model=model, verbose=False, device=device)
+
+
+class _Prober:
+    """One trial = a fresh model, a few measured steps, the model released; OOM counts as 'does not fit'."""
+
+    def __init__(self, builder, teacher, name, image_size, num_classes, device, precision, channels_last, batch, limit):
+        self.builder, self.teacher, self.name = builder, teacher, name
+        self.image_size, self.num_classes, self.device = image_size, num_classes, device
+        self.precision, self.channels_last, self.batch, self.limit = precision, channels_last, batch, limit
+        self.trials: list = []
+
+    def __call__(self, micro: int, ckpt: bool) -> dict:
+        model = None
+        try:
+            model = _fresh(self.builder, ckpt, self.name, self.device, self.channels_last)
+            m = measure_steps(model, self.teacher, micro, self.image_size, self.num_classes, self.precision,
+                              self.channels_last, full_batch=self.batch)
+            fits = m["peak_reserved_gib"] <= self.limit
+        except torch.cuda.OutOfMemoryError:
+            m, fits = {"img_per_s": 0.0, "peak_reserved_gib": float("inf")}, False
+        finally:
+            _release(model, self.device)
+            torch.cuda.empty_cache()
+        trial = {"micro_batch": micro, "grad_ckpt": ckpt, **m, "fits": fits}
+        self.trials.append(trial)
+        return trial
+
+    def largest_fitting(self, ckpt: bool) -> Optional[dict]:
+        micro = self.batch
+        while micro >= min(MIN_MICRO_BATCH, self.batch):
+            trial = self(micro, ckpt)
+            if trial["fits"]:
+                return trial
+            micro //= 2
+        return None
+
+    def find(self, model_name: str, batchnorm: bool, forced: bool) -> tuple[Optional[dict], str]:
+        if forced:
+            return self.largest_fitting(True), "checkpointing required (spec fix 2): largest micro-batch that fits"
+        if batchnorm:
+            for ckpt in (False, True):
+                full = self(self.batch, ckpt)
+                if full["fits"]:
+                    return full, ("BatchNorm model: full batch" + (" with checkpointing" if ckpt else "")
+                                  + " (micro-batches would change the batch statistics)")
+            return self.largest_fitting(True), "BatchNorm model: the full batch does not fit even with checkpointing"
+        options = [t for t in (self.largest_fitting(False), self.largest_fitting(True)) if t is not None]
+        best = max(options, key=lambda t: t["img_per_s"]) if options else None
+        return best, "fastest of the largest micro-batches with and without checkpointing"
 
 
 def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_size: int, num_classes: int,
                device: torch.device, precision: Precision, channels_last: bool, budget_gb: float,
                compile_mode: str = "auto"):
-    """Return a copy of `plan` with micro_batch / grad_checkpointing / compile chosen by measurement."""
+    """Return a copy of `plan` with micro_batch / grad_checkpointing / compile chosen by measurement,
+    and `ckpt_memory` (peak reserved with and without checkpointing at the chosen micro-batch)
+    when checkpointing is on."""
     if device.type != "cuda":
         return replace(plan, notes=plan.notes + ["no CUDA: configured batch used, nothing probed"])
     limit = max(0.5, budget_gb - SAFETY_MARGIN_GIB) if budget_gb > 0 else float("inf")
     teacher = None
     if teacher_builder is not None:
-        teacher = freeze_teacher(teacher_builder().to(device), verbose=False)
-        if channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
+        teacher = prepare_teacher(teacher_builder(), device, precision, channels_last)
+    probe_model = model_builder()
+    batchnorm = has_batchnorm(probe_model)
+    del probe_model
     forced = requires_gradient_checkpointing(model_name) or plan.grad_checkpointing
-    options = [True] if forced else [False, True]
-    trials, best = [], None
+    prober = _Prober(model_builder, teacher, model_name, image_size, num_classes, device, precision, channels_last,
+                     plan.batch_size, limit)
     try:
-        for ckpt in options:
-            micro = plan.batch_size
-            while micro >= min(MIN_MICRO_BATCH, plan.batch_size):
-                model = None
-                try:
-                    model = _fresh(model_builder, ckpt, model_name, device, channels_last)
-                    m = measure_steps(model, teacher, micro, image_size, num_classes, precision, channels_last,
-                                      full_batch=plan.batch_size)
-                    fits = m["peak_reserved_gib"] <= limit
-                except torch.cuda.OutOfMemoryError:
-                    m, fits = {"img_per_s": 0.0, "peak_reserved_gib": float("inf")}, False
-                finally:
-                    _release(model)
-                    torch.cuda.empty_cache()
-                trials.append({"micro_batch": micro, "grad_ckpt": ckpt, **m, "fits": fits})
-                if fits:
-                    if best is None or m["img_per_s"] > best["img_per_s"]:
-                        best = trials[-1]
-                    break  # the largest micro-batch that fits is the one worth having at this setting
-                micro //= 2
+        best, why = prober.find(model_name, batchnorm, forced)
         if best is None:
             raise ConfigError(f"{model_name}: no micro-batch down to {MIN_MICRO_BATCH} fits in "
-                               f"{budget_gb} GB (peak reserved must stay under {limit:.1f} GiB); "
-                               f"lower data.image_size or train.batch_size, or raise train.vram_budget_gb")
+                              f"{budget_gb} GB (peak reserved must stay under {limit:.1f} GiB); "
+                              f"lower data.image_size or train.batch_size, or raise train.vram_budget_gb")
         micro = best["micro_batch"]
+        ckpt_memory = None
+        if best["grad_ckpt"]:  # what checkpointing saves at this very micro-batch, for the guard's report
+            without = next((t for t in prober.trials if t["micro_batch"] == micro and not t["grad_ckpt"]), None)
+            without = without or prober(micro, False)
+            ckpt_memory = {"micro_batch": micro, "image_size": image_size, "with_gib": round(best["peak_reserved_gib"], 3),
+                           "without_gib": (round(without["peak_reserved_gib"], 3)
+                                           if without["peak_reserved_gib"] != float("inf") else None),
+                           "budget_gib": budget_gb}
         new = replace(plan, micro_batch=None if micro >= plan.batch_size else micro, grad_checkpointing=best["grad_ckpt"],
-                      notes=plan.notes + [f"probe: {t['micro_batch']}{' +ckpt' if t['grad_ckpt'] else ''} -> "
-                                          f"{t['img_per_s']:.0f} img/s, {t['peak_reserved_gib']:.2f} GiB"
-                                          f"{'' if t['fits'] else ' (over budget)'}" for t in trials])
+                      ckpt_memory=ckpt_memory, batchnorm=batchnorm,
+                      notes=plan.notes + [f"choice: {why}"] + [
+                          f"probe: {t['micro_batch']}{' +ckpt' if t['grad_ckpt'] else ''} -> "
+                          f"{t['img_per_s']:.0f} img/s, {t['peak_reserved_gib']:.2f} GiB"
+                          f"{'' if t['fits'] else ' (over budget)'}" for t in prober.trials],
+                      probe_img_per_s=round(best["img_per_s"], 1), probe_peak_gib=round(best["peak_reserved_gib"], 3))
         if compile_mode == "auto":
-            new = _probe_compile(new, best, model_builder, teacher, model_name, image_size, num_classes, device,
+            new = _probe_compile(new, best, model_builder, teacher_builder, model_name, image_size, num_classes, device,
                                  precision, channels_last, limit)
         else:
             new = replace(new, compile=compile_mode == "true")
         return new
     finally:
-        _release(teacher)
+        _release(teacher, device)
         torch.cuda.empty_cache()
 
 
-def _probe_compile(plan, best, model_builder, teacher, model_name, image_size, num_classes, device, precision,
+def _probe_compile(plan, best, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
                    channels_last, limit):
-    model = None
+    """Compiled student (and teacher) against eager at the chosen setting; on only when >= 5% faster."""
+    model = teacher = None
     micro = plan.micro_batch or plan.batch_size
+    t0 = time.perf_counter()
     try:
         model = _fresh(model_builder, plan.grad_checkpointing, model_name, device, channels_last)
-        compiled = torch.compile(model)
-        m = measure_steps(compiled, teacher, micro, image_size, num_classes, precision, channels_last,
+        if teacher_builder is not None:
+            teacher = prepare_teacher(teacher_builder(), device, precision, channels_last, compile_model=True)
+        m = measure_steps(torch.compile(model), teacher, micro, image_size, num_classes, precision, channels_last,
                           steps=5, warmup=3, full_batch=plan.batch_size)
     except Exception as exc:  # compile failures must never stop training: eager is always there
         return replace(plan, compile=False, notes=plan.notes + [f"compile: failed ({type(exc).__name__}), eager kept"])
     finally:
-        _release(model)
+        _release(model, device)
+        _release(teacher, device)
         torch.cuda.empty_cache()
     gain = m["img_per_s"] / best["img_per_s"] if best["img_per_s"] else 0.0
     use = gain >= 1.05 and m["peak_reserved_gib"] <= limit
-    return replace(plan, compile=use, notes=plan.notes + [
+    return replace(plan, compile=use, probe_compile_seconds=round(time.perf_counter() - t0, 1), notes=plan.notes + [
         f"compile: {m['img_per_s']:.0f} img/s vs eager {best['img_per_s']:.0f} ({gain:.2f}x) -> {'on' if use else 'off'}"])

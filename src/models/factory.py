@@ -29,6 +29,11 @@ def is_cnn(name: str) -> bool:
     return not is_vit(name)
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    """True when batch statistics matter: micro-batching then changes what the model computes."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 class HFImageClassifier(nn.Module):
     """Wraps a transformers image classifier so it returns logits and exposes checkpointing."""
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from src.utils.devices import cuda_index
+
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "numpy", "pandas", "scikit-learn", "matplotlib",
             "PyYAML", "tqdm", "pillow")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,12 +31,13 @@ def git_info() -> dict:
     return {"commit": commit or None, "dirty": dirty, "branch": _git("rev-parse", "--abbrev-ref", "HEAD") or None}
 
 
-def gpu_info() -> dict:
-    if not torch.cuda.is_available():
-        return {"cuda_available": False}
-    i = torch.cuda.current_device()
+def gpu_info(device=None) -> dict:
+    """The training GPU (`device`, default the current one): name, capability, memory, CUDA/cuDNN."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return {"cuda_available": torch.cuda.is_available(), "used": False}
+    i = cuda_index(device)
     p = torch.cuda.get_device_properties(i)
-    return {"cuda_available": True, "name": p.name, "capability": f"{p.major}.{p.minor}",
+    return {"cuda_available": True, "used": True, "index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
             "total_memory_gib": round(p.total_memory / 1024 ** 3, 2), "device_count": torch.cuda.device_count(),
             "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version()}
 
@@ -49,14 +52,14 @@ def package_versions() -> dict:
     return out
 
 
-def environment_record(reproducibility: dict | None = None, extra: dict | None = None) -> dict:
+def environment_record(reproducibility: dict | None = None, extra: dict | None = None, device=None) -> dict:
     return {
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": sys.argv,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": package_versions(),
-        "gpu": gpu_info(),
+        "gpu": gpu_info(device),
         "git": git_info(),
         "reproducibility": reproducibility or {},
         **(extra or {}),

@@ -24,6 +24,16 @@ REQUIRED_COLUMNS = [
 ]
 
 _CONSOLE_NAME = "distill"
+_VERBOSE = {"on": False}
+
+
+def set_verbose(on: bool) -> None:
+    """--verbose: the guards print their full spec messages (frozen teacher, cleanup, NaN diagnosis)."""
+    _VERBOSE["on"] = bool(on)
+
+
+def is_verbose() -> bool:
+    return _VERBOSE["on"]
 
 
 def get_console() -> logging.Logger:
@@ -42,23 +52,33 @@ class SchemaError(UserError, ValueError):
     """A CSV row or header does not match REQUIRED_COLUMNS."""
 
 
-def check_header(header: list[str], path: str | os.PathLike = "<csv>") -> None:
-    """Raise SchemaError naming the first difference between `header` and REQUIRED_COLUMNS."""
-    if header == REQUIRED_COLUMNS:
+TERMS_COLUMNS = [
+    'epoch', 'train_ce', 'train_kd', 'alpha', 'lr_first', 'lr_last', 'steps',
+    'train_seconds', 'eval_seconds', 'compile_seconds', 'img_per_s',
+]
+"""epoch_terms.csv, beside each epoch_log.csv: the terms of the training objective (train_loss is
+(1 - alpha) * train_ce + alpha * train_kd; train_kd is T^2 * KL, empty without a teacher), the LR of
+the epoch's first and last optimizer step, and the time split (compilation apart from training)."""
+
+
+def check_header(header: list[str], path: str | os.PathLike = "<csv>", columns: list[str] = REQUIRED_COLUMNS) -> None:
+    """Raise SchemaError naming the first difference between `header` and `columns`."""
+    if header == columns:
         return
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    extra = [c for c in header if c not in REQUIRED_COLUMNS]
+    missing = [c for c in columns if c not in header]
+    extra = [c for c in header if c not in columns]
     if missing or extra:
         detail = f"missing {missing}" if missing else ""
         if extra:
             detail += ("; " if detail else "") + f"unexpected {extra}"
     else:
         detail = f"columns out of order: got {header}"
-    raise SchemaError(f"{path}: header does not match REQUIRED_COLUMNS ({detail})")
+    name = "REQUIRED_COLUMNS" if columns is REQUIRED_COLUMNS else "its schema"
+    raise SchemaError(f"{path}: header does not match {name} ({detail})")
 
 
-def read_epoch_csv(path: str | os.PathLike) -> list[dict[str, float]]:
-    """Read and schema-check an epoch log; values parsed as floats, epochs checked 1..N."""
+def read_epoch_csv(path: str | os.PathLike, columns: list[str] = REQUIRED_COLUMNS) -> list[dict[str, float]]:
+    """Read and schema-check an epoch log; values parsed as floats (empty = NaN), epochs checked 1..N."""
     path = Path(path)
     with open(path, newline="") as f:
         reader = csv.reader(f)
@@ -66,13 +86,13 @@ def read_epoch_csv(path: str | os.PathLike) -> list[dict[str, float]]:
             header = next(reader)
         except StopIteration:
             raise SchemaError(f"{path}: empty file, no header") from None
-        check_header(header, path)
+        check_header(header, path, columns)
         rows = []
         for line_no, values in enumerate(reader, start=2):
-            if len(values) != len(REQUIRED_COLUMNS):
-                raise SchemaError(f"{path}:{line_no}: {len(values)} values, expected {len(REQUIRED_COLUMNS)}")
+            if len(values) != len(columns):
+                raise SchemaError(f"{path}:{line_no}: {len(values)} values, expected {len(columns)}")
             try:
-                rows.append({k: float(v) for k, v in zip(REQUIRED_COLUMNS, values)})
+                rows.append({k: float(v) if v != "" else float("nan") for k, v in zip(columns, values)})
             except ValueError as exc:
                 raise SchemaError(f"{path}:{line_no}: non-numeric value ({exc})") from None
     epochs = [int(r['epoch']) for r in rows]
@@ -90,11 +110,13 @@ class EpochLogger:
             that was logged but whose checkpoint was not saved is re-run, never duplicated).
     """
 
-    def __init__(self, path: str | os.PathLike, resume_from_epoch: int | None = None):
+    def __init__(self, path: str | os.PathLike, resume_from_epoch: int | None = None,
+                 columns: list[str] = REQUIRED_COLUMNS):
         self.path = Path(path)
+        self.columns = columns
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists() and self.path.stat().st_size > 0:
-            rows = read_epoch_csv(self.path)  # raises SchemaError on a differing header
+            rows = read_epoch_csv(self.path, columns)  # raises SchemaError on a differing header
             if resume_from_epoch is not None and len(rows) > resume_from_epoch:
                 self._rewrite(rows[:resume_from_epoch])
         else:
@@ -104,32 +126,34 @@ class EpochLogger:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(REQUIRED_COLUMNS)
+            writer.writerow(self.columns)
             for r in rows:
-                writer.writerow([_fmt(r[c]) for c in REQUIRED_COLUMNS])
+                writer.writerow([_fmt(r[c]) for c in self.columns])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
     def log(self, row: Mapping[str, float]) -> None:
-        """Append one epoch. `row` must have exactly REQUIRED_COLUMNS as keys, in order."""
-        if len(row) != len(REQUIRED_COLUMNS):
-            raise SchemaError(f"Column count mismatch: got {len(row)}, expected {len(REQUIRED_COLUMNS)}")
-        if list(row.keys()) != REQUIRED_COLUMNS:
-            raise SchemaError(f"Column order mismatch: got {list(row.keys())}, expected {REQUIRED_COLUMNS}")
+        """Append one epoch. `row` must have exactly the logger's columns (REQUIRED_COLUMNS) as keys, in order."""
+        if len(row) != len(self.columns):
+            raise SchemaError(f"Column count mismatch: got {len(row)}, expected {len(self.columns)}")
+        if list(row.keys()) != self.columns:
+            raise SchemaError(f"Column order mismatch: got {list(row.keys())}, expected {self.columns}")
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row[c]) for c in REQUIRED_COLUMNS])
+            csv.writer(f).writerow([_fmt(row[c]) for c in self.columns])
             f.flush()
             os.fsync(f.fileno())
 
     def rows(self) -> list[dict[str, float]]:
-        return read_epoch_csv(self.path)
+        return read_epoch_csv(self.path, self.columns)
 
 
 def _fmt(value: float) -> str:
     if isinstance(value, (int,)) and not isinstance(value, bool):
         return str(value)
     value = float(value)
+    if math.isnan(value):
+        return ""
     if value.is_integer() and not math.isinf(value):
         return str(int(value))
     return f"{value:.10g}"

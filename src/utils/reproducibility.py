@@ -1,6 +1,7 @@
 """Seeding and determinism for every source of randomness (spec fix 12)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 
@@ -50,3 +51,14 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """The seed of one named random stream of a run (a stage's initial weights, its data order).
+
+    Hashing (seed, name) keeps streams apart: with `seed + index`, seed s of stage i drew exactly
+    what seed s+1 of stage i-1 drew. Stages that share a stream name share the draw, which is how
+    the scratch, KD and TAKD students start from the same weights and see the same data order.
+    """
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `src` importable
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from src.utils.devices import is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import get_console
 
@@ -116,26 +117,45 @@ def count_block_recomputation(model: nn.Module, sample: torch.Tensor, block_filt
 
 
 def _activation_peak_mb(model: nn.Module, sample: torch.Tensor) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    """Peak memory allocated above the baseline during one forward + backward of `sample` (CUDA)."""
+    index = sample.device.index if sample.device.index is not None else torch.cuda.current_device()
+    torch.cuda.synchronize(index)
+    torch.cuda.reset_peak_memory_stats(index)
+    base = torch.cuda.memory_allocated(index)
     out = model(sample)
     out = out.logits if hasattr(out, "logits") else out
     out.float().sum().backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    torch.cuda.synchronize(index)
+    peak = torch.cuda.max_memory_allocated(index) - base
     model.zero_grad(set_to_none=True)
     return peak / MB
 
 
+def describe_checkpointing_saving(measured: Optional[dict]) -> str:
+    """One line from the planner's probes of the stage's real micro-batch and image size:
+    measured = {micro_batch, image_size, with_gib, without_gib (None: did not fit), budget_gib}."""
+    if not measured:
+        return "Memory savings: not measured (measured by the planner on CUDA only)"
+    where = f"one training step at micro-batch {measured['micro_batch']}, {measured['image_size']} px"
+    with_gib, without = measured["with_gib"], measured.get("without_gib")
+    if without is None:
+        return (f"Memory savings: without checkpointing {where} does not fit the {measured.get('budget_gib', '?')} GiB "
+                f"budget; with it {with_gib:.2f} GiB peak reserved (measured)")
+    saved = 100 * (1 - with_gib / without) if without > 0 else 0.0
+    return f"Memory savings: {saved:.0f}% measured ({without:.2f} GiB -> {with_gib:.2f} GiB peak reserved, {where})"
+
+
 def enforce_gradient_checkpointing(model: nn.Module, model_name: str, verbose: bool = True,
-                                   force: bool = False, sample_input: Optional[torch.Tensor] = None) -> bool:
+                                   force: bool = False, sample_input: Optional[torch.Tensor] = None,
+                                   measured: Optional[dict] = None) -> bool:
     """Switch gradient checkpointing on for ViT-Base (or any model with `force=True`) and verify it.
 
     Tries `gradient_checkpointing_enable()`, `enable_gradient_checkpointing()` and
     `set_grad_checkpointing()` in turn. Success is read from the model's own flag, not assumed.
     With `sample_input` on a CUDA model, the peak activation memory of one training step is
-    measured with and without checkpointing and reported. Returns True when checkpointing is
+    measured with and without checkpointing and reported; `measured` instead hands in the
+    planner's probe of the stage's real micro-batch and image size (see
+    describe_checkpointing_saving), which is the figure that matters. Returns True when checkpointing is
     active; warns loudly and returns False when no method worked. Models that do not need it
     (and no `force`) are left unchanged and False is returned.
     """
@@ -169,7 +189,7 @@ def enforce_gradient_checkpointing(model: nn.Module, model_name: str, verbose: b
             lines.append(f"   Memory savings: {saved:.0f}% measured "
                          f"({before_mb:.0f} MB -> {after_mb:.0f} MB for one step of batch {sample_input.shape[0]})")
         else:
-            lines.append("   Memory savings: not measured (needs a CUDA sample input)")
+            lines.append("   " + describe_checkpointing_saving(measured))
         lines.append("   Speed impact: each block's forward runs again during backward")
         _log.info("\n".join(lines))
     return True
@@ -186,14 +206,8 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
-def _cuda_mb() -> tuple[float, float]:
-    if not torch.cuda.is_available():
-        return 0.0, 0.0
-    return torch.cuda.memory_allocated() / MB, torch.cuda.memory_reserved() / MB
-
-
 def cleanup_training_state(model: Optional[nn.Module] = None, optimizer=None, scheduler=None, scaler=None,
-                           verbose: bool = True) -> dict:
+                           verbose: bool = True, device=None) -> dict:
     """Release everything a finished stage holds, even where the caller still has references.
 
     1. model: every parameter, gradient and buffer is replaced by an empty tensor, so its
@@ -203,9 +217,12 @@ def cleanup_training_state(model: Optional[nn.Module] = None, optimizer=None, sc
     4. gc.collect(), then torch.cuda.empty_cache() when CUDA is present.
 
     Returns the measurement: bytes of tensors released, and CUDA allocated / reserved MB before
-    and after (0 without CUDA).
+    and after on `device` (default: the model's device; 0 without CUDA).
     """
-    alloc_before, reserved_before = _cuda_mb()
+    if device is None and model is not None:
+        device = next((t.device for t in model.parameters()), None)
+    cuda = torch.cuda.is_available() and device is not None and is_cuda(device)
+    before = memory_now(device if cuda else "cpu")
     released = 0
     done = []
     if model is not None:
@@ -235,11 +252,12 @@ def cleanup_training_state(model: Optional[nn.Module] = None, optimizer=None, sc
                 setattr(scaler, attr, None if attr != "_per_optimizer_states" else {})
         done.append("scaler")
     gc.collect()
-    cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.synchronize()
+        synchronize(device)
         torch.cuda.empty_cache()
-    alloc_after, reserved_after = _cuda_mb()
+    after = memory_now(device if cuda else "cpu")
+    alloc_before, reserved_before = before["allocated_mib"], before["reserved_mib"]
+    alloc_after, reserved_after = after["allocated_mib"], after["reserved_mib"]
     report = {
         "released_mb": released / MB,
         "cuda": cuda,
@@ -269,39 +287,73 @@ _NAN_HELP = ("   This indicates:\n"
              "   Action: Reduce learning rate or check data")
 
 
-def validate_loss(loss: torch.Tensor, step: int, raise_on_invalid: bool = True) -> bool:
+def validate_loss(loss: torch.Tensor, step: int, raise_on_invalid: bool = True, verbose: bool = True) -> bool:
     """Return True when `loss` (a scalar tensor or number) is finite.
 
-    On NaN / Inf: logs the diagnostic and raises NonFiniteLossError (a RuntimeError carrying
-    `step` and `value`), or returns False when `raise_on_invalid=False`.
+    On NaN / Inf: logs the diagnostic (with `verbose`) and raises NonFiniteLossError (a
+    RuntimeError carrying `step` and `value`), or returns False when `raise_on_invalid=False`.
     """
     value = float(loss.detach().float().item()) if torch.is_tensor(loss) else float(loss)
     if math.isfinite(value):
         return True
     message = f"❌ NON-FINITE LOSS DETECTED at step {step}\n   Loss value: {value}\n{_NAN_HELP}"
-    _log.error(message)
+    if verbose:
+        _log.error(message)
     if raise_on_invalid:
         raise NonFiniteLossError(message, step=step, value=value)
     return False
 
 
+class LossWatch:
+    """validate_loss without a host sync per step, for a training loop on a GPU.
+
+    `update(loss, step)` keeps, on the device, whether any loss so far was non-finite and the
+    first such step and value; it returns that flag as a float tensor, which a fused optimizer
+    takes as `found_inf` to make its update a no-op. `check()` reads the flag (one host sync)
+    and, when set, calls validate_loss with the first bad step and value, which raises.
+    """
+
+    def __init__(self, device, verbose: bool = True):
+        self.verbose = verbose
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def update(self, loss: torch.Tensor, step: int, reduce: Optional[Callable] = None) -> torch.Tensor:
+        """`reduce` (distributed runs) makes the flag the maximum over ranks, in place."""
+        loss = loss.detach().float()
+        bad_now = ~torch.isfinite(loss)
+        if reduce is not None:
+            flag = bad_now.float()
+            reduce(flag)
+            bad_now = flag > 0
+        new = bad_now & ~self.bad
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_value = torch.where(new, loss, self.first_value)
+        self.bad = self.bad | bad_now
+        return self.bad.float()
+
+    def check(self) -> None:
+        if bool(self.bad):
+            value = float(self.first_value)  # finite here when the bad loss was on another rank
+            validate_loss(value if not math.isfinite(value) else float("nan"), step=int(self.first_step),
+                          verbose=self.verbose)
+
+
 # --------------------------------------------------------------------------- fix 6
 def reset_peak_memory_stats(device=None) -> bool:
-    """Reset CUDA peak-memory counters so the next max_memory_allocated() is this epoch's peak.
+    """Start a new peak-memory window on `device` (default: the current CUDA device).
 
-    Returns True when a CUDA device was reset, False without CUDA (nothing to reset).
+    The CUDA cache is emptied first, so the next peak_memory_mb() is the peak *reserved* memory
+    of the work done after this call (what a 6 GB card runs out of), not what earlier work left
+    cached. Returns True when a CUDA device was reset, False without CUDA (nothing to reset).
     """
-    if not torch.cuda.is_available():
-        return False
-    torch.cuda.reset_peak_memory_stats(device)
-    return True
+    return reset_peak_reserved(device)
 
 
 def peak_memory_mb(device=None) -> float:
-    """Peak CUDA memory allocated since the last reset, in MB; 0.0 without CUDA."""
-    if not torch.cuda.is_available():
-        return 0.0
-    return torch.cuda.max_memory_allocated(device) / MB
+    """Peak CUDA memory *reserved* by the caching allocator since the last reset, in MiB; 0.0 without CUDA."""
+    return peak_reserved_bytes(device) / MB
 
 
 # --------------------------------------------------------------------------- fix 4

@@ -1,0 +1,148 @@
+"""The training step: sync-free NaN guard, compile warm-up, honest train metrics, loss terms, teacher prep."""
+import pytest
+import torch
+from torch import nn
+
+from src.distillation.engine import (Precision, StepContext, compile_warmup, lr_schedule, prepare_teacher,
+                                     train_one_epoch, warmup_steps_for)
+from src.distillation.stage import make_optimizer
+from src.utils.errors import NonFiniteLossError
+
+
+class _Loader(list):
+    batch_size = 16
+
+    def set_epoch(self, e):
+        pass
+
+
+def _loader(n=96, bs=16, seed=0, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, 3, 8, 8, generator=g)
+    ys = torch.randint(0, classes, (n,), generator=g)
+    return _Loader([(xs[i:i + bs], ys[i:i + bs]) for i in range(0, n, bs)])
+
+
+def _cnn(classes=4, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+
+def _ctx(model, **kw):
+    opt = make_optimizer(model, 1e-2, 0.01, torch.device("cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return StepContext(model=model, optimizer=opt, scheduler=sched, precision=Precision("cpu", None), num_classes=4, **kw)
+
+
+def test_the_optimizer_is_fused_so_the_nan_guard_needs_no_sync():
+    opt = make_optimizer(_cnn(), 1e-3, 0.0, torch.device("cpu"))
+    assert getattr(opt, "_step_supports_amp_scaling", False)
+
+
+def test_nan_guard_without_sync_skips_every_step_from_the_bad_one_and_names_it():
+    """The host reads the flag only every 50 steps (here: at the end of the epoch), yet no optimizer
+    step is taken on the NaN step or after it, and the error names the first bad step."""
+    loader = _loader()
+    bad = _Loader(loader)
+    x, y = bad[2]
+    bad[2] = (x * float("nan"), y)
+    model = _cnn()
+    ctx = _ctx(model)
+    torch.manual_seed(1)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_one_epoch(ctx, bad, alpha=0.0, progress=False)
+    assert info.value.step == 2
+    # the same model trained on the two good batches before it only
+    ref = _cnn()
+    torch.manual_seed(1)
+    train_one_epoch(_ctx(ref), _Loader(loader[:2]), alpha=0.0, progress=False)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_nan_check_period_is_honoured():
+    loader = _loader(n=160)
+    x, y = loader[1]
+    loader[1] = (x * float("inf"), y)
+    seen = []
+
+    class Spy(_Loader):
+        def __iter__(self):
+            for i, b in enumerate(list.__iter__(self)):
+                seen.append(i)
+                yield b
+    ctx = _ctx(_cnn(), nan_check_every=4)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_one_epoch(ctx, Spy(loader), alpha=0.0, progress=False)
+    assert info.value.step == 1 and seen == [0, 1, 2, 3]  # stopped at the first read after the bad step
+
+
+def test_compile_warmup_leaves_weights_buffers_grads_and_rng_untouched():
+    model = _cnn()
+    ctx = _ctx(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    sample = torch.randn(16, 3, 8, 8)
+    rng = torch.get_rng_state()
+    seconds = compile_warmup(ctx, sample)
+    assert seconds >= 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN running stats restored
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_train_metrics_under_mixup_score_against_the_mixed_target():
+    """Images carry their one-hot label in the pixels; mixup mixes pixels and targets with the same
+    lambda, so a model reading the pixels predicts the larger share of every mix: 100% by the
+    mixed target, about 3/4 by the unmixed labels (what was logged before)."""
+    from timm.data import Mixup
+    classes, n = 4, 256
+    y = torch.arange(n) % classes
+    x = torch.zeros(n, 3, 8, 8)
+    x[torch.arange(n), 0, 0, y] = 1.0
+
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, img):
+            return img[:, 0, 0, :classes] * 10 + self.w * 0
+
+    loader = _Loader([(x[i:i + 32], y[i:i + 32]) for i in range(0, n, 32)])
+    mix = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=classes)
+    import numpy as np
+    np.random.seed(0)
+    out = train_one_epoch(_ctx(Reader(), mixup=mix), loader, alpha=0.0, progress=False)
+    assert out["accuracy"] > 0.99
+
+
+def test_loss_terms_are_reported_beside_the_objective():
+    teacher = prepare_teacher(_cnn(seed=3), torch.device("cpu"), Precision("cpu", None), False)
+    out = train_one_epoch(_ctx(_cnn(), teacher=teacher), _loader(), alpha=0.7, progress=False)
+    assert out["loss"] == pytest.approx(0.3 * out["ce"] + 0.7 * out["kd"], rel=1e-5)
+    plain = train_one_epoch(_ctx(_cnn()), _loader(), alpha=0.0, progress=False)
+    assert plain["loss"] == pytest.approx(plain["ce"]) and plain["kd"] != plain["kd"]  # NaN: no KD term
+    assert plain["steps"] == 6 and plain["lr_first"] == plain["lr_last"] == pytest.approx(1e-2)
+
+
+def test_bf16_teacher_gives_the_logits_autocast_gives():
+    """Casting a frozen teacher's conv/linear weights to bf16 once is what autocast does on every
+    forward: identical logits, half the weight reads."""
+    teacher = _cnn(seed=5).eval()
+    x = torch.randn(8, 3, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = teacher(x)
+    cast = prepare_teacher(teacher, torch.device("cpu"), Precision("cpu", torch.bfloat16), False)
+    assert cast[0].weight.dtype == torch.bfloat16 and cast[1].weight.dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = cast(x)
+    assert torch.equal(before, after)
+
+
+def test_warmup_is_capped_so_a_short_run_reaches_its_peak_and_decays():
+    # 3 epochs of 10 steps with the ViT preset's 5 warm-up epochs
+    assert warmup_steps_for(5, 10, 30) == 6
+    lrs = lr_schedule(1e-3, 3, 10, 5, 0.01)
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 0.05 * 1e-3
+    assert warmup_steps_for(2, 100, 4000) == 200  # a long run keeps its configured warm-up
