@@ -1,13 +1,16 @@
-"""Speed and memory of every stage of both chains under the VRAM budget, against a naive baseline.
+"""Speed and memory of every stage of both chains under the VRAM budget, against two references.
 
 For each chain (cnn, vit) and resolution (32 px from-scratch presets, 224 px pretrained presets,
-random weights), each stage runs with its frozen teacher's forward pass:
-  ours      the planner's micro-batch / checkpointing / compile, bf16 autocast, channels_last for
-            CNNs, the dataset resident on the GPU with on-device crop + flip (+ resize to 224);
-  baseline  fp32, no channels_last, torchvision transforms in a CPU DataLoader (2 workers),
-            the largest batch that fits the same budget.
-Both go through the same training engine (validate_loss, metrics and all) and are timed over
-whole epochs of synthetic CIFAR-size uint8 data after a warm-up epoch.
+random weights), each stage runs with its frozen teacher's forward pass, three ways, in one process:
+  ours      the real engine (train_one_epoch: on-device crop + flip (+ resize), metrics, NaN guard)
+            with the planner's micro-batch / checkpointing / compile, bf16 autocast, channels_last
+            for CNNs, the bf16-cast frozen teacher;
+  bare      the simplest competent loop for the same stage and plan: the same model and teacher,
+            batches already on the GPU, bf16 autocast, channels_last, fused AdamW, no metrics, no
+            guards, no host syncs. engine_vs_bare = ours / bare (target >= 0.95);
+  baseline  naive: fp32, no channels_last, torchvision transforms in a CPU DataLoader (2 workers),
+            the largest batch that fits the same budget. speedup = ours / baseline.
+Timed over whole epochs of synthetic CIFAR-size uint8 data after a warm-up epoch.
 
     python benchmarks/bench_stages.py                    # on a GPU: full table, CSV and RESULTS.md
     python benchmarks/bench_stages.py --tiny             # CPU smoke test with tiny models (CI)
@@ -30,14 +33,17 @@ import torch  # noqa: E402
 from src.data.loaders import StreamLoader, TensorLoader  # noqa: E402
 from src.data.sources import Split  # noqa: E402
 from src.distillation.config import load_config  # noqa: E402
-from src.distillation.engine import Precision, StepContext, train_one_epoch  # noqa: E402
-from src.distillation.planner import GiB, SAFETY_MARGIN_GIB, apply_vram_budget, measure_steps, probe_plan  # noqa: E402
-from src.distillation.stage import StagePlan, build_stage_model, use_channels_last  # noqa: E402
+from src.distillation.engine import Precision, StepContext, compile_warmup, prepare_teacher, train_one_epoch  # noqa: E402
+from src.distillation.losses import kd_loss  # noqa: E402
+from src.distillation.planner import SAFETY_MARGIN_GIB, apply_vram_budget, measure_steps, probe_plan  # noqa: E402
+from src.distillation.stage import StagePlan, build_stage_model, make_optimizer, use_channels_last  # noqa: E402
 from src.models import count_flops  # noqa: E402
-from src.utils.training_guards import cleanup_training_state, freeze_teacher, requires_gradient_checkpointing  # noqa: E402
+from src.utils.devices import GiB, peak_reserved_bytes, reset_peak_reserved, resolve_device, synchronize  # noqa: E402
+from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing,  # noqa: E402
+                                       requires_gradient_checkpointing)
 
-COLUMNS = ["chain", "stage", "model", "teacher", "image_size", "micro_batch", "grad_ckpt", "peak_reserved_gib",
-           "img_per_s", "baseline_img_per_s", "speedup", "mfu", "gpu", "torch", "date"]
+COLUMNS = ["chain", "stage", "model", "teacher", "image_size", "micro_batch", "grad_ckpt", "compile", "peak_reserved_gib",
+           "img_per_s", "bare_img_per_s", "engine_vs_bare", "baseline_img_per_s", "speedup", "mfu", "gpu", "torch", "date"]
 PRESETS = {("cnn", 32): "cnn_distillation/configs/cifar10.yaml", ("cnn", 224): "cnn_distillation/configs/cifar10_pretrained.yaml",
            ("vit", 32): "vit_distillation/configs/cifar10.yaml", ("vit", 224): "vit_distillation/configs/cifar10_pretrained.yaml"}
 # Dense bf16 tensor-core peak, TFLOP/s, for MFU. Unknown cards: pass --peak-tflops.
@@ -60,21 +66,51 @@ def _synthetic_split(n: int, size: int = 32, classes: int = 10) -> Split:
                  images=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g))
 
 
-def _timed_epoch(model, teacher, loader, precision, micro, compile_model=False) -> float:
-    """Warm-up epoch, then a timed epoch through the real engine; returns img/s."""
-    train_model = torch.compile(model) if compile_model else model
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=next(model.parameters()).is_cuda or None)
+def engine_img_per_s(model, teacher, loader, precision, plan, sample) -> tuple[float, float]:
+    """Warm-up epoch, then a timed epoch through the real engine; returns (img/s, compile seconds)."""
+    train_model = torch.compile(model) if plan.compile else model
+    opt = make_optimizer(model, 1e-4, 0.05, sample.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
     ctx = StepContext(model=train_model, optimizer=opt, scheduler=sched, precision=precision, scaler=scaler,
-                      teacher=teacher, micro_batch=micro, num_classes=10)
-    train_one_epoch(ctx, loader, alpha=0.5 if teacher is not None else 0.0, progress=False)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    out = train_one_epoch(ctx, loader, alpha=0.5 if teacher is not None else 0.0, progress=False)
+                      teacher=teacher, micro_batch=plan.micro_batch, num_classes=10)
+    compile_s = compile_warmup(ctx, sample) if plan.compile else 0.0
+    alpha = 0.5 if teacher is not None else 0.0
+    train_one_epoch(ctx, loader, alpha=alpha, progress=False)
+    out = train_one_epoch(ctx, loader, alpha=alpha, progress=False)
     opt.state.clear()
-    return out["img_per_s"]
+    return out["img_per_s"], compile_s
+
+
+def bare_img_per_s(model, teacher, batches, precision, plan) -> float:
+    """The simplest competent loop: pre-made GPU batches, autocast, fused AdamW, nothing else.
+    Same model, teacher, micro-batch, checkpointing and compile as the engine."""
+    device = batches[0][0].device
+    train_model = torch.compile(model) if plan.compile else model
+    opt = make_optimizer(model, 1e-4, 0.05, device)
+    micro = plan.micro_batch
+
+    def epoch():
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            for xs, ys in (zip(x.split(micro), y.split(micro)) if micro else [(x, y)]):
+                t = None
+                if teacher is not None:
+                    with torch.no_grad(), precision.autocast():
+                        t = teacher(xs)
+                with precision.autocast():
+                    logits = train_model(xs)
+                kd_loss(logits, ys, t, 0.5 if t is not None else 0.0, 4.0)["loss"].backward()
+            opt.step()
+
+    train_model.train()
+    epoch()  # warm-up (and compilation)
+    synchronize(device)
+    t0 = time.perf_counter()
+    epoch()
+    synchronize(device)
+    opt.state.clear()
+    return sum(len(y) for _, y in batches) / (time.perf_counter() - t0)
 
 
 def bench_stage(cfg, stage, device, args, gpu_name):
@@ -86,7 +122,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
         return replace(s, pretrained=False, pretrained_file=None, checkpoint=None)
     builder = lambda: build_stage_model(cfg, bare(stage), num_classes)  # noqa: E731
     tbuilder = (lambda: build_stage_model(cfg, bare(cfg.stage(stage.teacher)), num_classes)) if stage.teacher else None
-    precision = Precision.choose(device, True)
+    precision = Precision.choose(device, True, getattr(args, "amp_dtype", "auto"))
     cl = use_channels_last(cfg, stage, device)
     plan = StagePlan(epochs=1, batch_size=args.batch or cfg.train.batch_size,
                      grad_checkpointing=requires_gradient_checkpointing(stage.model) and not args.tiny)
@@ -94,60 +130,72 @@ def bench_stage(cfg, stage, device, args, gpu_name):
                       num_classes=num_classes, device=device, precision=precision, channels_last=cl,
                       budget_gb=args.budget_gb, compile_mode="false" if args.no_compile else "auto")
     data_cfg = replace(cfg.data, num_workers=args.workers, random_erasing=0.0)
-    n_images = plan.batch_size * args.steps
-    split = _synthetic_split(n_images)
+    split = _synthetic_split(plan.batch_size * args.steps)
+    micro = plan.micro_batch or plan.batch_size
 
-    def make(teacher_needed, fp32):
+    def make(fp32=False):
         m = builder().to(device)
         if plan.grad_checkpointing and not fp32:
-            from src.utils.training_guards import enforce_gradient_checkpointing
             enforce_gradient_checkpointing(m, stage.model, verbose=False, force=True)
         if cl and not fp32:
             m = m.to(memory_format=torch.channels_last)
         t = None
-        if teacher_needed and tbuilder is not None:
-            t = freeze_teacher(tbuilder().to(device), verbose=False)
-            if cl and not fp32:
-                t = t.to(memory_format=torch.channels_last)
+        if tbuilder is not None:
+            t = prepare_teacher(tbuilder(), device, Precision(device.type, None) if fp32 else precision, cl and not fp32)
         return m, t
 
-    # ours
-    model, teacher = make(True, False)
+    def release(m, t):
+        cleanup_training_state(model=m, verbose=False, device=device)
+        if t is not None:
+            cleanup_training_state(model=t, verbose=False, device=device)
+
+    # ours: the real engine
+    model, teacher = make()
     loader = TensorLoader(split, plan.batch_size, device, True, data_cfg, channels_last=cl)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ours = _timed_epoch(model, teacher, loader, precision, plan.micro_batch, plan.compile)
-    peak = torch.cuda.max_memory_reserved() / GiB if device.type == "cuda" else 0.0
+    sample = torch.randn(micro, 3, size, size, device=device)
+    sample = sample.contiguous(memory_format=torch.channels_last) if cl else sample
+    reset_peak_reserved(device)
+    ours, compile_s = engine_img_per_s(model, teacher, loader, precision, plan, sample)
+    peak = peak_reserved_bytes(device) / GiB
     per_img = 3 * count_flops(model, size, device) + (count_flops(teacher, size, device) if teacher is not None else 0)
-    cleanup_training_state(model=model, verbose=False)
-    if teacher is not None:
-        cleanup_training_state(model=teacher, verbose=False)
+    release(model, teacher)
+
+    # bare: the same stage as a plain loop over batches made beforehand on the device
+    bare_speed = None
+    if not args.no_bare:
+        model, teacher = make()
+        made = [(x.clone(), y.clone()) for _, (x, y) in zip(range(4), loader)]  # augmented, normalised, on the device
+        batches = [made[i % len(made)] for i in range(len(loader))]  # as many steps as the engine's epoch
+        bare_speed = bare_img_per_s(model, teacher, batches, precision, plan)
+        release(model, teacher)
+        del batches, made
     del loader
 
     # naive baseline: fp32, CPU DataLoader with torchvision transforms, largest batch that fits
-    fp32 = Precision(device.type, None)
-    base_bs = _largest_fp32_batch(builder, tbuilder, size, device, args) if device.type == "cuda" else plan.batch_size
-    model, teacher = make(True, True)
-    bl = StreamLoader(_synthetic_split(base_bs * args.steps), base_bs, device, True, data_cfg, from_tensors=True)
-    base = _timed_epoch(model, teacher, bl, fp32, None)
-    cleanup_training_state(model=model, verbose=False)
-    if teacher is not None:
-        cleanup_training_state(model=teacher, verbose=False)
+    base = None
+    if not args.no_baseline:
+        base_bs = _largest_fp32_batch(builder, tbuilder, size, device, args) if device.type == "cuda" else plan.batch_size
+        model, teacher = make(fp32=True)
+        bl = StreamLoader(_synthetic_split(base_bs * args.steps), base_bs, device, True, data_cfg, from_tensors=True)
+        base, _ = engine_img_per_s(model, teacher, bl, Precision(device.type, None), StagePlan(epochs=1, batch_size=base_bs),
+                                   sample)
+        release(model, teacher)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     peak_tf = _peak_tflops(gpu_name, args.peak_tflops)
     return {"stage": stage.name, "model": stage.model, "teacher": cfg.stage(stage.teacher).model if stage.teacher else "",
-            "image_size": size, "micro_batch": plan.micro_batch or plan.batch_size, "grad_ckpt": plan.grad_checkpointing,
-            "peak_reserved_gib": round(peak, 3), "img_per_s": round(ours, 1), "baseline_img_per_s": round(base, 1),
-            "speedup": round(ours / base, 2) if base else None,
-            "mfu": round(per_img * ours / (peak_tf * 1e12), 4) if peak_tf and device.type == "cuda" else None,
-            "compile": plan.compile, "baseline_batch": base_bs}
+            "image_size": size, "micro_batch": micro, "grad_ckpt": plan.grad_checkpointing, "compile": plan.compile,
+            "compile_seconds": round(compile_s, 1), "peak_reserved_gib": round(peak, 3), "img_per_s": round(ours, 1),
+            "bare_img_per_s": round(bare_speed, 1) if bare_speed else None,
+            "engine_vs_bare": round(ours / bare_speed, 3) if bare_speed else None,
+            "baseline_img_per_s": round(base, 1) if base else None, "speedup": round(ours / base, 2) if base else None,
+            "mfu": round(per_img * ours / (peak_tf * 1e12), 4) if peak_tf and device.type == "cuda" else None}
 
 
 def _largest_fp32_batch(builder, tbuilder, size, device, args) -> int:
     limit = args.budget_gb - SAFETY_MARGIN_GIB
     best, bs = 0, 32
-    teacher = freeze_teacher(tbuilder().to(device), verbose=False) if tbuilder else None
+    teacher = prepare_teacher(tbuilder(), device, Precision("cuda", None), False) if tbuilder else None
     while bs <= 1024:
         model = builder().to(device)
         try:
@@ -158,27 +206,36 @@ def _largest_fp32_batch(builder, tbuilder, size, device, args) -> int:
         except torch.cuda.OutOfMemoryError:
             break
         finally:
-            cleanup_training_state(model=model, verbose=False)
+            cleanup_training_state(model=model, verbose=False, device=device)
             torch.cuda.empty_cache()
         bs *= 2
     if teacher is not None:
-        cleanup_training_state(model=teacher, verbose=False)
+        cleanup_training_state(model=teacher, verbose=False, device=device)
     return max(best, 8)
 
 
-def write_results_md(df: pd.DataFrame, path: Path) -> None:
-    start, end = "<!-- stages:begin -->", "<!-- stages:end -->"
-    table = df[COLUMNS].to_markdown(index=False) if hasattr(df, "to_markdown") else df[COLUMNS].to_string(index=False)
+def write_results_md(df: pd.DataFrame, path: Path, marker: str = "stages", columns=COLUMNS) -> None:
+    """Replace the block between <!-- marker:begin --> and <!-- marker:end --> in RESULTS.md."""
+    start, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    table = df[columns].to_markdown(index=False) if _has_tabulate() else df[columns].to_string(index=False)
     block = f"{start}\n{table}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     if start in text and end in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
-        text += f"\n## Stages (bench_stages.py)\n\n{block}\n"
+        text += f"\n{block}\n"
     path.write_text(text)
 
 
-def main(argv=None) -> int:
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chains", default="cnn,vit")
     p.add_argument("--resolutions", default="32,224")
@@ -188,14 +245,21 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="override the presets' batch size")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare reference loop")
+    p.add_argument("--no-baseline", action="store_true", help="skip the naive fp32 DataLoader baseline")
     p.add_argument("--tiny", action="store_true", help="tiny models and 16 px: a CPU smoke test")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/stages.csv")
     p.add_argument("--results-md", type=Path, default=ROOT / "benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     if args.tiny and args.batch is None:
         args.batch = 16
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    return args
+
+
+def run(args, stage_filter=None) -> pd.DataFrame:
+    """Every stage of the chosen chains and resolutions; one printed line per stage."""
+    device = resolve_device("auto")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     apply_vram_budget(device, args.budget_gb)
     rows = []
     for chain in args.chains.split(","):
@@ -209,9 +273,15 @@ def main(argv=None) -> int:
                 row.update(chain=chain, gpu=gpu, torch=torch.__version__, date=_dt.date.today().isoformat())
                 rows.append(row)
                 print(f"{chain:>3} {res:>3}px {stage.name:<9} micro {row['micro_batch']:>4} ckpt {str(row['grad_ckpt']):<5} "
-                      f"{row['img_per_s']:>8.0f} img/s  baseline {row['baseline_img_per_s']:>7.0f}  x{row['speedup']}  "
+                      f"compile {str(row['compile']):<5} {row['img_per_s']:>8.0f} img/s  bare {row['bare_img_per_s']}  "
+                      f"x{row['engine_vs_bare']} of bare  baseline {row['baseline_img_per_s']}  "
                       f"{row['peak_reserved_gib']:.2f} GiB  ({time.perf_counter() - t0:.0f}s)", flush=True)
-    df = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    df = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df[COLUMNS].to_csv(args.out, index=False)
     if not args.tiny:

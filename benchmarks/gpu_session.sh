@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in steps that each fit a 10-minute call:
-#   bash benchmarks/gpu_session.sh tests     # CUDA-only tests (guards, planner, budget)
-#   bash benchmarks/gpu_session.sh stages    # bench_stages.py: memory, img/s, speed-up, MFU
+# Everything that needs a GPU, in steps that each fit one device call:
+#   bash benchmarks/gpu_session.sh smoke     # FIRST, every time a GPU is at hand: every CUDA path, ~5 min
+#   bash benchmarks/gpu_session.sh tests     # CUDA-only tests (pytest -m gpu)
+#   bash benchmarks/gpu_session.sh stages    # bench_stages.py: memory, img/s, engine vs bare loop, speed-up, MFU
 #   bash benchmarks/gpu_session.sh cnn|vit   # bench_accuracy.py for one chain on the CIFAR-10 JPEG tree
 # The tarball is read from $CIFAR_TAR (default .gpu_carry/cifar10-jpeg.tar.gz, a git-ignored folder).
 # Logs and result files are copied to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh tests|stages|cnn|vit}
+step=${1:?usage: gpu_session.sh smoke|tests|stages|cnn|vit}
+shift
 tar=${CIFAR_TAR:-.gpu_carry/cifar10-jpeg.tar.gz}
 dest=${OUT:-benchmarks/results}
 mkdir -p "$dest" benchmarks/results
@@ -15,11 +17,15 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$dest/gpu.txt"
 python -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__, 'transformers', transformers.__version__)" | tee -a "$dest/gpu.txt"
 case "$step" in
-  tests)  python -m pytest -q -rs tests/test_guards.py tests/test_planner.py 2>&1 | tee "$dest/gpu_tests.log" ;;
-  stages) python benchmarks/bench_stages.py 2>&1 | tee "$dest/bench_stages.log"
+  smoke)  python benchmarks/gpu_smoke.py --data-root "$tar" --out "$dest/smoke" --record benchmarks/RESULTS.md "$@"
+          rc=$?
+          cp benchmarks/RESULTS.md "$dest/" 2>/dev/null
+          exit $rc ;;
+  tests)  python -m pytest -q -rs -m gpu tests/ 2>&1 | tee "$dest/gpu_tests.log"; exit "${PIPESTATUS[0]}" ;;
+  stages) python benchmarks/bench_stages.py "$@" 2>&1 | tee "$dest/bench_stages.log"
           cp benchmarks/results/stages.csv benchmarks/RESULTS.md "$dest/" 2>/dev/null ;;
-  cnn|vit) python benchmarks/bench_accuracy.py --chains "$step" --data-root "$tar" --runs /tmp/bench_runs 2>&1 \
-             | grep -v "it/s\]$" | tee "$dest/bench_accuracy_$step.log"
+  cnn|vit) python benchmarks/bench_accuracy.py --chains "$step" --data-root "$tar" --runs /tmp/bench_runs "$@" 2>&1 \
+             | tee "$dest/bench_accuracy_$step.log"
           cp benchmarks/results/accuracy.csv "$dest/" 2>/dev/null ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

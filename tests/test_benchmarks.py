@@ -13,10 +13,12 @@ def test_bench_stages_tiny_writes_the_csv(tmp_path):
                           "--resolutions", "32", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     df = pd.read_csv(out)
-    assert list(df.columns) == ["chain", "stage", "model", "teacher", "image_size", "micro_batch", "grad_ckpt",
-                                "peak_reserved_gib", "img_per_s", "baseline_img_per_s", "speedup", "mfu", "gpu",
-                                "torch", "date"]
+    assert list(df.columns) == ["chain", "stage", "model", "teacher", "image_size", "micro_batch", "grad_ckpt", "compile",
+                                "peak_reserved_gib", "img_per_s", "bare_img_per_s", "engine_vs_bare",
+                                "baseline_img_per_s", "speedup", "mfu", "gpu", "torch", "date"]
     assert len(df) == 6 and (df["img_per_s"] > 0).all() and (df["baseline_img_per_s"] > 0).all()
+    assert (df["bare_img_per_s"] > 0).all()
+    assert (df["engine_vs_bare"] - df["img_per_s"] / df["bare_img_per_s"]).abs().max() < 0.01
     assert list(df["teacher"].fillna("")) == ["", "resnet50", "resnet34", "", "vit_base_patch16_224", "vit_small_patch16_224"]
 
 
@@ -28,5 +30,26 @@ def test_bench_accuracy_appends_rows(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     df = pd.read_csv(out)
-    assert list(df.columns) == ["chain", "model", "role", "epochs", "val_acc", "test_acc", "train_minutes", "gpu", "date"]
+    from benchmarks.bench_accuracy import COLUMNS
+    assert list(df.columns) == COLUMNS
     assert list(df["role"]) == ["teacher", "assistant", "student"]
+    split = df[["data_s", "planning_s", "compile_s", "training_s", "evaluation_s", "report_s", "other_s"]].iloc[0]
+    assert (split >= -0.5).all() and df["training_s"].iloc[0] > 0 and df["report_s"].iloc[0] > 0
+    assert abs(split.sum() / 60 - df["chain_minutes"].iloc[0]) < 0.02  # the split adds up to the wall clock
+
+
+def test_gpu_smoke_plumbing_runs_on_cpu(tmp_path):
+    """The GPU smoke script's steps, on a CPU with tiny data: the same commands, table and exit code
+    (the `ddp` step runs --gpus 1: one gloo rank under torchrun)."""
+    out = tmp_path / "smoke"
+    record = tmp_path / "RESULTS.md"
+    record.write_text("# Benchmark results\n\n<!-- smoke:begin -->\nold\n<!-- smoke:end -->\n")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_smoke.py"), "--cpu", "--out", str(out),
+                          "--steps", "cnn,ddp,fp16,clean", "--record", str(record)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = (out / "smoke.md").read_text()
+    for step in ("cnn", "ddp", "fp16", "clean"):
+        assert any(line.split()[:1] == [step] and line.rstrip().endswith("ok") for line in table.splitlines()), step
+    text = record.read_text()
+    assert "old" not in text and "GPU smoke" in text and "clean.sh" in text

@@ -209,7 +209,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if not resume or not (run_dir / "config.yaml").exists():
             save_config(cfg, run_dir / "config.yaml")
         env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
-                                         "world_size": ds.world_size}, device=device)
+                                         "world_size": ds.world_size, "distributed_backend": dist.backend()},
+                                 device=device)
         (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
         (run_dir / "classes.json").write_text(json.dumps(data.classes))
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "

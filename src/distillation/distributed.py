@@ -71,6 +71,11 @@ def shutdown() -> None:
     _STATE = DistState()
 
 
+def backend():
+    """'nccl' or 'gloo' inside a process group, else None."""
+    return dist.get_backend() if _STATE.enabled else None
+
+
 def barrier() -> None:
     if _STATE.enabled:
         dist.barrier()
