@@ -1,1 +1,11 @@
-"""Shared core of the teacher -> assistant -> student distillation toolkit."""
+"""Shared core of the teacher -> assistant -> student distillation toolkit.
+
+`src.load_model(RUN_DIR, stage="student")` returns a trained stage's model with its classes and
+normalisation (see src/inference.py).
+"""
+
+
+def load_model(run_dir, stage: str = "student", device="cpu", checkpoint: str = "best.pt"):
+    """A trained stage of a run folder: LoadedModel(model, classes, image_size, mean, std, ...)."""
+    from src.inference import load_model as _load
+    return _load(run_dir, stage, device=device, checkpoint=checkpoint)

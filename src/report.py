@@ -2,9 +2,10 @@
 
     python -m src.report RUN_DIR [RUN_DIR ...] [--out DIR]
 
-Writes report.md and figures/ (PNG) into RUN_DIR (one run) or --out (several runs, default
-./report). Tables come from the runs' CSVs through pandas; figures from the same tables.
-A run folder made with --seeds holds seed_<n>/ sub-runs: numbers are mean ± std over them.
+Writes report.md, report_table.csv and figures/ (PNG) into RUN_DIR (one run) or --out (several
+runs, default ./report). Tables come from the runs' CSVs through pandas; figures from the same
+tables. A run folder made with --seeds holds seed_<n>/ sub-runs (listed in its seeds.json):
+numbers are then means over seeds with 95% intervals, and differences are tested per seed.
 """
 from __future__ import annotations
 
@@ -17,29 +18,54 @@ import numpy as np
 import pandas as pd
 
 from src.distillation.config import load_config
-from src.utils.logger import read_epoch_csv
+from src.distillation.engine import lr_schedule
+from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
 from src.utils.metrics import normalized_confusion
+from src.utils.stats import ALPHA, bootstrap_diff_ci, mcnemar_exact, t_interval, wilson_interval
 from src.utils.training_guards import schedule_kd_alpha
 from src.visualization import plots
 
 METRICS = ["val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision", "test_recall", "test_f1_score",
-           "peak_gpu_memory_mb", "train_seconds", "img_per_s"]
+           "peak_gpu_memory_mb", "train_seconds", "compile_seconds", "img_per_s"]
+PLAN = ["micro_batch", "batch_size", "grad_checkpointing", "label_smoothing", "precision"]
+COMPARISONS = (("TAKD − KD", "student", "student_kd"), ("KD − scratch", "student_kd", "student_scratch"),
+               ("TAKD − scratch", "student", "student_scratch"))
 PROTOCOL = """## Reporting protocol
 
-- Model selection uses the validation split only (carved from the training set with a fixed seed).
-- The test split is measured once per model, on its best-validation checkpoint (`best.pt`).
-- "last-epoch val" shows the validation accuracy of the final epoch beside the selected one.
+- Model selection uses the validation split only (carved from the training set with a fixed seed);
+  the test split is measured once per model, on its best-validation checkpoint (`best.pt`).
+  "last-epoch val" shows the final epoch's validation accuracy beside the selected one.
 - Precision, recall and F1 are macro averages: every class counts equally.
-- With several seeds, each cell is mean ± sample standard deviation over seeds; differences
-  (TAKD − KD, KD − scratch) are computed per seed on the student and then averaged.
+- Train metrics are measured on the augmented batches while training; under mixup / cutmix they
+  are scored against the mixed target's larger share (its argmax), not the unmixed label.
+- `train_loss` in epoch_log.csv is the whole objective (1 − α)·CE + α·T²·KL; epoch_terms.csv has
+  its terms, and the curves plot train CE against validation CE (the same quantity) with the KD
+  term apart. `learning_rate` is the mean LR of the epoch's optimizer steps.
+- Warm-up is capped at 20% of a stage's steps, so a short run still reaches its peak LR and decays.
+- Label smoothing is 0 for a stage that another stage distils from (smoothed teachers transfer
+  less, Müller et al. 2019, "When does label smoothing help?"); students use train.label_smoothing.
+- Seeds: each stage's initial weights and data order come from (seed, stream name); the scratch,
+  KD and TAKD students share one stream, so within a seed they start from the same weights and see
+  the same batches: the comparison changes only the teacher.
+- The three student variants share one plan (micro-batch, checkpointing): with batch norm,
+  micro-batches would change the batch statistics, so the planner keeps the full batch whenever
+  it fits (with gradient checkpointing if needed).
+- Differences are paired by seed. Per seed: exact McNemar test on the test images one model gets
+  right and the other wrong, and a paired bootstrap 95% interval (2,000 resamples of the test
+  images). Over seeds: mean with a Student-t 95% interval. A difference is called significant
+  only when p < 0.05 (per seed) or the interval excludes 0 (over seeds).
 """
+DEMO_NOTE = ("> **Pipeline check, not a result.** This run uses a demo preset (scikit-learn's 8×8 digits, a few "
+             "epochs): its numbers show that every stage, file and figure is produced; they say nothing about "
+             "how well distillation works. For research numbers use the CIFAR presets (see the README).")
 
 
 def seed_runs(run: Path) -> list[tuple[int, Path]]:
     """[(seed, run folder)] for a --seeds run, or [(seed, run)] for a single run."""
     meta = run / "seeds.json"
     if meta.exists():
-        return [(s, run / f"seed_{s}") for s in json.loads(meta.read_text())["seeds"] if (run / f"seed_{s}" / "summary.csv").exists()]
+        return [(s, run / f"seed_{s}") for s in json.loads(meta.read_text())["seeds"]
+                if (run / f"seed_{s}" / "summary.csv").exists()]
     if (run / "summary.csv").exists():
         return [(load_config(run / "config.yaml").seed, run)]
     raise FileNotFoundError(f"{run}: no summary.csv (and no seeds.json): not a finished run folder")
@@ -52,6 +78,18 @@ def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
+def _correct(run_dir: Path, stage: str) -> np.ndarray | None:
+    path = Path(run_dir) / stage / "test_predictions.csv"
+    if not path.exists():
+        return None
+    df = pd.read_csv(path, usecols=["y_true", "y_pred"])
+    return (df["y_true"] == df["y_pred"]).to_numpy()
+
+
+def is_demo(cfg) -> bool:
+    return cfg.data.source == "digits" or "demo" in cfg.name
+
+
 def collect(runs: list[Path]) -> pd.DataFrame:
     frames = []
     labels = {}
@@ -62,46 +100,124 @@ def collect(runs: list[Path]) -> pd.DataFrame:
         labels[run] = label
         for seed, path in pairs:
             df = pd.read_csv(path / "summary.csv")
-            df["seed"], df["run"], df["run_dir"] = seed, label, str(path)
+            env = json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {}
+            df["seed"], df["run"], df["run_dir"] = seed, label, str(path.resolve())
+            df["device"], df["demo"] = str(env.get("device", "")), is_demo(cfg)
             frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
 
 def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per run and stage: means and std over seeds, and a 95% interval of test accuracy
+    (t over seeds; one seed: the binomial interval of its test set)."""
+    for col in PLAN + ["compile_seconds"]:
+        if col not in rows:
+            rows[col] = np.nan
     g = rows.groupby(["run", "stage"], sort=False)
-    out = g[["model", "method", "params", "flops"]].first()
+    out = g[["model", "method", "params", "flops", "device", "demo"] + PLAN].first()
     for m in METRICS:
         out[f"{m}_mean"] = g[m].mean()
         out[f"{m}_std"] = g[m].std()  # NaN with one seed
     out["seeds"] = g["seed"].nunique()
-    return out.reset_index()
+    out = out.reset_index()
+    lows, highs, values = [], [], []
+    for _, r in out.iterrows():
+        sub = rows[(rows["run"] == r["run"]) & (rows["stage"] == r["stage"])]
+        accs = sub["test_accuracy"].to_numpy(float)
+        values.append(list(accs))
+        if len(accs) > 1:
+            _, lo, hi = t_interval(accs)
+            lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy stays in [0, 1]
+        else:
+            correct = _correct(sub.iloc[0]["run_dir"], r["stage"])
+            n = len(correct) if correct is not None else 0
+            lo, hi = wilson_interval(int(round(accs[0] * n)), n) if n else (accs[0], accs[0])
+        lows.append(lo)
+        highs.append(hi)
+    out["ci_low"], out["ci_high"], out["seed_values"] = lows, highs, values
+    return out
 
 
 def differences(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per run: TAKD − KD and KD − scratch of the student's test accuracy, paired by seed."""
+    """Per run and comparison: one row per seed (McNemar, bootstrap interval) and one over seeds (t interval)."""
     out = []
     for run, sub in rows.groupby("run", sort=False):
-        acc = sub.pivot_table(index="seed", columns="stage", values="test_accuracy")
-        for name, a, b in (("TAKD − KD", "student", "student_kd"), ("KD − scratch", "student_kd", "student_scratch")):
-            if a in acc and b in acc:
-                d = acc[a] - acc[b]
-                out.append({"run": run, "difference": name, "mean": d.mean(), "std": d.std(), "seeds": len(d)})
+        for name, a, b in COMPARISONS:
+            per_seed = []
+            for seed, ss in sub.groupby("seed"):
+                stages = set(ss["stage"])
+                if a not in stages or b not in stages:
+                    continue
+                run_dir = ss.iloc[0]["run_dir"]
+                ca, cb = _correct(run_dir, a), _correct(run_dir, b)
+                if ca is None or cb is None or len(ca) != len(cb):
+                    continue
+                test = mcnemar_exact(ca, cb)
+                lo, hi = bootstrap_diff_ci(ca, cb, seed=int(seed))
+                diff = float(ca.mean() - cb.mean())
+                per_seed.append(diff)
+                out.append({"run": run, "difference": name, "seed": str(seed), "mean": diff, "low": lo, "high": hi,
+                            "only_a": test["only_a"], "only_b": test["only_b"], "p_value": test["p_value"],
+                            "n_test": len(ca), "significant": test["p_value"] < ALPHA})
+            if len(per_seed) > 1:
+                mean, lo, hi = t_interval(per_seed)
+                out.append({"run": run, "difference": name, "seed": f"mean of {len(per_seed)}", "mean": mean,
+                            "low": lo, "high": hi, "p_value": np.nan, "significant": bool(lo > 0 or hi < 0)})
     return pd.DataFrame(out)
 
 
+def _pp(v: float) -> str:
+    return f"{v * 100:+.2f}"
+
+
+def _diff_md(diffs: pd.DataFrame) -> list[str]:
+    lines = ["| run | difference | seed | Δ test acc (pp) | 95% interval (pp) | only A right / only B right | "
+             "McNemar p | verdict |", "|" + "---|" * 8]
+    for _, d in diffs.iterrows():
+        over = str(d["seed"]).startswith("mean")
+        counts = "" if over else f"{int(d['only_a'])} / {int(d['only_b'])}"
+        p = "" if over else f"{d['p_value']:.3g}"
+        verdict = ("significant" if d["significant"] else "**not significant**") + (
+            " (t interval)" if over else f" (p {'<' if d['significant'] else '≥'} 0.05)")
+        lines.append(f"| {d['run']} | {d['difference']} | {d['seed']} | {_pp(d['mean'])} | "
+                     f"[{_pp(d['low'])}, {_pp(d['high'])}] | {counts} | {p} | {verdict} |")
+    return lines
+
+
 def _table_md(table: pd.DataFrame) -> str:
-    header = ("| run | stage | model | method | params (M) | GFLOPs/img | val acc (%) | last-epoch val (%) | "
-              "test acc (%) | macro P (%) | macro R (%) | macro F1 (%) | peak GPU (MB) | train time (s) | img/s |")
-    lines = [header, "|" + "---|" * 15]
+    header = ("| run | stage | model | method | params (M) | GFLOPs/img | batch (micro) | ckpt | val acc (%) | "
+              "last-epoch val (%) | test acc (%) | test 95% interval (%) | macro P (%) | macro R (%) | macro F1 (%) | "
+              "peak GPU reserved (MB) | train (s) | compile (s) | img/s |")
+    lines = [header, "|" + "---|" * 19]
     for _, r in table.iterrows():
+        micro = r["micro_batch"]
+        batch = f"{int(r['batch_size'])}" + (f" ({int(micro)})" if pd.notna(micro) and micro != r["batch_size"] else "") \
+            if pd.notna(r["batch_size"]) else ""
         cells = [r["run"], r["stage"], r["model"], r["method"].upper(), f"{r['params'] / 1e6:.2f}",
-                 f"{r['flops'] / 1e9:.3f}"]
-        cells += [fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in
-                  ("val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision", "test_recall", "test_f1_score")]
-        cells += [fmt(r["peak_gpu_memory_mb_mean"], r["peak_gpu_memory_mb_std"], 1, 0),
-                  fmt(r["train_seconds_mean"], r["train_seconds_std"], 1, 1), fmt(r["img_per_s_mean"], r["img_per_s_std"], 1, 0)]
+                 f"{r['flops'] / 1e9:.3f}", batch, "yes" if r["grad_checkpointing"] is True else "no"]
+        cells += [fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("val_accuracy", "last_val_accuracy", "test_accuracy")]
+        cells.append(f"[{r['ci_low'] * 100:.2f}, {r['ci_high'] * 100:.2f}]")
+        cells += [fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("test_precision", "test_recall", "test_f1_score")]
+        on_gpu = str(r["device"]).startswith("cuda")
+        cells.append(fmt(r["peak_gpu_memory_mb_mean"], r["peak_gpu_memory_mb_std"], 1, 0) if on_gpu else "n/a (CPU)")
+        cells += [fmt(r["train_seconds_mean"], r["train_seconds_std"], 1, 1),
+                  fmt(r["compile_seconds_mean"], r["compile_seconds_std"], 1, 1) if r["compile_seconds_mean"] else "–",
+                  fmt(r["img_per_s_mean"], r["img_per_s_std"], 1, 0)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _stage_logs(run_dir: Path, stage: str) -> pd.DataFrame | None:
+    logs = read_epoch_csv(run_dir / stage / "epoch_log.csv")
+    if not logs:
+        return None
+    df = pd.DataFrame(logs)
+    terms = run_dir / stage / "epoch_terms.csv"
+    if terms.exists():
+        df = df.merge(pd.DataFrame(read_epoch_csv(terms, TERMS_COLUMNS)), on="epoch", how="left")
+    else:  # a run from before epoch_terms.csv: the objective is the CE only without a teacher
+        df["train_ce"], df["train_kd"], df["steps"] = df["train_loss"], np.nan, np.nan
+    return df
 
 
 def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Path]:
@@ -110,21 +226,26 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
         safe = "".join(ch if ch.isalnum() else "_" for ch in run)
         curves, lr, alpha = {}, {}, {}
         first_dir = Path(sub.iloc[0]["run_dir"])
+        first_seed = sub.iloc[0]["seed"]
         cfg = load_config(first_dir / "config.yaml")
         for stage in sub["stage"].unique():
             parts = []
             for _, r in sub[sub["stage"] == stage].iterrows():
-                logs = read_epoch_csv(Path(r["run_dir"]) / stage / "epoch_log.csv")
-                if logs:
-                    parts.append(pd.DataFrame(logs).assign(seed=r["seed"]))
+                df = _stage_logs(Path(r["run_dir"]), stage)
+                if df is not None:
+                    parts.append(df.assign(seed=r["seed"]))
             if not parts:
                 continue
             df = pd.concat(parts)
-            curves[f"{stage} ({sub[sub['stage'] == stage].iloc[0]['model']})"] = df
-            first = df[df["seed"] == df["seed"].iloc[0]].set_index("epoch")
-            lr[stage] = first["learning_rate"]
-            st = cfg.stage(stage)
+            srow = sub[sub["stage"] == stage].iloc[0]
+            curves[f"{stage} ({srow['model']})"] = df
+            first = df[df["seed"] == first_seed].set_index("epoch")
             n = int(first.index.max())
+            steps = first["steps"].iloc[0]
+            if pd.notna(steps) and steps > 0:  # the schedule as the scheduler applied it, per optimizer step
+                per_step = lr_schedule(float(srow["lr"]), n, int(steps), cfg.train.warmup_epochs, cfg.train.min_lr_ratio)
+                lr[stage] = pd.Series(per_step, index=1 + np.arange(len(per_step)) / steps)
+            st = cfg.stage(stage)
             alpha[stage] = pd.Series([schedule_kd_alpha(e, n, cfg.kd.alpha_start, cfg.kd.alpha_end) if st.teacher else 0.0
                                       for e in range(1, n + 1)], index=range(1, n + 1))
         if curves:
@@ -132,19 +253,19 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
             made.append(plots.schedules(lr, alpha, fig_dir / f"{safe}_schedules.png"))
         classes = json.loads((first_dir / "classes.json").read_text()) if (first_dir / "classes.json").exists() else None
         for stage in sub["stage"].unique():
-            pred = Path(first_dir) / stage / "test_predictions.csv"
+            pred = first_dir / stage / "test_predictions.csv"
             if pred.exists():
                 yp = pd.read_csv(pred, usecols=["y_true", "y_pred"]).to_numpy()
-                n_cls = int(max(yp.max() + 1, 2))
-                classes = classes or [str(i) for i in range(n_cls)]
-                m = normalized_confusion(yp[:, 0], yp[:, 1], len(classes))
-                made.append(plots.confusion_matrix_plot(m, classes, f"{run}: {stage} (test, best checkpoint)",
+                names = classes or [str(i) for i in range(int(max(yp.max() + 1, 2)))]
+                m = normalized_confusion(yp[:, 0], yp[:, 1], len(names))
+                seeds_note = f", seed {first_seed}" + (f" of {sub['seed'].nunique()}" if sub["seed"].nunique() > 1 else "")
+                made.append(plots.confusion_matrix_plot(m, names, f"{run}: {stage} (test, best checkpoint{seeds_note})",
                                                         fig_dir / f"{safe}_confusion_{stage}.png"))
         gallery = {}
         for stage in sub["stage"].unique():
             pngs = sorted((first_dir / stage / "attention").glob("epoch_*.png"))
             if pngs:
-                gallery[f"{stage}: {pngs[-1].stem}"] = pngs[-1]
+                gallery[stage] = pngs[-1]
         if gallery:
             made.append(plots.image_gallery(gallery, fig_dir / f"{safe}_attention_gallery.png"))
     made.append(plots.accuracy_vs_size(table, "params", "parameters (millions, log scale)",
@@ -153,12 +274,13 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
                                        fig_dir / "accuracy_vs_flops.png", scale=1e9))
     students = table[table["stage"].isin(["student", "student_kd", "student_scratch"])]
     if len(students):
-        made.append(plots.method_bars(students, fig_dir / "methods.png"))
+        missing = "" if students["method"].nunique() == 3 else "scratch and KD students: run with --baselines"
+        made.append(plots.method_points(students, fig_dir / "methods.png", note=missing))
     return made
 
 
 def write_report(runs: list[Path], out: Path | None = None) -> Path:
-    runs = [Path(r) for r in runs]
+    runs = [Path(r).resolve() for r in runs]
     out = Path(out) if out else (runs[0] if len(runs) == 1 else Path("report"))
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(runs)
@@ -166,30 +288,43 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     diffs = differences(rows)
     figs = _figures(rows, table, out / "figures")
     seeds = sorted(rows["seed"].unique())
-    lines = ["# Distillation report", "",
-             f"Runs: {', '.join(str(r) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
-             "## Results per model and method", "",
-             "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds.", "", _table_md(table), ""]
+    lines = ["# Distillation report", ""]
+    if rows["demo"].any():
+        lines += [DEMO_NOTE, ""]
+    lines += [f"Runs: {', '.join(str(r) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
+              "## Results per model and method", "",
+              "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "
+              "95% t interval over seeds (one seed: the binomial interval of the test set). img/s is over the whole "
+              "run's training; compile time is apart from training time.", "", _table_md(table), ""]
     if len(diffs):
-        lines += ["## Does the assistant help?", "", "Student test accuracy differences, percentage points "
-                  "(paired by seed):", "", "| run | difference | mean ± std (pp) | seeds |", "|---|---|---|---|"]
-        for _, d in diffs.iterrows():
-            lines.append(f"| {d['run']} | {d['difference']} | {fmt(d['mean'], d['std'])} | {d['seeds']} |")
-        lines.append("")
+        lines += ["## Does the assistant help?", "",
+                  "Student test-accuracy differences in percentage points, A − B on the same test images:", ""]
+        lines += _diff_md(diffs) + [""]
+        if not diffs["significant"].any():
+            lines += ["None of these differences is statistically significant: at this test-set size and number of "
+                      "seeds, the methods cannot be told apart.", ""]
     else:
-        lines += ["Run with `--baselines` to add the scratch and direct-KD students and the differences.", ""]
+        lines += ["Run with `--baselines` to add the scratch and direct-KD students and the paired tests.", ""]
     lines += [PROTOCOL, "## Figures", ""]
     lines += [f"![{p.stem}](figures/{p.name})" if p.parent == out / "figures" else f"![{p.stem}]({p})" for p in figs]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    table.to_csv(out / "report_table.csv", index=False)
+    table.drop(columns=["seed_values"]).to_csv(out / "report_table.csv", index=False)
+    if len(diffs):
+        diffs.to_csv(out / "report_differences.csv", index=False)
     return path
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m src.report", description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, default=None)
+    p = argparse.ArgumentParser(
+        prog="python -m src.report",
+        description="Build report.md, report_table.csv and figures/ from finished run folders: one row per model "
+                    "and method, paired significance tests between the scratch, KD and TAKD students, curves, "
+                    "schedules, confusion matrices, accuracy against size, attention maps.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="a run folder (with summary.csv) or a --seeds run folder (with seeds.json); several to compare")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to write (default: the run folder itself for one run, ./report for several)")
     args = p.parse_args(argv)
     try:
         path = write_report(args.runs, args.out)

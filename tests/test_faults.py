@@ -211,3 +211,30 @@ def test_unavailable_pretrained_weights_of_a_later_stage_fail_before_training(tm
                         "--set", "stages.student.pretrained=true")
     assert code == 2 and "pretrained_file" in err
     assert not (tmp_path / "run" / "teacher").exists()  # no time spent on the teacher
+
+
+def test_default_command_offline_names_the_flags_and_leaves_nothing_behind(tmp_path):
+    """The README's first command without a network: one line with the ready offline command;
+    no run folder and no empty download folder left behind."""
+    data, out = tmp_path / "cifar", tmp_path / "run"
+    code, err = run_cli("cnn", "--data-root", data, "--output-dir", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--data-source imagefolder --data-root ../shared/data/cifar10-jpeg.tar.gz" in err
+    assert "data.source" not in err and "extracted" not in err
+    assert not data.exists() and not out.exists()
+
+
+def test_subsampled_image_tree_decodes_only_what_it_uses(image_tree, monkeypatch):
+    from src.data import sources
+    from src.distillation.config import DataConfig
+    decoded = []
+    real = sources.decode_images
+
+    def counting(files, *a, **k):
+        decoded.extend(files)
+        return real(files, *a, **k)
+    monkeypatch.setattr(sources, "decode_images", counting)
+    d = DataConfig(source="imagefolder", root=str(image_tree), max_train_samples=6, max_test_samples=4,
+                   cache_dir=str(image_tree.parent / "cache"))
+    data = sources.load_dataset(d)
+    assert len(decoded) == 10 and len(data.train) + len(data.val) == 6 and len(data.test) == 4

@@ -39,7 +39,7 @@ def test_report_rows_methods_and_figures(seeded_run):
                           ("student_scratch", "SCRATCH"), ("student_kd", "KD")):
         assert re.search(rf"\| {stage} \| resnet10t \| {method} \|", text), stage
     assert "TAKD − KD" in text and "KD − scratch" in text and "Seeds: 0, 1" in text
-    assert "Reporting protocol" in text
+    assert "Reporting protocol" in text and "Pipeline check, not a result" in text  # digits: a demo
     figs = sorted((seeded_run / "figures").glob("*.png"))
     names = {p.name for p in figs}
     for expected in ("accuracy_vs_params.png", "accuracy_vs_flops.png", "methods.png", "tiny_curves.png",
@@ -59,15 +59,17 @@ def test_every_number_in_the_report_matches_the_csvs(seeded_run):
         vals = pd.DataFrame([r[r["stage"] == stage].iloc[0] for r in rows.values()])
         assert cells[4] == f"{vals['params'].iloc[0] / 1e6:.2f}"
         assert cells[5] == f"{vals['flops'].iloc[0] / 1e9:.3f}"
-        for i, col in enumerate(["val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision",
-                                 "test_recall", "test_f1_score"], start=6):
+        assert cells[6] == str(vals["batch_size"].iloc[0]) and cells[7] == "no"  # one plan, shown
+        for i, col in zip([8, 9, 10, 12, 13, 14], ["val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision",
+                                                   "test_recall", "test_f1_score"]):
             v = vals[col].astype(float)
             assert cells[i] == fmt(v.mean(), v.std()), (stage, col)
+        assert cells[15] == "n/a (CPU)"
         t = vals["train_seconds"].astype(float)
-        assert cells[13] == fmt(t.mean(), t.std(), 1, 1)
+        assert cells[16] == fmt(t.mean(), t.std(), 1, 1)
     acc = {s: rows[s].set_index("stage")["test_accuracy"] for s in (0, 1)}
     d = np.array([acc[s]["student"] - acc[s]["student_kd"] for s in (0, 1)])
-    assert f"| tiny | TAKD − KD | {fmt(d.mean(), d.std(ddof=1))} | 2 |" in text
+    assert f"| tiny | TAKD − KD | mean of 2 | {d.mean() * 100:+.2f} |" in text
 
 
 def test_report_compares_two_runs(seeded_run, tmp_path):
@@ -81,6 +83,24 @@ def test_report_compares_two_runs(seeded_run, tmp_path):
     text = path.read_text()
     assert "| tiny | student |" in text and "| other | student |" in text
     _png_ok(tmp_path / "cmp" / "figures" / "methods.png")
+
+
+def test_significance_per_seed_matches_the_predictions(seeded_run):
+    """McNemar counts and p-values recomputed here from the two students' test predictions."""
+    from scipy.stats import binomtest
+    diffs = pd.read_csv(seeded_run / "report_differences.csv")
+    row = diffs[(diffs["difference"] == "TAKD − KD") & (diffs["seed"] == "0")].iloc[0]
+    a = pd.read_csv(seeded_run / "seed_0" / "student" / "test_predictions.csv")
+    b = pd.read_csv(seeded_run / "seed_0" / "student_kd" / "test_predictions.csv")
+    ca, cb = (a["y_true"] == a["y_pred"]).to_numpy(), (b["y_true"] == b["y_pred"]).to_numpy()
+    only_a, only_b = int((ca & ~cb).sum()), int((~ca & cb).sum())
+    assert (row["only_a"], row["only_b"]) == (only_a, only_b)
+    expected_p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    assert row["p_value"] == pytest.approx(expected_p)
+    assert row["low"] <= row["mean"] <= row["high"] and row["mean"] == pytest.approx(ca.mean() - cb.mean())
+    text = (seeded_run / "report.md").read_text()
+    verdicts = text.count("not significant") + text.count("| significant")
+    assert verdicts >= 6  # every row says which it is
 
 
 def test_report_cli_refuses_a_folder_that_is_not_a_run(tmp_path):

@@ -107,10 +107,14 @@ def _digits(store_size: int, seed: int) -> tuple[Split, Split, list]:
 
 
 # ----------------------------------------------------------------------------- torchvision CIFAR
+OFFLINE_EXAMPLE = "--data-source imagefolder --data-root ../shared/data/cifar10-jpeg.tar.gz"
+
+
 def _cifar(source: str, root: Path) -> tuple[Split, Split, list]:
     from torchvision import datasets
     cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
     out = []
+    existed = root.exists()
     for train in (True, False):
         try:
             ds = cls(str(root), train=train, download=False)
@@ -118,11 +122,14 @@ def _cifar(source: str, root: Path) -> tuple[Split, Split, list]:
             try:
                 ds = cls(str(root), train=train, download=True)
             except Exception as exc:  # URLError, socket errors, ...
+                if not existed:  # leave nothing behind: the folder the failed download made
+                    import shutil
+                    shutil.rmtree(root, ignore_errors=True)
+                reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
                 raise DataError(
-                    f"{source}: not found in {root} and the download failed ({type(exc).__name__}: {exc}). "
-                    f"Fixes: run once with a network, or copy the python version into {root}, or use "
-                    f"data.source=imagefolder with data.root=<tree with train/ and test/> "
-                    f"(e.g. an extracted cifar10-jpeg.tar.gz), or data.source=digits for an offline demo"
+                    f"{source} is not in {root} and could not be downloaded ({reason}). Offline, train on an image "
+                    f"tree or its .tar.gz as it is, e.g. {OFFLINE_EXAMPLE} (or --data-source digits for a demo); "
+                    f"or put the torchvision '{source}' files in --data-root"
                 ) from None
         images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         out.append(Split(torch.tensor(ds.targets, dtype=torch.long), images))
@@ -184,11 +191,29 @@ def _square(im, size: int):
     return im.crop((left, top, left + size, top + size))
 
 
-def decode_images(files: list, labels: list, size: int, skip_bad: bool) -> tuple[Split, list]:
-    from tqdm import tqdm
+def _progress_iter(items: list, desc: str, every_s: float = 30.0):
+    """A tqdm bar on a terminal; elsewhere a line with rate and time left every `every_s` seconds."""
+    import sys
+    import time
+    if sys.stdout.isatty():
+        from tqdm import tqdm
+        yield from tqdm(items, desc=desc, unit="img", leave=False, mininterval=1.0)
+        return
+    t0 = last = time.perf_counter()
+    for i, item in enumerate(items):
+        yield item
+        now = time.perf_counter()
+        if now - last >= every_s:
+            rate = (i + 1) / (now - t0)
+            get_console().info(f"    {desc}: {i + 1:,}/{len(items):,} images, {rate:,.0f}/s, "
+                               f"{(len(items) - i - 1) / rate:.0f}s left")
+            last = now
+
+
+def decode_images(files: list, labels: list, size: int, skip_bad: bool, desc: str = "decode") -> tuple[Split, list]:
     images = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     keep, skipped = [], []
-    for i, path in enumerate(tqdm(files, desc="decode", unit="img", leave=False, mininterval=1.0, disable=None)):
+    for i, path in enumerate(_progress_iter(files, desc)):
         try:
             im = _square(open_rgb(path), size)
         except DataError:
@@ -271,6 +296,11 @@ def _imagefolder_splits(d, store_size_hint: int):
     if test_dir is None:
         raise DataError(f"{root} has train/ but neither test/ nor val/: add one for the final evaluation")
     test_files, test_labels, _ = scan_image_folder(test_dir, classes)
+    # data.max_*_samples: decode only the images that will be used (the same stratified draw as later)
+    keep = _stratified_take(np.asarray(train_labels), d.max_train_samples, d.split_seed)
+    train_files, train_labels = [train_files[i] for i in keep], [train_labels[i] for i in keep]
+    keep = _stratified_take(np.asarray(test_labels), d.max_test_samples, d.split_seed)
+    test_files, test_labels = [test_files[i] for i in keep], [test_labels[i] for i in keep]
     native = _first_image_size(train_files[0]) or store_size_hint
     size = min(store_size_hint, native)  # small images stay native; the device resizes per batch
     n_bytes = (len(train_files) + len(test_files)) * 3 * size * size
@@ -286,8 +316,8 @@ def _imagefolder_splits(d, store_size_hint: int):
         return (Split(blob["train_labels"], blob["train_images"]), Split(blob["test_labels"], blob["test_images"]),
                 classes, size, blob.get("skipped", []), root, test_files)
     get_console().info(f"Decoding {len(train_files) + len(test_files):,} images from {root} at {size}px (cached afterwards)")
-    train, skipped_tr = decode_images(train_files, train_labels, size, d.skip_bad_images)
-    test, skipped_te = decode_images(test_files, test_labels, size, d.skip_bad_images)
+    train, skipped_tr = decode_images(train_files, train_labels, size, d.skip_bad_images, "decode train")
+    test, skipped_te = decode_images(test_files, test_labels, size, d.skip_bad_images, "decode test")
     skipped = skipped_tr + skipped_te
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +330,7 @@ def _imagefolder_splits(d, store_size_hint: int):
     return train, test, classes, size, skipped, root, test_files
 
 
-def load_dataset(d, seed_for_subsets: Optional[int] = None) -> DatasetSplits:
+def load_dataset(d) -> DatasetSplits:
     """Build train / val / test from a DataConfig. Raises DataError with a fix on bad input."""
     skipped: list = []
     if d.source == "digits":
@@ -317,9 +347,8 @@ def load_dataset(d, seed_for_subsets: Optional[int] = None) -> DatasetSplits:
         get_console().warning(f"⚠️  skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
     if len(train) < 2 or len(test) < 1:
         raise DataError(f"{d.source}: too few images (train {len(train)}, test {len(test)})")
-    seed = d.split_seed if seed_for_subsets is None else seed_for_subsets
-    train = _subset(train, _stratified_take(train.labels.numpy(), d.max_train_samples, seed))
-    test = _subset(test, _stratified_take(test.labels.numpy(), d.max_test_samples, seed))
+    train = _subset(train, _stratified_take(train.labels.numpy(), d.max_train_samples, d.split_seed))
+    test = _subset(test, _stratified_take(test.labels.numpy(), d.max_test_samples, d.split_seed))
     tr_idx, val_idx = _split_val(train.labels.numpy(), d.val_fraction, d.split_seed)
     return DatasetSplits(train=_subset(train, tr_idx), val=_subset(train, val_idx), test=test,
                          classes=classes, store_size=size, name=d.source, skipped_files=skipped)

@@ -32,6 +32,7 @@ from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
 from src.utils.logger import get_console, is_verbose
 from src.utils.reproducibility import setup_reproducibility
+from src.utils.tb import require_tensorboard
 from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
 
 log = get_console()
@@ -44,14 +45,22 @@ _PLAN_CACHE: dict = {}  # plan key -> StagePlan: probed once per model and shape
 
 
 def check_writable(path: Path) -> None:
-    """Fail before training, not after an hour, when the output folder cannot be written."""
+    """Fail before training, not after an hour, when the output folder cannot be written.
+    Folders made only for the probe are removed again: a failed start leaves nothing behind."""
+    made = []
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        for folder in [*reversed(path.parents), path]:
+            if not folder.exists():
+                folder.mkdir()
+                made.append(folder)
         probe = path / ".write_test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write to the output folder {path}: {exc.strerror or exc}. Choose another --output-dir") from None
+    finally:
+        for folder in reversed(made):
+            folder.rmdir()
 
 
 def with_baselines(cfg: RunConfig) -> RunConfig:
@@ -155,6 +164,8 @@ def preflight(cfg: RunConfig, num_classes: int) -> None:
             path = getattr(s, key)
             if path and not Path(path).expanduser().is_file():
                 raise CheckpointError(f"stage {s.name!r}: {key} not found: {path}")
+    if cfg.logging.tensorboard:
+        require_tensorboard()
     for s in cfg.stages:
         if (s.pretrained or s.pretrained_file) and not s.checkpoint:
             model = build_stage_model(cfg, s, num_classes)
@@ -206,6 +217,7 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
     # Written only once the inputs are known to be good: a typo leaves no half-made run folder.
     if main:
         dist.barrier()
+        run_dir.mkdir(parents=True, exist_ok=True)
         if not resume or not (run_dir / "config.yaml").exists():
             save_config(cfg, run_dir / "config.yaml")
         env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,

@@ -78,6 +78,8 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
                    help=f"train every stage with DistributedDataParallel on N GPUs of this machine (relaunches itself "
                         "under torchrun; N=1 runs one NCCL rank). Or start it directly: torchrun --nproc_per_node N "
                         f"-m {chain}_distillation.train_{chain} [options]. train.batch_size stays the global batch")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to RUN/tb/ for TensorBoard (needs: python -m pip install tensorboard)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress display (on a terminal a bar, elsewhere a line every 30 s)")
     p.add_argument("--verbose", action="store_true",
@@ -100,6 +102,8 @@ def _load_cfg(args):
     from src.distillation.config import load_config
     overrides = list(args.overrides)
     overrides += [f"{key}={getattr(args, opt)}" for opt, key in _SHORTCUTS.items() if getattr(args, opt) is not None]
+    if args.tensorboard:
+        overrides.append("logging.tensorboard=true")
     return load_config(args.config, overrides)
 
 
@@ -147,6 +151,7 @@ def run(argv, chain: str, default_config: Path) -> int:
     log = get_console()
     set_verbose(args.verbose)
     out = args.resume or args.output_dir
+    out_existed = out is not None and out.exists()
     ds = dist.init_from_env(args.device or "auto")
     if not ds.is_main:
         log.setLevel(logging.WARNING)  # one voice: rank 0 reports
@@ -176,6 +181,7 @@ def run(argv, chain: str, default_config: Path) -> int:
             if out is None:
                 stamp = dist.broadcast(_dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
                 out = REPO_ROOT / "runs" / chain / f"{cfg.name}-{stamp}"
+                out_existed = out.exists()
             problem = None
             if ds.is_main and out.exists() and any(out.iterdir()):
                 problem = (f"output folder {out} already holds files; choose a new --output-dir, "
@@ -194,7 +200,8 @@ def run(argv, chain: str, default_config: Path) -> int:
             raise UserError(problem)
         resume = args.resume is not None
         progress = not args.no_progress
-        if seeds and ds.is_main:
+        if seeds and ds.is_main and not resume:
+            out.mkdir(parents=True, exist_ok=True)
             (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "config": str(args.config)}))
         if seeds:
             for s in seeds:
@@ -204,7 +211,7 @@ def run(argv, chain: str, default_config: Path) -> int:
         else:
             run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
         if ds.is_main:
-            _report(out, log)
+            _report(out, log, tensorboard=cfg.logging.tensorboard)
         log.info(f"\n✅ Done. Results in {out}")
         return EXIT_OK
     except StopRequested:
@@ -224,6 +231,8 @@ def run(argv, chain: str, default_config: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         if args.debug:
             traceback.print_exc()
+        if out is not None and not out_existed and ds.is_main:
+            _remove_if_unused(out)
         return EXIT_USER
     except Exception as exc:  # an unexpected failure: one line unless --debug
         if args.debug:
@@ -236,13 +245,23 @@ def run(argv, chain: str, default_config: Path) -> int:
         stop.restore()
 
 
-def _report(out: Path, log) -> None:
+def _remove_if_unused(out: Path) -> None:
+    """A start refused before any training leaves no folder behind (only seeds.json may be in it)."""
+    if not out.is_dir():
+        return
+    files = [p for p in out.rglob("*") if p.is_file()]
+    if all(p.name == "seeds.json" for p in files):
+        import shutil
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _report(out: Path, log, tensorboard: bool = False) -> None:
     try:
         from src.report import write_report
-    except ImportError:
-        return
-    try:
         path = write_report([out])
+        if tensorboard:
+            from src.utils.tb import log_figures
+            log_figures(out / "tb", sorted((out / "figures").glob("*.png")))
     except Exception as exc:  # the results are on disk already; a figure problem must not fail the run
         log.warning(f"⚠️  report not written ({type(exc).__name__}: {exc}); rebuild it with: python -m src.report {out}")
         return

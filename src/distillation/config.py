@@ -96,6 +96,11 @@ class VizConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False          # also write RUN/tb/ (needs the tensorboard package)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 42
@@ -105,6 +110,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     viz: VizConfig = field(default_factory=VizConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     stages: list = field(default_factory=list)
 
     def stage(self, name: str) -> StageConfig:

@@ -248,7 +248,7 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
     out["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
     out["lr_first"], out["lr_last"] = (lrs[0], lrs[-1]) if lrs else (float("nan"),) * 2
     out["lr_mean"] = sum(lrs) / len(lrs) if lrs else float("nan")
-    out["steps"] = len(lrs)
+    out["steps"], out["lrs"] = len(lrs), lrs
     return out
 
 

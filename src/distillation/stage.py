@@ -23,12 +23,14 @@ from torch import nn
 from src.distillation import distributed as dist
 from src.distillation.engine import (Precision, StepContext, compile_warmup, evaluate, train_one_epoch, warmup_cosine,
                                      warmup_steps_for)
+from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, extract_state_dict, rng_state, safe_load, set_rng_state
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import REQUIRED_COLUMNS, TERMS_COLUMNS, EpochLogger, get_console, is_verbose, read_epoch_csv
 from src.utils.reproducibility import derive_seed, setup_reproducibility
+from src.utils import tb as tensorboard
 from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, get_model_specific_lr,
                                        peak_memory_mb, reset_peak_memory_stats, role_from_model_name,
                                        schedule_kd_alpha)
@@ -109,7 +111,7 @@ def _epoch_row(epoch: int, tr: dict, val: dict, seconds: float, peak_mb: float) 
     return {k: row[k] for k in REQUIRED_COLUMNS}
 
 
-def _save_predictions(path: Path, test: dict, file_ids: Optional[list]) -> None:
+def save_predictions(path: Path, test: dict, file_ids: Optional[list]) -> None:
     """Per test image: id, label, prediction, top-5 classes and the logits."""
     import numpy as np
     import pandas as pd
@@ -193,7 +195,9 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             ck_rows = (ck.get("log_row"), ck.get("terms_row"))
             best_acc, best_epoch, train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
             log.info(f"↻ {stage.name}: resuming after epoch {ck['epoch']}/{plan.epochs}")
-        loggers = None
+        loggers, tb = None, None
+        if dist.is_main() and cfg.logging.tensorboard:
+            tb = tensorboard.open_writer(stage_dir.parent / "tb" / stage.name)
         if dist.is_main():
             loggers = (EpochLogger(csv_path, resume_from_epoch=start_epoch - 1),
                        EpochLogger(terms_path, resume_from_epoch=start_epoch - 1, columns=TERMS_COLUMNS))
@@ -246,12 +250,16 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                              "log_row": row, "terms_row": terms}, last_path)
                 loggers[0].log(row)  # after last.pt: a logged epoch always has its checkpoint
                 loggers[1].log(terms)
+                if tb is not None:
+                    tensorboard.log_epoch(tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"])
             kd_note = f"alpha {alpha:.2f}  " if teacher is not None else ""
             log.info(f"  {stage.name:<15} epoch {epoch:>3}/{plan.epochs}  loss {tr['loss']:.4f}  train acc {tr['accuracy']:.4f}  "
                      f"val acc {val['accuracy']:.4f}  {kd_note}{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s")
             if on_epoch_end is not None and dist.is_main():
                 on_epoch_end(model, epoch, stage_dir)
         epochs_done = plan.epochs
+        if tb is not None:
+            tb.close()
 
     # ---- ranks agree: DDP keeps replicas identical; prove it before trusting rank 0's checkpoint
     checksums = dist.all_checksums(model)
@@ -265,7 +273,8 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
     test = evaluate(model, loaders["test"], precision, num_classes, return_predictions=True)
     test_seconds = time.perf_counter() - t_test
     if dist.is_main():
-        _save_predictions(stage_dir / "test_predictions.csv", test, getattr(data.test, "ids", None))
+        save_predictions(stage_dir / "test_predictions.csv", test, getattr(data.test, "ids", None))
+        export_stage(cfg, stage, model, data.classes, stage_dir)  # model.safetensors + model.json
 
     # ---- summary: stage.json (written last: its presence means the stage is done)
     rows = read_epoch_csv(csv_path)

@@ -1,6 +1,7 @@
 """Figures for the report: each function takes tables (pandas) or arrays and writes one PNG.
 
-Readable at a glance: one message per figure, labelled axes with units, legends where needed.
+Readable at a glance: one message per figure, labelled axes with units, every error bar or band
+says what it is, and axes never zoom so far that a handful of test images looks like a trend.
 """
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-DPI = 110
+DPI = 120
+METHOD_ORDER = {"scratch": 0, "kd": 1, "takd": 2}
+METHOD_COLORS = {"scratch": "#7f7f7f", "kd": "#4c72b0", "takd": "#dd8452"}
+STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
+MIN_ACC_SPAN = 10.0  # percentage points: the accuracy axes show at least this range
 
 
 def _save(fig, path: Path) -> Path:
@@ -26,122 +31,189 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _epoch_axis(ax, n_epochs: int) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=8))
+    ax.set_xlim(0.5, max(n_epochs, 1) + 0.5)
+    ax.grid(alpha=0.3)
+
+
+def _band(ax, g, col, scale, style, label, n_seeds):
+    mean = g[col].mean() * scale
+    ax.plot(mean.index, mean.values, style, label=label, marker="o", ms=3)
+    if n_seeds > 1:  # one legend entry for the bands of a panel
+        std = g[col].std().fillna(0) * scale
+        ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2,
+                        label=f"shaded: ±1 std over {n_seeds} seeds" if style == "-" else None)
+
+
 def training_curves(curves: dict, path: Path) -> Path:
-    """curves: {stage label: DataFrame of epoch_log rows (several seeds stacked, column 'seed')}.
-    Two rows of panels: loss and accuracy against epoch, train dashed and val solid, mean ± std over seeds."""
+    """curves: {stage label: DataFrame of epoch_log rows joined with epoch_terms (several seeds stacked,
+    column 'seed')}. Three rows of panels against epoch: cross-entropy (train CE against the training
+    targets vs validation CE: the same quantity), the KD term T^2*KL (KD stages), and accuracy."""
     n = len(curves)
-    fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 6), squeeze=False)
+    fig, axes = plt.subplots(3, n, figsize=(3.8 * n, 8.4), squeeze=False)
     for j, (label, df) in enumerate(curves.items()):
         g = df.groupby("epoch")
-        for row, metric, unit in ((0, "loss", "loss (train: KD objective, val: CE)"), (1, "accuracy", "accuracy (%)")):
-            ax = axes[row, j]
-            for split, style in (("train", "--"), ("val", "-")):
-                col = f"{split}_{metric}"
-                scale = 100 if metric == "accuracy" else 1
-                mean, std = g[col].mean() * scale, g[col].std().fillna(0) * scale
-                ax.plot(mean.index, mean.values, style, label=split, marker="o", ms=3)
-                ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
-            ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-            ax.set_ylabel(unit)
-            ax.grid(alpha=0.3)
-            if row == 0:
-                ax.set_title(label, fontsize=9)
-            ax.legend(fontsize=7)
+        n_seeds = df["seed"].nunique()
+        n_epochs = int(df["epoch"].max())
+        ax = axes[0, j]
+        _band(ax, g, "train_ce", 1, "--", "train CE", n_seeds)
+        _band(ax, g, "val_loss", 1, "-", "validation CE", n_seeds)
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.set_title(label, fontsize=10)
+        ax = axes[1, j]
+        if df["train_kd"].notna().any():
+            _band(ax, g, "train_kd", 1, "-", "train KD term (T²·KL)", n_seeds)
+            ax.set_ylabel("KD term (nats)")
+        else:
+            ax.text(0.5, 0.5, "no teacher: no KD term", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+            ax.set_yticks([])
+        ax = axes[2, j]
+        _band(ax, g, "train_accuracy", 100, "--", "train", n_seeds)
+        _band(ax, g, "val_accuracy", 100, "-", "validation", n_seeds)
+        ax.set_ylabel("accuracy (%)")
+        for ax in axes[:, j]:
+            _epoch_axis(ax, n_epochs)
+            if ax.lines:
+                ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def confusion_matrix_plot(matrix: np.ndarray, classes: list, title: str, path: Path) -> Path:
     """Row-normalised confusion matrix: cell (i, j) = share of class i predicted as j."""
     c = len(classes)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * c + 2), max(3.5, 0.5 * c + 1.5)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * c + 2.5), max(4, 0.55 * c + 1.8)))
     im = ax.imshow(matrix * 100, cmap="Blues", vmin=0, vmax=100)
-    ax.set_xticks(range(c), classes, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(c), classes, fontsize=7)
+    ax.set_xticks(range(c), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(c), classes, fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=9)
     if c <= 12:
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, f"{matrix[i, j] * 100:.0f}", ha="center", va="center", fontsize=6,
+                ax.text(j, i, f"{matrix[i, j] * 100:.0f}", ha="center", va="center", fontsize=7,
                         color="white" if matrix[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, label="% of the true class")
     return _save(fig, path)
 
 
-METHOD_ORDER = {"scratch": 0, "kd": 1, "takd": 2}
+def _acc_limits(lo: float, hi: float) -> tuple[float, float]:
+    """At least MIN_ACC_SPAN points around the data, inside [0, 100]."""
+    mid, span = (lo + hi) / 2, max(hi - lo, MIN_ACC_SPAN)
+    low, high = max(0.0, mid - span / 2 - 1), min(100.0, mid + span / 2 + 1)
+    return (low, high) if high > low else (0.0, 100.0)
 
 
 def accuracy_vs_size(table: pd.DataFrame, x: str, xlabel: str, path: Path, scale: float = 1.0) -> Path:
-    """Test accuracy (mean ± std over seeds) against parameters or FLOPs (divided by `scale`),
-    one point per model and method, log x axis with plain tick labels."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, sub in sorted(table.groupby("method"), key=lambda kv: METHOD_ORDER.get(kv[0], 9)):
-        xs = sub[x] / scale
-        ax.errorbar(xs, sub["test_accuracy_mean"] * 100, yerr=sub["test_accuracy_std"].fillna(0) * 100,
-                    fmt="o", capsize=3, label=method.upper())
-        for xv, (_, r) in zip(xs, sub.iterrows()):
-            ax.annotate(f"{r['run']}: {r['stage']}" if table["run"].nunique() > 1 else r["stage"],
-                        (xv, r["test_accuracy_mean"] * 100), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    """Test accuracy against parameters or FLOPs (divided by `scale`), log x axis. One marker shape per
+    run, one colour per method; error bars are the 95% interval (t over seeds, or the binomial interval
+    of the test set for one seed), as the legend says."""
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    runs = list(dict.fromkeys(table["run"]))
+    for r_i, (run, sub) in enumerate(table.groupby("run", sort=False)):
+        marker = STYLES[r_i % len(STYLES)][1]
+        for method, msub in sorted(sub.groupby("method"), key=lambda kv: METHOD_ORDER.get(kv[0], 9)):
+            y = msub["test_accuracy_mean"] * 100
+            yerr = np.vstack([y - msub["ci_low"] * 100, msub["ci_high"] * 100 - y]).clip(min=0)
+            label = method.upper() if len(runs) == 1 else f"{run}: {method.upper()}"
+            ax.errorbar(msub[x] / scale, y, yerr=yerr, fmt=marker, color=METHOD_COLORS.get(method, "#55a868"),
+                        capsize=0, elinewidth=1.2, ms=6, label=label)
+        if len(runs) == 1:  # one run: name the stages beside their points
+            for _, r in sub.iterrows():
+                ax.annotate(r["stage"], (r[x] / scale, r["test_accuracy_mean"] * 100), fontsize=7, xytext=(5, -10),
+                            textcoords="offset points")
     ax.set_xscale("log")
-    ticks = sorted(set(round(float(v), 3) for v in table[x] / scale))  # one labelled tick per model size
-    ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks], fontsize=8)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_ylim(*_acc_limits(float((table["ci_low"] * 100).min()), float((table["ci_high"] * 100).max())))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    n_seeds = int(table["seeds"].max())
+    what = f"95% t interval over {n_seeds} seeds" if n_seeds > 1 else "95% binomial interval of the test set"
+    ax.legend(fontsize=8, title=f"bars: {what}", title_fontsize=7, loc="best")
     return _save(fig, path)
 
 
-def method_bars(table: pd.DataFrame, path: Path) -> Path:
-    """Student test accuracy by method (scratch / KD / TAKD), mean ± std over seeds, per run."""
+def method_points(table: pd.DataFrame, path: Path, note: str = "") -> Path:
+    """Student test accuracy by method (scratch / KD / TAKD) per run: points with 95% intervals
+    (t over seeds; one seed: the binomial interval of the test set), on an axis of at least
+    MIN_ACC_SPAN points, individual seeds as small dots."""
     table = table.assign(_o=table["method"].map(METHOD_ORDER).fillna(9)).sort_values(["run", "_o"], kind="stable")
-    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(table)), 4))
-    labels = [f"{r['run']}\n{r['method'].upper()}" for _, r in table.iterrows()]
-    colors = {"scratch": "#999999", "kd": "#4c72b0", "takd": "#dd8452"}
-    means = (table["test_accuracy_mean"] * 100).to_numpy()
-    stds = (table["test_accuracy_std"].fillna(0) * 100).to_numpy()
-    ax.bar(range(len(table)), means, yerr=stds, capsize=4, color=[colors.get(m, "#55a868") for m in table["method"]])
-    for i, (v, e) in enumerate(zip(means, stds)):
-        ax.text(i, v + e, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(table)), labels, fontsize=8)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 * len(table) + 1.5), 4.2))
+    xs = np.arange(len(table))
+    for i, (_, r) in enumerate(table.iterrows()):
+        color = METHOD_COLORS.get(r["method"], "#55a868")
+        y = r["test_accuracy_mean"] * 100
+        ax.errorbar([i], [y], yerr=[[y - r["ci_low"] * 100], [r["ci_high"] * 100 - y]], fmt="o", color=color,
+                    capsize=0, elinewidth=2, ms=8)
+        for v in r.get("seed_values", []) or []:
+            ax.plot([i + 0.12], [v * 100], ".", color=color, alpha=0.6)
+        ax.annotate(f"{y:.2f}", (i, y), xytext=(10, 0), textcoords="offset points", va="center", fontsize=8)
+    labels = [f"{r['method'].upper()}\n{r['stage']}" + (f"\n{r['run']}" if table["run"].nunique() > 1 else "")
+              for _, r in table.iterrows()]
+    ax.set_xticks(xs, labels, fontsize=8)
+    ax.set_xlim(-0.6, len(table) - 0.4)
+    ax.set_ylim(*_acc_limits(float((table["ci_low"] * 100).min()), float((table["ci_high"] * 100).max())))
     ax.set_ylabel("student test accuracy (%)")
-    lo = max(0.0, float(means.min()) - 10)
-    ax.set_ylim(lo, min(100.0, float((means + stds).max()) + 5) + 2)
+    n_seeds = int(table["seeds"].max())
+    what = f"95% t interval over {n_seeds} seeds (dots: seeds)" if n_seeds > 1 else "95% binomial interval (test-set size)"
+    ax.set_title(f"bars: {what}" + (f"\n{note}" if note else ""), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 
+def _grouped(series: dict) -> list:
+    """[(series, 'a = b')]: identical series are drawn once and named together, so none hides another."""
+    groups: dict = {}
+    for label, s in series.items():
+        key = tuple(np.round(np.asarray(s.values, float), 9)) + tuple(np.round(np.asarray(s.index, float), 6))
+        groups.setdefault(key, (s, []))[1].append(label)
+    return [(s, " = ".join(names)) for s, names in groups.values()]
+
+
 def schedules(lr: dict, alpha: dict, path: Path) -> Path:
-    """Learning rate (log scale) and KD alpha against epoch, per stage."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for label, s in lr.items():
-        a.plot(s.index, s.values, marker="o", ms=3, label=label)
+    """lr: {stage: Series of the LR of every optimizer step, index = epoch position (fractional)};
+    alpha: {stage: Series per epoch}. Identical schedules are drawn once and named together."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.9))
+    for k, (s, label) in enumerate(_grouped(lr)):
+        a.plot(s.index, s.values, linestyle=STYLES[k % len(STYLES)][0], lw=1.6, label=label)
     a.set_yscale("log")
-    a.set_xlabel("epoch")
-    a.set_ylabel("learning rate at epoch end")
-    a.set_title("learning rate", fontsize=9)
-    for label, s in alpha.items():
-        b.plot(s.index, s.values, marker="o", ms=3, label=label)
+    a.set_xlabel("epoch (one point per optimizer step)")
+    a.set_ylabel("learning rate")
+    a.set_title("learning rate: warm-up, then cosine", fontsize=9)
+    for k, (s, label) in enumerate(_grouped(alpha)):
+        ls, marker = STYLES[k % len(STYLES)]
+        b.plot(s.index, s.values, linestyle=ls, marker=marker, ms=4, label=label)
     b.set_xlabel("epoch")
     b.set_ylabel("alpha (weight of the KD term)")
     b.set_ylim(-0.02, 1.02)
-    b.set_title("KD alpha", fontsize=9)
+    b.set_title("KD alpha (0: no teacher)", fontsize=9)
+    n = max([len(s) for s in alpha.values()] + [1])
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=8))
+    b.set_xlim(0.5, n + 0.5)
     return _save(fig, path)
 
 
 def image_gallery(images: dict, path: Path) -> Path:
-    """Attention-map PNGs side by side, titled by stage."""
-    n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 5), squeeze=False)
-    for ax, (label, p) in zip(axes[0], images.items()):
-        ax.imshow(plt.imread(p))
-        ax.set_title(label, fontsize=9)
+    """Attention-map PNGs side by side at their own size (each carries its title and colour bar)."""
+    arrays = [plt.imread(p) for p in images.values()]
+    h = max(a.shape[0] for a in arrays)
+    w = sum(a.shape[1] for a in arrays)
+    fig = plt.figure(figsize=(w / 100, h / 100))
+    x = 0
+    for arr in arrays:
+        ax = fig.add_axes([x / w, 1 - arr.shape[0] / h, arr.shape[1] / w, arr.shape[0] / h])
+        ax.imshow(arr, interpolation="nearest")
         ax.axis("off")
-    return _save(fig, path)
+        x += arr.shape[1]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -89,8 +89,6 @@ def save_attention_maps(model: nn.Module, images: torch.Tensor, raw_images: torc
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch.nn.functional as F
-
     n = min(MAX_IMAGES, images.shape[0])
     heads = max(1, min(MAX_HEADS, heads))
     was_training = model.training
@@ -105,30 +103,38 @@ def save_attention_maps(model: nn.Module, images: torch.Tensor, raw_images: torc
             if rollout:
                 maps.append(_cls_to_patches(attention_rollout(layers), prefix))
                 names.append("rollout")
-            size = raw_images.shape[-1]
-            maps = [F.interpolate(m[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0].cpu()
-                    for m in maps]
+            maps = [m.float().cpu() for m in maps]  # token grids [B, g, g], shown as they are (no smoothing)
             del layers, last
     finally:
         model.train(was_training)
     shown = raw_images[:n].permute(0, 2, 3, 1).cpu().numpy()
+    size = shown.shape[1]
+    vmax = max(float(m.max()) for m in maps) if maps else 1.0
     cols = 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(1.8 * cols, 1.8 * n), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols + 0.8, 2.0 * n + 0.6), squeeze=False)
+    im = None
     for i in range(n):
         axes[i, 0].imshow(shown[i])
         for j, m in enumerate(maps, start=1):
             axes[i, j].imshow(shown[i])
-            axes[i, j].imshow(m[i].numpy(), cmap="inferno", alpha=0.6)
+            grid = m[i].numpy()
+            # one cell per token: nearest, over the image's extent, so a 3x3 grid looks like 3x3
+            im = axes[i, j].imshow(grid, cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0.0, vmax=vmax,
+                                   extent=(-0.5, size - 0.5, size - 0.5, -0.5))
         for j in range(cols):
-            axes[i, j].axis("off")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
             if i == 0:
-                axes[i, j].set_title("image" if j == 0 else names[j - 1], fontsize=8)
+                axes[i, j].set_title("input" if j == 0 else names[j - 1], fontsize=10)
+    if im is not None:
+        g = maps[0].shape[-1]
+        fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.8,
+                     label=f"CLS attention weight ({g}x{g} patch tokens)")
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     del maps
     gc.collect()

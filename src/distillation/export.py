@@ -1,0 +1,43 @@
+"""Each finished stage's weights for use outside this project: model.safetensors + model.json.
+
+model.json holds what a plain timm user needs (model name, creation arguments, classes, image
+size, normalisation) and says how to load it; see src/inference.py for the loading side.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from src.data.sources import MEANS
+from src.models import is_vit
+
+
+def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -> Path:
+    """Write model.safetensors and model.json beside the stage's checkpoints."""
+    from safetensors.torch import save_file
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = stage_dir / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"model": stage.model, "num_classes": str(len(classes))})
+    tmp.replace(stage_dir / "model.safetensors")
+    mean, std = MEANS[cfg.data.normalize]
+    size = cfg.data.image_size
+    create_kwargs = {"num_classes": len(classes), **stage.model_kwargs}
+    if stage.patch_size:
+        create_kwargs["patch_size"] = stage.patch_size
+    if is_vit(stage.model) and not stage.model.startswith("hf:"):
+        create_kwargs["img_size"] = size
+    timm_ok = not stage.model.startswith("hf:") and not stage.cifar_stem
+    info = {
+        "model": stage.model, "stage": stage.name, "num_classes": len(classes), "classes": classes, "image_size": size,
+        "mean": list(mean), "std": list(std), "weights": "model.safetensors", "create_kwargs": create_kwargs,
+        "pretrained_cfg": {"num_classes": len(classes), "input_size": [3, size, size], "mean": list(mean),
+                           "std": list(std)},
+        "loads_with": ("timm.create_model(model, pretrained=True, **create_kwargs, pretrained_cfg_overlay=dict("
+                       "file=<this folder>/model.safetensors, **pretrained_cfg))") if timm_ok else
+                      ("src.load_model(RUN_DIR, stage) (" + ("a Hugging Face model" if stage.model.startswith("hf:")
+                       else "CIFAR stem: 3x3 stride-1 conv1, no max-pool, which timm cannot build by name") + ")"),
+    }
+    (stage_dir / "model.json").write_text(json.dumps(info, indent=2))
+    return stage_dir / "model.safetensors"

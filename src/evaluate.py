@@ -1,0 +1,97 @@
+"""Evaluate a trained stage of a run folder on any split or image tree.
+
+    python -m src.evaluate RUN_DIR [--stage student] [--split test|val|train]
+                           [--data-source imagefolder --data-root TREE_OR_TARBALL] [--out DIR] [--device cpu]
+
+Writes DIR/metrics.json (accuracy, macro precision / recall / F1, CE loss, images) and
+DIR/predictions.csv (per image: file id, label, prediction, top-5 classes, logits). Class names
+of another tree are matched to the run's classes by name. Exit codes: 0 done, 2 bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def evaluate_run(run_dir: Path, stage: str = "student", split: str = "test", data_source: str | None = None,
+                 data_root: str | None = None, out: Path | None = None, device: str = "auto") -> dict:
+    from src.data import build_loaders, load_dataset
+    from src.distillation.config import load_config
+    from src.distillation.engine import Precision, evaluate
+    from src.distillation.stage import save_predictions
+    from src.inference import load_model
+    from src.utils.devices import resolve_device
+    from src.utils.errors import DataError
+
+    dev = resolve_device(device)
+    loaded = load_model(run_dir, stage, device=dev)
+    cfg = load_config(Path(run_dir) / "config.yaml") if (Path(run_dir) / "config.yaml").exists() else None
+    if cfg is None:  # a --seeds run folder: its first seed holds the config
+        seeds = json.loads((Path(run_dir) / "seeds.json").read_text())["seeds"]
+        cfg = load_config(Path(run_dir) / f"seed_{seeds[0]}" / "config.yaml")
+    dcfg = cfg.data
+    if data_source or data_root:
+        dcfg = replace(dcfg, source=data_source or dcfg.source, root=data_root or dcfg.root,
+                       max_train_samples=None, max_test_samples=None)
+    data = load_dataset(dcfg)
+    chosen = {"train": data.train, "val": data.val, "test": data.test}[split]
+    if data.classes != loaded.classes:  # another tree: map its labels onto the run's classes by name
+        unknown = [c for c in data.classes if c not in loaded.classes]
+        if unknown:
+            raise DataError(f"classes {unknown[:5]} of {dcfg.root} are not among the model's {len(loaded.classes)} "
+                            f"classes ({', '.join(loaded.classes[:10])}...)")
+        remap = torch.tensor([loaded.classes.index(c) for c in data.classes])
+        chosen = replace(chosen, labels=remap[chosen.labels])
+    data = replace(data, train=chosen, val=chosen, test=chosen, classes=loaded.classes)
+    loader = build_loaders(data, 256, dev, dcfg, False, seed=0)["test"]
+    precision = Precision.choose(dev, cfg.train.amp, cfg.train.amp_dtype)
+    result = evaluate(loaded.model, loader, precision, len(loaded.classes), return_predictions=True)
+    out = Path(out) if out else Path(run_dir) / "evaluations" / f"{stage}-{split}-{Path(dcfg.root).name or dcfg.source}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_predictions(out / "predictions.csv", result, chosen.ids)
+    metrics = {k: result[k] for k in ("accuracy", "precision", "recall", "f1_score", "loss")}
+    metrics.update(images=len(result["y_true"]), stage=stage, model=loaded.model_name, split=split,
+                   data_source=dcfg.source, data_root=str(dcfg.root), averaging="macro")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return {**metrics, "out": str(out)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or a --seeds run folder: its first seed)")
+    p.add_argument("--stage", default="student", help="which stage's best checkpoint (default: student)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="split of the run's dataset, or of --data-root's tree (test/ or val/ for 'test')")
+    p.add_argument("--data-source", choices=("cifar10", "cifar100", "imagefolder", "digits"), default=None,
+                   help="evaluate on other data than the run's")
+    p.add_argument("--data-root", default=None, help="image tree (root/test/<class>/*) or its .tar.gz")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/evaluations/<stage>-<split>-<data>)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    args = p.parse_args(argv)
+    from src.utils.errors import UserError
+    run_dir, out = args.run_dir.expanduser().resolve(), args.out.expanduser().resolve() if args.out else None
+    data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)  # relative paths inside a run's config are the repository's, as in training
+    try:
+        res = evaluate_run(run_dir, args.stage, args.split, args.data_source, data_root, out, args.device)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        os.chdir(cwd)
+    print(f"{res['stage']} ({res['model']}) on {res['split']} of {res['data_root']}: accuracy {res['accuracy']:.4f}, "
+          f"macro F1 {res['f1_score']:.4f}, {res['images']} images -> {res['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The trained models in hand: load a stage of a run folder, or export it for use elsewhere.
+
+    import src
+    m = src.load_model("runs/cnn/cnn_cifar10-...", stage="student")
+    m.model(images_normalised)            # logits [B, C]; m.classes, m.mean, m.std, m.image_size
+    m.preprocess(uint8_images)            # uint8 [B, 3, H, W] -> the normalised input the model expects
+
+Every finished stage also holds `model.safetensors` and `model.json`: the weights and what a
+plain timm user needs (model name, creation arguments, classes, image size, normalisation):
+
+    cfg = json.load(open("student/model.json"))
+    model = timm.create_model(cfg["model"], pretrained=True, **cfg["create_kwargs"],
+                              pretrained_cfg_overlay=dict(file="student/model.safetensors", **cfg["pretrained_cfg"]))
+(a ResNet with the CIFAR stem, a model timm cannot build by name, needs src.load_model instead,
+as model.json says.)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from src.data.sources import MEANS
+from src.distillation.config import load_config
+from src.distillation.stage import build_stage_model, load_weights
+from src.utils.errors import CheckpointError
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    classes: list
+    image_size: int
+    mean: tuple
+    std: tuple
+    stage: str
+    model_name: str
+
+    def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float [B, 3, S, S], resized and normalised as in training."""
+        x = images_uint8.float().div(255)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                          align_corners=False, antialias=x.shape[-1] > self.image_size)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def load_model(run_dir, stage: str = "student", device="cpu", checkpoint: str = "best.pt") -> LoadedModel:
+    """The stage's model of a finished (or interrupted) run, with its best-validation weights, in eval mode."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists() and (run_dir / "seeds.json").exists():
+        seeds = json.loads((run_dir / "seeds.json").read_text())["seeds"]
+        run_dir = run_dir / f"seed_{seeds[0]}"  # a --seeds run: the first seed, as the report's figures
+    if not (run_dir / "config.yaml").exists():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    try:
+        st = cfg.stage(stage)
+    except KeyError:
+        raise CheckpointError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(s.name for s in cfg.stages)}") from None
+    classes = json.loads((run_dir / "classes.json").read_text())
+    model = build_stage_model(cfg, replace(st, pretrained=False, pretrained_file=None, checkpoint=None), len(classes))
+    load_weights(model, run_dir / stage / checkpoint, f"{run_dir / stage / checkpoint}")
+    mean, std = MEANS[cfg.data.normalize]
+    return LoadedModel(model=model.to(device).eval(), classes=classes, image_size=cfg.data.image_size, mean=mean,
+                       std=std, stage=stage, model_name=st.model)

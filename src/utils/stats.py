@@ -1,0 +1,61 @@
+"""Is a difference in test accuracy real? Paired tests on the same test images, and intervals over seeds.
+
+- Per seed, two models evaluated on the same N test images: the exact McNemar test on the
+  discordant pairs (b = images only A gets right, c = only B gets right; under "no difference"
+  b ~ Binomial(b + c, 1/2)), and a paired bootstrap 95% interval of acc(A) - acc(B).
+- Over seeds: the mean difference with a Student-t 95% interval (n - 1 degrees of freedom).
+At 92% on 10,000 images one accuracy alone has a binomial standard error of about 0.27 points,
+the size of a typical TAKD - KD gap: hence these, and the plain words when nothing is significant.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.05
+BOOTSTRAP_SAMPLES = 2000
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """Exact two-sided McNemar test for paired correctness vectors (bool [N] each)."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    if a.shape != b.shape:
+        raise ValueError(f"paired predictions needed: {a.shape} vs {b.shape}")
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(stats.binomtest(only_a, n, 0.5).pvalue)
+    return {"only_a": only_a, "only_b": only_b, "p_value": p}
+
+
+def bootstrap_diff_ci(correct_a: np.ndarray, correct_b: np.ndarray, samples: int = BOOTSTRAP_SAMPLES,
+                      seed: int = 0) -> tuple[float, float]:
+    """Paired percentile bootstrap 95% interval of acc(A) - acc(B): images resampled with replacement."""
+    d = np.asarray(correct_a, float) - np.asarray(correct_b, float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(d), size=(samples, len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+    return float(lo), float(hi)
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """(mean, low, high): Student-t 95% interval of the mean; low = high = NaN for fewer than 2 values."""
+    v = np.asarray(values, float)
+    mean = float(v.mean())
+    if len(v) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(1 - ALPHA / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return mean, mean - half, mean + half
+
+
+def wilson_interval(correct: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of one accuracy measured on n test images (the test set's own sampling error)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    z = stats.norm.ppf(1 - ALPHA / 2)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
