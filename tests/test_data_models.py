@@ -180,7 +180,7 @@ def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatc
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(SaveError, match="No space left on device.*previous checkpoint is kept"):
+    with pytest.raises(SaveError, match="No space left on device.*previous version is kept"):
         atomic_save({"epoch": torch.tensor(2)}, path)
     monkeypatch.undo()
     assert int(safe_load(path)["epoch"]) == 1

@@ -259,14 +259,19 @@ def extract_archive(archive: Path, dest_root: Path = EXTRACT_DIR) -> Path:
     marker = dest / ".complete"
     if not marker.exists():
         get_console().info(f"Extracting {archive} to {dest} (once)")
+        import shutil
+        import zlib
         tmp = dest.with_name(dest.name + ".partial")
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")  # refuses absolute paths, links out of the tree
-        except (tarfile.TarError, OSError) as exc:
-            raise DataError(f"cannot extract {archive}: {exc}") from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-extracted stays behind
+            what = "truncated or corrupt" if isinstance(exc, (EOFError, zlib.error, tarfile.ReadError)) else "unreadable"
+            detail = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:120]
+            raise DataError(f"{archive} is {what} ({type(exc).__name__}: {detail}); copy or download it again, "
+                            f"or point --data-root at an unpacked tree") from None
         if dest.exists():
-            import shutil
             shutil.rmtree(dest)
         os.replace(tmp, dest)
         marker.write_text("ok")
@@ -289,6 +294,9 @@ def _imagefolder_splits(d, store_size_hint: int):
     root = Path(d.root).expanduser()
     if root.is_file() and root.name.endswith(ARCHIVE_SUFFIXES):
         root = extract_archive(root)
+    if root.is_file():
+        raise DataError(f"{root} is a file, not a dataset folder: point --data-root at a folder with train/ and test/ "
+                        f"(or val/), or at a .tar.gz / .tgz / .tar of one")
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}. Point data.root (or --data-root) at a folder with train/ and test/ (or val/)")
     train_files, train_labels, classes = scan_image_folder(root / "train")

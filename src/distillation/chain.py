@@ -11,7 +11,6 @@ run_dir/
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.planner import apply_vram_budget, probe_plan
 from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, stage_seeds, use_channels_last
 from src.models import count_params, is_vit
+from src.utils.checkpoint import atomic_write_text
 from src.utils.devices import resolve_device
 from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
@@ -156,9 +156,10 @@ def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
 
 
 def preflight(cfg: RunConfig, num_classes: int) -> None:
-    """Refuse what would fail hours later before any time is spent: missing checkpoint or weight
-    files, and pretrained weights of later stages that cannot be had (built once here, which
-    also puts hub weights in the local cache)."""
+    """Refuse what would fail hours later before any time is spent (and before anything is written):
+    missing checkpoint or weight files, a checkpoint of another architecture or class count, and
+    pretrained weights of later stages that cannot be had (built once here, which also puts hub
+    weights in the local cache)."""
     for s in cfg.stages:
         for key in ("checkpoint", "pretrained_file"):
             path = getattr(s, key)
@@ -167,7 +168,11 @@ def preflight(cfg: RunConfig, num_classes: int) -> None:
     if cfg.logging.tensorboard:
         require_tensorboard()
     for s in cfg.stages:
-        if (s.pretrained or s.pretrained_file) and not s.checkpoint:
+        if s.checkpoint:  # shapes checked now, not when its stage starts
+            model = build_stage_model(cfg, replace(s, pretrained=False, pretrained_file=None, checkpoint=None), num_classes)
+            load_weights(model, s.checkpoint, f"stage {s.name}: checkpoint {s.checkpoint}")
+            del model
+        elif s.pretrained or s.pretrained_file:
             model = build_stage_model(cfg, s, num_classes)
             del model
 
@@ -218,13 +223,16 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
     if main:
         dist.barrier()
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.rglob("*.tmp") if resume else []:  # a killed process's unfinished write
+            stale.unlink(missing_ok=True)
         if not resume or not (run_dir / "config.yaml").exists():
             save_config(cfg, run_dir / "config.yaml")
         env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
                                          "world_size": ds.world_size, "distributed_backend": dist.backend()},
                                  device=device)
-        (run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json")).write_text(json.dumps(env, indent=2))
-        (run_dir / "classes.json").write_text(json.dumps(data.classes))
+        atomic_write_text(run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json"),
+                          json.dumps(env, indent=2))
+        atomic_write_text(run_dir / "classes.json", json.dumps(data.classes))
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
              f"{data.num_classes} classes, stored at {data.store_size}px, model input {cfg.data.image_size}px, device {device}")
 
@@ -241,13 +249,13 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
             continue
         resuming_stage = resume and (stage_dir / "last.pt").exists()
         t0 = time.perf_counter()
-        if stage.name in plans and resuming_stage:
-            plan = StagePlan(**plans[stage.name])
+        if stage.name in plans and resuming_stage:  # the plan it started with; epochs may have grown on resume
+            plan = replace(StagePlan(**plans[stage.name]), epochs=stage.epochs or cfg.train.epochs)
         else:
             plan = dist.broadcast(plan_stage(cfg, stage, device, data.num_classes) if main else None)
             plans[stage.name] = asdict(plan)
             if main:
-                plan_path.write_text(json.dumps(plans, indent=2))
+                atomic_write_text(plan_path, json.dumps(plans, indent=2))
         timings["planning"] += time.perf_counter() - t0
         teacher_note = f" <- {stage.teacher}" if stage.teacher else ""
         log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  {_plan_line(plan)}")
@@ -275,12 +283,10 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
     df = pd.DataFrame(rows)
     df = df[[c for c in SUMMARY_COLUMNS + ["method"] if c in df.columns]]
     if main:
-        tmp = run_dir / "summary.csv.tmp"
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, run_dir / "summary.csv")
+        atomic_write_text(run_dir / "summary.csv", df.to_csv(index=False))
         for key, col in (("compile", "compile_seconds"), ("training", "train_seconds"), ("evaluation", "eval_seconds")):
             timings[key] = float(df[col].sum()) if col in df else 0.0
         timings["wall"] = time.perf_counter() - t_start
         timings["other"] = timings["wall"] - sum(timings[k] for k in ("data", "planning", "compile", "training", "evaluation"))
-        (run_dir / "timings.json").write_text(json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
+        atomic_write_text(run_dir / "timings.json", json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
     return df

@@ -19,33 +19,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
 
 
-class _StopFlag:
-    """First Ctrl-C / SIGTERM asks the engine to stop after the current step; a second Ctrl-C aborts."""
-
-    def __init__(self):
-        self.signum = None
-
-    def install(self):
-        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-        def handler(signum, frame):
-            if self.signum is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self.signum = signum
-            print(f"\n⏸  {signal.Signals(signum).name} received: finishing the current step, then stopping "
-                  f"(Ctrl-C again to abort now)", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def restore(self):
-        for sig, h in self.previous.items():
-            signal.signal(sig, h)
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-
 def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"train_{chain}.sh",
@@ -98,13 +71,76 @@ _SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": 
               "data_source": "data.source", "device": "train.device", "seed": "seed"}
 
 
-def _load_cfg(args):
-    from src.distillation.config import load_config
+def _overrides(args) -> list:
+    """--set items plus the shortcut options, as key=value. A key set both ways is refused: the
+    order on the command line would otherwise decide silently."""
+    from src.utils.errors import ConfigError
+    given = {item.split("=", 1)[0].strip() for item in args.overrides}
     overrides = list(args.overrides)
-    overrides += [f"{key}={getattr(args, opt)}" for opt, key in _SHORTCUTS.items() if getattr(args, opt) is not None]
+    for opt, key in _SHORTCUTS.items():
+        value = getattr(args, opt)
+        if value is None:
+            continue
+        if key in given:
+            raise ConfigError(f"--{opt.replace('_', '-')} and --set {key}=... both set {key}: give only one")
+        overrides.append(f"{key}={value}")
     if args.tensorboard:
         overrides.append("logging.tensorboard=true")
-    return load_config(args.config, overrides)
+    return overrides
+
+
+# What --resume may change, and how: anything else would make the run's parts disagree.
+RESUMABLE = ("lr", "epochs", "device", "tensorboard")
+
+
+def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
+    """Apply the overrides that are safe on resume to every config.yaml of the run, or refuse them.
+
+    Safe: learning rates (the stages not finished yet train with the new one; the interrupted stage
+    from its next epoch), epochs upwards (the cosine schedule is recomputed for the new length),
+    the device and TensorBoard logging. Each change is recorded in resume_overrides.json."""
+    import yaml
+
+    from src.distillation.config import apply_override, from_dict
+    from src.utils.checkpoint import atomic_write_text
+    from src.utils.errors import ConfigError
+
+    def leaves(d, prefix=""):
+        if isinstance(d, dict):
+            for k, v in d.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        elif isinstance(d, list):
+            for item in d:
+                yield from leaves(item, f"{prefix}{item.get('name', '?')}." if isinstance(item, dict) else prefix)
+        else:
+            yield prefix[:-1], d
+    for run_dir in run_dirs:
+        path = run_dir / "config.yaml"
+        raw = yaml.safe_load(path.read_text())
+        new = yaml.safe_load(yaml.safe_dump(raw))
+        for item in overrides:
+            apply_override(new, item)
+        old_cfg, new_cfg = from_dict(raw), from_dict(new)
+        before_leaves, after_leaves = dict(leaves(raw)), dict(leaves(new))
+        changed = sorted(k for k in set(before_leaves) | set(after_leaves) if before_leaves.get(k) != after_leaves.get(k))
+        refused = [k for k in changed if k.split(".")[-1] not in RESUMABLE]
+        if refused:
+            raise ConfigError(f"--resume keeps the run's settings: {', '.join(refused)} cannot change on resume "
+                              f"(allowed: learning rates, epochs upwards, device, tensorboard); start a new run "
+                              f"with --output-dir for other changes")
+        for a, b in zip(old_cfg.stages, new_cfg.stages):
+            before, after = a.epochs or old_cfg.train.epochs, b.epochs or new_cfg.train.epochs
+            if after < before:
+                raise ConfigError(f"--resume: stage {a.name!r} epochs can only grow ({before} -> {after})")
+        if not changed:
+            continue
+        history_path = run_dir / "resume_overrides.json"
+        history = json.loads(history_path.read_text()) if history_path.exists() else []
+        history.append({"time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "overrides": overrides,
+                        "changed": {k: [before_leaves.get(k), after_leaves.get(k)] for k in changed}})
+        atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
+        atomic_write_text(history_path, json.dumps(history, indent=2))
+        log.info(f"↻ resume with {', '.join(changed)} changed (recorded in {history_path.name})")
 
 
 def _parse_seeds(text):
@@ -143,8 +179,12 @@ def run(argv, chain: str, default_config: Path) -> int:
     args.config, args.output_dir, args.resume = _abs(args.config), _abs(args.output_dir), _abs(args.resume)
     if args.data_root is not None:
         args.data_root = str(_abs(args.data_root))
+    user_cwd = os.getcwd()
     os.chdir(REPO_ROOT)
-    stop = _StopFlag().install()
+    from src.distillation.engine import StopRequested
+    from src.utils import signals
+    previous_handlers = signals.install_handlers(StopRequested)
+    stop = lambda: signals.stop_requested() is not None  # noqa: E731
     import logging
     from src.distillation import distributed as dist
     from src.utils.logger import get_console, set_verbose
@@ -159,13 +199,19 @@ def run(argv, chain: str, default_config: Path) -> int:
     try:
         from src.distillation.chain import check_writable, run_chain, with_baselines
         from src.distillation.config import load_config
-        from src.distillation.engine import StopRequested
         from src.distillation.stage import StageFailed
+        from src.utils.checkpoint import atomic_write_text
         from src.utils.errors import UserError
+        overrides = _overrides(args)
         if args.resume:
             seeds_file = args.resume / "seeds.json"
             if not (args.resume / "config.yaml").exists() and not seeds_file.exists():
                 raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml or seeds.json)")
+            if overrides and ds.is_main:
+                dirs = ([args.resume / f"seed_{s}" for s in json.loads(seeds_file.read_text())["seeds"]]
+                        if seeds_file.exists() else [args.resume])
+                _apply_resume_overrides([d for d in dirs if (d / "config.yaml").exists()], overrides, log)
+            dist.barrier()
             if seeds_file.exists():
                 meta = json.loads(seeds_file.read_text())
                 seeds = meta["seeds"]
@@ -174,7 +220,7 @@ def run(argv, chain: str, default_config: Path) -> int:
             else:
                 seeds, cfg = None, load_config(args.resume / "config.yaml")
         else:
-            cfg = _load_cfg(args)
+            cfg = load_config(args.config, overrides)
             if args.baselines:
                 cfg = with_baselines(cfg)
             seeds = _parse_seeds(args.seeds) if args.seeds else None
@@ -202,7 +248,7 @@ def run(argv, chain: str, default_config: Path) -> int:
         progress = not args.no_progress
         if seeds and ds.is_main and not resume:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "seeds.json").write_text(json.dumps({"seeds": seeds, "config": str(args.config)}))
+            atomic_write_text(out / "seeds.json", json.dumps({"seeds": seeds, "config": str(args.config)}))
         if seeds:
             for s in seeds:
                 log.info(f"\n════ seed {s} ════")
@@ -215,12 +261,13 @@ def run(argv, chain: str, default_config: Path) -> int:
         log.info(f"\n✅ Done. Results in {out}")
         return EXIT_OK
     except StopRequested:
-        code = EXIT_SIGTERM if stop.signum == signal.SIGTERM else EXIT_SIGINT
-        sh = f"bash {chain}_distillation/train_{chain}.sh"
-        print(f"Stopped. Completed epochs are saved; continue with:\n  {sh} --resume {out}", file=sys.stderr)
+        code = EXIT_SIGTERM if signals.stop_requested() == signal.SIGTERM else EXIT_SIGINT
+        print(f"Stopped. Completed epochs are saved; continue with:\n  {_resume_command(chain, out, user_cwd)}",
+              file=sys.stderr)
         return code
     except KeyboardInterrupt:
-        print(f"Aborted. Completed epochs are saved; continue with --resume {out}", file=sys.stderr)
+        print(f"Aborted. Completed epochs are saved; continue with:\n  {_resume_command(chain, out, user_cwd)}",
+              file=sys.stderr)
         return EXIT_SIGINT
     except StageFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -242,7 +289,13 @@ def run(argv, chain: str, default_config: Path) -> int:
         return EXIT_ERROR
     finally:
         dist.shutdown()
-        stop.restore()
+        signals.restore_handlers(previous_handlers)
+
+
+def _resume_command(chain: str, out, cwd: str) -> str:
+    """The command that continues this run, as typed from the folder the user started in."""
+    script = os.path.relpath(REPO_ROOT / f"{chain}_distillation" / f"train_{chain}.sh", cwd)
+    return f"bash {script} --resume {out}"
 
 
 def _remove_if_unused(out: Path) -> None:
@@ -263,6 +316,9 @@ def _report(out: Path, log, tensorboard: bool = False) -> None:
             from src.utils.tb import log_figures
             log_figures(out / "tb", sorted((out / "figures").glob("*.png")))
     except Exception as exc:  # the results are on disk already; a figure problem must not fail the run
+        from src.distillation.engine import StopRequested
+        if isinstance(exc, StopRequested):
+            raise
         log.warning(f"⚠️  report not written ({type(exc).__name__}: {exc}); rebuild it with: python -m src.report {out}")
         return
     log.info(f"Report: {path}")

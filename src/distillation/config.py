@@ -6,6 +6,7 @@ model of an earlier stage". CNN and ViT chains differ only in their YAML.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from src.utils.checkpoint import atomic_write_text
 from src.utils.errors import ConfigError
 
 
@@ -139,6 +141,9 @@ _CHOICES = {
 }
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _check_type(path: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -155,6 +160,8 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 and 1e9 (no dot) as strings; people write numbers that way
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -266,8 +273,22 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.constructor.ConstructorError as exc:
+        where = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        tag = str(exc.problem).split("tag '")[-1].split("'")[0] if "tag" in str(exc.problem) else str(exc.problem)
+        tag = tag.replace("tag:yaml.org,2002:", "!!")
+        raise ConfigError(f"{path}{where}: the tag {tag} is refused: configs are plain data (read with "
+                          f"yaml.safe_load); write the value itself") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: not valid YAML ({problem}); check the indentation and quoting there") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config ({getattr(exc, 'strerror', None) or exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (name:, data:, train:, stages: ...), "
+                          f"got a {type(raw).__name__}")
     for item in overrides or []:
         apply_override(raw, item)
     return from_dict(raw)
@@ -290,12 +311,22 @@ def apply_override(raw: dict, item: str) -> None:
             rest = parts[i + 2:]
             for p in rest[:-1]:
                 node = node.setdefault(p, {})
-            node[rest[-1]] = yaml.safe_load(value)
+            node[rest[-1]] = _parse_value(value, item)
             return
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = _parse_value(value, item)
+
+
+def _parse_value(text: str, item: str):
+    """A --set value as YAML (true, null, 3, [1, 2]); numbers as people write them (1e-3) are numbers."""
+    if _NUMBER.fullmatch(text.strip()) and not text.strip().lstrip("+-").isdigit():
+        return float(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it, e.g. --set 'key=\"text\"'") from None
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -303,4 +334,4 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -12,6 +12,7 @@ from torch import nn
 
 from src.data.sources import MEANS
 from src.models import is_vit
+from src.utils.checkpoint import atomic_write_text
 
 
 def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -> Path:
@@ -39,5 +40,5 @@ def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -
                       ("src.load_model(RUN_DIR, stage) (" + ("a Hugging Face model" if stage.model.startswith("hf:")
                        else "CIFAR stem: 3x3 stride-1 conv1, no max-pool, which timm cannot build by name") + ")"),
     }
-    (stage_dir / "model.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(stage_dir / "model.json", json.dumps(info, indent=2))
     return stage_dir / "model.safetensors"

@@ -26,10 +26,11 @@ from src.distillation.engine import (Precision, StepContext, compile_warmup, eva
 from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn
 from src.models.factory import check_state_dict
-from src.utils.checkpoint import atomic_save, extract_state_dict, rng_state, safe_load, set_rng_state
+from src.utils.checkpoint import atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import REQUIRED_COLUMNS, TERMS_COLUMNS, EpochLogger, get_console, is_verbose, read_epoch_csv
 from src.utils.reproducibility import derive_seed, setup_reproducibility
+from src.utils.signals import protected
 from src.utils import tb as tensorboard
 from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, get_model_specific_lr,
                                        peak_memory_mb, reset_peak_memory_stats, role_from_model_name,
@@ -191,6 +192,12 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             if scaler is not None and ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             set_rng_state(ck["rng"])
+            if scheduler.base_lrs[0] != lr:  # --resume --lr: the new LR from the next step, on the same schedule
+                log.info(f"↻ {stage.name}: learning rate {scheduler.base_lrs[0]:g} -> {lr:g} from epoch {ck['epoch'] + 1}")
+                factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+                scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+                for group in optimizer.param_groups:
+                    group["initial_lr"], group["lr"] = lr, lr * factor
             start_epoch = ck["epoch"] + 1
             ck_rows = (ck.get("log_row"), ck.get("terms_row"))
             best_acc, best_epoch, train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
@@ -214,49 +221,50 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             compile_seconds = compile_warmup(ctx, sample)
             log.info(f"  {stage.name}: torch.compile took {compile_seconds:.1f}s (not counted in epoch times)")
 
-        # ---- epochs: train, validate, checkpoint, log
-        for epoch in range(start_epoch, plan.epochs + 1):
-            reset_peak_memory_stats(device)
-            alpha = schedule_kd_alpha(epoch, plan.epochs, cfg.kd.alpha_start, cfg.kd.alpha_end) if teacher is not None else 0.0
-            loaders["train"].set_epoch(epoch)
-            try:
-                tr = train_one_epoch(ctx, loaders["train"], alpha, desc=f"{stage.name} {epoch}/{plan.epochs}",
-                                     progress=progress)
-            except NonFiniteLossError as exc:
-                raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite loss ({exc.value}); "
-                                  f"the last good checkpoint is {last_path if last_path.exists() else 'none (first epoch)'}. "
-                                  f"Reduce the learning rate or check the data") from exc
-            dist.sync_buffers(model)
-            t_eval = time.perf_counter()
-            val = evaluate(model, loaders["val"], precision, num_classes)
-            eval_seconds = time.perf_counter() - t_eval
-            train_seconds += tr["seconds"]
-            row = _epoch_row(epoch, tr, val, tr["seconds"] + eval_seconds, peak_memory_mb(device))
-            terms = {"epoch": epoch, "train_ce": tr["ce"], "train_kd": tr["kd"], "alpha": alpha if teacher is not None else float("nan"),
-                     "lr_first": tr["lr_first"], "lr_last": tr["lr_last"], "steps": tr["steps"],
-                     "train_seconds": tr["seconds"], "eval_seconds": eval_seconds,
-                     "compile_seconds": compile_seconds if epoch == start_epoch else 0.0, "img_per_s": tr["img_per_s"]}
-            improved = val["accuracy"] > best_acc  # identical on every rank: metrics are gathered
-            if improved:
-                best_acc, best_epoch = val["accuracy"], epoch
-            if dist.is_main():
+        # ---- epochs: train, validate, checkpoint, log (a signal stops after the current step)
+        with protected():
+            for epoch in range(start_epoch, plan.epochs + 1):
+                reset_peak_memory_stats(device)
+                alpha = schedule_kd_alpha(epoch, plan.epochs, cfg.kd.alpha_start, cfg.kd.alpha_end) if teacher is not None else 0.0
+                loaders["train"].set_epoch(epoch)
+                try:
+                    tr = train_one_epoch(ctx, loaders["train"], alpha, desc=f"{stage.name} {epoch}/{plan.epochs}",
+                                         progress=progress)
+                except NonFiniteLossError as exc:
+                    raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite loss ({exc.value}); "
+                                      f"the last good checkpoint is {last_path if last_path.exists() else 'none (first epoch)'}. "
+                                      f"Reduce the learning rate or check the data") from exc
+                dist.sync_buffers(model)
+                t_eval = time.perf_counter()
+                val = evaluate(model, loaders["val"], precision, num_classes)
+                eval_seconds = time.perf_counter() - t_eval
+                train_seconds += tr["seconds"]
+                row = _epoch_row(epoch, tr, val, tr["seconds"] + eval_seconds, peak_memory_mb(device))
+                terms = {"epoch": epoch, "train_ce": tr["ce"], "train_kd": tr["kd"], "alpha": alpha if teacher is not None else float("nan"),
+                         "lr_first": tr["lr_first"], "lr_last": tr["lr_last"], "steps": tr["steps"],
+                         "train_seconds": tr["seconds"], "eval_seconds": eval_seconds,
+                         "compile_seconds": compile_seconds if epoch == start_epoch else 0.0, "img_per_s": tr["img_per_s"]}
+                improved = val["accuracy"] > best_acc  # identical on every rank: metrics are gathered
                 if improved:
-                    atomic_save({"model": model.state_dict(), "epoch": epoch, "stage": stage.name,
-                                 "model_name": stage.model, "val_accuracy": val["accuracy"]}, stage_dir / "best.pt")
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                             "rng": rng_state(), "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                             "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model,
-                             "log_row": row, "terms_row": terms}, last_path)
-                loggers[0].log(row)  # after last.pt: a logged epoch always has its checkpoint
-                loggers[1].log(terms)
-                if tb is not None:
-                    tensorboard.log_epoch(tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"])
-            kd_note = f"alpha {alpha:.2f}  " if teacher is not None else ""
-            log.info(f"  {stage.name:<15} epoch {epoch:>3}/{plan.epochs}  loss {tr['loss']:.4f}  train acc {tr['accuracy']:.4f}  "
-                     f"val acc {val['accuracy']:.4f}  {kd_note}{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s")
-            if on_epoch_end is not None and dist.is_main():
-                on_epoch_end(model, epoch, stage_dir)
+                    best_acc, best_epoch = val["accuracy"], epoch
+                if dist.is_main():
+                    if improved:
+                        atomic_save({"model": model.state_dict(), "epoch": epoch, "stage": stage.name,
+                                     "model_name": stage.model, "val_accuracy": val["accuracy"]}, stage_dir / "best.pt")
+                    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                                 "rng": rng_state(), "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
+                                 "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model,
+                                 "log_row": row, "terms_row": terms}, last_path)
+                    loggers[0].log(row)  # after last.pt: a logged epoch always has its checkpoint
+                    loggers[1].log(terms)
+                    if tb is not None:
+                        tensorboard.log_epoch(tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"])
+                kd_note = f"alpha {alpha:.2f}  " if teacher is not None else ""
+                log.info(f"  {stage.name:<15} epoch {epoch:>3}/{plan.epochs}  loss {tr['loss']:.4f}  train acc {tr['accuracy']:.4f}  "
+                         f"val acc {val['accuracy']:.4f}  {kd_note}{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s")
+                if on_epoch_end is not None and dist.is_main():
+                    on_epoch_end(model, epoch, stage_dir)
         epochs_done = plan.epochs
         if tb is not None:
             tb.close()
@@ -303,7 +311,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         "world_size": dist.state().world_size, "rank_weight_checksums": checksums, **(extra or {}),
     }
     if dist.is_main():
-        (stage_dir / "stage.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(stage_dir / "stage.json", json.dumps(summary, indent=2))
 
     # ---- release the stage's model and optimiser state before the next stage
     released = cleanup_training_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,

@@ -15,29 +15,45 @@ import numpy as np
 import torch
 
 from src.utils.errors import CheckpointError, UserError
+from src.utils.signals import protected
 
 
 class SaveError(UserError):
     """A checkpoint or log could not be written (full disk, permissions)."""
 
 
-def atomic_save(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
+def _atomic_write(path: Path, write) -> None:
+    """write(file) into <path>.tmp, fsync, rename over `path`: a crash or a full disk keeps the old file.
+    torch.save reports a full disk as RuntimeError ('enforce fail ... unexpected pos'), not OSError."""
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
+    with protected():  # a Ctrl-C / SIGTERM waits until the file is whole
         try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        kept = " (the previous checkpoint is kept)" if path.exists() else ""
-        raise SaveError(f"could not write {path}: {exc.strerror or exc}{kept}. Free disk space or choose "
-                        f"another --output-dir, then --resume") from None
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:100]
+            if isinstance(exc, RuntimeError):
+                reason = f"the write stopped part-way, most likely a full disk ({reason})"
+            kept = " (the previous version is kept)" if path.exists() else ""
+            raise SaveError(f"could not write {path}: {reason}{kept}. Free disk space or choose "
+                            f"another --output-dir, then --resume") from None
+
+
+def atomic_save(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save, atomically (see _atomic_write)."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """A small text file (JSON, YAML), atomically."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:

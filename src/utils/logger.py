@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from contextlib import contextmanager
 import math
 import os
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from src.utils.errors import UserError
+from src.utils.signals import protected
 
 REQUIRED_COLUMNS = [
     'epoch',
@@ -124,14 +126,15 @@ class EpochLogger:
 
     def _rewrite(self, rows: Iterable[Mapping[str, float]]) -> None:
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.columns)
-            for r in rows:
-                writer.writerow([_fmt(r[c]) for c in self.columns])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        with protected(), _disk_errors(self.path):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(self.columns)
+                for r in rows:
+                    writer.writerow([_fmt(r[c]) for c in self.columns])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
 
     def log(self, row: Mapping[str, float]) -> None:
         """Append one epoch. `row` must have exactly the logger's columns (REQUIRED_COLUMNS) as keys, in order."""
@@ -139,13 +142,25 @@ class EpochLogger:
             raise SchemaError(f"Column count mismatch: got {len(row)}, expected {len(self.columns)}")
         if list(row.keys()) != self.columns:
             raise SchemaError(f"Column order mismatch: got {list(row.keys())}, expected {self.columns}")
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row[c]) for c in self.columns])
-            f.flush()
-            os.fsync(f.fileno())
+        line = [_fmt(row[c]) for c in self.columns]
+        with protected(), _disk_errors(self.path):
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow(line)
+                f.flush()
+                os.fsync(f.fileno())
 
     def rows(self) -> list[dict[str, float]]:
         return read_epoch_csv(self.path, self.columns)
+
+
+@contextmanager
+def _disk_errors(path: Path):
+    """A full disk or a permission problem while logging: one line naming the file and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"could not write {path}: {exc.strerror or exc}. Free disk space or choose another "
+                        f"--output-dir, then --resume") from None
 
 
 def _fmt(value: float) -> str:

@@ -1,0 +1,64 @@
+"""Ctrl-C and SIGTERM that stop a run at once, but never inside a training epoch's step or a file write.
+
+The entry point calls `install_handlers(StopException)`. Outside a protected section (planning,
+the final evaluation, the report) a signal raises at once; inside one (the epoch loop, an atomic
+checkpoint or CSV write) it is only recorded: the training loop polls `stop_requested()` after
+each step, and leaving the outermost section raises, so the files on disk are always whole.
+A second Ctrl-C aborts at once (KeyboardInterrupt).
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+_STATE = {"depth": 0, "signum": None, "exception": None}
+
+
+def _raise_if_stopped() -> None:
+    if _STATE["signum"] is not None and _STATE["exception"] is not None:
+        raise _STATE["exception"](f"stopped by signal {_STATE['signum']}")
+
+
+@contextmanager
+def protected():
+    """A section a signal must not cut; a stop recorded inside is raised when the outermost one ends."""
+    _STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        _STATE["depth"] -= 1
+    if _STATE["depth"] == 0:
+        _raise_if_stopped()
+
+
+def stop_requested() -> Optional[int]:
+    """The signal number received, or None."""
+    return _STATE["signum"]
+
+
+def install_handlers(exception: Callable[[str], BaseException]) -> dict:
+    """SIGINT / SIGTERM handlers raising `exception` (at once, or when the protected section ends).
+    Returns the previous handlers for restore_handlers."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _STATE.update(signum=None, depth=0, exception=exception)
+
+    def handler(signum, frame):
+        if _STATE["signum"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: abort now
+        _STATE["signum"] = signum
+        where = "after the current step" if _STATE["depth"] else "now"
+        print(f"\n⏸  {signal.Signals(signum).name} received: stopping {where} (Ctrl-C again to abort at once)",
+              file=sys.stderr, flush=True)
+        if _STATE["depth"] == 0:
+            _raise_if_stopped()
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return previous
+
+
+def restore_handlers(previous: dict) -> None:
+    for sig, h in previous.items():
+        signal.signal(sig, h)
+    _STATE.update(signum=None, depth=0, exception=None)
