@@ -89,10 +89,13 @@ def check_presets():
 
 
 def check_csvs(runs: Path):
-    from src.utils.logger import read_epoch_csv
+    from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
     csvs = sorted(runs.rglob("epoch_log.csv")) if runs.is_dir() else []
     for c in csvs:
-        read_epoch_csv(c)
+        rows = read_epoch_csv(c)
+        terms = c.with_name("epoch_terms.csv")
+        if terms.exists() and len(read_epoch_csv(terms, TERMS_COLUMNS)) != len(rows):
+            raise AssertionError(f"{terms}: not one row per epoch of {c.name}")
     return f"{len(csvs)} epoch_log.csv under {runs}" if csvs else f"no runs under {runs}"
 
 

@@ -124,3 +124,17 @@ def test_same_seed_same_losses(tmp_path):
         b = read_epoch_csv(tmp_path / "b" / stage / "epoch_log.csv")
         assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
         assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]
+
+
+def test_help_texts_say_what_each_option_does():
+    import re
+    res = subprocess.run(["bash", str(ROOT / "cnn_distillation/train_cnn.sh"), "--help"], capture_output=True, text=True)
+    text = re.sub(r"\s+", " ", res.stdout)
+    assert "torchrun --nproc_per_node N -m cnn_distillation.train_cnn" in text  # the module, not the .sh
+    for opt in ("--seed SEED", "--data-source {", "--no-progress", "--verbose", "--tensorboard"):
+        assert opt in text, opt
+    assert re.search(r"--seed SEED run seed", text) and re.search(r"--data-source \{[^}]*\} where the images", text)
+    rep = subprocess.run([sys.executable, "-m", "src.report", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert "RUN_DIR" in rep.stdout and "seeds.json" in rep.stdout and "--out" in rep.stdout
+    ev = subprocess.run([sys.executable, "-m", "src.evaluate", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert "--stage" in ev.stdout and "--data-root" in ev.stdout

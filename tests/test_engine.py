@@ -146,3 +146,20 @@ def test_warmup_is_capped_so_a_short_run_reaches_its_peak_and_decays():
     lrs = lr_schedule(1e-3, 3, 10, 5, 0.01)
     assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 0.05 * 1e-3
     assert warmup_steps_for(2, 100, 4000) == 200  # a long run keeps its configured warm-up
+
+
+def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch, caplog):
+    import logging
+    from src.distillation import engine
+    monkeypatch.setattr(engine.sys.stdout, "isatty", lambda: False, raising=False)
+    bar = engine.Progress(10, "teacher 1/3", enabled=True, every_s=0.0)
+    logging.getLogger("distill").propagate = True
+    try:
+        with caplog.at_level(logging.INFO, logger="distill"):
+            for step in range(3):
+                bar.update(step, 32 * (step + 1), lambda: 1.5)
+    finally:
+        logging.getLogger("distill").propagate = False
+    lines = [r.message for r in caplog.records if "teacher 1/3" in r.message]
+    assert len(lines) == 3 and "step 3/10" in lines[-1] and "left" in lines[-1]
+    assert engine.Progress(10, "x", enabled=False).lines is False  # --no-progress: silent
