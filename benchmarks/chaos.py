@@ -58,12 +58,15 @@ def reference(cfg: Path, run: Path) -> float:
 
 
 def _trigger(run: Path, kind: str) -> bool:
-    if kind == "write":  # a checkpoint or CSV being written
-        return any(run.rglob("*.tmp"))
-    if kind == "between":  # a stage just finished
-        return any(run.rglob("stage.json")) and not (run / "summary.csv").exists()
-    if kind == "report":
-        return (run / "summary.csv").exists()
+    try:
+        if kind == "write":  # a checkpoint or CSV being written
+            return any(run.rglob("*.tmp"))
+        if kind == "between":  # a stage just finished
+            return any(run.rglob("stage.json")) and not (run / "summary.csv").exists()
+        if kind == "report":
+            return (run / "summary.csv").exists()
+    except OSError:  # the folder appears (or a probe file goes) while it is being listed
+        return False
     return False
 
 
