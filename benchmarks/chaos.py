@@ -85,7 +85,7 @@ def chaos_round(cfg: Path, run: Path, kills_wanted: int, wall: float, rng: rando
                 killed = True
                 break
             time.sleep(0.002)
-        resume = run.exists() and any(run.iterdir())
+        resume = (run / "config.yaml").exists()  # killed before the config was saved: start again, as a user would
         if killed:
             kills += 1
             kinds[kind] = kinds.get(kind, 0) + 1

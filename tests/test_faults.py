@@ -405,3 +405,14 @@ def test_printed_resume_command_works_from_the_users_folder(tmp_path):
     assert command.startswith("bash ") and "--resume" in command
     res = subprocess.run(command.split() + ["--no-progress"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_killed_before_anything_was_saved_the_same_command_starts_again(tmp_path):
+    """SIGKILL while config.yaml was being written leaves only config.yaml.tmp (found by the chaos test)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml.tmp").write_text("name: half")
+    line = _one_line(*run_cli("cnn", "--resume", out))
+    assert "start it again with the same command" in line
+    code, err = run_cli("cnn", "--config", _write_cfg(tmp_path, train__epochs=1), "--output-dir", out)
+    assert code == 0, err

@@ -271,7 +271,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         dist.barrier()
         frozen = ""
         if teacher is not None:  # checked, not assumed: eval mode and no parameter asking for a gradient
-            ok = not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+            inner = getattr(teacher, "_orig_mod", teacher)  # a compiled teacher wraps the frozen module
+            ok = not any(m.training for m in inner.modules()) and not any(p.requires_grad for p in inner.parameters())
             frozen = f"; teacher frozen: {'yes' if ok else 'NO'}"
             cleanup_training_state(model=teacher, verbose=False, device=device)
             del teacher

@@ -206,7 +206,9 @@ def run(argv, chain: str, default_config: Path) -> int:
         if args.resume:
             seeds_file = args.resume / "seeds.json"
             if not (args.resume / "config.yaml").exists() and not seeds_file.exists():
-                raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml or seeds.json)")
+                unfinished = args.resume.is_dir() and any(args.resume.rglob("*.tmp"))
+                raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml or seeds.json)" + (
+                    "; it was stopped before anything was saved: start it again with the same command" if unfinished else ""))
             if overrides and ds.is_main:
                 dirs = ([args.resume / f"seed_{s}" for s in json.loads(seeds_file.read_text())["seeds"]]
                         if seeds_file.exists() else [args.resume])
@@ -229,7 +231,7 @@ def run(argv, chain: str, default_config: Path) -> int:
                 out = REPO_ROOT / "runs" / chain / f"{cfg.name}-{stamp}"
                 out_existed = out.exists()
             problem = None
-            if ds.is_main and out.exists() and any(out.iterdir()):
+            if ds.is_main and out.exists() and any(p.is_file() and p.suffix != ".tmp" for p in out.rglob("*")):
                 problem = (f"output folder {out} already holds files; choose a new --output-dir, "
                            f"or continue that run with --resume {out}")
             problem = dist.broadcast(problem)

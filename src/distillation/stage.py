@@ -122,9 +122,7 @@ def save_predictions(path: Path, test: dict, file_ids: Optional[list]) -> None:
                        "y_true": test["y_true"], "y_pred": test["y_pred"],
                        "top5": [" ".join(map(str, r)) for r in top5]})
     df = pd.concat([df, pd.DataFrame(logits, columns=[f"logit_{i}" for i in range(logits.shape[1])])], axis=1)
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(path)
+    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
 
 
 def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.device, plan: StagePlan,
@@ -206,10 +204,12 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         if dist.is_main() and cfg.logging.tensorboard:
             tb = tensorboard.open_writer(stage_dir.parent / "tb" / stage.name)
         if dist.is_main():
-            loggers = (EpochLogger(csv_path, resume_from_epoch=start_epoch - 1),
-                       EpochLogger(terms_path, resume_from_epoch=start_epoch - 1, columns=TERMS_COLUMNS))
+            terms_logger = None  # a run begun before epoch_terms.csv existed goes on without it
+            if start_epoch == 1 or terms_path.exists():
+                terms_logger = EpochLogger(terms_path, resume_from_epoch=start_epoch - 1, columns=TERMS_COLUMNS)
+            loggers = (EpochLogger(csv_path, resume_from_epoch=start_epoch - 1), terms_logger)
             for logger, row in zip(loggers, ck_rows or (None, None)):
-                if row is not None and len(logger.rows()) == start_epoch - 2:
+                if logger is not None and row is not None and len(logger.rows()) == start_epoch - 2:
                     logger.log(row)  # killed between saving last.pt and logging its row: the row is in last.pt
 
         # ---- compile before the first epoch, timed apart from it
@@ -257,7 +257,8 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                                  "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model,
                                  "log_row": row, "terms_row": terms}, last_path)
                     loggers[0].log(row)  # after last.pt: a logged epoch always has its checkpoint
-                    loggers[1].log(terms)
+                    if loggers[1] is not None:
+                        loggers[1].log(terms)
                     if tb is not None:
                         tensorboard.log_epoch(tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"])
                 kd_note = f"alpha {alpha:.2f}  " if teacher is not None else ""
