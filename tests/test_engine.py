@@ -148,18 +148,23 @@ def test_warmup_is_capped_so_a_short_run_reaches_its_peak_and_decays():
     assert warmup_steps_for(2, 100, 4000) == 200  # a long run keeps its configured warm-up
 
 
-def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch, caplog):
+def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch):
     import logging
     from src.distillation import engine
     monkeypatch.setattr(engine.sys.stdout, "isatty", lambda: False, raising=False)
-    bar = engine.Progress(10, "teacher 1/3", enabled=True, every_s=0.0)
-    logging.getLogger("distill").propagate = True
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+    handler = Keep()
+    logging.getLogger("distill").addHandler(handler)
     try:
-        with caplog.at_level(logging.INFO, logger="distill"):
-            for step in range(3):
-                bar.update(step, 32 * (step + 1), lambda: 1.5)
+        bar = engine.Progress(10, "teacher 1/3", enabled=True, every_s=0.0)
+        for step in range(3):
+            bar.update(step, 32 * (step + 1), lambda: 1.5)
     finally:
-        logging.getLogger("distill").propagate = False
-    lines = [r.message for r in caplog.records if "teacher 1/3" in r.message]
+        logging.getLogger("distill").removeHandler(handler)
+    lines = [m for m in seen if "teacher 1/3" in m]
     assert len(lines) == 3 and "step 3/10" in lines[-1] and "left" in lines[-1]
     assert engine.Progress(10, "x", enabled=False).lines is False  # --no-progress: silent
