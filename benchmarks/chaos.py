@@ -70,7 +70,7 @@ def _trigger(run: Path, kind: str) -> bool:
     return False
 
 
-def chaos_round(cfg: Path, run: Path, kills_wanted: int, wall: float, rng: random.Random, log=print) -> dict:
+def chaos_round(cfg: Path, run: Path, kills_wanted: int, wall: float, rng: random.Random) -> dict:
     """Run the chain into `run`, killing it until it finishes; returns {kills, restarts, kinds}."""
     kills, kinds, resume = 0, {}, False
     while True:
@@ -128,7 +128,7 @@ def verify(run: Path, ref: Path, epochs: int = 3) -> None:
     assert (run / "summary.csv").exists() and (run / "report.md").exists()
 
 
-def disk_full(cfg: Path, ref: Path, work: Path, log=print) -> str:
+def disk_full(cfg: Path, ref: Path, work: Path) -> str:
     """The chain in a tmpfs too small for it: exit 2 with one line, nothing half-written; then room, resume."""
     mnt = work / "small_disk"
     mnt.mkdir(parents=True, exist_ok=True)
