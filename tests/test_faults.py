@@ -339,6 +339,7 @@ def test_resume_applies_a_new_lr_and_more_epochs_and_refuses_other_changes(tmp_p
     line = _one_line(*run_cli("cnn", "--resume", out, "--set", "data.image_size=32"))
     assert "data.image_size cannot change on resume" in line
     line = _one_line(*run_cli("cnn", "--resume", out, "--epochs", "1", "--set", "stages.student.epochs=0"))
+    assert "epochs must be >= 1" in line and not (out / "resume_overrides.json").exists()  # refused: nothing written
     code, err = run_cli("cnn", "--resume", out, "--lr", "1e-4", "--epochs", "2")
     assert code == 0, err
     history = json.loads((out / "resume_overrides.json").read_text())

@@ -114,6 +114,7 @@ def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
                 yield from leaves(item, f"{prefix}{item.get('name', '?')}." if isinstance(item, dict) else prefix)
         else:
             yield prefix[:-1], d
+    checked = []  # every config is checked before any is written: a refusal changes nothing
     for run_dir in run_dirs:
         path = run_dir / "config.yaml"
         raw = yaml.safe_load(path.read_text())
@@ -132,12 +133,13 @@ def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
             before, after = a.epochs or old_cfg.train.epochs, b.epochs or new_cfg.train.epochs
             if after < before:
                 raise ConfigError(f"--resume: stage {a.name!r} epochs can only grow ({before} -> {after})")
-        if not changed:
-            continue
+        if changed:
+            checked.append((run_dir, path, new, {k: [before_leaves.get(k), after_leaves.get(k)] for k in changed}))
+    for run_dir, path, new, changed in checked:
         history_path = run_dir / "resume_overrides.json"
         history = json.loads(history_path.read_text()) if history_path.exists() else []
         history.append({"time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "overrides": overrides,
-                        "changed": {k: [before_leaves.get(k), after_leaves.get(k)] for k in changed}})
+                        "changed": changed})
         atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
         atomic_write_text(history_path, json.dumps(history, indent=2))
         log.info(f"↻ resume with {', '.join(changed)} changed (recorded in {history_path.name})")

@@ -308,7 +308,6 @@ def compile_warmup(ctx: StepContext, sample: torch.Tensor) -> float:
     with torch.no_grad():
         for b, saved in zip(model.buffers(), saved_buffers):
             b.copy_(saved)
-    ctx.optimizer.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
     torch.set_rng_state(cpu_rng)
     if cuda_rng is not None:

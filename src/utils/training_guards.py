@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make `src` importable
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.devices import is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize
+from src.utils.devices import cuda_index, is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import get_console
 
@@ -118,7 +118,7 @@ def count_block_recomputation(model: nn.Module, sample: torch.Tensor, block_filt
 
 def _activation_peak_mb(model: nn.Module, sample: torch.Tensor) -> float:
     """Peak memory allocated above the baseline during one forward + backward of `sample` (CUDA)."""
-    index = sample.device.index if sample.device.index is not None else torch.cuda.current_device()
+    index = cuda_index(sample.device)
     torch.cuda.synchronize(index)
     torch.cuda.reset_peak_memory_stats(index)
     base = torch.cuda.memory_allocated(index)
