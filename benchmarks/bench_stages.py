@@ -2,12 +2,13 @@
 
 For each chain (cnn, vit) and resolution (32 px from-scratch presets, 224 px pretrained presets,
 random weights), each stage runs with its frozen teacher's forward pass, three ways, in one process:
-  ours      the real engine (train_one_epoch: on-device crop + flip (+ resize), metrics, NaN guard)
-            with the planner's micro-batch / checkpointing / compile, bf16 autocast, channels_last
-            for CNNs, the bf16-cast frozen teacher;
-  bare      the simplest competent loop for the same stage and plan: the same model and teacher,
-            batches already on the GPU, bf16 autocast, channels_last, fused AdamW, no metrics, no
-            guards, no host syncs. engine_vs_bare = ours / bare (target >= 0.95);
+  ours      the real engine (train_one_epoch: on-device crop + flip (+ resize, random erasing),
+            metrics, NaN guard, schedule) with the stage's recipe (mixup / cutmix, label smoothing,
+            gradient clipping), the planner's micro-batch / checkpointing / compile, bf16 autocast,
+            channels_last for CNNs, the bf16-cast frozen teacher;
+  bare      the simplest competent loop doing the same math: the same model, teacher, plan and
+            recipe, batches already on the GPU, fused AdamW; no metrics, guards, schedule or host
+            syncs. engine_vs_bare = ours / bare (target >= 0.95);
   baseline  naive: fp32, no channels_last, torchvision transforms in a CPU DataLoader (2 workers),
             the largest batch that fits the same budget. speedup = ours / baseline.
 Timed over whole epochs of synthetic CIFAR-size uint8 data after a warm-up epoch.
@@ -36,7 +37,8 @@ from src.distillation.config import load_config  # noqa: E402
 from src.distillation.engine import Precision, StepContext, compile_warmup, prepare_teacher, train_one_epoch  # noqa: E402
 from src.distillation.losses import kd_loss  # noqa: E402
 from src.distillation.planner import SAFETY_MARGIN_GIB, apply_vram_budget, measure_steps, probe_plan  # noqa: E402
-from src.distillation.stage import StagePlan, build_stage_model, make_optimizer, use_channels_last  # noqa: E402
+from src.distillation.stage import (StagePlan, build_stage_model, make_optimizer, step_context,  # noqa: E402
+                                   use_channels_last)
 from src.models import count_flops  # noqa: E402
 from src.utils.devices import GiB, peak_reserved_bytes, reset_peak_reserved, resolve_device, synchronize  # noqa: E402
 from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing,  # noqa: E402
@@ -66,33 +68,41 @@ def _synthetic_split(n: int, size: int = 32, classes: int = 10) -> Split:
                  images=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g))
 
 
-def engine_img_per_s(model, teacher, loader, precision, plan, sample) -> tuple[float, float]:
-    """Warm-up epoch, then a timed epoch through the real engine; returns (img/s, compile seconds)."""
+def _context(cfg, stage, model, teacher, precision, plan, device) -> StepContext:
+    """The stage's training step as the chain builds it (its recipe: label smoothing, gradient
+    clipping, mixup / cutmix, KD temperature, micro-batch), on a possibly compiled model."""
     train_model = torch.compile(model) if plan.compile else model
-    opt = make_optimizer(model, 1e-4, 0.05, sample.device)
+    opt = make_optimizer(model, 1e-4, 0.05, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
-    ctx = StepContext(model=train_model, optimizer=opt, scheduler=sched, precision=precision, scaler=scaler,
-                      teacher=teacher, micro_batch=plan.micro_batch, num_classes=10)
+    return step_context(cfg, stage, train_model, opt, sched, precision, plan, 10, scaler=scaler, teacher=teacher)
+
+
+def engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample) -> tuple[float, float]:
+    """Warm-up epoch, then a timed epoch through the real engine; returns (img/s, compile seconds)."""
+    ctx = _context(cfg, stage, model, teacher, precision, plan, sample.device)
     compile_s = compile_warmup(ctx, sample) if plan.compile else 0.0
     alpha = 0.5 if teacher is not None else 0.0
     train_one_epoch(ctx, loader, alpha=alpha, progress=False)
     out = train_one_epoch(ctx, loader, alpha=alpha, progress=False)
-    opt.state.clear()
+    ctx.optimizer.state.clear()
     return out["img_per_s"], compile_s
 
 
-def bare_img_per_s(model, teacher, batches, precision, plan) -> float:
-    """The simplest competent loop: pre-made GPU batches, autocast, fused AdamW, nothing else.
-    Same model, teacher, micro-batch, checkpointing and compile as the engine."""
+def bare_img_per_s(cfg, stage, model, teacher, batches, precision, plan) -> float:
+    """The simplest competent loop doing the same math: pre-made GPU batches, autocast, fused AdamW,
+    the stage's recipe (mixup, label smoothing, gradient clipping); no metrics, NaN guard,
+    schedule, LR log or progress display. Same model, teacher, micro-batch, checkpointing, compile."""
     device = batches[0][0].device
-    train_model = torch.compile(model) if plan.compile else model
-    opt = make_optimizer(model, 1e-4, 0.05, device)
-    micro = plan.micro_batch
+    ctx = _context(cfg, stage, model, teacher, precision, plan, device)
+    train_model, opt, micro = ctx.model, ctx.optimizer, plan.micro_batch
+    alpha = 0.5 if teacher is not None else 0.0
 
     def epoch():
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
+            if ctx.mixup is not None:
+                x, y = ctx.mixup(x.clone(), y)
             for xs, ys in (zip(x.split(micro), y.split(micro)) if micro else [(x, y)]):
                 t = None
                 if teacher is not None:
@@ -100,8 +110,20 @@ def bare_img_per_s(model, teacher, batches, precision, plan) -> float:
                         t = teacher(xs)
                 with precision.autocast():
                     logits = train_model(xs)
-                kd_loss(logits, ys, t, 0.5 if t is not None else 0.0, 4.0)["loss"].backward()
-            opt.step()
+                loss = kd_loss(logits, ys, t, alpha, ctx.temperature, ctx.label_smoothing)["loss"]
+                if ctx.scaler is not None:
+                    ctx.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if ctx.scaler is not None:
+                ctx.scaler.unscale_(opt)
+            if ctx.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+            if ctx.scaler is not None:
+                ctx.scaler.step(opt)
+                ctx.scaler.update()
+            else:
+                opt.step()
 
     train_model.train()
     epoch()  # warm-up (and compilation)
@@ -113,36 +135,57 @@ def bare_img_per_s(model, teacher, batches, precision, plan) -> float:
     return sum(len(y) for _, y in batches) / (time.perf_counter() - t0)
 
 
-def bench_stage(cfg, stage, device, args, gpu_name):
-    num_classes, size = 10, cfg.data.image_size
-    def bare(s):  # random weights (speed and memory only); tiny stand-ins for the CPU smoke test
-        if args.tiny:
+def random_weight_builders(cfg, stage, num_classes: int, tiny: bool = False) -> tuple:
+    """(student builder, teacher builder or None) with random weights: speed and memory do not
+    depend on them. `tiny`: small stand-ins for the CPU smoke tests."""
+    def bare(s):
+        if tiny:
             name, kw = TINY_MODELS.get(s.model, (s.model, {}))
             s = replace(s, model=name, model_kwargs=kw)
         return replace(s, pretrained=False, pretrained_file=None, checkpoint=None)
     builder = lambda: build_stage_model(cfg, bare(stage), num_classes)  # noqa: E731
     tbuilder = (lambda: build_stage_model(cfg, bare(cfg.stage(stage.teacher)), num_classes)) if stage.teacher else None
+    return builder, tbuilder
+
+
+def plan_stage(cfg, stage, builder, tbuilder, device, precision, channels_last: bool, budget_gb: float,
+               batch=None, no_compile: bool = False, tiny: bool = False):
+    """The planner's choice for the stage, as the chain makes it (micro-batch, checkpointing, compile)."""
+    plan = StagePlan(epochs=1, batch_size=batch or cfg.train.batch_size,
+                     grad_checkpointing=requires_gradient_checkpointing(stage.model) and not tiny)
+    return probe_plan(plan, model_builder=builder, teacher_builder=tbuilder, model_name=stage.model,
+                      image_size=cfg.data.image_size, num_classes=10, device=device, precision=precision,
+                      channels_last=channels_last, budget_gb=budget_gb, compile_mode="false" if no_compile else "auto")
+
+
+def build_for_plan(builder, tbuilder, plan, model_name: str, device, precision, channels_last: bool, fp32: bool = False):
+    """Student (checkpointed as planned, channels_last for CNNs) and its prepared frozen teacher;
+    `fp32`: the naive baseline's plain models."""
+    m = builder().to(device)
+    if plan.grad_checkpointing and not fp32:
+        enforce_gradient_checkpointing(m, model_name, verbose=False, force=True)
+    if channels_last and not fp32:
+        m = m.to(memory_format=torch.channels_last)
+    t = None
+    if tbuilder is not None:
+        t = prepare_teacher(tbuilder(), device, Precision(device.type, None) if fp32 else precision,
+                            channels_last and not fp32)
+    return m, t
+
+
+def bench_stage(cfg, stage, device, args, gpu_name):
+    num_classes, size = 10, cfg.data.image_size
+    builder, tbuilder = random_weight_builders(cfg, stage, num_classes, args.tiny)
     precision = Precision.choose(device, True, getattr(args, "amp_dtype", "auto"))
     cl = use_channels_last(cfg, stage, device)
-    plan = StagePlan(epochs=1, batch_size=args.batch or cfg.train.batch_size,
-                     grad_checkpointing=requires_gradient_checkpointing(stage.model) and not args.tiny)
-    plan = probe_plan(plan, model_builder=builder, teacher_builder=tbuilder, model_name=stage.model, image_size=size,
-                      num_classes=num_classes, device=device, precision=precision, channels_last=cl,
-                      budget_gb=args.budget_gb, compile_mode="false" if args.no_compile else "auto")
-    data_cfg = replace(cfg.data, num_workers=args.workers, random_erasing=0.0)
+    plan = plan_stage(cfg, stage, builder, tbuilder, device, precision, cl, args.budget_gb, args.batch,
+                      args.no_compile, args.tiny)
+    data_cfg = replace(cfg.data, num_workers=args.workers)  # the recipe as the chain runs it, random erasing included
     split = _synthetic_split(plan.batch_size * args.steps)
     micro = plan.micro_batch or plan.batch_size
 
     def make(fp32=False):
-        m = builder().to(device)
-        if plan.grad_checkpointing and not fp32:
-            enforce_gradient_checkpointing(m, stage.model, verbose=False, force=True)
-        if cl and not fp32:
-            m = m.to(memory_format=torch.channels_last)
-        t = None
-        if tbuilder is not None:
-            t = prepare_teacher(tbuilder(), device, Precision(device.type, None) if fp32 else precision, cl and not fp32)
-        return m, t
+        return build_for_plan(builder, tbuilder, plan, stage.model, device, precision, cl, fp32)
 
     def release(m, t):
         cleanup_training_state(model=m, verbose=False, device=device)
@@ -155,7 +198,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
     sample = torch.randn(micro, 3, size, size, device=device)
     sample = sample.contiguous(memory_format=torch.channels_last) if cl else sample
     reset_peak_reserved(device)
-    ours, compile_s = engine_img_per_s(model, teacher, loader, precision, plan, sample)
+    ours, compile_s = engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample)
     peak = peak_reserved_bytes(device) / GiB
     per_img = 3 * count_flops(model, size, device) + (count_flops(teacher, size, device) if teacher is not None else 0)
     release(model, teacher)
@@ -166,7 +209,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
         model, teacher = make()
         made = [(x.clone(), y.clone()) for _, (x, y) in zip(range(4), loader)]  # augmented, normalised, on the device
         batches = [made[i % len(made)] for i in range(len(loader))]  # as many steps as the engine's epoch
-        bare_speed = bare_img_per_s(model, teacher, batches, precision, plan)
+        bare_speed = bare_img_per_s(cfg, stage, model, teacher, batches, precision, plan)
         release(model, teacher)
         del batches, made
     del loader
@@ -177,8 +220,8 @@ def bench_stage(cfg, stage, device, args, gpu_name):
         base_bs = _largest_fp32_batch(builder, tbuilder, size, device, args) if device.type == "cuda" else plan.batch_size
         model, teacher = make(fp32=True)
         bl = StreamLoader(_synthetic_split(base_bs * args.steps), base_bs, device, True, data_cfg, from_tensors=True)
-        base, _ = engine_img_per_s(model, teacher, bl, Precision(device.type, None), StagePlan(epochs=1, batch_size=base_bs),
-                                   sample)
+        base, _ = engine_img_per_s(cfg, stage, model, teacher, bl, Precision(device.type, None),
+                                   StagePlan(epochs=1, batch_size=base_bs), sample)
         release(model, teacher)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -57,6 +57,7 @@ class StrictCuda:
         monkeypatch.setattr(c, "memory_reserved", lambda d: (self.index("memory_reserved", d), 2 * 2**20)[1])
         monkeypatch.setattr(c, "memory_allocated", lambda d: (self.index("memory_allocated", d), 2**20)[1])
         monkeypatch.setattr(c, "mem_get_info", lambda d: (self.index("mem_get_info", d), (6 * 1024 ** 3, 8 * 1024 ** 3))[1])
+        monkeypatch.setattr(c, "memory_stats", lambda d: (self.index("memory_stats", d), {"num_alloc_retries": 5})[1])
         monkeypatch.setattr(c, "list_gpu_processes", lambda d: (self.index("list_gpu_processes", d), "GPU:0\nno processes are running")[1])
 
         def empty():
@@ -126,3 +127,10 @@ def test_clean_reports_every_gpu_with_indices(fake_cuda, capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "GPU 0 (Fake GPU)" in out and "mem_get_info" in fake_cuda.calls
+
+
+def test_allocator_retries_are_read_with_the_index(fake_cuda):
+    from src.utils.devices import alloc_retries
+    for device in (None, torch.device("cuda"), torch.device("cuda", 0)):
+        assert alloc_retries(device) == 5
+    assert alloc_retries(torch.device("cpu")) == 0

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from src.data.loaders import TensorLoader, random_crop_flip
-from src.data.sources import load_dataset
+from src.data.sources import Split, load_dataset
 from src.distillation.config import DataConfig
 from src.models import count_params, create_model
 from src.models.factory import check_state_dict
@@ -202,3 +202,33 @@ def test_streamed_image_tree_trains_through_the_dataloader_path(image_tree, tmp_
     df = run_chain(cfg, tmp_path / "run", progress=False)
     assert len(df) == 1 and not (image_tree / ".cache").exists()  # nothing decoded into a tensor cache
     assert list((tmp_path / "run" / "teacher" / "attention").glob("*.png"))
+
+
+def test_tensor_loader_copies_to_the_device_once_per_epoch_not_per_batch():
+    """A copy from host memory to the GPU makes the host wait for the GPU. On the meta device
+    (a device without data) every host -> device copy is visible: their number must not grow
+    with the number of batches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            src = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and "cpu" in src \
+                    and isinstance(out, torch.Tensor) and out.device.type == "meta":
+                Copies.count += 1
+            return out
+    n = 640
+    split = Split(labels=torch.randint(0, 10, (n,)), images=torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8))
+    d = DataConfig(source="digits", image_size=16, augment="crop_flip", crop_padding=2)
+    counts = []
+    for batch in (320, 32):  # 2 and 20 batches
+        loader = TensorLoader(split, batch, torch.device("meta"), True, d, seed=1)
+        Copies.count = 0
+        with Copies():
+            batches = list(loader)
+        assert len(batches) == n // batch and batches[0][0].shape == (batch, 3, 16, 16)
+        counts.append(Copies.count)
+    assert counts[0] == counts[1] <= 2, counts

@@ -168,3 +168,71 @@ def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch):
     lines = [m for m in seen if "teacher 1/3" in m]
     assert len(lines) == 3 and "step 3/10" in lines[-1] and "left" in lines[-1]
     assert engine.Progress(10, "x", enabled=False).lines is False  # --no-progress: silent
+
+
+class _HostReads:
+    """Counts values read back to the host (.item(), float(), bool() of a tensor all dispatch to
+    aten._local_scalar_dense): on a GPU each one is a synchronisation."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    outer.count += 1
+                return func(*args, **(kwargs or {}))
+        self.count, self.mode = 0, Mode()
+
+
+def _reads_in_loop(n_batches: int, every: int) -> int:
+    """Host reads between the first batch and the loader's end, in an epoch with a teacher, KD,
+    gradient clipping and a progress display that is due to redraw."""
+    reads = _HostReads()
+    marks = []
+
+    class Counted(_Loader):
+        def __iter__(self):
+            for b in list.__iter__(self):
+                marks.append(reads.count)
+                yield b
+            marks.append(reads.count)
+    teacher = _cnn(seed=1).eval()
+    ctx = _ctx(_cnn(), teacher=teacher, grad_clip=1.0, nan_check_every=every)
+    with reads.mode:
+        train_one_epoch(ctx, Counted(_loader(n=16 * n_batches)), alpha=0.5, progress=False)
+    return marks[-1] - marks[0]
+
+
+def test_training_steps_read_nothing_back_but_the_periodic_nan_check():
+    for n in (4, 12):
+        checks = sum(1 for s in range(n) if (s + 1) % 4 == 0 or s == n - 1)
+        assert _reads_in_loop(n, every=4) == checks, n
+
+
+def test_allocator_retries_at_the_memory_cap_are_counted_and_said_once(tmp_path, monkeypatch):
+    """Each flush of the CUDA cache at the cap is a synchronisation: a stage whose epochs hit it
+    says so once (console) and counts them all (stage.json)."""
+    import json
+    import logging
+    from src.distillation import stage as stage_mod
+    from src.distillation.chain import run_chain
+    from tests.conftest import tiny_cfg
+    counter = iter(range(0, 10_000, 3))
+    monkeypatch.setattr(stage_mod, "alloc_retries", lambda device: next(counter))  # +3 between any two reads
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+    handler = Keep()
+    logging.getLogger("distill").addHandler(handler)
+    try:
+        run_chain(tiny_cfg(train__epochs=2, stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"}]),
+                  tmp_path / "run", progress=False)
+    finally:
+        logging.getLogger("distill").removeHandler(handler)
+    warnings = [m for m in seen if "memory is tight" in m]
+    assert len(warnings) == 1 and "epoch 1" in warnings[0] and "3 time(s)" in warnings[0]
+    assert json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())["alloc_retries"] == 6

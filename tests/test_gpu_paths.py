@@ -43,3 +43,41 @@ def test_nan_guard_without_sync_on_cuda():
         train_one_epoch(ctx, L(batches), alpha=0.0, progress=False)
     assert info.value.step == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@requires_cuda
+def test_training_epoch_synchronises_a_fixed_number_of_times_whatever_its_length():
+    """The real loader (augmentation on the GPU) and step, with a teacher and gradient clipping:
+    torch's sync debug mode warns at every host synchronisation; their number must not grow with
+    the number of steps (the NaN flag is read at the epoch's end here)."""
+    import warnings
+    from src.data.loaders import TensorLoader
+    from src.data.sources import Split
+    from src.distillation.config import DataConfig
+    from src.distillation.engine import Precision, StepContext, prepare_teacher, train_one_epoch
+    from src.distillation.stage import make_optimizer
+    from src.models import create_model
+    dev = torch.device("cuda", torch.cuda.current_device())
+    precision = Precision.choose(dev, True)
+    model = create_model("resnet10t", 10).to(dev).to(memory_format=torch.channels_last)
+    teacher = prepare_teacher(create_model("resnet10t", 10), dev, precision, channels_last=True)
+    n = 64 * 16
+    split = Split(labels=torch.randint(0, 10, (n,)), images=torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8))
+    d = DataConfig(source="digits", image_size=32, augment="crop_flip", crop_padding=4, normalize="cifar")
+    opt = make_optimizer(model, 1e-3, 0.05, dev)
+    ctx = StepContext(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                      precision=precision, teacher=teacher, grad_clip=1.0, num_classes=10, nan_check_every=10_000)
+    counts = []
+    for steps in (0, 4, 16):  # the first epoch warms up (cuDNN, cuBLAS handles) and is not counted
+        loader = TensorLoader(Split(labels=split.labels[:64 * max(steps, 2)], images=split.images[:64 * max(steps, 2)]),
+                              64, dev, True, d, channels_last=True, seed=0)
+        torch.cuda.synchronize(dev)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_one_epoch(ctx, loader, alpha=0.5, progress=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[1] == counts[2], counts

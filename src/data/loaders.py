@@ -17,22 +17,35 @@ import torch.nn.functional as F
 from src.data.sources import MEANS, DatasetSplits, Split, open_rgb
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop (reflect-padded by `padding`) and horizontal flip of x: [B, C, H, W]."""
+def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator, device: torch.device) -> tuple:
+    """Random crop offsets (dy, dx) and flip mask for `n` samples, drawn from a CPU generator and
+    copied to `device` in one go. A copy from ordinary host memory makes the host wait for the
+    GPU, so a loader draws a whole epoch's worth at its start, not three small copies per batch."""
+    draws = torch.stack([torch.randint(0, 2 * padding + 1, (n,), generator=generator),
+                         torch.randint(0, 2 * padding + 1, (n,), generator=generator),
+                         (torch.rand(n, generator=generator) < 0.5).long() if flip else torch.zeros(n, dtype=torch.long)])
+    dy, dx, mask = draws.to(device).unbind(0)
+    return dy, dx, mask.bool()
+
+
+def apply_crop_flip(x: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Crop each sample of x [B, C, H, W] at (dy, dx) of its reflect-padded copy and flip where
+    `mask` is set; dy, dx, mask: [B] on x's device. No host synchronisation."""
     b, c, h, w = x.shape
     dev = x.device
     if padding > 0:
         xp = F.pad(x, (padding,) * 4, mode="reflect")
-        dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
-        dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(dev)
         rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])  # [B, H]
         cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])  # [B, W]
         bi = torch.arange(b, device=dev)[:, None, None]
         x = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(dev)
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x
+    return torch.where(mask[:, None, None, None], x.flip(3), x)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (reflect-padded by `padding`) and horizontal flip of x: [B, C, H, W]."""
+    dy, dx, mask = crop_flip_draws(x.shape[0], padding, flip, generator, x.device)
+    return apply_crop_flip(x, padding, dy, dx, mask)
 
 
 class _Normalizer:
@@ -103,17 +116,23 @@ class TensorLoader:
         return order.to(self.images.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches without a host synchronisation: the epoch's order and augmentation draws reach
+        the device once, here; each batch only slices and indexes tensors already there."""
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = self._order(g)
         # augmentation draws differ between ranks; with one process they come from the same stream
         aug_g = g if self.world_size == 1 else torch.Generator().manual_seed(self.seed * 100003 + self.epoch + 7919 * self.rank)
         n = len(order)
+        augment = self.train and self.cfg.augment != "none"
+        pad = self.cfg.crop_padding if self.cfg.augment == "crop_flip" else 0
+        if augment:
+            dy, dx, mask = crop_flip_draws(n, pad, True, aug_g, self.images.device)
         for i in range(len(self)):
-            idx = order[i * self.batch_size: min(n, (i + 1) * self.batch_size)]
+            part = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
+            idx = order[part]
             x, y = self.images[idx], self.labels[idx]
-            if self.train and self.cfg.augment != "none":
-                pad = self.cfg.crop_padding if self.cfg.augment == "crop_flip" else 0
-                x = random_crop_flip(x, pad, True, aug_g)
+            if augment:
+                x = apply_crop_flip(x, pad, dy[part], dx[part], mask[part])
             x = self.norm(x.float().div_(255))
             if self.erasing is not None:
                 x = self.erasing(x)

@@ -110,7 +110,10 @@ class StopRequested(Exception):
 
 
 class Progress:
-    """A tqdm bar on a terminal; elsewhere (a file, a pipe) one line every `every_s` seconds."""
+    """A tqdm bar on a terminal; elsewhere (a file, a pipe) one line every `every_s` seconds.
+    The loss shown is read from the device (a synchronisation) at most once a second."""
+
+    postfix_every_s = 1.0
 
     def __init__(self, total: int, desc: str, enabled: bool, every_s: float = 30.0):
         self.total, self.desc, self.every_s = total, desc, every_s
@@ -129,9 +132,10 @@ class Progress:
         """Called after every step; `loss` is read (a host sync) only when something is shown."""
         if self.bar is not None:
             self.bar.update(1)
-            if step % 10 == 0 or step == self.total - 1:
-                elapsed = time.perf_counter() - self.t0
-                self.bar.set_postfix(loss=f"{loss():.3f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            now = time.perf_counter()
+            if now - self.last >= self.postfix_every_s or step == self.total - 1:
+                self.bar.set_postfix(loss=f"{loss():.3f}", img_s=f"{seen / max(now - self.t0, 1e-9):.0f}")
+                self.last = now
         elif self.wants_update:
             now = time.perf_counter()
             elapsed = now - self.t0

@@ -27,6 +27,7 @@ from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state
+from src.utils.devices import alloc_retries
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import REQUIRED_COLUMNS, TERMS_COLUMNS, EpochLogger, get_console, is_verbose, read_epoch_csv
 from src.utils.reproducibility import derive_seed, setup_reproducibility
@@ -102,6 +103,18 @@ def _mixup(cfg, num_classes: int, label_smoothing: float):
     return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
+def step_context(cfg, stage, train_model: nn.Module, optimizer, scheduler, precision: Precision, plan: StagePlan,
+                 num_classes: int, scaler=None, teacher: Optional[nn.Module] = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> StepContext:
+    """The training step of `stage` as its config defines it: KD temperature, label smoothing,
+    gradient clipping, mixup / cutmix and the planned micro-batch (also used by the benchmarks)."""
+    label_smoothing = cfg.label_smoothing(stage)
+    return StepContext(model=train_model, optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler,
+                       teacher=teacher, temperature=cfg.kd.temperature, label_smoothing=label_smoothing,
+                       grad_clip=cfg.train.grad_clip, micro_batch=plan.micro_batch,
+                       mixup=_mixup(cfg, num_classes, label_smoothing), num_classes=num_classes, should_stop=should_stop)
+
+
 def _epoch_row(epoch: int, tr: dict, val: dict, seconds: float, peak_mb: float) -> dict:
     row = {"epoch": epoch}
     for split, m in (("train", tr), ("val", val)):
@@ -110,6 +123,12 @@ def _epoch_row(epoch: int, tr: dict, val: dict, seconds: float, peak_mb: float) 
     # learning_rate: the mean LR of the epoch's optimizer steps (first and last in epoch_terms.csv)
     row.update({"learning_rate": tr["lr_mean"], "epoch_time_sec": seconds, "gpu_memory_mb": peak_mb})
     return {k: row[k] for k in REQUIRED_COLUMNS}
+
+
+def warn_memory_tight(stage_name: str, epoch: int, retries: int, budget_gb: float) -> None:
+    log.warning(f"  {stage_name}: memory is tight: in epoch {epoch} the CUDA allocator reached the {budget_gb:g} GB cap "
+                f"and flushed its cache {retries} time(s), each a GPU synchronisation that slows training; "
+                f"lower train.batch_size or raise train.vram_budget_gb")
 
 
 def save_predictions(path: Path, test: dict, file_ids: Optional[list]) -> None:
@@ -146,7 +165,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
     precision = Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype)
     role = stage.role or role_from_model_name(stage.model)
     label_smoothing = cfg.label_smoothing(stage)
-    lr, compile_seconds, epochs_done, best_epoch, train_seconds = 0.0, 0.0, 0, 0, 0.0
+    lr, compile_seconds, epochs_done, best_epoch, train_seconds, retries = 0.0, 0.0, 0, 0, 0.0, 0
     optimizer = scheduler = scaler = None
 
     if stage.checkpoint:  # ---- a trained model handed in: evaluate it, train nothing
@@ -173,11 +192,8 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             train_model = nn.parallel.DistributedDataParallel(
                 train_model, device_ids=[device.index] if device.type == "cuda" else None)
         train_model = torch.compile(train_model) if plan.compile else train_model
-        ctx = StepContext(model=train_model, optimizer=optimizer, scheduler=scheduler, precision=precision,
-                          scaler=scaler, teacher=teacher, temperature=cfg.kd.temperature,
-                          label_smoothing=label_smoothing, grad_clip=cfg.train.grad_clip, micro_batch=plan.micro_batch,
-                          mixup=_mixup(cfg, num_classes, label_smoothing), num_classes=num_classes,
-                          should_stop=should_stop)
+        ctx = step_context(cfg, stage, train_model, optimizer, scheduler, precision, plan, num_classes, scaler=scaler,
+                           teacher=teacher, should_stop=should_stop)
 
         # ---- resume: weights, optimiser, schedule, RNG and best-so-far from last.pt
         start_epoch, best_acc, ck_rows = 1, -1.0, None
@@ -225,6 +241,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         with protected():
             for epoch in range(start_epoch, plan.epochs + 1):
                 reset_peak_memory_stats(device)
+                retries_before = alloc_retries(device)
                 alpha = schedule_kd_alpha(epoch, plan.epochs, cfg.kd.alpha_start, cfg.kd.alpha_end) if teacher is not None else 0.0
                 loaders["train"].set_epoch(epoch)
                 try:
@@ -234,6 +251,10 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                     raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite loss ({exc.value}); "
                                       f"the last good checkpoint is {last_path if last_path.exists() else 'none (first epoch)'}. "
                                       f"Reduce the learning rate or check the data") from exc
+                new_retries = alloc_retries(device) - retries_before
+                if new_retries and not retries:  # said once per stage
+                    warn_memory_tight(stage.name, epoch, new_retries, cfg.train.vram_budget_gb)
+                retries += new_retries
                 dist.sync_buffers(model)
                 t_eval = time.perf_counter()
                 val = evaluate(model, loaders["val"], precision, num_classes)
@@ -305,6 +326,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         "img_per_s": trained_images / sum(t["train_seconds"] for t in terms_rows) if terms_rows else 0.0,
         "eval_seconds": sum(t["eval_seconds"] for t in terms_rows) + test_seconds,
         "compile_seconds": sum(t["compile_seconds"] for t in terms_rows),
+        "alloc_retries": retries,  # cache flushes at the memory cap during this process's training epochs
         "lr": lr, "precision": precision.name, "label_smoothing": label_smoothing, "batch_size": plan.batch_size,
         "micro_batch": plan.micro_batch or plan.batch_size, "grad_checkpointing": plan.grad_checkpointing,
         "compile": plan.compile, "init_seed": seeds["init"], "data_seed": seeds["data"],

@@ -109,3 +109,12 @@ def memory_now(device: DeviceLike = None) -> dict:
     index = cuda_index(device)
     return {"allocated_mib": torch.cuda.memory_allocated(index) / MiB,
             "reserved_mib": torch.cuda.memory_reserved(index) / MiB}
+
+
+def alloc_retries(device: DeviceLike = None) -> int:
+    """How often the caching allocator on `device` has so far met the memory cap (or the card's
+    end), freed its whole cache and tried again; 0 on CPU. Each retry synchronises the device, so
+    a count that grows during training means the batch barely fits and steps are slowed."""
+    if not (is_cuda(device) and torch.cuda.is_available()):
+        return 0
+    return int(torch.cuda.memory_stats(cuda_index(device)).get("num_alloc_retries", 0))
