@@ -3,12 +3,13 @@
 #   bash benchmarks/gpu_session.sh smoke     # FIRST, every time a GPU is at hand: every CUDA path, ~5 min
 #   bash benchmarks/gpu_session.sh tests     # CUDA-only tests (pytest -m gpu)
 #   bash benchmarks/gpu_session.sh stages    # bench_stages.py: memory, img/s, engine vs bare loop, speed-up, MFU
+#   bash benchmarks/gpu_session.sh profile   # profile_stage.py: where the time of R18<-R34 and ViT-Tiny<-ViT-Small goes
 #   bash benchmarks/gpu_session.sh cnn|vit   # bench_accuracy.py for one chain on the CIFAR-10 JPEG tree
 # The tarball is read from $CIFAR_TAR (default .gpu_carry/cifar10-jpeg.tar.gz, a git-ignored folder).
 # Logs and result files are copied to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh smoke|tests|stages|cnn|vit}
+step=${1:?usage: gpu_session.sh smoke|tests|stages|profile|cnn|vit}
 shift
 tar=${CIFAR_TAR:-.gpu_carry/cifar10-jpeg.tar.gz}
 dest=${OUT:-benchmarks/results}
@@ -24,6 +25,12 @@ case "$step" in
   tests)  python -m pytest -q -rs -m gpu tests/ 2>&1 | tee "$dest/gpu_tests.log"; exit "${PIPESTATUS[0]}" ;;
   stages) python benchmarks/bench_stages.py "$@" 2>&1 | tee "$dest/bench_stages.log"
           cp benchmarks/results/stages.csv benchmarks/RESULTS.md "$dest/" 2>/dev/null ;;
+  profile) rc=0
+          for chain in cnn vit; do
+            python benchmarks/profile_stage.py --chain "$chain" --stage student --out "$dest/profile" "$@" 2>&1 \
+              | tee "$dest/profile_$chain.log" || rc=1
+          done
+          exit $rc ;;
   cnn|vit) python benchmarks/bench_accuracy.py --chains "$step" --data-root "$tar" --runs /tmp/bench_runs "$@" 2>&1 \
              | tee "$dest/bench_accuracy_$step.log"
           cp benchmarks/results/accuracy.csv "$dest/" 2>/dev/null ;;

@@ -53,3 +53,22 @@ def test_gpu_smoke_plumbing_runs_on_cpu(tmp_path):
         assert any(line.split()[:1] == [step] and line.rstrip().endswith("ok") for line in table.splitlines()), step
     text = record.read_text()
     assert "old" not in text and "GPU smoke" in text and "clean.sh" in text
+
+
+def test_profile_stage_writes_trace_tables_and_summary(tmp_path):
+    """The profiler pass on one stage (R18 <- R34 stand-ins on a CPU): summary per step, operator
+    tables, a gzipped Chrome trace; the unprofiled speed is measured apart from the profiled epoch."""
+    import gzip
+    import json
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks/profile_stage.py"), "--tiny", "--device", "cpu",
+                          "--steps", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((tmp_path / "cnn16_student_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["model"] == "resnet18" and summary["teacher"] == "resnet34"
+    assert summary["img_per_s_unprofiled"] > 0 and summary["wall_ms_per_step"] > 0
+    assert summary["syncs_per_step"] == 0 and summary["launches_per_step"] == 0  # no CUDA here
+    trace = json.loads(gzip.open(tmp_path / "cnn16_student_trace.json.gz").read())
+    assert any(e.get("name") == "aten::convolution" for e in trace["traceEvents"])
+    ops = (tmp_path / "cnn16_student_ops.txt").read_text()
+    assert "top operators by host time" in ops and "aten::" in ops
+    assert "wall_ms_per_step" in res.stdout and "host_reads_per_step" in res.stdout
