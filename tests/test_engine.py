@@ -1,4 +1,6 @@
 """The training step: sync-free NaN guard, compile warm-up, honest train metrics, loss terms, teacher prep."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -148,10 +150,10 @@ def test_warmup_is_capped_so_a_short_run_reaches_its_peak_and_decays():
     assert warmup_steps_for(2, 100, 4000) == 200  # a long run keeps its configured warm-up
 
 
-def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch):
+@contextlib.contextmanager
+def console_messages():
+    """The messages the project's console logger emits inside the block (a list, filled as they come)."""
     import logging
-    from src.distillation import engine
-    monkeypatch.setattr(engine.sys.stdout, "isatty", lambda: False, raising=False)
     seen = []
 
     class Keep(logging.Handler):
@@ -160,11 +162,18 @@ def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch):
     handler = Keep()
     logging.getLogger("distill").addHandler(handler)
     try:
+        yield seen
+    finally:
+        logging.getLogger("distill").removeHandler(handler)
+
+
+def test_progress_prints_lines_when_not_on_a_terminal(monkeypatch):
+    from src.distillation import engine
+    monkeypatch.setattr(engine.sys.stdout, "isatty", lambda: False, raising=False)
+    with console_messages() as seen:
         bar = engine.Progress(10, "teacher 1/3", enabled=True, every_s=0.0)
         for step in range(3):
             bar.update(step, 32 * (step + 1), lambda: 1.5)
-    finally:
-        logging.getLogger("distill").removeHandler(handler)
     lines = [m for m in seen if "teacher 1/3" in m]
     assert len(lines) == 3 and "step 3/10" in lines[-1] and "left" in lines[-1]
     assert engine.Progress(10, "x", enabled=False).lines is False  # --no-progress: silent
@@ -215,24 +224,14 @@ def test_allocator_retries_at_the_memory_cap_are_counted_and_said_once(tmp_path,
     """Each flush of the CUDA cache at the cap is a synchronisation: a stage whose epochs hit it
     says so once (console) and counts them all (stage.json)."""
     import json
-    import logging
     from src.distillation import stage as stage_mod
     from src.distillation.chain import run_chain
     from tests.conftest import tiny_cfg
     counter = iter(range(0, 10_000, 3))
     monkeypatch.setattr(stage_mod, "alloc_retries", lambda device: next(counter))  # +3 between any two reads
-    seen = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            seen.append(record.getMessage())
-    handler = Keep()
-    logging.getLogger("distill").addHandler(handler)
-    try:
+    with console_messages() as seen:
         run_chain(tiny_cfg(train__epochs=2, stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"}]),
                   tmp_path / "run", progress=False)
-    finally:
-        logging.getLogger("distill").removeHandler(handler)
     warnings = [m for m in seen if "memory is tight" in m]
     assert len(warnings) == 1 and "epoch 1" in warnings[0] and "3 time(s)" in warnings[0]
     assert json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())["alloc_retries"] == 6
