@@ -72,7 +72,7 @@ def _context(cfg, stage, model, teacher, precision, plan, device) -> StepContext
     """The stage's training step as the chain builds it (its recipe: label smoothing, gradient
     clipping, mixup / cutmix, KD temperature, micro-batch), on a possibly compiled model."""
     train_model = torch.compile(model) if plan.compile else model
-    opt = make_optimizer(model, 1e-4, 0.05, device)
+    opt = make_optimizer(model, 1e-4, cfg.train.weight_decay, device, cfg.train.optimizer, cfg.train.momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
     return step_context(cfg, stage, train_model, opt, sched, precision, plan, 10, scaler=scaler, teacher=teacher)

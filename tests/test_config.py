@@ -36,6 +36,8 @@ def test_unknown_key_lists_the_valid_ones():
     ("data", {"source": "imagenet"}, "data.source"),
     ("data", {"val_fraction": 1.5}, "val_fraction"),
     ("train", {"amp": "yes"}, "expected true/false"),
+    ("train", {"optimizer": "lamb"}, "train.optimizer"),
+    ("train", {"momentum": 1.0}, r"train.momentum must be in \[0, 1\)"),
 ])
 def test_bad_values_are_refused_with_the_key(section, value, match):
     with pytest.raises(ConfigError, match=match):

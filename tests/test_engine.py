@@ -31,18 +31,26 @@ def _cnn(classes=4, seed=0):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
 
 
-def _ctx(model, **kw):
-    opt = make_optimizer(model, 1e-2, 0.01, torch.device("cpu"))
+def _ctx(model, optimizer="adamw", **kw):
+    opt = make_optimizer(model, 1e-2, 0.01, torch.device("cpu"), optimizer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     return StepContext(model=model, optimizer=opt, scheduler=sched, precision=Precision("cpu", None), num_classes=4, **kw)
 
 
-def test_the_optimizer_is_fused_so_the_nan_guard_needs_no_sync():
-    opt = make_optimizer(_cnn(), 1e-3, 0.0, torch.device("cpu"))
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_the_optimizer_is_fused_so_the_nan_guard_needs_no_sync(kind):
+    opt = make_optimizer(_cnn(), 1e-3, 0.0, torch.device("cpu"), kind, momentum=0.9)
     assert getattr(opt, "_step_supports_amp_scaling", False)
+    assert isinstance(opt, torch.optim.SGD if kind == "sgd" else torch.optim.AdamW)
+    if kind == "sgd":
+        assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="adamw or sgd"):
+        make_optimizer(_cnn(), 1e-3, 0.0, torch.device("cpu"), "lamb")
 
 
-def test_nan_guard_without_sync_skips_every_step_from_the_bad_one_and_names_it():
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_nan_guard_without_sync_skips_every_step_from_the_bad_one_and_names_it(kind):
     """The host reads the flag only every 50 steps (here: at the end of the epoch), yet no optimizer
     step is taken on the NaN step or after it, and the error names the first bad step."""
     loader = _loader()
@@ -50,7 +58,7 @@ def test_nan_guard_without_sync_skips_every_step_from_the_bad_one_and_names_it()
     x, y = bad[2]
     bad[2] = (x * float("nan"), y)
     model = _cnn()
-    ctx = _ctx(model)
+    ctx = _ctx(model, kind)
     torch.manual_seed(1)
     with pytest.raises(NonFiniteLossError) as info:
         train_one_epoch(ctx, bad, alpha=0.0, progress=False)
@@ -58,7 +66,7 @@ def test_nan_guard_without_sync_skips_every_step_from_the_bad_one_and_names_it()
     # the same model trained on the two good batches before it only
     ref = _cnn()
     torch.manual_seed(1)
-    train_one_epoch(_ctx(ref), _Loader(loader[:2]), alpha=0.0, progress=False)
+    train_one_epoch(_ctx(ref, kind), _Loader(loader[:2]), alpha=0.0, progress=False)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
 

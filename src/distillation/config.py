@@ -43,7 +43,9 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
+    optimizer: str = "adamw"           # adamw | sgd (Nesterov momentum); both fused where torch has it
     lr: float = 1e-3
+    momentum: float = 0.9              # sgd only
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
@@ -137,6 +139,7 @@ _CHOICES = {
     ("train", "channels_last"): ("auto", "true", "false"),
     ("train", "compile"): ("auto", "true", "false"),
     ("train", "amp_dtype"): ("auto", "bf16", "fp16"),
+    ("train", "optimizer"): ("adamw", "sgd"),
     ("stage", "role"): ("teacher", "assistant", "student", None),
 }
 
@@ -230,6 +233,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    need(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
     need(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
