@@ -5,8 +5,10 @@
 
 Steps, each one or more rows of the closing table (stage, micro-batch, checkpointing, compile,
 peak reserved GiB, img/s, result); any failure makes the exit code 1:
-  tests     every CUDA-only test (pytest -m gpu): none may fail or be skipped
-  cnn       ResNet-50 -> 34 -> 18, one epoch on the full CIFAR-10 JPEG tree (planner, compile=auto)
+  tests     every CUDA-only test (pytest -m gpu): none may fail or be skipped; among them the
+            compile probe and a compiled chain, and the sync count of a training epoch
+  cnn       ResNet-50 -> 34 -> 18, one epoch on the full CIFAR-10 JPEG tree (planner; compile=auto,
+            which leaves a one-epoch stage eager: too short to win back a compilation)
   vit       ViT-B -> S -> Ti, one epoch on the same data (checkpointing, attention maps on CUDA)
   224px     each stage of both 224-px pretrained presets, random weights: planned under the
             6 GiB cap, then a few engine steps

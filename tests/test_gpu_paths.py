@@ -81,3 +81,25 @@ def test_training_epoch_synchronises_a_fixed_number_of_times_whatever_its_length
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in caught))
     assert counts[1] == counts[2], counts
+
+
+@requires_cuda
+def test_compile_probe_and_a_compiled_chain_on_cuda(tmp_path):
+    """torch.compile's CUDA paths: the planner's compile probe (compiled student and teacher against
+    eager), then a chain trained compiled (warm-up timed apart, compiled frozen teacher)."""
+    from src.distillation.engine import Precision
+    from src.distillation.planner import probe_plan
+    from src.distillation.stage import StagePlan
+    from src.models import create_model
+    dev = torch.device("cuda", torch.cuda.current_device())
+    plan = probe_plan(StagePlan(epochs=1, batch_size=64), model_builder=lambda: create_model("resnet10t", 10),
+                      teacher_builder=lambda: create_model("resnet10t", 10), model_name="resnet10t", image_size=16,
+                      num_classes=10, device=dev, precision=Precision.choose(dev, True), channels_last=True,
+                      budget_gb=2.0, compile_mode="auto")
+    assert plan.probe_compiled_img_per_s and plan.probe_compiled_img_per_s > 0, plan.notes
+    assert plan.probe_compile_seconds is not None and any(n.startswith("compile: ") for n in plan.notes)
+    cfg = tiny_cfg(train__device="cuda", train__epochs=1, train__compile="true", train__vram_budget_gb=2.0)
+    run_chain(cfg, tmp_path / "run", progress=False)
+    for stage in ("teacher", "student"):
+        info = json.loads((tmp_path / "run" / stage / "stage.json").read_text())
+        assert info["compile"] is True and info["compile_seconds"] > 0 and info["img_per_s"] > 0

@@ -103,3 +103,51 @@ def test_checkpointing_message_reports_the_stage_measurement():
     oom = describe_checkpointing_saving({"micro_batch": 256, "image_size": 224, "with_gib": 4.1, "without_gib": None,
                                          "budget_gib": 6.0})
     assert "does not fit the 6.0 GiB budget" in oom
+
+
+def test_compile_is_kept_only_when_the_time_it_saves_exceeds_its_cost():
+    from src.distillation.planner import compile_decision
+    # 10% faster: over 1.8M images (40 epochs of 45k) it saves ~13 s, less than a 40 s compilation
+    use, why = compile_decision(13_000, 14_300, 40.0, 1_800_000)
+    assert not use and "saves 13s" in why and "costs 40s" in why
+    # 30% faster on a slow stage: saves minutes, worth a 40 s compilation
+    assert compile_decision(3_000, 3_900, 40.0, 1_800_000)[0]
+    # under 5% faster: never, however long the stage
+    assert not compile_decision(10_000, 10_400, 0.0, 10**9)[0]
+    # stage length unknown: the speed gain alone decides
+    assert compile_decision(10_000, 11_000, 40.0, None)[0]
+
+
+def test_a_stage_too_short_to_repay_a_compilation_is_not_even_probed():
+    from src.distillation.planner import COMPILE_MIN_STAGE_S, plan_compile
+    probed = []
+
+    def probe(p):
+        probed.append(p)
+        return p
+    plan = StagePlan(epochs=3, batch_size=256)
+    short = 10_000 * COMPILE_MIN_STAGE_S / 2  # half a minute of eager training at 10,000 img/s
+    out = plan_compile(plan, 10_000, int(short), probe)
+    assert not probed and out.compile is False and "not probed" in out.notes[-1]
+    plan_compile(plan, 10_000, int(short * 4), probe)
+    plan_compile(plan, 10_000, None, probe)
+    assert len(probed) == 2
+
+
+def test_a_reused_plan_decides_compile_for_each_stage_length(monkeypatch):
+    """Stages sharing a probed plan (the student variants, later seeds) decide compile for their own
+    number of epochs from the probe's figures, without probing again."""
+    from src.distillation import chain
+    from tests.conftest import tiny_cfg
+    probed = StagePlan(epochs=1, batch_size=32, compile=True, probe_img_per_s=3000.0, probe_compiled_img_per_s=3900.0,
+                       probe_compile_seconds=40.0)
+    dev = torch.device("cuda", 0)  # only its name is used: the plan comes from the cache
+    decisions = {}
+    for epochs in (1, 40):
+        cfg = tiny_cfg(train__compile="auto", train__epochs=epochs)
+        stage = cfg.stage("student")
+        monkeypatch.setitem(chain._PLAN_CACHE, (chain._plan_key(cfg, stage), str(dev)), probed)
+        plan = chain.plan_stage(cfg, stage, dev, 10, train_images=45_000)
+        decisions[epochs] = plan.compile
+        assert plan.epochs == epochs and "reused" in " ".join(plan.notes)
+    assert decisions == {1: False, 40: True}  # saves 3.5 s in one epoch, 140 s in forty; compiling costs 40 s

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pandas as pd
 import torch
@@ -23,7 +23,7 @@ from src.data import build_loaders, load_dataset
 from src.distillation import distributed as dist
 from src.distillation.config import RunConfig, save_config
 from src.distillation.engine import Precision, prepare_teacher
-from src.distillation.planner import apply_vram_budget, probe_plan
+from src.distillation.planner import apply_vram_budget, compile_decision, probe_plan
 from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, stage_seeds, use_channels_last
 from src.models import count_params, is_vit
 from src.utils.checkpoint import atomic_write_text
@@ -100,21 +100,30 @@ def _heaviest_teacher(cfg: RunConfig, stage, num_classes: int):
     return max(sorted(names), key=lambda n: count_params(build_stage_model(cfg, bare(n), num_classes)))
 
 
-def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int) -> StagePlan:
+def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
+               train_images: Optional[int] = None) -> StagePlan:
     """Configured settings, refined on CUDA by measuring a few real steps under the VRAM budget.
 
     One plan per model and shape: the three student variants (scratch, KD, TAKD) share it, probed
     with the largest of their teachers, so they train with the same micro-batch (the same
-    batch-norm statistics) and checkpointing; later seeds reuse it."""
+    batch-norm statistics) and checkpointing; later seeds reuse it. `train_images` (per epoch and
+    process) lets compile=auto weigh what compiling saves over the stage against what it costs."""
     plan = StagePlan(epochs=stage.epochs or cfg.train.epochs, batch_size=stage.batch_size or cfg.train.batch_size,
                      grad_checkpointing=stage.grad_checkpointing or requires_gradient_checkpointing(stage.model),
                      compile=cfg.train.compile == "true")
     if device.type != "cuda" or not cfg.train.auto_batch:
         return plan
+    images = plan.epochs * train_images if train_images else None
     key = (_plan_key(cfg, stage), str(device))
     if key in _PLAN_CACHE:
-        cached = _PLAN_CACHE[key]
-        return replace(cached, epochs=plan.epochs, notes=cached.notes + ["reused: probed once for this model and shape"])
+        cached = replace(_PLAN_CACHE[key], epochs=plan.epochs)
+        notes = cached.notes + ["reused: probed once for this model and shape"]
+        if cfg.train.compile == "auto" and cached.probe_compiled_img_per_s and cached.probe_img_per_s:
+            use, why = compile_decision(cached.probe_img_per_s, cached.probe_compiled_img_per_s,
+                                        cached.probe_compile_seconds or 0.0, images)
+            cached, notes = replace(cached, compile=use), notes + [f"compile for {plan.epochs} epochs: {why} -> "
+                                                                    f"{'on' if use else 'off'}"]
+        return replace(cached, notes=notes)
     bare = lambda s: replace(s, pretrained=False, pretrained_file=None, checkpoint=None)  # noqa: E731 (shapes only)
     teacher_name = _heaviest_teacher(cfg, stage, num_classes)
     teacher_builder = None
@@ -125,7 +134,7 @@ def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int) ->
                       num_classes=num_classes, device=device,
                       precision=Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype),
                       channels_last=use_channels_last(cfg, stage, device), budget_gb=cfg.train.vram_budget_gb,
-                      compile_mode=cfg.train.compile)
+                      compile_mode=cfg.train.compile, images_to_train=images)
     _PLAN_CACHE[key] = plan
     if is_verbose():
         for note in plan.notes:
@@ -252,7 +261,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if stage.name in plans and resuming_stage:  # the plan it started with; epochs may have grown on resume
             plan = replace(StagePlan(**plans[stage.name]), epochs=stage.epochs or cfg.train.epochs)
         else:
-            plan = dist.broadcast(plan_stage(cfg, stage, device, data.num_classes) if main else None)
+            per_rank = len(data.train) // dist.state().world_size
+            plan = dist.broadcast(plan_stage(cfg, stage, device, data.num_classes, per_rank) if main else None)
             plans[stage.name] = asdict(plan)
             if main:
                 atomic_write_text(plan_path, json.dumps(plans, indent=2))

@@ -12,14 +12,16 @@
   * ViT-Base always keeps checkpointing (spec fix 2): only its micro-batch grows, and the step
     without checkpointing is measured at the chosen micro-batch, for the guard's report.
 - With train.compile=auto, torch.compile (student and teacher) is then measured against eager at
-  the chosen setting and kept only when it is at least 5% faster.
+  the chosen setting and kept only when it pays off over the stage: at least 5% faster, and the
+  training time it saves over the stage's images more than the compilation costs. A stage whose
+  eager training would take under COMPILE_MIN_STAGE_S is not even probed (a probe compiles).
 Without CUDA nothing is probed: the configured batch is used as is.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -33,6 +35,9 @@ from src.utils.training_guards import cleanup_training_state, enforce_gradient_c
 
 SAFETY_MARGIN_GIB = 0.5   # room for a real card's CUDA context and fragmentation
 MIN_MICRO_BATCH = 8
+COMPILE_MIN_GAIN = 1.05   # compiled must be at least this much faster than eager ...
+COMPILE_MIN_STAGE_S = 60.0  # ... and no compile probe for a stage whose eager training takes less than
+#                             this: compiling a model takes tens of seconds, which such a stage cannot win back
 log = get_console()
 
 
@@ -159,10 +164,11 @@ class _Prober:
 
 def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_size: int, num_classes: int,
                device: torch.device, precision: Precision, channels_last: bool, budget_gb: float,
-               compile_mode: str = "auto"):
+               compile_mode: str = "auto", images_to_train: Optional[int] = None):
     """Return a copy of `plan` with micro_batch / grad_checkpointing / compile chosen by measurement,
     and `ckpt_memory` (peak reserved with and without checkpointing at the chosen micro-batch)
-    when checkpointing is on."""
+    when checkpointing is on. `images_to_train` (the stage's epochs x images per epoch) lets the
+    compile decision weigh the time compiling saves against what it costs."""
     if device.type != "cuda":
         return replace(plan, notes=plan.notes + ["no CUDA: configured batch used, nothing probed"])
     limit = max(0.5, budget_gb - SAFETY_MARGIN_GIB) if budget_gb > 0 else float("inf")
@@ -198,8 +204,9 @@ def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_s
                           f"{'' if t['fits'] else ' (over budget)'}" for t in prober.trials],
                       probe_img_per_s=round(best["img_per_s"], 1), probe_peak_gib=round(best["peak_reserved_gib"], 3))
         if compile_mode == "auto":
-            new = _probe_compile(new, best, model_builder, teacher_builder, model_name, image_size, num_classes, device,
-                                 precision, channels_last, limit)
+            new = plan_compile(new, best["img_per_s"], images_to_train, lambda p: _probe_compile(
+                p, best, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
+                channels_last, limit, images_to_train))
         else:
             new = replace(new, compile=compile_mode == "true")
         return new
@@ -208,25 +215,57 @@ def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_s
         torch.cuda.empty_cache()
 
 
+def plan_compile(plan, eager_img_s: float, images_to_train: Optional[int], probe: Callable):
+    """compile=auto: `probe(plan)` measures compiled against eager and decides, unless the stage's
+    eager training (images_to_train / eager_img_s) is too short for any compilation to pay off."""
+    eager_s = images_to_train / eager_img_s if images_to_train and eager_img_s else None
+    if eager_s is not None and eager_s < COMPILE_MIN_STAGE_S:
+        return replace(plan, compile=False, notes=plan.notes + [
+            f"compile: not probed (eager training about {eager_s:.0f}s, under {COMPILE_MIN_STAGE_S:.0f}s: "
+            f"too short to win back a compilation) -> off"])
+    return probe(plan)
+
+
+def compile_decision(eager_img_s: float, compiled_img_s: float, compile_s: float,
+                     images_to_train: Optional[int] = None) -> tuple[bool, str]:
+    """Whether to compile, and why: at least COMPILE_MIN_GAIN faster, and (when the stage's image
+    count is known) the training time saved over the stage larger than the compilation's cost."""
+    gain = compiled_img_s / eager_img_s if eager_img_s else 0.0
+    why = f"{compiled_img_s:,.0f} img/s vs eager {eager_img_s:,.0f} ({gain:.2f}x)"
+    use = gain >= COMPILE_MIN_GAIN
+    if images_to_train and use:
+        saved = images_to_train / eager_img_s - images_to_train / compiled_img_s
+        use = saved > compile_s
+        why += f"; saves {saved:.0f}s of training over {images_to_train:,} images, compiling costs {compile_s:.0f}s"
+    return use, why
+
+
 def _probe_compile(plan, best, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
-                   channels_last, limit):
-    """Compiled student (and teacher) against eager at the chosen setting; on only when >= 5% faster."""
+                   channels_last, limit, images_to_train=None):
+    """Compiled student (and teacher) against eager at the chosen setting; on only when it pays off."""
     model = teacher = None
     micro = plan.micro_batch or plan.batch_size
+    warmup, steps = 3, 5
     t0 = time.perf_counter()
     try:
         model = _fresh(model_builder, plan.grad_checkpointing, model_name, device, channels_last)
         if teacher_builder is not None:
             teacher = prepare_teacher(teacher_builder(), device, precision, channels_last, compile_model=True)
         m = measure_steps(torch.compile(model), teacher, micro, image_size, num_classes, precision, channels_last,
-                          steps=5, warmup=3, full_batch=plan.batch_size)
+                          steps=steps, warmup=warmup, full_batch=plan.batch_size)
     except Exception as exc:  # compile failures must never stop training: eager is always there
         return replace(plan, compile=False, notes=plan.notes + [f"compile: failed ({type(exc).__name__}), eager kept"])
     finally:
         _release(model, device)
         _release(teacher, device)
         torch.cuda.empty_cache()
-    gain = m["img_per_s"] / best["img_per_s"] if best["img_per_s"] else 0.0
-    use = gain >= 1.05 and m["peak_reserved_gib"] <= limit
-    return replace(plan, compile=use, probe_compile_seconds=round(time.perf_counter() - t0, 1), notes=plan.notes + [
-        f"compile: {m['img_per_s']:.0f} img/s vs eager {best['img_per_s']:.0f} ({gain:.2f}x) -> {'on' if use else 'off'}"])
+    # the compilation: the probe's time less its steps at the compiled speed
+    compile_s = max(0.0, time.perf_counter() - t0 - (warmup + steps) * plan.batch_size / m["img_per_s"])
+    use, why = compile_decision(best["img_per_s"], m["img_per_s"], compile_s, images_to_train)
+    fits = m["peak_reserved_gib"] <= limit
+    if not fits:
+        why += f"; compiled peak {m['peak_reserved_gib']:.2f} GiB over the {limit:.2f} GiB limit"
+    # the compiled speed is kept only when it fits: a reused plan re-decides compile from it
+    return replace(plan, compile=use and fits, probe_compile_seconds=round(compile_s, 1),
+                   probe_compiled_img_per_s=round(m["img_per_s"], 1) if fits else None,
+                   notes=plan.notes + [f"compile: {why} -> {'on' if use and fits else 'off'}"])

@@ -56,7 +56,8 @@ class StagePlan:
     ckpt_memory: Optional[dict] = None          # peak reserved with / without checkpointing at the chosen micro-batch
     probe_img_per_s: Optional[float] = None
     probe_peak_gib: Optional[float] = None
-    probe_compile_seconds: Optional[float] = None
+    probe_compile_seconds: Optional[float] = None   # the compile probe's compilation time (cold caches)
+    probe_compiled_img_per_s: Optional[float] = None
     notes: list = field(default_factory=list)
 
 
