@@ -62,7 +62,10 @@ class _Normalizer:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.image_size)
         x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # One layout for every batch, whatever the augmentation left (the crop's gather leaves NHWC
+        # strides): a compiled model is specialised to its input's strides, and a batch of another
+        # layout than its warm-up's would recompile it in the middle of an epoch.
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
 class TensorLoader:
