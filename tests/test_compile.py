@@ -30,7 +30,8 @@ VIT = {"model_kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2}, "patch_siz
 def test_a_compiled_chain_compiles_before_its_epochs_and_never_during_them(tmp_path, monkeypatch, kind):
     """Both stages (the student with its compiled frozen teacher) compile in the warm-up, timed apart;
     no frame is compiled or recompiled while an epoch is timed, also on the ViT preset's path (mixup,
-    cutmix, random erasing, attention maps drawn from the model between epochs). Dynamo's guards
+    cutmix, random erasing, a checkpointed teacher stage as ViT-Base trains, attention maps drawn
+    from the model between epochs). Dynamo's guards
     (strides, grad mode, hooks) decide recompilation whatever the backend, so the test uses
     aot_eager: no C++ compiler needed."""
     from torch._dynamo.utils import counters
@@ -49,7 +50,8 @@ def test_a_compiled_chain_compiles_before_its_epochs_and_never_during_them(tmp_p
     if kind == "vit":
         cfg = tiny_cfg(train__epochs=2, train__compile="true", data__mixup=0.8, data__cutmix=1.0,
                        data__random_erasing=0.25, viz={"attention_every": 1, "attention_images": 2},
-                       stages=[{"name": "teacher", "model": "vit_tiny_patch16_224", "role": "teacher", **VIT},
+                       stages=[{"name": "teacher", "model": "vit_tiny_patch16_224", "role": "teacher",
+                                 "grad_checkpointing": True, **VIT},
                                {"name": "student", "model": "vit_tiny_patch16_224", "role": "student",
                                 "teacher": "teacher", **VIT}])
     run_chain(cfg, tmp_path / "run", progress=False)
@@ -59,4 +61,5 @@ def test_a_compiled_chain_compiles_before_its_epochs_and_never_during_them(tmp_p
     for stage in ("teacher", "student"):
         info = json.loads((tmp_path / "run" / stage / "stage.json").read_text())
         assert info["compile"] is True and info["compile_seconds"] > 0
+        assert info["grad_checkpointing"] is (kind == "vit" and stage == "teacher")
     torch._dynamo.reset()
