@@ -14,7 +14,7 @@ from tests.conftest import tiny_cfg
 def test_every_batch_of_every_split_has_the_layout_the_model_is_compiled_for():
     """The crop's gather leaves NHWC strides; a compiled model is specialised to its input's strides,
     so train batches of another layout than the warm-up's (and the evaluation batches') recompiled it."""
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(data__random_erasing=0.5)
     data = load_dataset(cfg.data)
     for channels_last, fmt in ((False, torch.contiguous_format), (True, torch.channels_last)):
         loaders = build_loaders(data, 32, torch.device("cpu"), cfg.data, channels_last, seed=0)

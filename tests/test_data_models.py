@@ -3,7 +3,7 @@ import tarfile
 import pytest
 import torch
 
-from src.data.loaders import TensorLoader, random_crop_flip
+from src.data.loaders import TensorLoader, apply_erasing, erasing_draws, random_crop_flip
 from src.data.sources import Split, load_dataset
 from src.distillation.config import DataConfig
 from src.models import count_params, create_model
@@ -112,6 +112,68 @@ def test_crop_flip_geometry():
         assert any(torch.equal(out[b], w) or torch.equal(out[b], w.flip(2)) for w in windows)
 
 
+def _box_stats(boxes: torch.Tensor, size: int) -> dict:
+    """boxes: [4, N] (top, left, height, width), height 0 = not erased."""
+    erased = boxes[2] > 0
+    h, w = boxes[2][erased].double(), boxes[3][erased].double()
+    return {"rate": erased.double().mean().item(), "area": (h * w / size ** 2).mean().item(),
+            "log_aspect_sd": (h / w).log().std().item()}
+
+
+def test_batched_random_erasing_draws_the_boxes_timm_draws():
+    """Same distribution as timm's RandomErasing(mode='pixel'), measured on 6,000 images: erased
+    share, mean box area and aspect spread; boxes lie inside the image; the noise fills exactly
+    the box and leaves every other pixel as it was."""
+    import random
+    from timm.data.random_erasing import RandomErasing
+    n, size, p = 6000, 32, 0.25
+    random.seed(0)
+    ref = torch.zeros(n, 1, size, size)
+    RandomErasing(probability=p, mode="pixel", device="cpu")(ref)
+    nz = ref[:, 0] != 0
+    rows, cols = nz.any(2), nz.any(1)  # [N, H], [N, W]: the erased box's rows and columns
+    timm_boxes = torch.stack([rows.long().argmax(1), cols.long().argmax(1), rows.sum(1), cols.sum(1)])
+    ours = erasing_draws(n, size, size, p, torch.Generator().manual_seed(0), torch.device("cpu"))
+    a, b = _box_stats(timm_boxes, size), _box_stats(ours, size)
+    assert abs(a["rate"] - p) < 0.02 and abs(b["rate"] - p) < 0.02, (a, b)  # 3.5 standard errors
+    assert abs(a["area"] - b["area"]) < 0.015, (a, b)                        # about 4 standard errors
+    assert abs(a["log_aspect_sd"] - b["log_aspect_sd"]) < 0.06, (a, b)
+    e = ours[2] > 0
+    assert (ours[0][e] >= 0).all() and (ours[0][e] + ours[2][e] <= size).all()
+    assert (ours[1][e] >= 0).all() and (ours[1][e] + ours[3][e] <= size).all()
+    x = torch.full((64, 3, size, size), 7.0)
+    out = apply_erasing(x, ours[:, :64])
+    for i in range(64):
+        t, l, h, w = ours[:, i].tolist()
+        inside = torch.zeros(size, size, dtype=torch.bool)
+        inside[t:t + h, l:l + w] = True
+        assert (out[i][:, ~inside] == 7.0).all() and (out[i][:, inside] != 7.0).all()
+    noise = out[out != 7.0]
+    assert abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1
+
+
+def test_random_erasing_costs_the_same_kernels_whatever_the_batch_size():
+    """timm's RandomErasing loops over the batch on the host, two kernels per erased image; the
+    loader's erasing is a fixed number of operations per batch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+    counts = []
+    for batch in (16, 256):
+        boxes = erasing_draws(batch, 32, 32, 0.5, torch.Generator().manual_seed(1), torch.device("cpu"))
+        with Ops() as ops:
+            apply_erasing(torch.randn(batch, 3, 32, 32), boxes)
+        counts.append(ops.count)
+    assert counts[0] == counts[1] < 30, counts
+
+
 def test_tensor_loader_epochs_are_reproducible_and_cover_the_split():
     data = load_dataset(DataConfig(source="digits", image_size=8))
     d = DataConfig(source="digits", image_size=8)
@@ -204,6 +266,27 @@ def test_streamed_image_tree_trains_through_the_dataloader_path(image_tree, tmp_
     assert list((tmp_path / "run" / "teacher" / "attention").glob("*.png"))
 
 
+def test_streamed_batches_are_erased_like_in_memory_ones(image_tree):
+    """The DataLoader path applies data.random_erasing too (it once skipped it silently): with the
+    same order and no other augmentation, each image differs from its unerased twin in one box."""
+    from src.data.loaders import StreamLoader
+    data = load_dataset(DataConfig(source="imagefolder", root=str(image_tree), image_size=16, loader="dataloader"))
+    plain, erased = (StreamLoader(data.train, 8, torch.device("cpu"), True,
+                                  DataConfig(image_size=16, augment="none", random_erasing=p, num_workers=0), seed=5)
+                     for p in (0.0, 1.0))
+    for loader in (plain, erased):
+        loader.set_epoch(1)
+    (x0, y0), (x1, y1) = next(iter(plain)), next(iter(erased))
+    assert torch.equal(y0, y1)
+    changed = x0 != x1  # [B, C, H, W]
+    for i in range(len(y0)):
+        rows, cols = changed[i].any(0).any(1), changed[i].any(0).any(0)
+        assert rows.any()
+        box = torch.zeros_like(changed[i][0])
+        box[rows.nonzero().min():rows.nonzero().max() + 1, cols.nonzero().min():cols.nonzero().max() + 1] = True
+        assert torch.equal(changed[i].any(0), box)  # exactly one rectangle, every pixel of it noise
+
+
 def test_tensor_loader_copies_to_the_device_once_per_epoch_not_per_batch():
     """A copy from host memory to the GPU makes the host wait for the GPU. On the meta device
     (a device without data) every host -> device copy is visible: their number must not grow
@@ -222,13 +305,14 @@ def test_tensor_loader_copies_to_the_device_once_per_epoch_not_per_batch():
             return out
     n = 640
     split = Split(labels=torch.randint(0, 10, (n,)), images=torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8))
-    d = DataConfig(source="digits", image_size=16, augment="crop_flip", crop_padding=2)
-    counts = []
-    for batch in (320, 32):  # 2 and 20 batches
-        loader = TensorLoader(split, batch, torch.device("meta"), True, d, seed=1)
-        Copies.count = 0
-        with Copies():
-            batches = list(loader)
-        assert len(batches) == n // batch and batches[0][0].shape == (batch, 3, 16, 16)
-        counts.append(Copies.count)
-    assert counts[0] == counts[1] <= 2, counts
+    for erasing, most in ((0.0, 2), (0.25, 3)):  # the order, the crop/flip draws, the erasing boxes
+        d = DataConfig(source="digits", image_size=16, augment="crop_flip", crop_padding=2, random_erasing=erasing)
+        counts = []
+        for batch in (320, 32):  # 2 and 20 batches
+            loader = TensorLoader(split, batch, torch.device("meta"), True, d, seed=1)
+            Copies.count = 0
+            with Copies():
+                batches = list(loader)
+            assert len(batches) == n // batch and batches[0][0].shape == (batch, 3, 16, 16)
+            counts.append(Copies.count)
+        assert counts[0] == counts[1] <= most, (erasing, counts)

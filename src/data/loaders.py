@@ -1,7 +1,8 @@
 """Batches on the training device.
 
 `TensorLoader` keeps the whole uint8 split on the device (a CIFAR-10 train split is 150 MB) and
-does crop, flip, resize, normalisation and random erasing there, in batches: no CPU worker
+does crop, flip, resize, normalisation and random erasing there, in batches (a fixed number of
+kernels per batch, whatever its size): no CPU worker
 sits between the GPU and its data, which matters on a 2-core laptop. `StreamLoader` is the
 classic torchvision DataLoader path for image trees that do not fit in memory; both yield
 (images float [B, 3, S, S] normalised, labels int64 [B]) on the device.
@@ -48,6 +49,44 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
     return apply_crop_flip(x, padding, dy, dx, mask)
 
 
+ERASE_AREA = (0.02, 1 / 3)                           # of the image (Zhong et al. 2020; timm's defaults)
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+ERASE_TRIES = 10
+
+
+def erasing_draws(n: int, height: int, width: int, probability: float, generator: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """Random-erasing boxes (top, left, height, width) [4, n] for `n` samples, drawn as timm's
+    RandomErasing draws them: each sample is erased with `probability`, by one box of area
+    U(0.02, 1/3) of the image and aspect ratio log-uniform in [0.3, 1/0.3], the first of 10 tries
+    that fits inside the image (none fits: not erased). Height 0 means not erased. Drawn from a
+    CPU generator for the whole set at once, then copied to `device` in one go."""
+    area = torch.empty(n, ERASE_TRIES).uniform_(*ERASE_AREA, generator=generator) * (height * width)
+    aspect = torch.empty(n, ERASE_TRIES).uniform_(*ERASE_LOG_ASPECT, generator=generator).exp()
+    box_h, box_w = (area * aspect).sqrt().round().long(), (area / aspect).sqrt().round().long()
+    fits = (box_h < height) & (box_w < width)
+    first = fits.long().argmax(1, keepdim=True)  # the first try that fits
+    box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
+    erase = (torch.rand(n, generator=generator) < probability) & fits.any(1)
+    top = (torch.rand(n, generator=generator) * (height - box_h + 1)).long().clamp_(max=height - 1)
+    left = (torch.rand(n, generator=generator) * (width - box_w + 1)).long().clamp_(max=width - 1)
+    return torch.stack([top, left, box_h * erase, box_w * erase]).to(device)
+
+
+def apply_erasing(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Fill each sample's box of x [B, C, H, W] (normalised) with per-pixel N(0, 1) noise, as timm's
+    mode='pixel' does; boxes: [4, B] (top, left, height, width) on x's device. A fixed number of
+    kernels whatever B (timm's loop launches two per erased image), no host synchronisation,
+    x's layout kept."""
+    top, left, box_h, box_w = boxes[:, :, None].unbind(0)  # each [B, 1]
+    rows = torch.arange(x.shape[2], device=x.device)[None, :]
+    cols = torch.arange(x.shape[3], device=x.device)[None, :]
+    inside_rows = (rows >= top) & (rows < top + box_h)    # [B, H]
+    inside_cols = (cols >= left) & (cols < left + box_w)  # [B, W]
+    mask = inside_rows[:, None, :, None] & inside_cols[:, None, None, :]
+    return torch.where(mask, torch.randn_like(x), x)
+
+
 class _Normalizer:
     def __init__(self, normalize: str, device: torch.device, image_size: int, channels_last: bool):
         mean, std = MEANS[normalize]
@@ -87,10 +126,7 @@ class TensorLoader:
         self.epoch = 0
         self.drop_last = train and self._local_count() > batch_size
         self.norm = _Normalizer(data_cfg.normalize, device, data_cfg.image_size, channels_last)
-        self.erasing = None
-        if train and data_cfg.random_erasing > 0:
-            from timm.data.random_erasing import RandomErasing
-            self.erasing = RandomErasing(probability=data_cfg.random_erasing, mode="pixel", device=str(device))
+        self.erasing = data_cfg.random_erasing if train else 0.0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -130,6 +166,9 @@ class TensorLoader:
         pad = self.cfg.crop_padding if self.cfg.augment == "crop_flip" else 0
         if augment:
             dy, dx, mask = crop_flip_draws(n, pad, True, aug_g, self.images.device)
+        if self.erasing > 0:
+            size = self.cfg.image_size
+            boxes = erasing_draws(n, size, size, self.erasing, aug_g, self.images.device)
         for i in range(len(self)):
             part = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
             idx = order[part]
@@ -137,8 +176,8 @@ class TensorLoader:
             if augment:
                 x = apply_crop_flip(x, pad, dy[part], dx[part], mask[part])
             x = self.norm(x.float().div_(255))
-            if self.erasing is not None:
-                x = self.erasing(x)
+            if self.erasing > 0:
+                x = apply_erasing(x, boxes[:, part])
             yield x, y
 
 
@@ -181,6 +220,8 @@ class StreamLoader:
         self.train = train
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.erasing = data_cfg.random_erasing if train else 0.0
+        self.erase_generator = torch.Generator().manual_seed(seed + 7907)
         self.seed = seed
         self.sampler = None
         if world_size > 1:
@@ -194,6 +235,7 @@ class StreamLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100003 + epoch)
+        self.erase_generator.manual_seed(self.seed * 100003 + epoch + 7907)
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 
@@ -209,6 +251,9 @@ class StreamLoader:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.erasing > 0:  # as the in-memory loader does; these batches come from the host anyway
+                x = apply_erasing(x, erasing_draws(x.shape[0], x.shape[2], x.shape[3], self.erasing,
+                                                   self.erase_generator, self.device))
             yield x, torch.as_tensor(y).to(self.device, non_blocking=True)
 
 
