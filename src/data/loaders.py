@@ -2,8 +2,8 @@
 
 `TensorLoader` keeps the whole uint8 split on the device (a CIFAR-10 train split is 150 MB) and
 does crop, flip, resize, normalisation and random erasing there, in batches (a fixed number of
-kernels per batch, whatever its size): no CPU worker
-sits between the GPU and its data, which matters on a 2-core laptop. `StreamLoader` is the
+kernels per batch, whatever its size): no CPU worker sits between the GPU and its data, which
+matters on a 2-core laptop. `StreamLoader` is the
 classic torchvision DataLoader path for image trees that do not fit in memory; both yield
 (images float [B, 3, S, S] normalised, labels int64 [B]) on the device.
 """
@@ -221,8 +221,8 @@ class StreamLoader:
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.erasing = data_cfg.random_erasing if train else 0.0
-        self.erase_generator = torch.Generator().manual_seed(seed + 7907)
-        self.seed = seed
+        self.seed, self.rank = seed, rank
+        self.erase_generator = torch.Generator().manual_seed(seed * 100003 + 7907 * (rank + 1))
         self.sampler = None
         if world_size > 1:
             self.sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=train,
@@ -235,7 +235,7 @@ class StreamLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100003 + epoch)
-        self.erase_generator.manual_seed(self.seed * 100003 + epoch + 7907)
+        self.erase_generator.manual_seed(self.seed * 100003 + epoch + 7907 * (self.rank + 1))  # boxes differ by rank
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 
