@@ -54,7 +54,10 @@ def test_a_compiled_chain_compiles_before_its_epochs_and_never_during_them(tmp_p
                                  "grad_checkpointing": True, **VIT},
                                {"name": "student", "model": "vit_tiny_patch16_224", "role": "student",
                                 "teacher": "teacher", **VIT}])
-    run_chain(cfg, tmp_path / "run", progress=False)
+    try:
+        run_chain(cfg, tmp_path / "run", progress=False)
+    finally:
+        torch._dynamo.reset()  # no compiled graphs left behind for the tests that follow
     assert compiled_in_epochs == [0, 0, 0, 0]  # two stages x two epochs
     if kind == "vit":
         assert len(list((tmp_path / "run" / "student" / "attention").glob("*.png"))) == 2
@@ -62,4 +65,3 @@ def test_a_compiled_chain_compiles_before_its_epochs_and_never_during_them(tmp_p
         info = json.loads((tmp_path / "run" / stage / "stage.json").read_text())
         assert info["compile"] is True and info["compile_seconds"] > 0
         assert info["grad_checkpointing"] is (kind == "vit" and stage == "teacher")
-    torch._dynamo.reset()
