@@ -3,9 +3,9 @@
 `TensorLoader` keeps the whole uint8 split on the device (a CIFAR-10 train split is 150 MB) and
 does crop, flip, resize, normalisation and random erasing there, in batches (a fixed number of
 kernels per batch, whatever its size): no CPU worker sits between the GPU and its data, which
-matters on a 2-core laptop. `StreamLoader` is the
-classic torchvision DataLoader path for image trees that do not fit in memory; both yield
-(images float [B, 3, S, S] normalised, labels int64 [B]) on the device.
+matters on a 2-core laptop. `StreamLoader` is the classic torchvision DataLoader path for image
+trees that do not fit in memory; both yield (images float [B, 3, S, S] normalised, one memory
+layout for every batch, labels int64 [B]) on the device.
 """
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ class StreamLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.erasing = data_cfg.random_erasing if train else 0.0
         self.seed, self.rank = seed, rank
-        self.erase_generator = torch.Generator().manual_seed(seed * 100003 + 7907 * (rank + 1))
+        self.erase_generator = torch.Generator().manual_seed(self._erase_seed(0))
         self.sampler = None
         if world_size > 1:
             self.sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=train,
@@ -233,9 +233,12 @@ class StreamLoader:
             num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
             generator=self.generator, persistent_workers=data_cfg.num_workers > 0)
 
+    def _erase_seed(self, epoch: int) -> int:
+        return self.seed * 100003 + epoch + 7907 * (self.rank + 1)  # the erasing boxes differ by rank
+
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100003 + epoch)
-        self.erase_generator.manual_seed(self.seed * 100003 + epoch + 7907 * (self.rank + 1))  # boxes differ by rank
+        self.erase_generator.manual_seed(self._erase_seed(epoch))
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 
