@@ -243,7 +243,7 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
             n = int(first.index.max())
             steps = first["steps"].iloc[0]
             if pd.notna(steps) and steps > 0:  # the schedule as the scheduler applied it, per optimizer step
-                per_step = lr_schedule(float(srow["lr"]), n, int(steps), cfg.train.warmup_epochs, cfg.train.min_lr_ratio)
+                per_step = lr_schedule(float(srow["lr"]), cfg.train, n, int(steps))
                 lr[stage] = pd.Series(per_step, index=1 + np.arange(len(per_step)) / steps)
             st = cfg.stage(stage)
             alpha[stage] = pd.Series([schedule_kd_alpha(e, n, cfg.kd.alpha_start, cfg.kd.alpha_end) if st.teacher else 0.0

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from src.distillation.config import TrainConfig
 from src.distillation.engine import (Precision, StepContext, compile_warmup, lr_schedule, prepare_teacher,
                                      train_one_epoch, warmup_steps_for)
 from src.distillation.stage import make_optimizer
@@ -153,7 +154,7 @@ def test_bf16_teacher_gives_the_logits_autocast_gives():
 def test_warmup_is_capped_so_a_short_run_reaches_its_peak_and_decays():
     # 3 epochs of 10 steps with the ViT preset's 5 warm-up epochs
     assert warmup_steps_for(5, 10, 30) == 6
-    lrs = lr_schedule(1e-3, 3, 10, 5, 0.01)
+    lrs = lr_schedule(1e-3, TrainConfig(warmup_epochs=5, min_lr_ratio=0.01), 3, 10)
     assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 0.05 * 1e-3
     assert warmup_steps_for(2, 100, 4000) == 200  # a long run keeps its configured warm-up
 

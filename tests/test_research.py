@@ -59,7 +59,7 @@ def test_learning_rate_column_is_what_the_epoch_used(baseline_run):
     terms = read_epoch_csv(run / "teacher" / "epoch_terms.csv", TERMS_COLUMNS)
     steps = int(terms[0]["steps"])
     lr = _stage(run, "teacher")["lr"]
-    per_step = lr_schedule(lr, 2, steps, cfg.train.warmup_epochs, cfg.train.min_lr_ratio)
+    per_step = lr_schedule(lr, cfg.train, 2, steps)
     for e, (row, term) in enumerate(zip(rows, terms)):
         used = per_step[e * steps:(e + 1) * steps]
         assert row["learning_rate"] == pytest.approx(np.mean(used), rel=1e-6)

@@ -127,6 +127,7 @@ class TensorLoader:
         self.drop_last = train and self._local_count() > batch_size
         self.norm = _Normalizer(data_cfg.normalize, device, data_cfg.image_size, channels_last)
         self.erasing = data_cfg.random_erasing if train else 0.0
+        self.batch_index: Optional[torch.Tensor] = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -178,7 +179,21 @@ class TensorLoader:
             x = self.norm(x.float().div_(255))
             if self.erasing > 0:
                 x = apply_erasing(x, boxes[:, part])
+            self.batch_index = idx  # which images of the split this batch holds (cached teacher logits)
             yield x, y
+
+    @property
+    def same_inputs_every_epoch(self) -> bool:
+        """True when an image enters the model identically in every epoch (no augmentation): what
+        a frozen teacher computes on it can then be computed once."""
+        return not self.train or (self.cfg.augment == "none" and self.erasing == 0)
+
+    def in_order(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images, their indices) of the whole split in index order, as the training
+        batches present them when nothing is augmented."""
+        for start in range(0, len(self.labels), self.batch_size):
+            idx = torch.arange(start, min(len(self.labels), start + self.batch_size), device=self.images.device)
+            yield self.norm(self.images[idx].float().div_(255)), idx
 
 
 class _FileDataset(torch.utils.data.Dataset):

@@ -11,6 +11,7 @@ run_dir/
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ from src.distillation.planner import apply_vram_budget, compile_decision, probe_
 from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, stage_seeds, use_channels_last
 from src.models import count_params, is_vit
 from src.utils.checkpoint import atomic_write_text
-from src.utils.devices import resolve_device
+from src.utils.devices import resolve_device, set_cpu_threads
 from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
 from src.utils.logger import get_console, is_verbose
@@ -111,7 +112,7 @@ def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
     plan = StagePlan(epochs=stage.epochs or cfg.train.epochs, batch_size=stage.batch_size or cfg.train.batch_size,
                      grad_checkpointing=stage.grad_checkpointing or requires_gradient_checkpointing(stage.model),
                      compile=cfg.train.compile == "true")
-    if device.type != "cuda" or not cfg.train.auto_batch:
+    if not cfg.train.auto_batch or (device.type != "cuda" and cfg.train.compile != "auto"):
         return plan
     images = plan.epochs * train_images if train_images else None
     key = (_plan_key(cfg, stage), str(device))
@@ -220,6 +221,7 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
     if main:
         check_writable(run_dir)
     device = resolve_device(cfg.train.device, ds.local_rank if ds.enabled and cfg.train.device != "cpu" else None)
+    threads = set_cpu_threads(device, int(os.environ.get("LOCAL_WORLD_SIZE", ds.world_size if ds.enabled else 1)))
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
     budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
     if not main:
@@ -237,7 +239,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if not resume or not (run_dir / "config.yaml").exists():
             save_config(cfg, run_dir / "config.yaml")
         env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
-                                         "world_size": ds.world_size, "distributed_backend": dist.backend()},
+                                         "world_size": ds.world_size, "distributed_backend": dist.backend(),
+                                         "cpu_threads": threads or torch.get_num_threads()},
                                  device=device)
         atomic_write_text(run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json"),
                           json.dumps(env, indent=2))

@@ -45,16 +45,20 @@ class TrainConfig:
     batch_size: int = 128
     optimizer: str = "adamw"           # adamw | sgd (Nesterov momentum); both fused where torch has it
     lr: float = 1e-3
+    role_lr: bool = True               # LR times 1.0 / 0.75 / 0.5 for teacher / assistant / student (false: every stage lr)
     momentum: float = 0.9              # sgd only
     weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    schedule: str = "cosine"           # cosine (to min_lr_ratio) | step (x lr_gamma at each of lr_milestones) | constant
+    lr_milestones: list = field(default_factory=list)  # step: epochs after which the LR is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 1.0         # linear warm-up before any schedule (capped at 20% of the stage's steps)
     min_lr_ratio: float = 0.01
     grad_clip: float = 1.0             # max global grad norm (0 = off)
     label_smoothing: float = 0.0       # for stages that teach no other stage; a teacher's default is 0 (see StageConfig)
     amp: bool = True                   # bf16 where supported, fp16 + GradScaler otherwise; fp32 on CPU
     amp_dtype: str = "auto"            # auto | bf16 | fp16 (fp16 forces the GradScaler path of Turing cards)
-    channels_last: str = "auto"        # auto (CNNs on CUDA) | true | false
-    compile: str = "auto"              # auto (probe: on where it measurably helps, CUDA only) | true | false
+    channels_last: str = "auto"        # auto (CNNs) | true | false
+    compile: str = "auto"              # auto (probe: on where it measurably pays off, CUDA and CPU) | true | false
     device: str = "auto"               # auto | cpu | cuda | cuda:N
     vram_budget_gb: float = 6.0        # the process is capped to this much GPU memory (0 = no cap)
     auto_batch: bool = True            # on CUDA: probe micro-batch / checkpointing to fit the budget
@@ -140,6 +144,7 @@ _CHOICES = {
     ("train", "compile"): ("auto", "true", "false"),
     ("train", "amp_dtype"): ("auto", "bf16", "fp16"),
     ("train", "optimizer"): ("adamw", "sgd"),
+    ("train", "schedule"): ("cosine", "step", "constant"),
     ("stage", "role"): ("teacher", "assistant", "student", None),
 }
 
@@ -173,6 +178,10 @@ def _check_type(path: str, value: Any, annotation: Any) -> Any:
             return str(value).lower()
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if annotation is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
         return value
     if annotation is dict or origin is dict:
         if not isinstance(value, dict):
@@ -234,6 +243,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     need(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
+    need(all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in t.lr_milestones)
+         and list(t.lr_milestones) == sorted(set(t.lr_milestones)),
+         f"train.lr_milestones must be increasing whole epochs >= 1, got {t.lr_milestones}")
+    need(t.schedule != "step" or bool(t.lr_milestones), "train.schedule: step needs train.lr_milestones, e.g. [80, 120]")
+    need(0 < t.lr_gamma <= 1, f"train.lr_gamma must be in (0, 1], got {t.lr_gamma}")
     need(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")

@@ -103,6 +103,7 @@ class StepContext:
     num_classes: int = 0
     should_stop: Callable[[], bool] = field(default=lambda: False)
     nan_check_every: int = 50             # host reads the non-finite flag this often (fused optimizers)
+    teacher_logits: Optional[torch.Tensor] = None  # [N, C] the frozen teacher's logits for every training image
 
 
 class StopRequested(Exception):
@@ -193,14 +194,18 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
         start = 0
         step_sums = torch.zeros(3, device=device)
         for k, n in enumerate(chunks):
-            xs, ts = x[start:start + n], targets[start:start + n]
+            part = slice(start, start + n)
+            xs, ts = x[part], targets[part]
             start += n
             # DDP: all-reduce gradients once per optimizer step, on the last micro-batch only
             sync = model.no_sync() if k < len(chunks) - 1 and hasattr(model, "no_sync") else nullcontext()
             teacher_logits = None
             if ctx.teacher is not None and alpha > 0:
-                with torch.no_grad(), ctx.precision.autocast():
-                    teacher_logits = ctx.teacher(xs)
+                if ctx.teacher_logits is not None:  # computed once: the inputs are the same every epoch
+                    teacher_logits = ctx.teacher_logits[loader.batch_index[part]]
+                else:
+                    with torch.no_grad(), ctx.precision.autocast():
+                        teacher_logits = ctx.teacher(xs)
             with sync:
                 with ctx.precision.autocast():
                     logits = model(xs)
@@ -288,6 +293,32 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int = 
     return out
 
 
+MAX_TEACHER_CACHE_BYTES = 1 << 30
+
+
+@torch.no_grad()
+def teacher_logits_table(teacher: nn.Module, loader, precision: Precision) -> Optional[torch.Tensor]:
+    """The frozen teacher's logits [N, C] for every image of the training split, in index order,
+    when the loader presents each image identically in every epoch (no augmentation, no
+    erasing; the caller rules out mixup): the teacher's forward then runs once per stage instead
+    of once per epoch, with the same inputs, precision and eval mode as the online forward.
+    None when that does not hold, or the table would pass MAX_TEACHER_CACHE_BYTES."""
+    if not getattr(loader, "same_inputs_every_epoch", False):
+        return None
+    n = len(loader.labels)
+    table = None
+    teacher.eval()
+    for x, idx in loader.in_order():
+        with precision.autocast():
+            logits = teacher(x)
+        if table is None:
+            if n * logits.shape[1] * logits.element_size() > MAX_TEACHER_CACHE_BYTES:
+                return None
+            table = torch.empty(n, logits.shape[1], dtype=logits.dtype, device=logits.device)
+        table[idx] = logits
+    return table
+
+
 def compile_warmup(ctx: StepContext, sample: torch.Tensor) -> float:
     """Compile ctx.model (forward and backward) and the teacher on one micro-batch of `sample`
     before training, so the compilation is timed apart from the epochs. Weights, buffers
@@ -339,9 +370,27 @@ def warmup_steps_for(warmup_epochs: float, steps_per_epoch: int, total_steps: in
     return min(int(round(warmup_epochs * steps_per_epoch)), int(MAX_WARMUP_FRACTION * total_steps))
 
 
-def lr_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float, min_ratio: float) -> list:
-    """The LR of every optimizer step of a stage, as its scheduler applies it (for the figures)."""
+def lr_multiplier(train, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """The LR multiplier of every optimizer step of a stage (for LambdaLR), from `train`'s
+    schedule: linear warm-up (capped at MAX_WARMUP_FRACTION of the stage), then
+    - cosine: cosine decay to train.min_lr_ratio;
+    - step: times train.lr_gamma after each epoch listed in train.lr_milestones (80, 120: epochs
+      1-80 at the base LR, 81-120 at a tenth, the rest at a hundredth);
+    - constant: the base LR throughout."""
     total = epochs * steps_per_epoch
-    f = warmup_cosine(total, warmup_steps_for(warmup_epochs, steps_per_epoch, total), min_ratio)
-    return [base_lr * f(s) for s in range(total)]
+    warmup = warmup_steps_for(train.warmup_epochs, steps_per_epoch, total)
+    if train.schedule == "cosine":
+        return warmup_cosine(total, warmup, train.min_lr_ratio)
+    bounds = [m * steps_per_epoch for m in train.lr_milestones] if train.schedule == "step" else []
+    gamma = train.lr_gamma
 
+    def f(step: int) -> float:
+        ramp = (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
+        return ramp * gamma ** sum(step >= b for b in bounds)
+    return f
+
+
+def lr_schedule(base_lr: float, train, epochs: int, steps_per_epoch: int) -> list:
+    """The LR of every optimizer step of a stage, as its scheduler applies it (for the figures)."""
+    f = lr_multiplier(train, steps_per_epoch, epochs)
+    return [base_lr * f(s) for s in range(epochs * steps_per_epoch)]

@@ -12,6 +12,7 @@ from torch import nn
 
 from src.data.sources import MEANS
 from src.models import is_vit
+from src.models.takd_paper import NEEDS_IMG_SIZE
 from src.utils.checkpoint import atomic_write_text
 
 
@@ -27,7 +28,7 @@ def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -
     create_kwargs = {"num_classes": len(classes), **stage.model_kwargs}
     if stage.patch_size:
         create_kwargs["patch_size"] = stage.patch_size
-    if is_vit(stage.model) and not stage.model.startswith("hf:"):
+    if (is_vit(stage.model) and not stage.model.startswith("hf:")) or stage.model in NEEDS_IMG_SIZE:
         create_kwargs["img_size"] = size
     timm_ok = not stage.model.startswith("hf:") and not stage.cifar_stem
     info = {

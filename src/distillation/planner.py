@@ -15,7 +15,7 @@
   the chosen setting and kept only when it pays off over the stage: at least 5% faster, and the
   training time it saves over the stage's images more than the compilation costs. A stage whose
   eager training would take under COMPILE_MIN_STAGE_S is not even probed (a probe compiles).
-Without CUDA nothing is probed: the configured batch is used as is.
+On a CPU the configured batch is used as is; compile=auto is measured there too.
 """
 from __future__ import annotations
 
@@ -170,7 +170,8 @@ def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_s
     when checkpointing is on. `images_to_train` (the stage's epochs x images per epoch) lets the
     compile decision weigh the time compiling saves against what it costs."""
     if device.type != "cuda":
-        return replace(plan, notes=plan.notes + ["no CUDA: configured batch used, nothing probed"])
+        return _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num_classes, device,
+                          channels_last, compile_mode, images_to_train)
     limit = max(0.5, budget_gb - SAFETY_MARGIN_GIB) if budget_gb > 0 else float("inf")
     teacher = None
     if teacher_builder is not None:
@@ -213,6 +214,30 @@ def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_s
     finally:
         _release(teacher, device)
         torch.cuda.empty_cache()
+
+
+def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num_classes, device, channels_last,
+               compile_mode, images_to_train):
+    """On a CPU no memory limit applies: the configured batch is kept, and with compile=auto
+    torch.compile is measured against eager as on CUDA (kept only where it pays off)."""
+    plan = replace(plan, notes=plan.notes + ["CPU: configured batch used"])
+    if compile_mode != "auto":
+        return replace(plan, compile=compile_mode == "true")
+    precision = Precision(device.type, None)
+    model = teacher = None
+    try:
+        model = _fresh(model_builder, plan.grad_checkpointing, model_name, device, channels_last)
+        if teacher_builder is not None:
+            teacher = prepare_teacher(teacher_builder(), device, precision, channels_last)
+        eager = measure_steps(model, teacher, plan.batch_size, image_size, num_classes, precision, channels_last)
+    finally:
+        _release(model, device)
+        _release(teacher, device)
+    plan = replace(plan, probe_img_per_s=round(eager["img_per_s"], 1),
+                   notes=plan.notes + [f"probe: eager {eager['img_per_s']:.0f} img/s"])
+    return plan_compile(plan, eager["img_per_s"], images_to_train, lambda p: _probe_compile(
+        p, eager, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
+        channels_last, float("inf"), images_to_train))
 
 
 def plan_compile(plan, eager_img_s: float, images_to_train: Optional[int], probe: Callable):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from src.distillation import distributed as dist
-from src.distillation.engine import (Precision, StepContext, compile_warmup, evaluate, train_one_epoch, warmup_cosine,
-                                     warmup_steps_for)
+from src.distillation.engine import (Precision, StepContext, compile_warmup, evaluate, lr_multiplier,
+                                     teacher_logits_table, train_one_epoch)
 from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn
 from src.models.factory import check_state_dict
@@ -74,14 +74,21 @@ def load_weights(model: nn.Module, path, source: str) -> None:
 
 
 def use_channels_last(cfg, stage, device: torch.device) -> bool:
+    """auto: CNNs on any device (on a 2-core CPU 1.2-1.8x faster to train, see benchmarks/RESULTS.md)."""
     setting = cfg.train.channels_last
-    return setting == "true" or (setting == "auto" and device.type == "cuda" and is_cnn(stage.model))
+    return setting == "true" or (setting == "auto" and is_cnn(stage.model))
 
 
 def stage_seeds(cfg, stage) -> dict:
     """The stage's random streams, derived from (run seed, stream name): see derive_seed."""
     stream = stage.seed_stream or stage.name
     return {"init": derive_seed(cfg.seed, f"{stream}/init"), "data": derive_seed(cfg.seed, f"{stream}/data")}
+
+
+def stage_lr(cfg, stage) -> float:
+    """The stage's base LR: its own `lr` or train.lr, times its role's factor unless train.role_lr is off."""
+    base = stage.lr or cfg.train.lr
+    return get_model_specific_lr(stage.model, base, stage.role or role_from_model_name(stage.model)) if cfg.train.role_lr else base
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device, kind: str = "adamw",
@@ -175,6 +182,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
     role = stage.role or role_from_model_name(stage.model)
     label_smoothing = cfg.label_smoothing(stage)
     lr, compile_seconds, epochs_done, best_epoch, train_seconds, retries = 0.0, 0.0, 0, 0, 0.0, 0
+    teacher_cache_seconds = 0.0
     optimizer = scheduler = scaler = None
 
     if stage.checkpoint:  # ---- a trained model handed in: evaluate it, train nothing
@@ -187,12 +195,9 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         # ---- optimiser, schedule (warm-up capped to a fraction of the run), DDP, compile
         plan.grad_checkpointing = enforce_gradient_checkpointing(model, stage.model, verbose=verbose,
                                                                  force=plan.grad_checkpointing, measured=plan.ckpt_memory)
-        lr = get_model_specific_lr(stage.model, stage.lr or cfg.train.lr, role)
+        lr = stage_lr(cfg, stage)
         optimizer = make_optimizer(model, lr, cfg.train.weight_decay, device, cfg.train.optimizer, cfg.train.momentum)
-        steps_per_epoch = len(loaders["train"])
-        total_steps = plan.epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-            total_steps, warmup_steps_for(cfg.train.warmup_epochs, steps_per_epoch, total_steps), cfg.train.min_lr_ratio))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.train, len(loaders["train"]), plan.epochs))
         scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
         train_model = model
         if dist.state().enabled:  # one replica per rank; each rank runs its own frozen teacher forward
@@ -236,6 +241,15 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
             for logger, row in zip(loggers, ck_rows or (None, None)):
                 if logger is not None and row is not None and len(logger.rows()) == start_epoch - 2:
                     logger.log(row)  # killed between saving last.pt and logging its row: the row is in last.pt
+
+        # ---- a frozen teacher that sees the same inputs every epoch runs once (its logits cached)
+        if teacher is not None and ctx.mixup is None and start_epoch <= plan.epochs:
+            t_cache = time.perf_counter()
+            ctx.teacher_logits = teacher_logits_table(teacher, loaders["train"], precision)
+            if ctx.teacher_logits is not None:
+                teacher_cache_seconds = time.perf_counter() - t_cache
+                log.info(f"  {stage.name}: teacher logits of {len(ctx.teacher_logits):,} training images computed once "
+                         f"({teacher_cache_seconds:.1f}s): no augmentation, so every epoch would repeat them")
 
         # ---- compile before the first epoch, timed apart from it
         if plan.compile and start_epoch <= plan.epochs:
@@ -335,6 +349,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         "img_per_s": trained_images / sum(t["train_seconds"] for t in terms_rows) if terms_rows else 0.0,
         "eval_seconds": sum(t["eval_seconds"] for t in terms_rows) + test_seconds,
         "compile_seconds": sum(t["compile_seconds"] for t in terms_rows),
+        "teacher_cache_seconds": round(teacher_cache_seconds, 2),
         "alloc_retries": retries,  # cache flushes at the memory cap during this process's training epochs
         "optimizer": cfg.train.optimizer, "lr": lr, "precision": precision.name, "label_smoothing": label_smoothing, "batch_size": plan.batch_size,
         "micro_batch": plan.micro_batch or plan.batch_size, "grad_checkpointing": plan.grad_checkpointing,

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from src.models.takd_paper import NEEDS_IMG_SIZE  # registers the TAKD paper's models with timm
 from src.utils.errors import CheckpointError, ConfigError
 
 _VIT_PREFIXES = ("vit", "deit", "eva", "beit", "hf:")
@@ -129,10 +130,10 @@ def create_model(name: str, num_classes: int, *, image_size: Optional[int] = Non
     kwargs = dict(model_kwargs, num_classes=num_classes)
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
-    if is_vit(name):
+    if is_vit(name) or name in NEEDS_IMG_SIZE:
         if image_size:
             kwargs["img_size"] = image_size
-        if patch_size:
+        if patch_size and is_vit(name):
             kwargs["patch_size"] = patch_size
     if pretrained_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))

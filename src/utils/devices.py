@@ -118,3 +118,20 @@ def alloc_retries(device: DeviceLike = None) -> int:
     if not (is_cuda(device) and torch.cuda.is_available()):
         return 0
     return int(torch.cuda.memory_stats(cuda_index(device)).get("num_alloc_retries", 0))
+
+
+def set_cpu_threads(device: torch.device, local_world_size: int = 1) -> Optional[int]:
+    """On a CPU, give torch the cores this process may use (its CPU affinity, not the host's count,
+    which a container or `taskset` limits), shared out between the ranks of this machine so that
+    gloo runs do not oversubscribe them. An explicit OMP_NUM_THREADS wins. Returns the count set
+    (None when nothing was changed)."""
+    import os
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads

@@ -59,3 +59,18 @@ def wilson_interval(correct: int, n: int) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def holm(p_values) -> list:
+    """Holm's step-down adjustment of several p-values tested together (family-wise error at
+    ALPHA): the k-th smallest is multiplied by (m - k + 1), made monotone, capped at 1.
+    Compare the adjusted values with ALPHA."""
+    p = np.asarray(list(p_values), float)
+    m = len(p)
+    order = np.argsort(p)
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
