@@ -88,6 +88,12 @@ def check_presets():
     return f"{len(presets)} presets"
 
 
+def check_runs_folder(runs: Path):
+    if not runs.is_dir():
+        raise AssertionError(f"{runs} {'is not a folder' if runs.exists() else 'does not exist'}")
+    return str(runs)
+
+
 def check_csvs(runs: Path):
     from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
     csvs = sorted(runs.rglob("epoch_log.csv")) if runs.is_dir() else []
@@ -108,7 +114,11 @@ def check_run_folder(run: Path):
     cfg = load_config(run / "config.yaml")
     summary = pd.read_csv(run / "summary.csv") if (run / "summary.csv").exists() else None
     if summary is None:
-        raise AssertionError("no summary.csv (unfinished run? continue it with --resume)")
+        holder = _live_owner(run)
+        if holder:
+            return f"in progress: still being written by {holder}, not checked"
+        raise AssertionError("unfinished and not running (no summary.csv, no live process holds it): "
+                             "continue it with --resume")
     for stage in cfg.stages:
         d = run / stage.name
         info = json.loads((d / "stage.json").read_text())
@@ -129,6 +139,18 @@ def check_run_folder(run: Path):
             if abs(float(match.iloc[0][key]) - float(info[key])) > 1e-9:
                 raise AssertionError(f"summary.csv {key} of {stage.name} differs from {stage.name}/stage.json")
     return f"{len(cfg.stages)} stages"
+
+
+def _live_owner(run: Path):
+    """The live process writing this run (its folder or its --seeds parent), if any."""
+    from src.utils import runlock
+    for folder in (run, run.parent) if (run.parent / "seeds.json").exists() else (run,):
+        try:
+            runlock.acquire(folder, "validating it").release()
+        except runlock.RunFolderBusy:
+            info = runlock.owner(folder) or {}
+            return f"pid {info.get('pid')} on {info.get('host')}"
+    return None
 
 
 def check_smoke():
@@ -159,6 +181,8 @@ def main(argv=None) -> int:
     c.check("imports", check_imports)
     c.check("guards self-test", check_self_test)
     c.check("presets", check_presets)
+    if args.runs != p.get_default("runs"):  # a folder named on the command line must exist: a typo fails
+        c.check("runs folder", lambda: check_runs_folder(args.runs))
     c.check("epoch CSV schemas", lambda: check_csvs(args.runs))
     if args.runs.is_dir():
         for cfg_file in sorted(args.runs.rglob("config.yaml")):

@@ -35,7 +35,7 @@ PRESETS = {"cnn": "cnn_distillation/configs/cifar10.yaml", "vit": "vit_distillat
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--chains", default="cnn,vit")
     p.add_argument("--data-root", default=str(ROOT.parent / "shared/data/cifar10-jpeg.tar.gz"),
                    help="ImageFolder tree or its .tar.gz (default: ../shared/data/cifar10-jpeg.tar.gz)")

@@ -62,13 +62,13 @@ def _peak_tflops(name: str, override):
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def _synthetic_split(n: int, size: int = 32, classes: int = 10) -> Split:
+def synthetic_split(n: int, size: int = 32, classes: int = 10) -> Split:
     g = torch.Generator().manual_seed(0)
     return Split(labels=torch.randint(0, classes, (n,), generator=g),
                  images=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g))
 
 
-def _context(cfg, stage, model, teacher, precision, plan, device) -> StepContext:
+def stage_step_context(cfg, stage, model, teacher, precision, plan, device) -> StepContext:
     """The stage's training step as the chain builds it (its recipe: label smoothing, gradient
     clipping, mixup / cutmix, KD temperature, micro-batch), on a possibly compiled model."""
     train_model = torch.compile(model) if plan.compile else model
@@ -80,7 +80,7 @@ def _context(cfg, stage, model, teacher, precision, plan, device) -> StepContext
 
 def engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample) -> tuple[float, float]:
     """Warm-up epoch, then a timed epoch through the real engine; returns (img/s, compile seconds)."""
-    ctx = _context(cfg, stage, model, teacher, precision, plan, sample.device)
+    ctx = stage_step_context(cfg, stage, model, teacher, precision, plan, sample.device)
     compile_s = compile_warmup(ctx, sample) if plan.compile else 0.0
     alpha = 0.5 if teacher is not None else 0.0
     train_one_epoch(ctx, loader, alpha=alpha, progress=False)
@@ -94,7 +94,7 @@ def bare_img_per_s(cfg, stage, model, teacher, batches, precision, plan) -> floa
     the stage's recipe (mixup, label smoothing, gradient clipping); no metrics, NaN guard,
     schedule, LR log or progress display. Same model, teacher, micro-batch, checkpointing, compile."""
     device = batches[0][0].device
-    ctx = _context(cfg, stage, model, teacher, precision, plan, device)
+    ctx = stage_step_context(cfg, stage, model, teacher, precision, plan, device)
     train_model, opt, micro = ctx.model, ctx.optimizer, plan.micro_batch
     alpha = 0.5 if teacher is not None else 0.0
 
@@ -181,7 +181,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
     plan = plan_stage(cfg, stage, builder, tbuilder, device, precision, cl, args.budget_gb, args.batch,
                       args.no_compile, args.tiny)
     data_cfg = replace(cfg.data, num_workers=args.workers)  # the recipe as the chain runs it, random erasing included
-    split = _synthetic_split(plan.batch_size * args.steps)
+    split = synthetic_split(plan.batch_size * args.steps)
     micro = plan.micro_batch or plan.batch_size
 
     def make(fp32=False):
@@ -219,7 +219,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
     if not args.no_baseline:
         base_bs = _largest_fp32_batch(builder, tbuilder, size, device, args) if device.type == "cuda" else plan.batch_size
         model, teacher = make(fp32=True)
-        bl = StreamLoader(_synthetic_split(base_bs * args.steps), base_bs, device, True, data_cfg, from_tensors=True)
+        bl = StreamLoader(synthetic_split(base_bs * args.steps), base_bs, device, True, data_cfg, from_tensors=True)
         base, _ = engine_img_per_s(cfg, stage, model, teacher, bl, Precision(device.type, None),
                                    StagePlan(epochs=1, batch_size=base_bs), sample)
         release(model, teacher)
@@ -279,8 +279,10 @@ def _has_tabulate() -> bool:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--chains", default="cnn,vit")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    p.add_argument("--chains", default="cnn,vit",
+                   help="comma-separated: cnn, vit (the presets' stages), takd (the TAKD paper's plain CNN 10 and "
+                        "2 <- 4, CIFAR ResNet 20 and 8 <- 20, with the reproduction's recipe; runs on a CPU too)")
     p.add_argument("--resolutions", default="32,224")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed epoch")
     p.add_argument("--budget-gb", type=float, default=6.0)
@@ -299,6 +301,42 @@ def parse_args(argv=None):
     return args
 
 
+# The TAKD paper's models (--chains takd, CPU or GPU), with the reproduction's recipe: a teacher
+# trained alone and a student distilled from a small teacher, per family.
+TAKD_STAGES = {"plain": [("plain_cnn10", None), ("plain_cnn2", "plain_cnn4")],
+               "resnet": [("cifar_resnet20", None), ("cifar_resnet8", "cifar_resnet20")]}
+
+
+def takd_config(family: str, compile_mode: str):
+    """A config of the reproduction's recipe (benchmarks/reproduce_takd.py) holding TAKD_STAGES[family]."""
+    from argparse import Namespace
+
+    from benchmarks.reproduce_takd import base_config
+    from src.distillation.config import from_dict
+    raw = base_config(f"bench-{family}", family, "cifar10", 10, {"source": "digits", "root": "data"},
+                      Namespace(compile=compile_mode, device="auto"))
+    for model, teacher in TAKD_STAGES[family]:
+        if teacher:
+            raw["stages"].append({"name": f"teacher_{teacher}", "model": teacher, "role": "teacher"})
+        raw["stages"].append({"name": model, "model": model, "role": "student" if teacher else "teacher",
+                              **({"teacher": f"teacher_{teacher}"} if teacher else {})})
+    return from_dict(raw)
+
+
+def _configs(chain: str, res: int, args) -> list:
+    """[(label, config, stages to measure)] for one chain and resolution."""
+    if chain == "takd":
+        out = []
+        for family in TAKD_STAGES:
+            cfg = takd_config(family, "false" if args.no_compile else "auto")
+            out.append((f"takd-{family}", cfg, [s for s in cfg.stages if not s.name.startswith("teacher_")]))
+        return out
+    cfg = load_config(ROOT / PRESETS[(chain, res)])
+    if args.tiny:
+        cfg = replace(cfg, data=replace(cfg.data, image_size=16 if res == 32 else 32))
+    return [(chain, cfg, cfg.stages)]
+
+
 def run(args, stage_filter=None) -> pd.DataFrame:
     """Every stage of the chosen chains and resolutions; one printed line per stage."""
     device = resolve_device("auto")
@@ -306,19 +344,17 @@ def run(args, stage_filter=None) -> pd.DataFrame:
     apply_vram_budget(device, args.budget_gb)
     rows = []
     for chain in args.chains.split(","):
-        for res in (int(r) for r in args.resolutions.split(",")):
-            cfg = load_config(ROOT / PRESETS[(chain, res)])
-            if args.tiny:
-                cfg = replace(cfg, data=replace(cfg.data, image_size=16 if res == 32 else 32))
-            for stage in cfg.stages:
-                t0 = time.perf_counter()
-                row = bench_stage(cfg, stage, device, args, gpu)
-                row.update(chain=chain, gpu=gpu, torch=torch.__version__, date=_dt.date.today().isoformat())
-                rows.append(row)
-                print(f"{chain:>3} {res:>3}px {stage.name:<9} micro {row['micro_batch']:>4} ckpt {str(row['grad_ckpt']):<5} "
-                      f"compile {str(row['compile']):<5} {row['img_per_s']:>8.0f} img/s  bare {row['bare_img_per_s']}  "
-                      f"x{row['engine_vs_bare']} of bare  baseline {row['baseline_img_per_s']}  "
-                      f"{row['peak_reserved_gib']:.2f} GiB  ({time.perf_counter() - t0:.0f}s)", flush=True)
+        for res in ([32] if chain == "takd" else (int(r) for r in args.resolutions.split(","))):
+            for label, cfg, stages in _configs(chain, res, args):
+                for stage in stages:
+                    t0 = time.perf_counter()
+                    row = bench_stage(cfg, stage, device, args, gpu)
+                    row.update(chain=label, gpu=gpu, torch=torch.__version__, date=_dt.date.today().isoformat())
+                    rows.append(row)
+                    print(f"{chain:>3} {res:>3}px {stage.name:<9} micro {row['micro_batch']:>4} ckpt {str(row['grad_ckpt']):<5} "
+                          f"compile {str(row['compile']):<5} {row['img_per_s']:>8.0f} img/s  bare {row['bare_img_per_s']}  "
+                          f"x{row['engine_vs_bare']} of bare  baseline {row['baseline_img_per_s']}  "
+                          f"{row['peak_reserved_gib']:.2f} GiB  ({time.perf_counter() - t0:.0f}s)", flush=True)
     return pd.DataFrame(rows)
 
 
@@ -328,7 +364,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df[COLUMNS].to_csv(args.out, index=False)
     if not args.tiny:
-        write_results_md(df, args.results_md)
+        write_results_md(df, args.results_md, marker="stages-cpu" if df["gpu"].eq("cpu").all() else "stages")
     print()
     print(df[COLUMNS].to_string(index=False))
     return 0

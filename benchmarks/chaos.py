@@ -156,7 +156,7 @@ def disk_full(cfg: Path, ref: Path, work: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--kills", type=int, default=200, help="total SIGKILLs, over as many rounds as needed")
     p.add_argument("--per-round", type=int, default=10, help="kills before a round is let finish")
     p.add_argument("--seed", type=int, default=0)

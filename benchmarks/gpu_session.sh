@@ -9,7 +9,13 @@
 # Logs and result files are copied to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: gpu_session.sh smoke|tests|stages|profile|cnn|vit}
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+step=${1:-}
+case "$step" in
+  -h|--help|help) usage; exit 0 ;;
+  smoke|tests|stages|profile|cnn|vit) ;;
+  *) echo "unknown step '${step}'" >&2; usage >&2; exit 2 ;;
+esac
 shift
 tar=${CIFAR_TAR:-.gpu_carry/cifar10-jpeg.tar.gz}
 dest=${OUT:-benchmarks/results}
@@ -34,5 +40,4 @@ case "$step" in
   cnn|vit) python benchmarks/bench_accuracy.py --chains "$step" --data-root "$tar" --runs /tmp/bench_runs "$@" 2>&1 \
              | tee "$dest/bench_accuracy_$step.log"
           cp benchmarks/results/accuracy.csv "$dest/" 2>/dev/null ;;
-  *) echo "unknown step $step" >&2; exit 2 ;;
 esac

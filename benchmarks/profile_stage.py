@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 
-from benchmarks.bench_stages import (PRESETS, _context, _synthetic_split, build_for_plan, plan_stage,  # noqa: E402
+from benchmarks.bench_stages import (PRESETS, stage_step_context, synthetic_split, build_for_plan, plan_stage,  # noqa: E402
                                      random_weight_builders)
 from src.data.loaders import TensorLoader  # noqa: E402
 from src.distillation.config import load_config  # noqa: E402
@@ -52,7 +52,7 @@ COPY_EVENTS = ("cudaMemcpyAsync",)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--chain", choices=("cnn", "vit"), default="cnn")
     p.add_argument("--resolution", type=int, choices=(32, 224), default=32)
     p.add_argument("--stage", default="student", help="stage name in the preset (teacher, assistant, student)")
@@ -109,8 +109,8 @@ def run(args) -> dict:
     plan = plan_stage(cfg, stage, builder, tbuilder, device, precision, cl, args.budget_gb, args.batch,
                       args.no_compile, args.tiny)
     model, teacher = build_for_plan(builder, tbuilder, plan, stage.model, device, precision, cl)
-    ctx = _context(cfg, stage, model, teacher, precision, plan, device)
-    loader = TensorLoader(_synthetic_split(plan.batch_size * args.steps, cfg.data.image_size), plan.batch_size, device,
+    ctx = stage_step_context(cfg, stage, model, teacher, precision, plan, device)
+    loader = TensorLoader(synthetic_split(plan.batch_size * args.steps, cfg.data.image_size), plan.batch_size, device,
                           True, replace(cfg.data, num_workers=0), channels_last=cl)
     alpha = 0.5 if teacher is not None else 0.0
     compile_s = 0.0

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from src.utils.stats import ALPHA, holm, t_interval
+from src.utils.stats import ALPHA, holm, paired_correct, t_interval  # noqa: F401 (paired_correct: re-exported)
 
 PAPER = "Mirzadeh et al. 2020, Improved Knowledge Distillation via Teacher Assistant (AAAI)"
 
@@ -96,17 +96,3 @@ def summarise(comparisons: list) -> list:
                     "seeds": len(c.diffs), "diffs": list(c.diffs), "p": list(c.p_values), "p_holm": adj,
                     "significant_seeds": int(sum(p < ALPHA for p in adj)), "verdict": v, "words": VERDICT_WORDS[v]})
     return out
-
-
-def paired_correct(pred_a, pred_b) -> tuple[np.ndarray, np.ndarray]:
-    """Correctness of two students on the same test images, joined on the file id; rows whose
-    labels differ are refused (they are not the same image)."""
-    import pandas as pd
-    merged = pd.merge(pred_a[["file", "y_true", "y_pred"]], pred_b[["file", "y_true", "y_pred"]], on="file",
-                      suffixes=("_a", "_b"), validate="one_to_one")
-    if len(merged) != len(pred_a) or len(merged) != len(pred_b):
-        raise ValueError(f"the two prediction files hold different images ({len(pred_a)} and {len(pred_b)} rows, "
-                         f"{len(merged)} shared)")
-    if (merged["y_true_a"] != merged["y_true_b"]).any():
-        raise ValueError("the two prediction files give different labels for the same image")
-    return ((merged["y_pred_a"] == merged["y_true_a"]).to_numpy(), (merged["y_pred_b"] == merged["y_true_b"]).to_numpy())

@@ -10,6 +10,7 @@ of another tree are matched to the run's classes by name. Exit codes: 0 done, 2 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -54,7 +55,8 @@ def evaluate_run(run_dir: Path, stage: str = "student", split: str = "test", dat
     loader = build_loaders(data, 256, dev, dcfg, False, seed=0)["test"]
     precision = Precision.choose(dev, cfg.train.amp, cfg.train.amp_dtype)
     result = evaluate(loaded.model, loader, precision, len(loaded.classes), return_predictions=True)
-    out = Path(out) if out else Path(run_dir) / "evaluations" / f"{stage}-{split}-{Path(dcfg.root).name or dcfg.source}"
+    data_name = dcfg.source + (f"-{Path(dcfg.root).name}" if dcfg.source == "imagefolder" else "")
+    out = Path(out) if out else Path(run_dir) / "evaluations" / f"{stage}-{split}-{data_name}"
     out.mkdir(parents=True, exist_ok=True)
     save_predictions(out / "predictions.csv", result, chosen.ids)
     metrics = {k: result[k] for k in ("accuracy", "precision", "recall", "f1_score", "loss")}
@@ -75,22 +77,49 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None, help="image tree (root/test/<class>/*) or its .tar.gz")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/evaluations/<stage>-<split>-<data>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=None,
+                   help="a --seeds run: evaluate this seed's model (default: every seed, one output folder each)")
     args = p.parse_args(argv)
     from src.utils.errors import UserError
+    from src.utils.runlock import claim
     run_dir, out = args.run_dir.expanduser().resolve(), args.out.expanduser().resolve() if args.out else None
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)  # relative paths inside a run's config are the repository's, as in training
     try:
-        res = evaluate_run(run_dir, args.stage, args.split, args.data_source, data_root, out, args.device)
+        if out is not None and out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder (metrics.json and predictions.csv go into it)")
+        targets = seed_targets(run_dir, args.seed, out)
+        with claim(run_dir, "evaluating it") if run_dir.is_dir() else contextlib.nullcontext():
+            for label, folder, target_out in targets:
+                res = evaluate_run(folder, args.stage, args.split, args.data_source, data_root, target_out, args.device)
+                print(f"{label}{res['stage']} ({res['model']}) on {res['split']} of {res['data_root']}: accuracy "
+                      f"{res['accuracy']:.4f}, macro F1 {res['f1_score']:.4f}, {res['images']} images -> {res['out']}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         os.chdir(cwd)
-    print(f"{res['stage']} ({res['model']}) on {res['split']} of {res['data_root']}: accuracy {res['accuracy']:.4f}, "
-          f"macro F1 {res['f1_score']:.4f}, {res['images']} images -> {res['out']}")
     return 0
+
+
+def seed_targets(run_dir: Path, seed, out):
+    """[(label, run folder, output folder)]: the run itself, or for a --seeds run the chosen seed or
+    every seed (each with its own output folder, said once)."""
+    from src.utils.errors import UserError
+    meta = run_dir / "seeds.json"
+    if (run_dir / "config.yaml").exists() or not meta.exists():
+        if seed is not None:
+            raise UserError(f"--seed {seed}: {run_dir} is a single-seed run; drop --seed")
+        return [("", run_dir, out)]
+    seeds = json.loads(meta.read_text())["seeds"]
+    if seed is not None and seed not in seeds:
+        raise UserError(f"--seed {seed}: {run_dir} holds seeds {', '.join(map(str, seeds))}")
+    chosen = [seed] if seed is not None else seeds
+    if seed is None:
+        print(f"{run_dir} is a --seeds run: evaluating every seed ({', '.join(map(str, seeds))}); --seed N for one")
+    return [(f"seed {s}: ", run_dir / f"seed_{s}", (out / f"seed_{s}") if out and len(chosen) > 1 else out)
+            for s in chosen]
 
 
 if __name__ == "__main__":

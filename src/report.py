@@ -10,6 +10,7 @@ numbers are then means over seeds with 95% intervals, and differences are tested
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ from src.distillation.config import load_config
 from src.distillation.engine import lr_schedule
 from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
 from src.utils.metrics import normalized_confusion
-from src.utils.stats import ALPHA, bootstrap_diff_ci, mcnemar_exact, t_interval, wilson_interval
+from src.utils.stats import (ALPHA, bootstrap_diff_ci, holm, mcnemar_exact, paired_correct, t_interval,
+                             wilson_interval)
 from src.utils.training_guards import schedule_kd_alpha
 from src.visualization import plots
 
@@ -38,9 +40,12 @@ PROTOCOL = """## Reporting protocol
 - Precision, recall and F1 are macro averages: every class counts equally.
 - Train metrics are measured on the augmented batches while training; under mixup / cutmix they
   are scored against the mixed target's larger share (its argmax), not the unmixed label.
+- Precision, recall and F1 average over the classes present in the evaluated split.
 - `train_loss` in epoch_log.csv is the whole objective (1 − α)·CE + α·T²·KL; epoch_terms.csv has
-  its terms, and the curves plot train CE against validation CE (the same quantity) with the KD
-  term apart. `learning_rate` is the mean LR of the epoch's optimizer steps.
+  its terms. The curves plot the training CE against the targets the model was trained on (label
+  smoothing and mixup / cutmix's soft targets included, on augmented images) beside the validation
+  CE (hard labels, no smoothing, eval mode): not the same quantity, so a gap between them is not
+  overfitting alone. The KD term is apart. `learning_rate` is the mean LR of the epoch's optimizer steps.
 - Warm-up is capped at 20% of a stage's steps, so a short run still reaches its peak LR and decays.
 - Label smoothing is 0 for a stage that another stage distils from (smoothed teachers transfer
   less, Müller et al. 2019, "When does label smoothing help?"); students use train.label_smoothing.
@@ -52,8 +57,10 @@ PROTOCOL = """## Reporting protocol
   it fits (with gradient checkpointing if needed).
 - Differences are paired by seed. Per seed: exact McNemar test on the test images one model gets
   right and the other wrong, and a paired bootstrap 95% interval (2,000 resamples of the test
-  images). Over seeds: mean with a Student-t 95% interval. A difference is called significant
-  only when p < 0.05 (per seed) or the interval excludes 0 (over seeds).
+  images). Over seeds: mean with a Student-t 95% interval. The per-seed tests of a report are
+  tested together, so their p-values are adjusted with Holm's method across all of them; a
+  difference is called significant only when the adjusted p < 0.05 (per seed) or the interval
+  excludes 0 (over seeds). Predictions are paired on the test file id.
 """
 DEMO_NOTE = ("> **Pipeline check, not a result.** This run uses a demo preset (scikit-learn's 8×8 digits, a few "
              "epochs): its numbers show that every stage, file and figure is produced; they say nothing about "
@@ -148,10 +155,12 @@ def differences(rows: pd.DataFrame) -> pd.DataFrame:
                 stages = set(ss["stage"])
                 if a not in stages or b not in stages:
                     continue
-                run_dir = ss.iloc[0]["run_dir"]
-                ca, cb = _correct(run_dir, a), _correct(run_dir, b)
-                if ca is None or cb is None or len(ca) != len(cb):
+                run_dir = Path(ss.iloc[0]["run_dir"])
+                files = [run_dir / st / "test_predictions.csv" for st in (a, b)]
+                if not all(f.exists() for f in files):
                     continue
+                # the same images, joined on the file id (rows of another image or label are refused)
+                ca, cb = paired_correct(*(pd.read_csv(f, usecols=["file", "y_true", "y_pred"]) for f in files))
                 test = mcnemar_exact(ca, cb)
                 lo, hi = bootstrap_diff_ci(ca, cb, seed=int(seed))
                 diff = float(ca.mean() - cb.mean())
@@ -163,7 +172,12 @@ def differences(rows: pd.DataFrame) -> pd.DataFrame:
                 mean, lo, hi = t_interval(per_seed)
                 out.append({"run": run, "difference": name, "seed": f"mean of {len(per_seed)}", "mean": mean,
                             "low": lo, "high": hi, "p_value": np.nan, "significant": bool(lo > 0 or hi < 0)})
-    return pd.DataFrame(out)
+    df = pd.DataFrame(out)
+    if len(df) and df["p_value"].notna().any():  # several tests at once: Holm's correction across all of them
+        tested = df["p_value"].notna()
+        df.loc[tested, "p_holm"] = holm(df.loc[tested, "p_value"])
+        df.loc[tested, "significant"] = df.loc[tested, "p_holm"] < ALPHA
+    return df
 
 
 def _pp(v: float) -> str:
@@ -172,13 +186,13 @@ def _pp(v: float) -> str:
 
 def _diff_md(diffs: pd.DataFrame) -> list[str]:
     lines = ["| run | difference | seed | Δ test acc (pp) | 95% interval (pp) | only A right / only B right | "
-             "McNemar p | verdict |", "|" + "---|" * 8]
+             "McNemar p (Holm) | verdict |", "|" + "---|" * 8]
     for _, d in diffs.iterrows():
         over = str(d["seed"]).startswith("mean")
         counts = "" if over else f"{int(d['only_a'])} / {int(d['only_b'])}"
-        p = "" if over else f"{d['p_value']:.3g}"
+        p = "" if over else f"{d['p_value']:.3g} ({d['p_holm']:.3g})"
         verdict = ("significant" if d["significant"] else "**not significant**") + (
-            " (t interval)" if over else f" (p {'<' if d['significant'] else '≥'} 0.05)")
+            " (t interval)" if over else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
         lines.append(f"| {d['run']} | {d['difference']} | {d['seed']} | {_pp(d['mean'])} | "
                      f"[{_pp(d['low'])}, {_pp(d['high'])}] | {counts} | {p} | {verdict} |")
     return lines
@@ -326,9 +340,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="where to write (default: the run folder itself for one run, ./report for several)")
     args = p.parse_args(argv)
-    try:
-        path = write_report(args.runs, args.out)
-    except (FileNotFoundError, ValueError) as exc:
+    from src.utils.errors import UserError
+    from src.utils.runlock import claim
+    runs = [Path(r).resolve() for r in args.runs]
+    target = args.out.resolve() if args.out else (runs[0] if len(runs) == 1 else Path("report").resolve())
+    try:  # the folder written (a run's own, by default) is claimed: never while its training writes it
+        with claim(target, "writing its report") if target.is_dir() or args.out else contextlib.nullcontext():
+            path = write_report(runs, target)
+    except (FileNotFoundError, ValueError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Report: {path}")

@@ -18,7 +18,11 @@ def test_bench_stages_tiny_writes_the_csv(tmp_path):
                                 "baseline_img_per_s", "speedup", "mfu", "gpu", "torch", "date"]
     assert len(df) == 6 and (df["img_per_s"] > 0).all() and (df["baseline_img_per_s"] > 0).all()
     assert (df["bare_img_per_s"] > 0).all()
-    assert (df["engine_vs_bare"] - df["img_per_s"] / df["bare_img_per_s"]).abs().max() < 0.01
+    # the CSV rounds img/s to 0.1 and the ratio to 0.001: at a few img/s the rounding alone moves the
+    # ratio of the rounded columns, so the check allows exactly what the rounding can do, not a speed
+    ratio = df["img_per_s"] / df["bare_img_per_s"]
+    rounding = 0.0005 + ratio * (0.05 / df["img_per_s"] + 0.05 / df["bare_img_per_s"]) * 1.01
+    assert ((df["engine_vs_bare"] - ratio).abs() <= rounding).all(), df[["img_per_s", "bare_img_per_s", "engine_vs_bare"]]
     assert list(df["teacher"].fillna("")) == ["", "resnet50", "resnet34", "", "vit_base_patch16_224", "vit_small_patch16_224"]
 
 
@@ -46,7 +50,7 @@ def test_gpu_smoke_plumbing_runs_on_cpu(tmp_path):
     record.write_text("# Benchmark results\n\n<!-- smoke:begin -->\nold\n<!-- smoke:end -->\n")
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_smoke.py"), "--cpu", "--out", str(out),
                           "--steps", "cnn,ddp,fp16,clean", "--record", str(record)],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=3600)  # ten times its time on a busy 2-core machine
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = (out / "smoke.md").read_text()
     for step in ("cnn", "ddp", "fp16", "clean"):

@@ -244,3 +244,48 @@ def test_allocator_retries_at_the_memory_cap_are_counted_and_said_once(tmp_path,
     warnings = [m for m in seen if "memory is tight" in m]
     assert len(warnings) == 1 and "epoch 1" in warnings[0] and "3 time(s)" in warnings[0]
     assert json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())["alloc_retries"] == 6
+
+
+class _NanGradOnMarkedBatch(torch.autograd.Function):
+    """Identity forward; NaN gradient in backward for batches whose first pixel is exactly 1234."""
+    @staticmethod
+    def forward(ctx, x):
+        ctx.poison = bool(x.reshape(-1)[0] == 1234.0)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan") if ctx.poison else g
+
+
+class _Poisonable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _cnn()
+
+    def forward(self, x):
+        return self.net(_NanGradOnMarkedBatch.apply(x))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_gradients_with_a_finite_loss_never_reach_the_weights(fused, monkeypatch):
+    """A finite loss whose gradients are NaN: the update is skipped from that step on and the error
+    names the step and says 'gradients' (device flag with a fused optimizer, host check otherwise)."""
+    loader = _loader()
+    bad = _Loader(loader)
+    x, y = bad[2]
+    x = x.clone()
+    x.view(-1)[0] = 1234.0
+    bad[2] = (x, y)
+    model = _Poisonable()
+    ctx = _ctx(model, "sgd", grad_clip=0.0)
+    if not fused:
+        monkeypatch.setattr(ctx.optimizer, "_step_supports_amp_scaling", False, raising=False)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_one_epoch(ctx, bad, alpha=0.0, progress=False)
+    assert info.value.step == 2 and info.value.what == "gradients"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    ref = _Poisonable()
+    train_one_epoch(_ctx(ref, "sgd", grad_clip=0.0), _Loader(loader[:2]), alpha=0.0, progress=False)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)

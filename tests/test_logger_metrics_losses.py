@@ -114,3 +114,13 @@ def test_kd_loss_zero_when_student_matches_teacher():
     s = torch.randn(3, 4)
     out = kd_loss(s, torch.tensor([0, 1, 2]), s.clone(), alpha=1.0)
     assert math.isclose(out["loss"].item(), 0.0, abs_tol=1e-6)
+
+
+def test_macro_metrics_average_over_the_classes_present():
+    """A split holding classes 0 and 1 of 4: classes 2 and 3 (absent) do not pull the average to 0;
+    a prediction of absent class 3 still costs class 1 its recall."""
+    m = classification_metrics([0, 0, 1, 1], [0, 1, 1, 3], num_classes=4)
+    # class 0: P=1, R=0.5, F1=2/3; class 1: P=1/2, R=1/2, F1=1/2
+    assert m["precision"] == pytest.approx((1 + 0.5) / 2)
+    assert m["recall"] == pytest.approx((0.5 + 0.5) / 2)
+    assert m["f1_score"] == pytest.approx((2 / 3 + 0.5) / 2)

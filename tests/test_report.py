@@ -106,3 +106,26 @@ def test_significance_per_seed_matches_the_predictions(seeded_run):
 def test_report_cli_refuses_a_folder_that_is_not_a_run(tmp_path):
     from src.report import main
     assert main([str(tmp_path)]) == 2
+
+
+def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run, tmp_path):
+    """Rows of one student's predictions shuffled: the same tests (joined on the file id, not the
+    row position); a label that differs for the same file is refused; p-values Holm-adjusted."""
+    import shutil
+    from src.report import collect, differences
+    from src.utils.stats import holm
+    run = tmp_path / "run"
+    shutil.copytree(seeded_run, run)
+    before = differences(collect([run]))
+    path = run / "seed_0" / "student_kd" / "test_predictions.csv"
+    df = pd.read_csv(path)
+    df.sample(frac=1.0, random_state=1).to_csv(path, index=False)
+    after = differences(collect([run]))
+    pd.testing.assert_frame_equal(before, after)
+    tested = after[after["p_value"].notna()]
+    assert tested["p_holm"].tolist() == pytest.approx(holm(tested["p_value"]))
+    assert (tested["significant"] == (tested["p_holm"] < 0.05)).all()
+    df.loc[0, "y_true"] = (df.loc[0, "y_true"] + 1) % 10
+    df.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="different labels"):
+        differences(collect([run]))

@@ -92,19 +92,27 @@ def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path):
         text = (ROOT / f"{chain}_distillation" / "clean.sh").read_text()
         assert "python}\" -m src.utils.clean" in text  # one implementation, two thin scripts
     runs = tmp_path / "runs"
-    (runs / "old").mkdir(parents=True)
-    (runs / "older").mkdir(parents=True)
-    elsewhere = tmp_path / "elsewhere" / "run1"
-    elsewhere.mkdir(parents=True)
+
+    def run_folder(path, *markers):
+        path.mkdir(parents=True)
+        for m in markers:
+            (path / m).write_text("{}")
+        return path
+    run_folder(runs / "cnn" / "old", "config.yaml", "env.json")
+    run_folder(runs / "demo" / "older", "seeds.json")
+    keep = runs / "notes.txt"
+    keep.write_text("mine")
+    elsewhere = run_folder(tmp_path / "elsewhere" / "run1", "config.yaml", "env.json")
     clean = ["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs)]
     res = subprocess.run(clean + ["--remove-all"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert res.returncode == 2 and (runs / "old").exists()  # no confirmation, nothing deleted
+    assert res.returncode == 2 and (runs / "cnn" / "old").exists()  # no confirmation, nothing deleted
     res = subprocess.run(clean + ["--remove", str(elsewhere), "--yes"], capture_output=True, text=True)
-    assert res.returncode == 0 and not elsewhere.exists() and (runs / "old").exists()  # any run folder, only that one
+    assert res.returncode == 0 and not elsewhere.exists() and (runs / "cnn" / "old").exists()  # only that one
     res = subprocess.run(clean + ["--remove", str(elsewhere)], capture_output=True, text=True)
     assert res.returncode == 2 and "not found" in res.stderr
     res = subprocess.run(clean + ["--remove-all", "--yes"], capture_output=True, text=True)
-    assert res.returncode == 0 and not any(runs.iterdir())
+    assert res.returncode == 0 and not (runs / "cnn" / "old").exists() and not (runs / "demo" / "older").exists()
+    assert keep.read_text() == "mine"  # not a run folder: untouched
     if not torch.cuda.is_available():
         assert "No CUDA device visible" in res.stdout
     help_text = subprocess.run(clean + ["--help"], capture_output=True, text=True).stdout

@@ -87,7 +87,7 @@ def apply_erasing(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, torch.randn_like(x), x)
 
 
-class _Normalizer:
+class Normalizer:
     def __init__(self, normalize: str, device: torch.device, image_size: int, channels_last: bool):
         mean, std = MEANS[normalize]
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -125,7 +125,7 @@ class TensorLoader:
         self.seed = seed
         self.epoch = 0
         self.drop_last = train and self._local_count() > batch_size
-        self.norm = _Normalizer(data_cfg.normalize, device, data_cfg.image_size, channels_last)
+        self.norm = Normalizer(data_cfg.normalize, device, data_cfg.image_size, channels_last)
         self.erasing = data_cfg.random_erasing if train else 0.0
         self.batch_index: Optional[torch.Tensor] = None
 
@@ -236,6 +236,7 @@ class StreamLoader:
         self.batch_size = batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.erasing = data_cfg.random_erasing if train else 0.0
+        self.batch_index: Optional[torch.Tensor] = None  # evaluation: the dataset indices of the last batch
         self.seed, self.rank = seed, rank
         self.erase_generator = torch.Generator().manual_seed(self._erase_seed(0))
         self.sampler = None
@@ -264,8 +265,18 @@ class StreamLoader:
     def num_samples(self) -> int:
         return len(self.loader) * self.batch_size if self.loader.drop_last else len(self.loader.sampler)
 
+    def _indices(self) -> list:
+        """The dataset indices of this epoch's samples, in the order the loader yields them (evaluation
+        only: a training loader shuffles with its own generator)."""
+        return list(self.sampler) if self.sampler is not None else list(range(len(self.loader.dataset)))
+
     def __iter__(self):
+        order = None if self.train else self._indices()
+        done = 0
         for x, y in self.loader:
+            if order is not None:
+                self.batch_index = torch.as_tensor(order[done:done + len(y)])
+                done += len(y)
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

@@ -75,13 +75,28 @@ def _stratified_take(labels: np.ndarray, n: Optional[int], seed: int) -> np.ndar
     return np.sort(kept)
 
 
-def _split_val(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split_val(labels: np.ndarray, fraction: float, seed: int, classes: Optional[list] = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Validation indices carved from train, stratified by class. A class with a single image
+    cannot be split: that image stays in train (said once), and the other classes keep their
+    stratification (one such class used to turn it off for every class)."""
     idx = np.arange(len(labels))
     counts = np.bincount(labels)
+    single = np.isin(labels, np.flatnonzero(counts == 1))
+    rest = idx[~single]
     n_val = max(1, int(round(fraction * len(labels))))
-    stratify = labels if counts[counts > 0].min() >= 2 and n_val >= len(counts[counts > 0]) else None
-    train_idx, val_idx = train_test_split(idx, test_size=n_val, random_state=seed, stratify=stratify)
-    return np.sort(train_idx), np.sort(val_idx)
+    if single.any():
+        names = [classes[c] if classes else str(c) for c in np.flatnonzero(counts == 1)]
+        get_console().warning(f"⚠️  {len(names)} class(es) with a single training image ({', '.join(names[:5])}): "
+                              f"kept in train, none of them in the validation split")
+    if len(rest) < 2:  # nothing can be split by class: a plain random split of everything
+        train_idx, val_idx = train_test_split(idx, test_size=min(n_val, len(idx) - 1), random_state=seed)
+        return np.sort(train_idx), np.sort(val_idx)
+    n_val = min(n_val, len(rest) - 1)
+    splittable = len(np.unique(labels[rest]))
+    stratify = labels[rest] if n_val >= splittable and len(rest) - n_val >= splittable else None
+    train_idx, val_idx = train_test_split(rest, test_size=n_val, random_state=seed, stratify=stratify)
+    return np.sort(np.concatenate([train_idx, idx[single]])), np.sort(val_idx)
 
 
 def _subset(split: Split, idx: np.ndarray) -> Split:
@@ -357,6 +372,6 @@ def load_dataset(d) -> DatasetSplits:
         raise DataError(f"{d.source}: too few images (train {len(train)}, test {len(test)})")
     train = _subset(train, _stratified_take(train.labels.numpy(), d.max_train_samples, d.split_seed))
     test = _subset(test, _stratified_take(test.labels.numpy(), d.max_test_samples, d.split_seed))
-    tr_idx, val_idx = _split_val(train.labels.numpy(), d.val_fraction, d.split_seed)
+    tr_idx, val_idx = _split_val(train.labels.numpy(), d.val_fraction, d.split_seed, classes)
     return DatasetSplits(train=_subset(train, tr_idx), val=_subset(train, val_idx), test=test,
                          classes=classes, store_size=size, name=d.source, skipped_files=skipped)

@@ -33,6 +33,7 @@ from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
 from src.utils.logger import get_console, is_verbose
 from src.utils.reproducibility import setup_reproducibility
+from src.utils.runlock import PROBE_PREFIX
 from src.utils.tb import require_tensorboard
 from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
 
@@ -54,7 +55,7 @@ def check_writable(path: Path) -> None:
             if not folder.exists():
                 folder.mkdir()
                 made.append(folder)
-        probe = path / ".write_test"
+        probe = path / f"{PROBE_PREFIX}.{os.getpid()}"  # its own name: a stale one (a killed probe) is no obstacle
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
@@ -146,14 +147,14 @@ def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
 def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
     if not is_vit(stage.model) and not (stage.model.startswith("hf:")):
         return None
-    from src.data.loaders import _Normalizer
+    from src.data.loaders import Normalizer
     from src.visualization.vit_viz import save_attention_maps
     n = cfg.viz.attention_images
     raw = data.val.images[:n] if data.val.images is not None else None
     if raw is None:  # streamed dataset: decode the few images shown
         from src.data.sources import decode_images
         raw = decode_images(data.val.files[:n], data.val.labels[:n].tolist(), data.store_size, True)[0].images
-    norm = _Normalizer(cfg.data.normalize, device, cfg.data.image_size, False)
+    norm = Normalizer(cfg.data.normalize, device, cfg.data.image_size, False)
 
     def callback(model, epoch: int, stage_dir: Path):
         if epoch % cfg.viz.attention_every and epoch != epochs:

@@ -101,19 +101,10 @@ def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
     the device and TensorBoard logging. Each change is recorded in resume_overrides.json."""
     import yaml
 
-    from src.distillation.config import apply_override, from_dict
+    from src.distillation.config import apply_override, changed_keys, config_leaves, from_dict, save_config_dict
     from src.utils.checkpoint import atomic_write_text
     from src.utils.errors import ConfigError
 
-    def leaves(d, prefix=""):
-        if isinstance(d, dict):
-            for k, v in d.items():
-                yield from leaves(v, f"{prefix}{k}.")
-        elif isinstance(d, list):
-            for item in d:
-                yield from leaves(item, f"{prefix}{item.get('name', '?')}." if isinstance(item, dict) else prefix)
-        else:
-            yield prefix[:-1], d
     checked = []  # every config is checked before any is written: a refusal changes nothing
     for run_dir in run_dirs:
         path = run_dir / "config.yaml"
@@ -122,8 +113,8 @@ def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
         for item in overrides:
             apply_override(new, item)
         old_cfg, new_cfg = from_dict(raw), from_dict(new)
-        before_leaves, after_leaves = dict(leaves(raw)), dict(leaves(new))
-        changed = sorted(k for k in set(before_leaves) | set(after_leaves) if before_leaves.get(k) != after_leaves.get(k))
+        before_leaves, after_leaves = dict(config_leaves(raw)), dict(config_leaves(new))
+        changed = changed_keys(raw, new)
         refused = [k for k in changed if k.split(".")[-1] not in RESUMABLE]
         if refused:
             raise ConfigError(f"--resume keeps the run's settings: {', '.join(refused)} cannot change on resume "
@@ -140,7 +131,7 @@ def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
         history = json.loads(history_path.read_text()) if history_path.exists() else []
         history.append({"time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "overrides": overrides,
                         "changed": changed})
-        atomic_write_text(path, yaml.safe_dump(new, sort_keys=False))
+        save_config_dict(new, path)
         atomic_write_text(history_path, json.dumps(history, indent=2))
         log.info(f"↻ resume with {', '.join(changed)} changed (recorded in {history_path.name})")
 
@@ -198,23 +189,34 @@ def run(argv, chain: str, default_config: Path) -> int:
     if not ds.is_main:
         log.setLevel(logging.WARNING)  # one voice: rank 0 reports
         args.no_progress = True
+    lock = None
     try:
         from src.distillation.chain import check_writable, run_chain, with_baselines
-        from src.distillation.config import load_config
+        from src.distillation.config import check_config_digest, load_config
         from src.distillation.stage import StageFailed
+        from src.utils import runlock
         from src.utils.checkpoint import atomic_write_text
         from src.utils.errors import UserError
         overrides = _overrides(args)
         if args.resume:
             seeds_file = args.resume / "seeds.json"
+            if ds.is_main and args.resume.is_dir():  # claimed before anything is read or changed
+                lock = runlock.acquire(args.resume, "resuming it")
             if not (args.resume / "config.yaml").exists() and not seeds_file.exists():
-                unfinished = args.resume.is_dir() and any(args.resume.rglob("*.tmp"))
+                unfinished = args.resume.is_dir() and any(p.suffix == ".tmp" or p.name.startswith(runlock.PROBE_PREFIX)
+                                                          for p in args.resume.rglob("*"))
                 raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml or seeds.json)" + (
                     "; it was stopped before anything was saved: start it again with the same command" if unfinished else ""))
+            dirs = ([args.resume / f"seed_{s}" for s in json.loads(seeds_file.read_text())["seeds"]]
+                    if seeds_file.exists() else [args.resume])
+            dirs = [d for d in dirs if (d / "config.yaml").exists()]
+            if ds.is_main:
+                for d in dirs:  # a config.yaml edited by hand would make the run claim what its weights are not
+                    check_config_digest(d)
+                if args.tensorboard and (args.resume / "tb").exists() and not (args.resume / "tb").is_dir():
+                    raise UserError(f"--tensorboard writes into {args.resume / 'tb'}, which is a file; move it away")
             if overrides and ds.is_main:
-                dirs = ([args.resume / f"seed_{s}" for s in json.loads(seeds_file.read_text())["seeds"]]
-                        if seeds_file.exists() else [args.resume])
-                _apply_resume_overrides([d for d in dirs if (d / "config.yaml").exists()], overrides, log)
+                _apply_resume_overrides(dirs, overrides, log)
             dist.barrier()
             if seeds_file.exists():
                 meta = json.loads(seeds_file.read_text())
@@ -233,7 +235,10 @@ def run(argv, chain: str, default_config: Path) -> int:
                 out = REPO_ROOT / "runs" / chain / f"{cfg.name}-{stamp}"
                 out_existed = out.exists()
             problem = None
-            if ds.is_main and out.exists() and any(p.is_file() and p.suffix != ".tmp" for p in out.rglob("*")):
+            if ds.is_main:  # claimed first: a second start a second later is refused here, naming this one
+                lock = runlock.acquire(out, "starting a run")
+            if ds.is_main and any(p.is_file() and p.suffix != ".tmp" and not runlock.is_bookkeeping(p)
+                                  for p in out.rglob("*")):
                 problem = (f"output folder {out} already holds files; choose a new --output-dir, "
                            f"or continue that run with --resume {out}")
             problem = dist.broadcast(problem)
@@ -282,6 +287,8 @@ def run(argv, chain: str, default_config: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         if args.debug:
             traceback.print_exc()
+        if lock is not None:
+            lock.release()
         if out is not None and not out_existed and ds.is_main:
             _remove_if_unused(out)
         return EXIT_USER
@@ -292,6 +299,8 @@ def run(argv, chain: str, default_config: Path) -> int:
         print(f"error: {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown()
         signals.restore_handlers(previous_handlers)
 
@@ -306,8 +315,9 @@ def _remove_if_unused(out: Path) -> None:
     """A start refused before any training leaves no folder behind (only seeds.json may be in it)."""
     if not out.is_dir():
         return
+    from src.utils.runlock import is_bookkeeping
     files = [p for p in out.rglob("*") if p.is_file()]
-    if all(p.name == "seeds.json" for p in files):
+    if all(p.name == "seeds.json" or is_bookkeeping(p) for p in files):
         import shutil
         shutil.rmtree(out, ignore_errors=True)
 

@@ -6,6 +6,8 @@ model of an earlier stage". CNN and ViT chains differ only in their YAML.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -351,5 +353,58 @@ def to_dict(cfg: RunConfig) -> dict:
     return asdict(cfg)
 
 
+DIGEST_NAME = "config.digest.json"
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    save_config_dict(to_dict(cfg), path)
+
+
+def save_config_dict(raw: dict, path: str | Path) -> None:
+    """Write a run's config.yaml and, beside it, the digest and values it was written with: a
+    later --resume can tell a hand edit from the changes it accepted itself."""
+    text = yaml.safe_dump(raw, sort_keys=False)
+    atomic_write_text(path, text)
+    atomic_write_text(Path(path).with_name(DIGEST_NAME),
+                      json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "config": raw}, indent=1))
+
+
+def config_leaves(d: Any, prefix: str = ""):
+    """(dotted key, value) of every leaf of a raw config; stages are addressed by their name."""
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield from config_leaves(v, f"{prefix}{k}.")
+    elif isinstance(d, list) and all(isinstance(item, dict) for item in d) and d:
+        for item in d:
+            yield from config_leaves(item, f"{prefix}{item.get('name', '?')}.")
+    else:
+        yield prefix[:-1], d
+
+
+def changed_keys(before: dict, after: dict) -> list:
+    a, b = dict(config_leaves(before)), dict(config_leaves(after))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_config_digest(run_dir: str | Path) -> None:
+    """Refuse a run whose config.yaml was changed by hand since the toolkit wrote it (naming the
+    keys): its weights and logs belong to the settings it was written with. Edits that change no
+    value (comments, layout) pass; runs begun before digests existed are not checked."""
+    run_dir = Path(run_dir)
+    digest = run_dir / DIGEST_NAME
+    if not digest.exists():
+        return
+    saved = json.loads(digest.read_text())
+    text = (run_dir / "config.yaml").read_text()
+    if hashlib.sha256(text.encode()).hexdigest() == saved["sha256"]:
+        return
+    try:
+        now = yaml.safe_load(text)
+    except yaml.YAMLError:
+        now = None
+    keys = changed_keys(saved["config"], now) if isinstance(now, dict) else ["(the file no longer parses)"]
+    if keys:
+        raise ConfigError(f"{run_dir / 'config.yaml'} was edited after the run wrote it ({', '.join(keys[:8])}): its "
+                          f"checkpoints belong to the settings it was trained with. Undo the edit (the written values "
+                          f"are in {DIGEST_NAME}), change learning rates or epochs with --resume's own options, or "
+                          f"start a new run for other changes")

@@ -3,7 +3,7 @@
 The teacher (if any) runs its forward under torch.no_grad() here and hands logits to the pure
 loss function; the student is the only module that ever sees .train() or a backward pass.
 
-The training step never waits for the GPU: the loss check (spec fix 7) keeps a device-side
+The training step never waits for the GPU: the loss check (the NaN/Inf guard, validate_loss) keeps a device-side
 flag that the fused optimizer reads to skip its update (`found_inf`), and the host reads the
 flag once every `nan_check_every` steps. Metrics are gathered on the device and read once per
 epoch; the progress display reads the loss only when it redraws.
@@ -26,7 +26,7 @@ from src.utils.devices import synchronize
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import get_console, is_verbose
 from src.utils.metrics import classification_metrics
-from src.utils.training_guards import LossWatch, freeze_teacher, validate_loss
+from src.utils.training_guards import LossWatch, check_grad_norm, freeze_teacher, validate_loss
 
 log = get_console()
 
@@ -166,7 +166,7 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
     Train metrics are scored against the labels the model was trained on: under mixup / cutmix,
     the soft target's larger share (its argmax), not the label of the unmixed image.
 
-    Non-finite loss (spec fix 7): no optimizer step is ever taken on it. With a fused optimizer
+    Non-finite loss (the NaN/Inf guard, validate_loss): no optimizer step is ever taken on it. With a fused optimizer
     and no GradScaler the check is a device-side flag (`found_inf` makes the fused update a
     no-op, and the flag stays set until the host reads it every `nan_check_every` steps);
     otherwise the host checks every step. Either way NonFiniteLossError names the first bad step
@@ -219,14 +219,21 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
             preds.append(logits.detach().argmax(1))
         labels.append(targets.argmax(1) if targets.dim() == 2 else y)
         step_loss = step_sums[0] / x.shape[0]
-        if deferred:
-            opt.found_inf = watch.update(step_loss, step, reduce=dist.all_reduce_max_ if dist.state().enabled else None)
-        else:
-            validate_loss(step_loss, step=step, verbose=is_verbose())  # host check: raises before the optimizer step
+        # optimizer update, watched: a non-finite loss or gradient norm never reaches the weights
         if ctx.scaler is not None:
             ctx.scaler.unscale_(opt)
-        if ctx.grad_clip > 0:
+        grad_norm = None
+        if ctx.scaler is None:  # the scaler skips non-finite gradients itself
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip if ctx.grad_clip > 0 else float("inf"))
+        elif ctx.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        if deferred:
+            opt.found_inf = watch.update(step_loss, step, reduce=dist.all_reduce_max_ if dist.state().enabled else None,
+                                         grad_norm=grad_norm)
+        else:  # host checks: raise before the optimizer step
+            validate_loss(step_loss, step=step, verbose=is_verbose())
+            if grad_norm is not None:
+                check_grad_norm(grad_norm, step, float(step_loss), verbose=is_verbose())
         if ctx.scaler is not None:
             ctx.scaler.step(opt)
             ctx.scaler.update()
@@ -269,28 +276,40 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int = 
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
-    loss_sum, n = torch.zeros((), device=device), 0
-    preds, labels, all_logits = [], [], []
+    losses, preds, labels, all_logits, index, seen = [], [], [], [], [], 0
     for x, y in loader:
         with precision.autocast():
             logits = model(x)
-        loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
-        n += y.shape[0]
+        losses.append(torch.nn.functional.cross_entropy(logits.float(), y, reduction="none"))
         preds.append(logits.argmax(1))
         labels.append(y)
+        idx = getattr(loader, "batch_index", None)  # a plain iterable of batches (tests) counts positions
+        index.append(idx if idx is not None else torch.arange(seen, seen + len(y)))
+        seen += len(y)
         if return_predictions:
             all_logits.append(logits.float())
     model.train(was_training)
-    y_true = dist.gather_array(torch.cat(labels).cpu().numpy())
-    y_pred = dist.gather_array(torch.cat(preds).cpu().numpy())
+    # every rank's images, gathered rank by rank, then put back in dataset order (a distributed
+    # sampler's padding repeats a few images: each counts once)
+    gathered = [dist.gather_array(torch.cat(t).cpu().numpy()) for t in (index, labels, preds, losses)]
+    if return_predictions:
+        gathered.append(dist.gather_array(torch.cat(all_logits).cpu().numpy()))
+    _, y_true, y_pred, loss, *logits_np = in_dataset_order(*gathered)
     out = classification_metrics(y_true, y_pred, num_classes or None)
-    out["loss"] = dist.all_reduce_sum(float(loss_sum)) / max(dist.all_reduce_sum(n), 1)
+    out["loss"] = float(loss.sum()) / max(len(loss), 1)
     if not math.isfinite(out["loss"]):
         raise NonFiniteLossError(f"non-finite validation loss ({out['loss']})", step=-1, value=out["loss"])
     if return_predictions:
-        out["y_true"], out["y_pred"] = y_true, y_pred
-        out["logits"] = dist.gather_array(torch.cat(all_logits).cpu().numpy())
+        out["y_true"], out["y_pred"], out["logits"] = y_true, y_pred, logits_np[0]
     return out
+
+
+def in_dataset_order(index, *arrays) -> tuple:
+    """(index, *arrays) sorted by the dataset index, each image once (its first occurrence)."""
+    import numpy as np
+    index = np.asarray(index)
+    _, first = np.unique(index, return_index=True)  # sorted by index, first occurrence of each
+    return (index[first], *(np.asarray(a)[first] for a in arrays))
 
 
 MAX_TEACHER_CACHE_BYTES = 1 << 30

@@ -9,7 +9,7 @@
   * BatchNorm models (ResNets): micro-batching changes the batch-norm statistics, so the full
     batch is kept whenever it fits, with gradient checkpointing if that is what makes it fit;
     micro-batches only when even that does not fit;
-  * ViT-Base always keeps checkpointing (spec fix 2): only its micro-batch grows, and the step
+  * ViT-Base always keeps checkpointing (the ViT-Base guard, enforce_gradient_checkpointing): only its micro-batch grows, and the step
     without checkpointing is measured at the chosen micro-batch, for the guard's report.
 - With train.compile=auto, torch.compile (student and teacher) is then measured against eager at
   the chosen setting and kept only when it pays off over the stage: at least 5% faster, and the
@@ -149,7 +149,7 @@ class _Prober:
 
     def find(self, model_name: str, batchnorm: bool, forced: bool) -> tuple[Optional[dict], str]:
         if forced:
-            return self.largest_fitting(True), "checkpointing required (spec fix 2): largest micro-batch that fits"
+            return self.largest_fitting(True), "checkpointing required (the ViT-Base guard, enforce_gradient_checkpointing): largest micro-batch that fits"
         if batchnorm:
             for ckpt in (False, True):
                 full = self(self.batch, ckpt)

@@ -271,8 +271,11 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
                     tr = train_one_epoch(ctx, loaders["train"], alpha, desc=f"{stage.name} {epoch}/{plan.epochs}",
                                          progress=progress)
                 except NonFiniteLossError as exc:
-                    raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite loss ({exc.value}); "
-                                      f"the last good checkpoint is {last_path if last_path.exists() else 'none (first epoch)'}. "
+                    kept = (f"{last_path} (epoch {epoch - 1}) is kept as it was" if last_path.exists() and epoch > 1
+                            else "no checkpoint exists yet (first epoch)")
+                    raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite {exc.what} "
+                                      f"({exc.value}); nothing of this epoch is saved (the model in memory, whose "
+                                      f"batch-norm statistics saw the bad step, is discarded): {kept}. "
                                       f"Reduce the learning rate or check the data") from exc
                 new_retries = alloc_retries(device) - retries_before
                 if new_retries and not retries:  # said once per stage

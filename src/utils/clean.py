@@ -11,6 +11,7 @@ training run empties its own cache and resets its peak counters at every stage a
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -39,10 +40,52 @@ def gpu_report() -> dict:
     return out
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder this toolkit wrote a run into: config.yaml with env.json or config.digest.json, or
+    seeds.json (a --seeds run), seen without following a symbolic link."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return ("config.yaml" in names and bool(names & {"env.json", "config.digest.json"})) or "seeds.json" in names
+
+
+def removal_problem(path: Path) -> str | None:
+    """Why `path` must not be deleted by --remove, or None when it is a run folder."""
+    if path.is_symlink():
+        return f"{path} is a symbolic link: links are never followed; remove the link itself by hand if you mean it"
+    if not path.exists():
+        return f"not found: {path}"
+    resolved = path.resolve()
+    if resolved in (Path("/"), Path.home().resolve(), Path.cwd().resolve()) or REPO_ROOT.is_relative_to(resolved):
+        return f"{path} is the root, your home, the current folder or holds the project: never deleted"
+    if not is_run_folder(path):
+        return (f"{path} is not a run folder (it has no config.yaml with env.json, nor seeds.json): only run "
+                f"folders are deleted")
+    return None
+
+
+def find_run_folders(root: Path) -> list:
+    """Every run folder below `root` (a run folder's own sub-folders are not searched; links not followed)."""
+    found, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        for child in sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []:
+            if is_run_folder(child):
+                found.append(child)
+            elif child.is_dir() and not child.is_symlink():
+                stack.append(child)
+    return sorted(found)
+
+
 def _remove(targets: list, yes: bool) -> int:
-    missing = [t for t in targets if not t.exists()]
-    if missing:
-        print(f"error: not found: {', '.join(map(str, missing))}", file=sys.stderr)
+    problems = [removal_problem(t) for t in targets]
+    problems = [p for p in problems if p]
+    if problems:
+        print(f"error: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+              + "; nothing deleted", file=sys.stderr)
         return 2
     if not targets:
         print("Nothing to remove.")
@@ -60,8 +103,8 @@ def _remove(targets: list, yes: bool) -> int:
             print("Nothing deleted.")
             return 0
     for t in targets:
-        shutil.rmtree(t) if t.is_dir() else t.unlink()
-    print(f"Deleted {len(targets)} item(s).")
+        shutil.rmtree(t)  # rmtree removes links inside the folder, never what they point to
+    print(f"Deleted {len(targets)} run folder(s).")
     return 0
 
 
@@ -71,10 +114,14 @@ def main(argv=None) -> int:
         description="Between runs: report each GPU's free memory and the processes holding it (warning when "
                     "another process still holds memory: a new process cannot free it, stop that process), "
                     "reset peak-memory statistics, and optionally remove run folders.")
-    p.add_argument("--runs", type=Path, default=None, help="this chain's runs folder (set by clean.sh)")
+    p.add_argument("--runs", type=Path, default=None, help="the folder --remove-all searches (set by clean.sh: runs/)")
     p.add_argument("--remove", type=Path, action="append", default=[], metavar="RUN_DIR",
-                   help="delete this run folder (repeatable); asks first unless --yes")
-    p.add_argument("--remove-all", action="store_true", help="delete everything under the chain's runs folder")
+                   help="delete this run folder (repeatable); only folders holding a run (config.yaml with env.json, "
+                        "or seeds.json) are deleted, never a file, a symbolic link or anything else; asks first "
+                        "unless --yes")
+    p.add_argument("--remove-all", action="store_true",
+                   help="delete every run folder under runs/ (both chains, wherever the README's commands put them: "
+                        "runs/cnn, runs/demo, runs/takd, ...); lists them and asks first unless --yes")
     p.add_argument("--yes", action="store_true", help="do not ask before deleting")
     args = p.parse_args(argv)
     info = gpu_report()
@@ -91,12 +138,12 @@ def main(argv=None) -> int:
                 print(f"     {line}")
     if warn:
         print("  Stop those processes (or wait for them) before the next run to have the whole budget.")
-    targets = [t.expanduser().resolve() for t in args.remove]
+    targets = [Path(os.path.abspath(t.expanduser())) for t in args.remove]  # absolute, links not resolved
     if args.remove_all:
         if args.runs is None or not args.runs.is_dir():
             print(f"error: --remove-all: no runs folder at {args.runs}", file=sys.stderr)
             return 2
-        targets += sorted(args.runs.iterdir())
+        targets += find_run_folders(args.runs)
     if targets:
         return _remove(targets, args.yes)
     return 0

@@ -24,7 +24,8 @@ class CheckpointError(UserError):
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; carries where it happened."""
 
-    def __init__(self, message: str, step: int, value: float):
+    def __init__(self, message: str, step: int, value: float, what: str = "loss"):
         super().__init__(message)
         self.step = step
         self.value = value
+        self.what = what  # "loss", or "gradients" (a finite loss whose gradients were not)

@@ -1,4 +1,4 @@
-"""Console output and the per-epoch CSV log (spec fix 5).
+"""Console output and the per-epoch CSV log.
 
 `EpochLogger` writes one row per epoch with exactly `REQUIRED_COLUMNS`, in that order. Every
 write checks count and order, every row is flushed and fsync'ed at once, and an existing file

@@ -1,4 +1,4 @@
-"""Seeding and determinism for every source of randomness (spec fix 12)."""
+"""Seeding and determinism for every source of randomness."""
 from __future__ import annotations
 
 import hashlib

@@ -318,11 +318,17 @@ class LossWatch:
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.first_step = torch.full((), -1, dtype=torch.long, device=device)
         self.first_value = torch.zeros((), dtype=torch.float32, device=device)
+        self.first_grad_norm = torch.zeros((), dtype=torch.float32, device=device)
 
-    def update(self, loss: torch.Tensor, step: int, reduce: Optional[Callable] = None) -> torch.Tensor:
-        """`reduce` (distributed runs) makes the flag the maximum over ranks, in place."""
+    def update(self, loss: torch.Tensor, step: int, reduce: Optional[Callable] = None,
+               grad_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`grad_norm`: the step's total gradient norm, watched too (a finite loss can still give
+        non-finite gradients, which an update would write into the weights). `reduce`
+        (distributed runs) makes the flag the maximum over ranks, in place."""
         loss = loss.detach().float()
         bad_now = ~torch.isfinite(loss)
+        norm = grad_norm.detach().float() if grad_norm is not None else torch.zeros_like(loss)
+        bad_now = bad_now | ~torch.isfinite(norm)
         if reduce is not None:
             flag = bad_now.float()
             reduce(flag)
@@ -330,14 +336,28 @@ class LossWatch:
         new = bad_now & ~self.bad
         self.first_step = torch.where(new, step, self.first_step)
         self.first_value = torch.where(new, loss, self.first_value)
+        self.first_grad_norm = torch.where(new, norm, self.first_grad_norm)
         self.bad = self.bad | bad_now
         return self.bad.float()
 
     def check(self) -> None:
         if bool(self.bad):
-            value = float(self.first_value)  # finite here when the bad loss was on another rank
+            value, norm = float(self.first_value), float(self.first_grad_norm)
+            if math.isfinite(value) and not math.isfinite(norm):
+                check_grad_norm(norm, int(self.first_step), value, verbose=self.verbose)
             validate_loss(value if not math.isfinite(value) else float("nan"), step=int(self.first_step),
-                          verbose=self.verbose)
+                          verbose=self.verbose)  # finite here when the bad step was on another rank
+
+
+def check_grad_norm(norm, step: int, loss: float, verbose: bool = True) -> None:
+    """Raise NonFiniteLossError when the total gradient norm of a step with a finite loss is NaN or Inf."""
+    norm = float(norm)
+    if math.isfinite(norm):
+        return
+    message = (f"❌ NON-FINITE GRADIENTS at step {step} (gradient norm {norm}, loss {loss:.4g} finite)\n{_NAN_HELP}")
+    if verbose:
+        _log.error(message)
+    raise NonFiniteLossError(message, step=step, value=norm, what="gradients")
 
 
 # --------------------------------------------------------------------------- fix 6

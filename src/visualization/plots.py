@@ -50,7 +50,8 @@ def _band(ax, g, col, scale, style, label, n_seeds):
 def training_curves(curves: dict, path: Path) -> Path:
     """curves: {stage label: DataFrame of epoch_log rows joined with epoch_terms (several seeds stacked,
     column 'seed')}. Three rows of panels against epoch: cross-entropy (train CE against the training
-    targets vs validation CE: the same quantity), the KD term T^2*KL (KD stages), and accuracy."""
+    targets, label smoothing and mixup included, vs validation CE against hard labels: not the
+    same quantity when smoothing or mixup is on), the KD term T^2*KL (KD stages), and accuracy."""
     n = len(curves)
     fig, axes = plt.subplots(3, n, figsize=(3.8 * n, 8.4), squeeze=False)
     for j, (label, df) in enumerate(curves.items()):
@@ -58,8 +59,8 @@ def training_curves(curves: dict, path: Path) -> Path:
         n_seeds = df["seed"].nunique()
         n_epochs = int(df["epoch"].max())
         ax = axes[0, j]
-        _band(ax, g, "train_ce", 1, "--", "train CE", n_seeds)
-        _band(ax, g, "val_loss", 1, "-", "validation CE", n_seeds)
+        _band(ax, g, "train_ce", 1, "--", "train CE (training targets)", n_seeds)
+        _band(ax, g, "val_loss", 1, "-", "validation CE (hard labels)", n_seeds)
         ax.set_ylabel("cross-entropy (nats)")
         ax.set_title(label, fontsize=10)
         ax = axes[1, j]

@@ -1,4 +1,4 @@
-"""Attention maps of a ViT's last block, overlaid on input images (spec fix 10).
+"""Attention maps of a ViT's last block, overlaid on input images.
 
 Safety rules, since attention is O(N^2) in memory:
 1. everything runs under torch.no_grad();

@@ -1,0 +1,300 @@
+"""The TAKD paper's models (registered with timm), its recipe, cached teacher logits, and the
+reproduction's tables: verdicts on made-up numbers, Holm's correction, resume in the middle."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import ROOT, tiny_cfg
+
+import src.models  # noqa: F401  (registers the paper's models)
+from benchmarks import reproduce_takd as rt
+from benchmarks.takd_tables import Comparison, paired_correct, summarise, verdict
+from src.models import count_params, create_model
+from src.utils.stats import holm
+
+
+# ------------------------------------------------------------------------------ models
+def _conv(cin, cout, k, bias):
+    return cin * cout * k * k + (cout if bias else 0)
+
+
+def resnet_params(depth: int, classes: int = 10) -> int:
+    """He et al.'s CIFAR ResNet counted from the architecture: stem, (depth - 2) / 6 BasicBlocks per
+    stage at 16/32/64 channels, 1x1 conv + BN shortcuts where the shape changes, linear head."""
+    n = (depth - 2) // 6
+    total = _conv(3, 16, 3, False) + 2 * 16
+    cin = 16
+    for width in (16, 32, 64):
+        for b in range(n):
+            total += _conv(cin, width, 3, False) + 2 * width + _conv(width, width, 3, False) + 2 * width
+            if cin != width:
+                total += _conv(cin, width, 1, False) + 2 * width
+            cin = width
+    return total + 64 * classes + classes
+
+
+def plain_params(spec: list, fcs: list, classes: int = 10, size: int = 32) -> int:
+    total, cin = 0, 3
+    for s in spec:
+        if s == "M":
+            size //= 2
+        else:
+            total += _conv(cin, s, 3, True) + 2 * s
+            cin = s
+    width = cin * size * size
+    for h in [*fcs, classes]:
+        total += width * h + h
+        width = h
+    return total
+
+
+PLAIN = {2: ([16, "M", 16, "M"], []), 4: ([16, 16, "M", 32, 32, "M"], []),
+         6: ([16, 16, "M", 32, 32, "M", 64, 64, "M"], []),
+         8: ([16, 16, "M", 32, 32, "M", 64, 64, "M", 128, 128, "M"], [64]),
+         10: ([32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M"], [128])}
+
+
+@pytest.mark.parametrize("depth", [8, 14, 20, 26, 32, 44, 56, 110])
+def test_cifar_resnets_by_name_match_the_architecture(depth):
+    model = timm.create_model(f"cifar_resnet{depth}", num_classes=10)
+    assert count_params(model) == resnet_params(depth)
+    assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules()) == depth - 1
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cifar_resnet_sizes_are_the_papers():
+    assert count_params(timm.create_model("cifar_resnet20")) == pytest.approx(0.27e6, rel=0.02)
+    assert count_params(timm.create_model("cifar_resnet110")) == pytest.approx(1.7e6, rel=0.03)
+
+
+@pytest.mark.parametrize("layers", [2, 4, 6, 8, 10])
+def test_plain_cnns_by_name_match_the_architecture(layers):
+    model = create_model(f"plain_cnn{layers}", 10, image_size=32)
+    spec, fcs = PLAIN[layers]
+    assert count_params(model) == plain_params(spec, fcs)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) + len(linears) == layers and all(c.bias is not None for c in convs)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert create_model(f"plain_cnn{layers}", 100, image_size=32)(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
+
+
+def test_a_saved_paper_model_loads_back_through_plain_timm(tmp_path):
+    from safetensors.torch import save_file
+    model = create_model("plain_cnn4", 10, image_size=32).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    again = timm.create_model("plain_cnn4", pretrained=True, num_classes=10, img_size=32,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "m.safetensors"))).eval()
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(model(x), again(x))
+
+
+# ------------------------------------------------------------------------------ recipe
+def test_step_schedule_divides_the_lr_after_the_milestone_epochs():
+    from src.distillation.config import TrainConfig
+    from src.distillation.engine import lr_schedule
+    spe = 3
+    lrs = lr_schedule(0.1, TrainConfig(schedule="step", lr_milestones=[80, 120], lr_gamma=0.1, warmup_epochs=0),
+                      150, spe)
+    per_epoch = [lrs[e * spe:(e + 1) * spe] for e in range(150)]
+    assert all(v == pytest.approx(0.1) for e in range(80) for v in per_epoch[e])          # epochs 1-80
+    assert all(v == pytest.approx(0.01) for e in range(80, 120) for v in per_epoch[e])    # 81-120
+    assert all(v == pytest.approx(0.001) for e in range(120, 150) for v in per_epoch[e])  # 121-150
+    const = lr_schedule(0.01, TrainConfig(schedule="constant", warmup_epochs=0), 5, spe)
+    assert const == [pytest.approx(0.01)] * 15
+
+
+def test_the_scheduler_of_a_stage_applies_the_milestones(tmp_path):
+    """The real LambdaLR of a stage, stepped as training steps it."""
+    from src.distillation.engine import lr_multiplier
+    from src.distillation.stage import make_optimizer
+    cfg = tiny_cfg(train__optimizer="sgd", train__schedule="step", train__lr_milestones=[2, 3], train__epochs=4,
+                   train__warmup_epochs=0.0)
+    model = nn.Linear(4, 2)
+    opt = make_optimizer(model, 0.1, 0.0, torch.device("cpu"), "sgd", 0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg.train, 5, 4))
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[:10] == [pytest.approx(0.1)] * 10 and seen[10:15] == [pytest.approx(0.01)] * 5
+    assert seen[15:] == [pytest.approx(0.001)] * 5
+
+
+def _args(**over):
+    args = rt.parse_args(["--out", "/tmp/unused", "--data-source", "digits"])
+    for k, v in over.items():
+        setattr(args, k, v)
+    return args
+
+
+@pytest.mark.parametrize("family", ["plain", "resnet"])
+def test_reproduction_configs_carry_the_papers_recipe(family, tmp_path):
+    from src.distillation.config import from_dict
+    from src.distillation.stage import make_optimizer, stage_lr
+    args = _args()
+    data = {"source": "digits", "root": "data"}
+    cfg = from_dict(rt.students_config(family, "cifar10", list(rt.TABLES), 150, tmp_path, data, args))
+    t = cfg.train
+    assert (t.optimizer, t.momentum, t.batch_size, t.epochs, t.warmup_epochs, t.grad_clip) == ("sgd", 0.9, 128, 150, 0, 0)
+    assert cfg.data.augment == "none" and t.label_smoothing == 0
+    assert cfg.kd.alpha_start == cfg.kd.alpha_end == rt.KD_WEIGHT and cfg.kd.temperature == rt.TEMPERATURE
+    students = [s for s in cfg.stages if s.name.startswith("student")]
+    assert {s.seed_stream for s in students} == {"student"} and len(students) == 2 + len(rt.FAMILIES[family]["assistants"])
+    model = create_model(students[0].model, 10, image_size=32)
+    opt = make_optimizer(model, stage_lr(cfg, students[0]), t.weight_decay, torch.device("cpu"), t.optimizer, t.momentum)
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
+    decays = sorted({g["weight_decay"] for g in opt.param_groups})
+    if family == "plain":  # the paper has none for plain CNNs, and a constant LR
+        assert decays == [0.0] and t.schedule == "constant" and stage_lr(cfg, students[0]) == 0.01
+    else:
+        assert decays == [0.0, 1e-4] and t.schedule == "step" and t.lr_milestones == [80, 120]
+        assert stage_lr(cfg, students[0]) == 0.1  # no role factor: every stage at the paper's LR
+    assert rt.milestones("resnet", 30) == [16, 24]
+
+
+# ------------------------------------------------------------------------------ cached teacher logits
+def _digits_loader(augment="none", erasing=0.0):
+    from src.data import build_loaders, load_dataset
+    cfg = tiny_cfg(data__augment=augment, data__random_erasing=erasing)
+    data = load_dataset(cfg.data)
+    return build_loaders(data, 32, torch.device("cpu"), cfg.data, False, seed=3)["train"]
+
+
+def test_cached_teacher_logits_equal_the_online_ones():
+    from src.distillation.engine import Precision, teacher_logits_table
+    torch.manual_seed(0)
+    teacher = create_model("plain_cnn4", 10, image_size=16).eval()
+    loader = _digits_loader()
+    table = teacher_logits_table(teacher, loader, Precision("cpu", None))
+    assert table is not None and table.shape == (len(loader.labels), 10)
+    worst = 0.0
+    for epoch in (1, 2):
+        loader.set_epoch(epoch)
+        for x, _ in loader:
+            with torch.no_grad():
+                online = teacher(x)
+            worst = max(worst, float((online - table[loader.batch_index]).abs().max()))
+    assert worst <= 1e-5 * float(table.abs().max())  # same inputs, eval mode: float32 rounding at most
+    assert teacher_logits_table(teacher, _digits_loader("crop_flip"), Precision("cpu", None)) is None
+    assert teacher_logits_table(teacher, _digits_loader("none", 0.25), Precision("cpu", None)) is None
+
+
+def test_an_epoch_with_cached_teacher_logits_trains_like_the_online_teacher():
+    from src.distillation.engine import Precision, StepContext, teacher_logits_table, train_one_epoch
+    from src.distillation.stage import make_optimizer
+    torch.manual_seed(0)
+    teacher = create_model("plain_cnn4", 10, image_size=16).eval()
+    init = create_model("plain_cnn2", 10, image_size=16).state_dict()
+    results = []
+    for cached in (False, True):
+        loader = _digits_loader()
+        model = create_model("plain_cnn2", 10, image_size=16)
+        model.load_state_dict(init)
+        opt = make_optimizer(model, 0.01, 0.0, torch.device("cpu"), "sgd", 0.9)
+        ctx = StepContext(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                          precision=Precision("cpu", None), teacher=teacher, num_classes=10)
+        if cached:
+            ctx.teacher_logits = teacher_logits_table(teacher, loader, ctx.precision)
+        loader.set_epoch(1)
+        out = train_one_epoch(ctx, loader, alpha=0.5, progress=False)
+        results.append((out["kd"], [p.detach().clone() for p in model.parameters()]))
+    (kd_a, pa), (kd_b, pb) = results
+    assert kd_a == pytest.approx(kd_b, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(pa, pb))
+
+
+# ------------------------------------------------------------------------------ the table's logic
+def test_verdicts_on_made_up_numbers():
+    assert verdict(0.94, 1.2, 0.3, 2.1) == "reproduced"
+    assert verdict(0.94, -1.2, -2.1, -0.3) == "reversed"
+    assert verdict(0.94, 0.1, -0.4, 0.6) == "not reproduced"      # 0 inside, the paper's 0.94 outside
+    assert verdict(0.94, 0.5, -0.4, 1.5) == "within noise"        # both inside
+    assert verdict(0.94, 0.5, float("nan"), float("nan")) == "undecided"
+    assert verdict(None, 0.5, 0.1, 0.9) == "significant"
+    assert verdict(None, 0.5, -0.1, 0.9) == "within noise"
+
+
+def test_holm_adjusts_as_the_step_down_method():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.9, 0.8]) == pytest.approx([0.9, 0.9])
+
+
+def test_summaries_correct_across_every_comparison_of_the_report():
+    a = Comparison("TAKD - BLKD", [1.0, 1.4, 1.2], [0.01, 0.02, 0.03], 0.94)
+    b = Comparison("BLKD - NOKD", [-0.2, 0.3, 0.1], [0.5, 0.6, 0.7], 2.41)
+    sa, sb = summarise([a, b])
+    assert sa["p_holm"] == pytest.approx(holm([0.01, 0.02, 0.03, 0.5, 0.6, 0.7])[:3])
+    assert sa["significant_seeds"] == 3 and sa["verdict"] == "reproduced"
+    assert sb["verdict"] == "not reproduced" and sb["significant_seeds"] == 0
+    mean, half = np.mean(a.diffs), 4.302652729911275 * np.std(a.diffs, ddof=1) / math.sqrt(3)
+    assert (sa["mean"], sa["lo"], sa["hi"]) == pytest.approx((mean, mean - half, mean + half))
+
+
+def test_paired_predictions_join_on_the_file_and_refuse_other_labels():
+    a = pd.DataFrame({"file": ["x", "y", "z"], "y_true": [0, 1, 2], "y_pred": [0, 1, 0]})
+    b = pd.DataFrame({"file": ["z", "x", "y"], "y_true": [2, 0, 1], "y_pred": [2, 1, 1]})
+    ca, cb = paired_correct(a, b)
+    assert ca.tolist() == [True, True, False] and cb.tolist() == [False, True, True]
+    with pytest.raises(ValueError, match="different labels"):
+        paired_correct(a, b.assign(y_true=[2, 0, 0]))
+    with pytest.raises(ValueError, match="different images"):
+        paired_correct(a, b.assign(file=["z", "x", "w"]))
+
+
+# ------------------------------------------------------------------------------ one command, resumable
+def _reproduce(out, results, *extra, **kw):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce_takd.py"), "--tables", "table1", "--families", "plain",
+           "--datasets", "cifar10", "--data-source", "digits", "--epochs", "2", "--seeds", "0,1", "--out", str(out),
+           "--results", str(results), "--set", "data.max_train_samples=200", "--set", "data.max_test_samples=100",
+           "--set", "data.image_size=16", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "res" / "takd.csv"
+    proc = _reproduce(out, results)
+    marker = out / "plain-cifar10" / "students" / "seed_0" / "student_scratch" / "epoch_log.csv"
+    deadline = time.time() + 900
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group, as a terminal sends it
+    text = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 130, text[-3000:]
+    assert "--resume" in text and not results.exists()
+    again = _reproduce(out, results)  # the same command without --resume refuses: nothing is overwritten
+    assert again.wait(timeout=600) == 2 and "add --resume" in again.communicate()[0]
+    changed = _reproduce(out, results, "--resume", "--teacher-epochs", "3")
+    assert changed.wait(timeout=600) == 2 and "other settings" in changed.communicate()[0]
+    resumed = _reproduce(out, results, "--resume")
+    text = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, text[-3000:]
+    assert "teacher and assistants: finished earlier" in text
+    table = pd.read_csv(results)
+    assert list(table["row"]) == ["NOKD", "BLKD", "TAKD"] and (table["seeds"] == 2).all()
+    assert list(table["published"]) == [70.16, 72.57, 73.51]
+    tests = pd.read_csv(results.with_name("takd_tests.csv"))
+    assert list(tests["comparison"]) == ["TAKD - BLKD", "BLKD - NOKD"]
+    assert set(tests["verdict"]) <= {"reproduced", "within noise", "not reproduced", "reversed", "undecided"}
+    for seed in (0, 1):
+        for stage in ("student_scratch", "student_kd", "student"):
+            log = pd.read_csv(out / "plain-cifar10" / "students" / f"seed_{seed}" / stage / "epoch_log.csv")
+            assert list(log["epoch"]) == [1, 2]
+    md = results.with_suffix(".md").read_text()
+    assert "Deviations from the paper" in md and "Holm" in md and "| TAKD - BLKD |" in md
