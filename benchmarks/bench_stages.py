@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -192,26 +193,33 @@ def bench_stage(cfg, stage, device, args, gpu_name):
         if t is not None:
             cleanup_training_state(model=t, verbose=False, device=device)
 
-    # ours: the real engine
-    model, teacher = make()
+    # ours (the real engine) and bare (the same stage as a plain loop over batches made beforehand
+    # on the device), measured alternately `repeats` times; the medians are reported (on a shared
+    # CPU one epoch's timing varies by 10% and more)
     loader = TensorLoader(split, plan.batch_size, device, True, data_cfg, channels_last=cl)
     sample = torch.randn(micro, 3, size, size, device=device)
     sample = sample.contiguous(memory_format=torch.channels_last) if cl else sample
-    reset_peak_reserved(device)
-    ours, compile_s = engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample)
-    peak = peak_reserved_bytes(device) / GiB
-    per_img = 3 * count_flops(model, size, device) + (count_flops(teacher, size, device) if teacher is not None else 0)
-    release(model, teacher)
-
-    # bare: the same stage as a plain loop over batches made beforehand on the device
-    bare_speed = None
-    if not args.no_bare:
+    ours_all, bare_all, compile_s, peak = [], [], 0.0, 0.0
+    for _ in range(max(1, args.repeats)):
         model, teacher = make()
-        made = [(x.clone(), y.clone()) for _, (x, y) in zip(range(4), loader)]  # augmented, normalised, on the device
-        batches = [made[i % len(made)] for i in range(len(loader))]  # as many steps as the engine's epoch
-        bare_speed = bare_img_per_s(cfg, stage, model, teacher, batches, precision, plan)
+        reset_peak_reserved(device)
+        speed, c_s = engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample)
+        ours_all.append(speed)
+        compile_s, peak = max(compile_s, c_s), max(peak, peak_reserved_bytes(device) / GiB)
+        per_img = 3 * count_flops(model, size, device) + (count_flops(teacher, size, device) if teacher is not None else 0)
         release(model, teacher)
-        del batches, made
+        if not args.no_bare:
+            model, teacher = make()
+            # augmented, normalised, on the device: on a GPU 4 batches recycled (memory); on a CPU, whose caches
+            # would favour a few recycled batches, as many distinct batches as the engine's epoch reads
+            distinct = 4 if device.type == "cuda" else len(loader)
+            made = [(x.clone(), y.clone()) for _, (x, y) in zip(range(distinct), loader)]
+            batches = [made[i % len(made)] for i in range(len(loader))]  # as many steps as the engine's epoch
+            bare_all.append(bare_img_per_s(cfg, stage, model, teacher, batches, precision, plan))
+            release(model, teacher)
+            del batches, made
+    ours = statistics.median(ours_all)
+    bare_speed = statistics.median(bare_all) if bare_all else None
     del loader
 
     # naive baseline: fp32, CPU DataLoader with torchvision transforms, largest batch that fits
@@ -285,6 +293,8 @@ def parse_args(argv=None):
                         "2 <- 4, CIFAR ResNet 20 and 8 <- 20, with the reproduction's recipe; runs on a CPU too)")
     p.add_argument("--resolutions", default="32,224")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per timed epoch")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure ours and bare alternately this many times and report the medians (a CPU: 3 or more)")
     p.add_argument("--budget-gb", type=float, default=6.0)
     p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers (the user's 2-4 cores)")
     p.add_argument("--batch", type=int, default=None, help="override the presets' batch size")

@@ -315,7 +315,9 @@ def write_results(args, wall_s: float) -> Path:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.results, index=False, float_format="%.4f")
     if not tests.empty:
-        tests.to_csv(args.results.with_name(args.results.stem + "_tests.csv"), index=False, float_format="%.4g")
+        flat = tests.assign(**{c: tests[c].map(lambda v: ";".join(f"{float(x):.4g}" for x in v))
+                               for c in ("diffs", "p", "p_holm")})
+        flat.to_csv(args.results.with_name(args.results.stem + "_tests.csv"), index=False, float_format="%.4g")
     md = args.results.with_suffix(".md")
     md.write_text(markdown(table, tests, context, args, wall_s))
     return md

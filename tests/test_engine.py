@@ -246,25 +246,30 @@ def test_allocator_retries_at_the_memory_cap_are_counted_and_said_once(tmp_path,
     assert json.loads((tmp_path / "run" / "teacher" / "stage.json").read_text())["alloc_retries"] == 6
 
 
-class _NanGradOnMarkedBatch(torch.autograd.Function):
-    """Identity forward; NaN gradient in backward for batches whose first pixel is exactly 1234."""
+class _NanGrad(torch.autograd.Function):
+    """Identity forward; a NaN gradient in backward when `poison` (the loss stays finite)."""
     @staticmethod
-    def forward(ctx, x):
-        ctx.poison = bool(x.reshape(-1)[0] == 1234.0)
-        return x.clone()
+    def forward(ctx, h, poison: bool):
+        ctx.poison = poison
+        return h.clone()
 
     @staticmethod
     def backward(ctx, g):
-        return g * float("nan") if ctx.poison else g
+        return (g * float("nan") if ctx.poison else g), None
 
 
 class _Poisonable(nn.Module):
+    """_cnn whose first conv gets NaN gradients on batches whose first pixel is exactly 1234."""
     def __init__(self):
         super().__init__()
         self.net = _cnn()
 
     def forward(self, x):
-        return self.net(_NanGradOnMarkedBatch.apply(x))
+        poison = bool(x.reshape(-1)[0] == 1234.0)
+        h = _NanGrad.apply(self.net[0](x), poison)
+        for layer in list(self.net)[1:]:
+            h = layer(h)
+        return h
 
 
 @pytest.mark.parametrize("fused", [True, False])

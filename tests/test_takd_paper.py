@@ -85,7 +85,8 @@ def test_plain_cnns_by_name_match_the_architecture(layers):
     assert count_params(model) == plain_params(spec, fcs)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert len(convs) + len(linears) == layers and all(c.bias is not None for c in convs)
+    assert len(convs) == layers and all(c.bias is not None for c in convs)  # "plain CNN N": N conv layers
+    assert len(linears) == 1 + len(fcs)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert create_model(f"plain_cnn{layers}", 100, image_size=32)(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
 
@@ -231,14 +232,15 @@ def test_holm_adjusts_as_the_step_down_method():
     p = [0.01, 0.04, 0.03, 0.005]
     # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone 0.06
     assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    assert holm([0.9, 0.8]) == pytest.approx([0.9, 0.9])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 0.8 x 2 capped at 1; monotone
 
 
 def test_summaries_correct_across_every_comparison_of_the_report():
-    a = Comparison("TAKD - BLKD", [1.0, 1.4, 1.2], [0.01, 0.02, 0.03], 0.94)
+    a = Comparison("TAKD - BLKD", [1.0, 1.4, 1.2], [0.001, 0.002, 0.003], 0.94)
     b = Comparison("BLKD - NOKD", [-0.2, 0.3, 0.1], [0.5, 0.6, 0.7], 2.41)
     sa, sb = summarise([a, b])
-    assert sa["p_holm"] == pytest.approx(holm([0.01, 0.02, 0.03, 0.5, 0.6, 0.7])[:3])
+    assert sa["p_holm"] == pytest.approx(holm([0.001, 0.002, 0.003, 0.5, 0.6, 0.7])[:3])
+    assert sa["p_holm"] == pytest.approx([0.006, 0.01, 0.012])
     assert sa["significant_seeds"] == 3 and sa["verdict"] == "reproduced"
     assert sb["verdict"] == "not reproduced" and sb["significant_seeds"] == 0
     mean, half = np.mean(a.diffs), 4.302652729911275 * np.std(a.diffs, ddof=1) / math.sqrt(3)

@@ -150,6 +150,15 @@ class Progress:
             self.bar.close()
 
 
+def total_grad_norm(model: nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients (what clipping computes), without touching them."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    get_total_norm = getattr(nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def _chunks(n: int, micro: Optional[int]) -> list:
     if not micro or micro >= n:
         return [n]
@@ -223,10 +232,10 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
         if ctx.scaler is not None:
             ctx.scaler.unscale_(opt)
         grad_norm = None
-        if ctx.scaler is None:  # the scaler skips non-finite gradients itself
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip if ctx.grad_clip > 0 else float("inf"))
-        elif ctx.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        if ctx.grad_clip > 0:
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        elif ctx.scaler is None:  # watched even without clipping (the scaler skips non-finite gradients itself)
+            grad_norm = total_grad_norm(model)
         if deferred:
             opt.found_inf = watch.update(step_loss, step, reduce=dist.all_reduce_max_ if dist.state().enabled else None,
                                          grad_norm=grad_norm)
