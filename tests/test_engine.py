@@ -294,3 +294,31 @@ def test_non_finite_gradients_with_a_finite_loss_never_reach_the_weights(fused, 
     train_one_epoch(_ctx(ref, "sgd", grad_clip=0.0), _Loader(loader[:2]), alpha=0.0, progress=False)
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+def test_evaluation_puts_every_ranks_images_back_in_dataset_order():
+    """Two ranks' evaluation shards (every 2nd image each), joined rank by rank as the gather joins
+    them: file ids, labels and predictions come back in dataset order, each image once (the
+    streamed loader's distributed sampler pads a shard with a repeated image)."""
+    import numpy as np
+    from src.data.loaders import StreamLoader, TensorLoader
+    from src.data.sources import Split
+    from dataclasses import replace
+    from src.distillation.engine import in_dataset_order
+    from tests.conftest import tiny_cfg
+    n = 7
+    split = Split(labels=torch.arange(n) % 3, images=torch.randint(0, 255, (n, 3, 8, 8), dtype=torch.uint8))
+    cfg = tiny_cfg().data
+    for make in (lambda r: TensorLoader(split, 2, torch.device("cpu"), False, cfg, rank=r, world_size=2),
+                 lambda r: StreamLoader(split, 2, torch.device("cpu"), False, replace(cfg, num_workers=0),
+                                        from_tensors=True, rank=r, world_size=2)):
+        index, labels = [], []
+        for rank in (0, 1):
+            loader = make(rank)
+            for _, y in loader:
+                index.append(loader.batch_index.numpy())
+                labels.append(y.numpy())
+        joined_index, joined_labels = np.concatenate(index), np.concatenate(labels)
+        assert len(joined_index) >= n and not (joined_index == np.arange(len(joined_index))).all()
+        order, ordered_labels = in_dataset_order(joined_index, joined_labels)
+        assert order.tolist() == list(range(n)) and ordered_labels.tolist() == (np.arange(n) % 3).tolist()

@@ -300,3 +300,47 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path):
             assert list(log["epoch"]) == [1, 2]
     md = results.with_suffix(".md").read_text()
     assert "Deviations from the paper" in md and "Holm" in md and "| TAKD - BLKD |" in md
+
+
+# ------------------------------------------------------------------------------ CPU speed settings
+def test_compile_auto_on_a_cpu_skips_stages_too_short_to_repay_a_probe(monkeypatch):
+    from src.distillation import chain, planner
+    from src.distillation.chain import plan_stage
+    monkeypatch.setattr(chain, "_PLAN_CACHE", {})  # plans are reused per model and shape within a process
+    probed = []
+    monkeypatch.setattr(planner, "measure_steps", lambda *a, **k: probed.append(1) or {"img_per_s": 1.0,
+                                                                                      "peak_reserved_gib": 0.0})
+    cfg = tiny_cfg()
+    plan = plan_stage(cfg, cfg.stages[1], torch.device("cpu"), 10, train_images=100)
+    assert plan.compile is False and not probed and any("not probed" in n for n in plan.notes)
+    forced = plan_stage(replace(cfg, train=replace(cfg.train, compile="true")), cfg.stages[1], torch.device("cpu"), 10,
+                        train_images=100)
+    assert forced.compile is True and not probed
+    # a long stage is measured: eager speed first, then (here, at 1 img/s) the compiled one
+    monkeypatch.setattr(planner, "_probe_compile", lambda p, *a, **k: replace(p, compile=True, notes=p.notes + ["c"]))
+    chain._PLAN_CACHE.clear()
+    long = plan_stage(replace(cfg, train=replace(cfg.train, epochs=10_000)), cfg.stages[1], torch.device("cpu"), 10,
+                      train_images=10_000)
+    assert probed and long.compile is True and long.probe_img_per_s == 1.0
+
+
+def test_channels_last_is_the_cpu_default_for_cnns_only():
+    from src.distillation.stage import use_channels_last
+    cfg = tiny_cfg()
+    assert use_channels_last(cfg, cfg.stages[0], torch.device("cpu"))
+    vit = replace(cfg.stages[0], model="vit_tiny_patch16_224")
+    assert not use_channels_last(cfg, vit, torch.device("cpu"))
+
+
+def test_cpu_threads_follow_the_affinity_and_yield_to_omp(monkeypatch):
+    from src.utils.devices import set_cpu_threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        assert set_cpu_threads(torch.device("cpu"), 2) == 2 and torch.get_num_threads() == 2
+        assert set_cpu_threads(torch.device("cpu"), 1) == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_cpu_threads(torch.device("cpu")) is None
+    finally:
+        torch.set_num_threads(before)

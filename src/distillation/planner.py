@@ -38,6 +38,7 @@ MIN_MICRO_BATCH = 8
 COMPILE_MIN_GAIN = 1.05   # compiled must be at least this much faster than eager ...
 COMPILE_MIN_STAGE_S = 60.0  # ... and no compile probe for a stage whose eager training takes less than
 #                             this: compiling a model takes tens of seconds, which such a stage cannot win back
+CPU_FLOPS_BOUND = 2e12     # training FLOP/s no CPU of a student's laptop exceeds: a lower bound on a stage's time
 log = get_console()
 
 
@@ -223,6 +224,15 @@ def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num
     plan = replace(plan, notes=plan.notes + ["CPU: configured batch used"])
     if compile_mode != "auto":
         return replace(plan, compile=compile_mode == "true")
+    if images_to_train:  # no probe (5 training steps, or a compilation) for a stage too short to repay one
+        from src.models import count_flops
+        probe_model = model_builder()
+        bound_s = images_to_train * 3 * count_flops(probe_model, image_size, device) / CPU_FLOPS_BOUND
+        del probe_model
+        if bound_s < COMPILE_MIN_STAGE_S:
+            return replace(plan, compile=False, notes=plan.notes + [
+                f"compile: not probed (training takes at least {bound_s:.1f}s of compute even at "
+                f"{CPU_FLOPS_BOUND / 1e12:g} TFLOP/s, under {COMPILE_MIN_STAGE_S:.0f}s) -> off"])
     precision = Precision(device.type, None)
     model = teacher = None
     try:
