@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from src.distillation.config import load_config
-from src.distillation.engine import lr_schedule
+from src.distillation.recipe import lr_schedule
 from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
 from src.utils.metrics import normalized_confusion
 from src.utils.stats import (ALPHA, bootstrap_diff_ci, holm, mcnemar_exact, paired_correct, t_interval,

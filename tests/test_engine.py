@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from src.distillation.config import TrainConfig
-from src.distillation.engine import (Precision, StepContext, compile_warmup, lr_schedule, prepare_teacher,
-                                     train_one_epoch, warmup_steps_for)
-from src.distillation.stage import make_optimizer
+from src.distillation.engine import Precision, StepContext, compile_warmup, prepare_teacher, train_one_epoch
+from src.distillation.recipe import lr_schedule, warmup_steps_for
+from src.distillation.recipe import make_optimizer
 from src.utils.errors import NonFiniteLossError
 
 
@@ -46,7 +46,7 @@ def test_the_optimizer_is_fused_so_the_nan_guard_needs_no_sync(kind):
     if kind == "sgd":
         assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
-    with pytest.raises(ValueError, match="adamw or sgd"):
+    with pytest.raises(ValueError, match="adamw, sgd"):
         make_optimizer(_cnn(), 1e-3, 0.0, torch.device("cpu"), "lamb")
 
 

@@ -25,7 +25,7 @@ def test_tiny_chain_on_cuda(tmp_path, amp_dtype):
 @requires_cuda
 def test_nan_guard_without_sync_on_cuda():
     from src.distillation.engine import Precision, StepContext, train_one_epoch
-    from src.distillation.stage import make_optimizer
+    from src.distillation.recipe import make_optimizer
     from src.utils.errors import NonFiniteLossError
     dev = torch.device("cuda", torch.cuda.current_device())
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).to(dev)
@@ -55,7 +55,7 @@ def test_training_epoch_synchronises_a_fixed_number_of_times_whatever_its_length
     from src.data.sources import Split
     from src.distillation.config import DataConfig
     from src.distillation.engine import Precision, StepContext, prepare_teacher, train_one_epoch
-    from src.distillation.stage import make_optimizer
+    from src.distillation.recipe import make_optimizer
     from src.models import create_model
     dev = torch.device("cuda", torch.cuda.current_device())
     precision = Precision.choose(dev, True)

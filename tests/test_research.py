@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from src.distillation.chain import _heaviest_teacher, _plan_key, run_chain, with_baselines
-from src.distillation.engine import lr_schedule
+from src.distillation.recipe import lr_schedule
 from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
 from src.utils.reproducibility import derive_seed
 from tests.conftest import tiny_cfg

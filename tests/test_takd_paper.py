@@ -104,7 +104,7 @@ def test_a_saved_paper_model_loads_back_through_plain_timm(tmp_path):
 # ------------------------------------------------------------------------------ recipe
 def test_step_schedule_divides_the_lr_after_the_milestone_epochs():
     from src.distillation.config import TrainConfig
-    from src.distillation.engine import lr_schedule
+    from src.distillation.recipe import lr_schedule
     spe = 3
     lrs = lr_schedule(0.1, TrainConfig(schedule="step", lr_milestones=[80, 120], lr_gamma=0.1, warmup_epochs=0),
                       150, spe)
@@ -118,8 +118,8 @@ def test_step_schedule_divides_the_lr_after_the_milestone_epochs():
 
 def test_the_scheduler_of_a_stage_applies_the_milestones(tmp_path):
     """The real LambdaLR of a stage, stepped as training steps it."""
-    from src.distillation.engine import lr_multiplier
-    from src.distillation.stage import make_optimizer
+    from src.distillation.recipe import lr_multiplier
+    from src.distillation.recipe import make_optimizer
     cfg = tiny_cfg(train__optimizer="sgd", train__schedule="step", train__lr_milestones=[2, 3], train__epochs=4,
                    train__warmup_epochs=0.0)
     model = nn.Linear(4, 2)
@@ -144,7 +144,8 @@ def _args(**over):
 @pytest.mark.parametrize("family", ["plain", "resnet"])
 def test_reproduction_configs_carry_the_papers_recipe(family, tmp_path):
     from src.distillation.config import from_dict
-    from src.distillation.stage import make_optimizer, stage_lr
+    from src.distillation.recipe import make_optimizer
+    from src.distillation.stage import stage_lr
     args = _args()
     data = {"source": "digits", "root": "data"}
     cfg = from_dict(rt.students_config(family, "cifar10", list(rt.TABLES), 150, tmp_path, data, args))
@@ -194,8 +195,8 @@ def test_cached_teacher_logits_equal_the_online_ones():
 
 
 def test_an_epoch_with_cached_teacher_logits_trains_like_the_online_teacher():
-    from src.distillation.engine import Precision, StepContext, teacher_logits_table, train_one_epoch
-    from src.distillation.stage import make_optimizer
+    from src.distillation.engine import Precision, StepContext, train_one_epoch
+    from src.distillation.recipe import make_optimizer
     torch.manual_seed(0)
     teacher = create_model("plain_cnn4", 10, image_size=16).eval()
     init = create_model("plain_cnn2", 10, image_size=16).state_dict()
@@ -208,7 +209,7 @@ def test_an_epoch_with_cached_teacher_logits_trains_like_the_online_teacher():
         ctx = StepContext(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                           precision=Precision("cpu", None), teacher=teacher, num_classes=10)
         if cached:
-            ctx.teacher_logits = teacher_logits_table(teacher, loader, ctx.precision)
+            assert ctx.method.cache_teacher_logits(loader, ctx.precision, 1 << 30)
         loader.set_epoch(1)
         out = train_one_epoch(ctx, loader, alpha=0.5, progress=False)
         results.append((out["kd"], [p.detach().clone() for p in model.parameters()]))

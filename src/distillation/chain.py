@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,8 +24,11 @@ from src.data import build_loaders, load_dataset
 from src.distillation import distributed as dist
 from src.distillation.config import RunConfig, save_config
 from src.distillation.engine import Precision, prepare_teacher
-from src.distillation.planner import apply_vram_budget, compile_decision, probe_plan
-from src.distillation.stage import StagePlan, build_stage_model, load_weights, run_stage, stage_seeds, use_channels_last
+from src.distillation.methods import method_name
+from src.distillation.planner import StepSpec, apply_vram_budget, compile_decision, probe_plan
+from src.distillation.recipe import optimizer_factory
+from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
+                                   use_channels_last)
 from src.models import count_params, is_vit
 from src.utils.checkpoint import atomic_write_text
 from src.utils.devices import resolve_device, set_cpu_threads
@@ -33,6 +36,7 @@ from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
 from src.utils.logger import get_console, is_verbose
 from src.utils.reproducibility import setup_reproducibility
+from src.utils.runfolder import RunFolder
 from src.utils.runlock import PROBE_PREFIX
 from src.utils.tb import require_tensorboard
 from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
@@ -42,7 +46,8 @@ SUMMARY_COLUMNS = ["stage", "model", "role", "teacher", "params", "flops", "epoc
                    "val_f1_score", "test_accuracy", "test_precision", "test_recall", "test_f1_score", "test_loss",
                    "last_val_accuracy", "peak_gpu_memory_mb", "train_seconds", "eval_seconds", "compile_seconds",
                    "img_per_s", "lr", "precision", "label_smoothing", "batch_size", "micro_batch", "grad_checkpointing",
-                   "compile", "skipped_images"]
+                   "compile", "skipped_images", "method", "method_label", "seed_stream", "recipe", "init_seed",
+                   "data_seed"]
 _PLAN_CACHE: dict = {}  # plan key -> StagePlan: probed once per model and shape in this process (all seeds)
 
 
@@ -72,17 +77,37 @@ def with_baselines(cfg: RunConfig) -> RunConfig:
     if len(cfg.stages) < 2 or "student_scratch" in names:
         return cfg
     first, last = cfg.stages[0], cfg.stages[-1]
-    shared = dict(checkpoint=None, role=last.role or "student", seed_stream=last.seed_stream or last.name)
+    shared = dict(checkpoint=None, role=last.role or "student", seed_stream=last.seed_stream or last.name, method=None,
+                  method_args={})
     scratch = replace(last, name="student_scratch", teacher=None, **shared)
     direct = replace(last, name="student_kd", teacher=first.name, **shared)
     return replace(cfg, stages=[*cfg.stages, scratch, direct])
 
 
-def stage_method(stage, cfg: RunConfig) -> str:
-    """scratch (no teacher), kd (distilled from the first stage) or takd (through an assistant)."""
-    if not stage.teacher:
+def method_label(stage, cfg: RunConfig) -> str:
+    """What taught the stage, for tables and comparisons: scratch (no teacher), kd (distilled from
+    the chain's first stage), takd (through an assistant), dense (several teachers), or the name
+    of the stage's own method."""
+    teachers = stage.teachers
+    if not teachers:
         return "scratch"
-    return "kd" if stage.teacher == cfg.stages[0].name else "takd"
+    name = method_name(stage)
+    if name == "kd":
+        return "kd" if teachers[0] == cfg.stages[0].name else "takd"
+    return name
+
+
+def method_words(stage, cfg: RunConfig) -> str:
+    """The same in words: "scratch", "KD from teacher", "KD via assistant ta", "dense from teacher + ta"."""
+    teachers = stage.teachers
+    label = method_label(stage, cfg)
+    if label == "scratch":
+        return "scratch"
+    if label == "kd":
+        return f"KD from {teachers[0]}"
+    if label == "takd":
+        return f"KD via assistant {teachers[0]}"
+    return f"{label} from {' + '.join(teachers)}"
 
 
 def _plan_key(cfg: RunConfig, stage) -> tuple:
@@ -92,22 +117,32 @@ def _plan_key(cfg: RunConfig, stage) -> tuple:
             cfg.train.amp_dtype, cfg.train.compile, cfg.train.vram_budget_gb, cfg.train.channels_last)
 
 
-def _heaviest_teacher(cfg: RunConfig, stage, num_classes: int):
-    """Of the teachers of every stage sharing this stage's plan, the largest: the plan must fit with it."""
-    key = _plan_key(cfg, stage)
-    names = {s.teacher for s in cfg.stages if s.teacher and _plan_key(cfg, s) == key}
-    if not names:
+def _bare(stage):
+    return replace(stage, pretrained=False, pretrained_file=None, checkpoint=None)  # shapes only
+
+
+def _heaviest_teachers(cfg: RunConfig, stage, num_classes: int):
+    """Of the stages sharing this stage's plan, the one whose frozen models weigh most together
+    (the plan must fit with all of them in memory), or None when none of them has a teacher."""
+    sharing = [s for s in cfg.stages if s.teachers and _plan_key(cfg, s) == _plan_key(cfg, stage)]
+    if not sharing:
         return None
-    bare = lambda n: replace(cfg.stage(n), pretrained=False, pretrained_file=None, checkpoint=None)  # noqa: E731
-    return max(sorted(names), key=lambda n: count_params(build_stage_model(cfg, bare(n), num_classes)))
+    sizes = {}
+
+    def weight(s):
+        for n in s.teachers:
+            if n not in sizes:
+                sizes[n] = count_params(build_stage_model(cfg, _bare(cfg.stage(n)), num_classes))
+        return sum(sizes[n] for n in s.teachers)
+    return max(sharing, key=lambda s: (weight(s), len(s.teachers)))
 
 
 def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
                train_images: Optional[int] = None) -> StagePlan:
     """Configured settings, refined on CUDA by measuring a few real steps under the VRAM budget.
 
-    One plan per model and shape: the three student variants (scratch, KD, TAKD) share it, probed
-    with the largest of their teachers, so they train with the same micro-batch (the same
+    One plan per model and shape: students compared with each other (scratch, KD, TAKD, dense)
+    share it, probed with the heaviest set of frozen models among them, so they train with the same micro-batch (the same
     batch-norm statistics) and checkpointing; later seeds reuse it. `train_images` (per epoch and
     process) lets compile=auto weigh what compiling saves over the stage against what it costs."""
     plan = StagePlan(epochs=stage.epochs or cfg.train.epochs, batch_size=stage.batch_size or cfg.train.batch_size,
@@ -126,13 +161,15 @@ def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
             cached, notes = replace(cached, compile=use), notes + [f"compile for {plan.epochs} epochs: {why} -> "
                                                                     f"{'on' if use else 'off'}"]
         return replace(cached, notes=notes)
-    bare = lambda s: replace(s, pretrained=False, pretrained_file=None, checkpoint=None)  # noqa: E731 (shapes only)
-    teacher_name = _heaviest_teacher(cfg, stage, num_classes)
+    heaviest = _heaviest_teachers(cfg, stage, num_classes)  # its frozen models and method are the probe's
     teacher_builder = None
-    if teacher_name:
-        teacher_builder = lambda: build_stage_model(cfg, bare(cfg.stage(teacher_name)), num_classes)  # noqa: E731
-    plan = probe_plan(plan, model_builder=lambda: build_stage_model(cfg, bare(stage), num_classes),
-                      teacher_builder=teacher_builder, model_name=stage.model, image_size=cfg.data.image_size,
+    if heaviest is not None:
+        teacher_builder = lambda: [build_stage_model(cfg, _bare(cfg.stage(n)), num_classes)  # noqa: E731
+                                   for n in heaviest.teachers]
+    spec = StepSpec(method_builder=lambda ts: stage_method(cfg, heaviest or stage, ts),
+                    optimizer_factory=optimizer_factory(cfg.train, device))
+    plan = probe_plan(plan, model_builder=lambda: build_stage_model(cfg, _bare(stage), num_classes),
+                      teacher_builder=teacher_builder, spec=spec, model_name=stage.model, image_size=cfg.data.image_size,
                       num_classes=num_classes, device=device,
                       precision=Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype),
                       channels_last=use_channels_last(cfg, stage, device), budget_gb=cfg.train.vram_budget_gb,
@@ -193,7 +230,7 @@ def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, dev
     """The frozen best-validation checkpoint of stage `name`, prepared as the student's steps use it."""
     tstage = cfg.stage(name)
     model = build_stage_model(cfg, replace(tstage, pretrained=False, pretrained_file=None), num_classes)
-    load_weights(model, run_dir / name / "best.pt", f"teacher {name}")
+    load_weights(model, RunFolder(run_dir).stage(name).best, f"teacher {name}")
     return prepare_teacher(model, device, Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype),
                            use_channels_last(cfg, tstage, device), compile_model=compile_model, verbose=is_verbose())
 
@@ -209,6 +246,19 @@ def _plan_line(plan: StagePlan) -> str:
     return ", ".join(parts)
 
 
+@dataclass
+class ChainRun:
+    """A chain in progress: what its phases share."""
+    cfg: RunConfig
+    folder: RunFolder
+    device: torch.device
+    data: object
+    resume: bool
+    timings: dict
+    plans: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+
+
 def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False) -> pd.DataFrame:
     """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume.
@@ -216,92 +266,118 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
     Besides the stage folders it writes timings.json: wall-clock seconds of the whole chain split
     into data, planning, compile, training, evaluation and the rest."""
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
+    chain = start_chain(cfg, Path(run_dir), resume)
+    for idx, stage in enumerate(cfg.stages):
+        folder = chain.folder.stage(stage.name)
+        if resume and folder.finished:
+            log.info(f"✓ {stage.name}: finished earlier, skipped")
+            chain.rows.append(folder.summary())
+            continue
+        plan = stage_plan(chain, stage, resuming=resume and folder.started)
+        chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop))
+    return finish_chain(chain, t_start)
+
+
+def start_chain(cfg: RunConfig, run_dir: Path, resume: bool) -> ChainRun:
+    """Device, threads, seeds and memory cap; the data; the preflight checks; then (only once the
+    inputs are known to be good: a typo leaves no half-made run folder) the run's own files."""
     ds = dist.state()
-    main = ds.is_main
-    if main:
+    if ds.is_main:
         check_writable(run_dir)
     device = resolve_device(cfg.train.device, ds.local_rank if ds.enabled and cfg.train.device != "cpu" else None)
     threads = set_cpu_threads(device, int(os.environ.get("LOCAL_WORLD_SIZE", ds.world_size if ds.enabled else 1)))
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
     budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
-    if not main:
+    if not ds.is_main:
         dist.barrier()  # rank 0 checks, decodes and caches first; the others read its caches
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)
-    timings = {"data": time.perf_counter() - t0, "planning": 0.0}
+    chain = ChainRun(cfg, RunFolder(run_dir), device, data, resume, {"data": time.perf_counter() - t0, "planning": 0.0})
     preflight(cfg, data.num_classes)
-    # Written only once the inputs are known to be good: a typo leaves no half-made run folder.
-    if main:
+    if ds.is_main:
         dist.barrier()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.rglob("*.tmp") if resume else []:  # a killed process's unfinished write
-            stale.unlink(missing_ok=True)
-        if not resume or not (run_dir / "config.yaml").exists():
-            save_config(cfg, run_dir / "config.yaml")
-        env = environment_record(repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
-                                         "world_size": ds.world_size, "distributed_backend": dist.backend(),
-                                         "cpu_threads": threads or torch.get_num_threads()},
-                                 device=device)
-        atomic_write_text(run_dir / ("env.json" if not (run_dir / "env.json").exists() else "env_resume.json"),
-                          json.dumps(env, indent=2))
-        atomic_write_text(run_dir / "classes.json", json.dumps(data.classes))
+        write_run_files(chain, repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
+                                       "world_size": ds.world_size, "distributed_backend": dist.backend(),
+                                       "cpu_threads": threads or torch.get_num_threads()})
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
              f"{data.num_classes} classes, stored at {data.store_size}px, model input {cfg.data.image_size}px, device {device}")
+    if chain.folder.file(RunFolder.PLAN).exists():
+        chain.plans = json.loads(chain.folder.file(RunFolder.PLAN).read_text())
+    return chain
 
-    plans, rows = {}, []
-    plan_path = run_dir / "plan.json"
-    if plan_path.exists():
-        plans = json.loads(plan_path.read_text())
-    for idx, stage in enumerate(cfg.stages):
-        stage_dir = run_dir / stage.name
-        done = stage_dir / "stage.json"
-        if resume and done.exists():
-            log.info(f"✓ {stage.name}: finished earlier, skipped")
-            rows.append(json.loads(done.read_text()))
-            continue
-        resuming_stage = resume and (stage_dir / "last.pt").exists()
-        t0 = time.perf_counter()
-        if stage.name in plans and resuming_stage:  # the plan it started with; epochs may have grown on resume
-            plan = replace(StagePlan(**plans[stage.name]), epochs=stage.epochs or cfg.train.epochs)
-        else:
-            per_rank = len(data.train) // dist.state().world_size
-            plan = dist.broadcast(plan_stage(cfg, stage, device, data.num_classes, per_rank) if main else None)
-            plans[stage.name] = asdict(plan)
-            if main:
-                atomic_write_text(plan_path, json.dumps(plans, indent=2))
-        timings["planning"] += time.perf_counter() - t0
-        teacher_note = f" <- {stage.teacher}" if stage.teacher else ""
-        log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  {_plan_line(plan)}")
-        teacher = None
-        if stage.teacher:
-            teacher = load_teacher(cfg, run_dir, stage.teacher, data.num_classes, device, compile_model=plan.compile)
-        loaders = build_loaders(data, plan.batch_size, device, cfg.data, use_channels_last(cfg, stage, device),
-                                seed=stage_seeds(cfg, stage)["data"], rank=ds.rank, world_size=ds.world_size)
-        summary = run_stage(cfg, stage, data, loaders, stage_dir, device, plan, teacher=teacher,
-                            resume=resuming_stage, progress=progress, should_stop=should_stop,
-                            on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs),
-                            extra={"method": stage_method(stage, cfg)})
-        dist.barrier()
-        frozen = ""
-        if teacher is not None:  # checked, not assumed: eval mode and no parameter asking for a gradient
-            inner = getattr(teacher, "_orig_mod", teacher)  # a compiled teacher wraps the frozen module
-            ok = not any(m.training for m in inner.modules()) and not any(p.requires_grad for p in inner.parameters())
-            frozen = f"; teacher frozen: {'yes' if ok else 'NO'}"
-            cleanup_training_state(model=teacher, verbose=False, device=device)
-            del teacher
-        rows.append(summary)
-        log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}), "
-                 f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}{frozen}; "
-                 f"memory released {summary.get('released_mb', 0.0):.0f} MB"
-                 + (f"; compile {summary['compile_seconds']:.1f}s" if summary.get("compile_seconds") else ""))
-    df = pd.DataFrame(rows)
-    df = df[[c for c in SUMMARY_COLUMNS + ["method"] if c in df.columns]]
-    if main:
-        atomic_write_text(run_dir / "summary.csv", df.to_csv(index=False))
+
+def write_run_files(chain: ChainRun, repro: dict, env_extra: dict) -> None:
+    """config.yaml (not rewritten on resume), env.json (env_resume.json on resume), classes.json."""
+    folder, cfg = chain.folder, chain.cfg
+    folder.path.mkdir(parents=True, exist_ok=True)
+    for stale in folder.path.rglob("*.tmp") if chain.resume else []:  # a killed process's unfinished write
+        stale.unlink(missing_ok=True)
+    if not chain.resume or not folder.config_path.exists():
+        save_config(cfg, folder.config_path)
+    env = environment_record(repro, env_extra, device=chain.device)
+    env_name = RunFolder.ENV if not folder.file(RunFolder.ENV).exists() else "env_resume.json"
+    atomic_write_text(folder.file(env_name), json.dumps(env, indent=2))
+    atomic_write_text(folder.file(RunFolder.CLASSES), json.dumps(chain.data.classes))
+
+
+def stage_plan(chain: ChainRun, stage, resuming: bool) -> StagePlan:
+    """The plan a resumed stage started with (its epochs may have grown), else a new one,
+    measured on rank 0 and shared with every rank; kept in plan.json."""
+    cfg, t0 = chain.cfg, time.perf_counter()
+    if stage.name in chain.plans and resuming:
+        plan = replace(StagePlan(**chain.plans[stage.name]), epochs=stage.epochs or cfg.train.epochs)
+    else:
+        main = dist.is_main()
+        per_rank = len(chain.data.train) // dist.state().world_size
+        plan = dist.broadcast(plan_stage(cfg, stage, chain.device, chain.data.num_classes, per_rank) if main else None)
+        chain.plans[stage.name] = asdict(plan)
+        if main:
+            atomic_write_text(chain.folder.file(RunFolder.PLAN), json.dumps(chain.plans, indent=2))
+    chain.timings["planning"] += time.perf_counter() - t0
+    return plan
+
+
+def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: bool, should_stop) -> dict:
+    """Load the stage's frozen teachers, build its loaders, run it, check the teachers stayed frozen."""
+    cfg, data, device, ds = chain.cfg, chain.data, chain.device, dist.state()
+    teacher_note = f" <- {' + '.join(stage.teachers)}" if stage.teachers else ""
+    log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  {_plan_line(plan)}")
+    teachers = [load_teacher(cfg, chain.folder.path, n, data.num_classes, device, compile_model=plan.compile)
+                for n in stage.teachers]
+    loaders = build_loaders(data, plan.batch_size, device, cfg.data, use_channels_last(cfg, stage, device),
+                            seed=stage_seeds(cfg, stage)["data"], rank=ds.rank, world_size=ds.world_size)
+    folder = chain.folder.stage(stage.name)
+    summary = run_stage(cfg, stage, data, loaders, folder.path, device, plan, teachers=teachers,
+                        resume=chain.resume and folder.started, progress=progress, should_stop=should_stop,
+                        on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs),
+                        extra={"method": method_label(stage, cfg), "method_label": method_words(stage, cfg)})
+    dist.barrier()
+    frozen = ""
+    if teachers:  # checked, not assumed: eval mode and no parameter asking for a gradient
+        inner = [getattr(t, "_orig_mod", t) for t in teachers]  # a compiled teacher wraps the frozen module
+        ok = all(not any(m.training for m in t.modules()) and not any(p.requires_grad for p in t.parameters())
+                 for t in inner)
+        frozen = f"; teacher{'s' if len(teachers) > 1 else ''} frozen: {'yes' if ok else 'NO'}"
+        for t in teachers:
+            cleanup_training_state(model=t, verbose=False, device=device)
+        del teachers
+    log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}), "
+             f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}{frozen}; "
+             f"memory released {summary.get('released_mb', 0.0):.0f} MB"
+             + (f"; compile {summary['compile_seconds']:.1f}s" if summary.get("compile_seconds") else ""))
+    return summary
+
+
+def finish_chain(chain: ChainRun, t_start: float) -> pd.DataFrame:
+    """summary.csv (one row per stage) and timings.json."""
+    df = pd.DataFrame(chain.rows)
+    df = df[[c for c in SUMMARY_COLUMNS if c in df.columns]]
+    if dist.is_main():
+        timings = chain.timings
+        atomic_write_text(chain.folder.summary_csv, df.to_csv(index=False))
         for key, col in (("compile", "compile_seconds"), ("training", "train_seconds"), ("evaluation", "eval_seconds")):
             timings[key] = float(df[col].sum()) if col in df else 0.0
         timings["wall"] = time.perf_counter() - t_start
         timings["other"] = timings["wall"] - sum(timings[k] for k in ("data", "planning", "compile", "training", "evaluation"))
-        atomic_write_text(run_dir / "timings.json", json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
+        atomic_write_text(chain.folder.file(RunFolder.TIMINGS), json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
     return df

@@ -72,6 +72,8 @@ class KDConfig:
     temperature: float = 4.0
     alpha_start: float = 0.9
     alpha_end: float = 0.5
+    weights: Optional[list] = None     # several teachers: the weight of each one's KD term (default 1 each)
+    drop_teachers: int = 0             # several teachers: leave out this many, drawn at random for every batch
 
 
 @dataclass
@@ -79,7 +81,10 @@ class StageConfig:
     name: str = ""
     model: str = ""
     role: Optional[str] = None         # teacher | assistant | student (LR factor); default from the model name
-    teacher: Optional[str] = None      # name of an earlier stage to distill from; None = plain training
+    teacher: Any = None                # an earlier stage to distil from, or a list of them; None = plain training
+    method: Optional[str] = None       # what a step computes (src/distillation/methods.py): scratch | kd | dense |
+                                       # path/file.py:Class; default kd (one teacher), dense (several), scratch
+    method_args: dict = field(default_factory=dict)  # options of the method (e.g. weights, drop_teachers)
     pretrained: bool = False           # ImageNet weights from the timm / Hugging Face hub
     pretrained_file: Optional[str] = None  # ... or from a local file
     checkpoint: Optional[str] = None   # skip training: load this checkpoint (e.g. a trained teacher)
@@ -95,6 +100,13 @@ class StageConfig:
     lr: Optional[float] = None         # override train.lr (before the role factor)
     batch_size: Optional[int] = None   # override train.batch_size
     model_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def teachers(self) -> list:
+        """The stages this one distils from, in the order named (none, one or several)."""
+        if not self.teacher:
+            return []
+        return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
 
 
 @dataclass
@@ -133,7 +145,7 @@ class RunConfig:
         """The stage's own value; else 0 for a stage another one distils from; else train.label_smoothing."""
         if stage.label_smoothing is not None:
             return stage.label_smoothing
-        teaches = any(s.teacher == stage.name for s in self.stages)
+        teaches = any(stage.name in s.teachers for s in self.stages)
         return 0.0 if teaches else self.train.label_smoothing
 
 
@@ -258,6 +270,9 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     need(t.vram_budget_gb >= 0, f"train.vram_budget_gb must be >= 0, got {t.vram_budget_gb}")
     need(k.temperature > 0, f"kd.temperature must be > 0, got {k.temperature}")
+    need(k.drop_teachers >= 0, f"kd.drop_teachers must be >= 0, got {k.drop_teachers}")
+    need(k.weights is None or all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in k.weights),
+         f"kd.weights must be a list of numbers >= 0, got {k.weights}")
     for key in ("alpha_start", "alpha_end"):
         v = getattr(k, key)
         need(0.0 <= v <= 1.0, f"kd.{key} must be in [0, 1], got {v}")
@@ -269,8 +284,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     for s in cfg.stages:
         need(bool(s.name) and bool(s.model), f"every stage needs a name and a model, got name={s.name!r} model={s.model!r}")
         need(s.name not in seen, f"stage names must be unique: {s.name!r} appears twice")
-        need(s.teacher is None or s.teacher in seen,
-             f"stage {s.name!r}: teacher {s.teacher!r} must name an earlier stage (have {sorted(seen)})")
+        need(s.teacher is None or isinstance(s.teacher, str) or (
+            isinstance(s.teacher, list) and s.teacher and all(isinstance(t, str) for t in s.teacher)),
+             f"stage {s.name!r}: teacher must be a stage name or a list of them, got {s.teacher!r}")
+        for t in s.teachers:
+            need(t in seen, f"stage {s.name!r}: teacher {t!r} must name an earlier stage (have {sorted(seen)})")
+        need(len(set(s.teachers)) == len(s.teachers), f"stage {s.name!r}: a teacher is named twice: {s.teacher}")
         need(s.epochs is None or s.epochs >= 1, f"stage {s.name!r}: epochs must be >= 1, got {s.epochs}")
         need(s.lr is None or s.lr > 0, f"stage {s.name!r}: lr must be > 0, got {s.lr}")
         need(s.batch_size is None or s.batch_size >= 1, f"stage {s.name!r}: batch_size must be >= 1")

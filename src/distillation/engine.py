@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from src.distillation import distributed as dist
-from src.distillation.losses import kd_loss
+from src.distillation.methods import KD, Method, Scratch
 from src.utils.devices import synchronize
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import get_console, is_verbose
@@ -88,12 +88,15 @@ def prepare_teacher(model: nn.Module, device: torch.device, precision: Precision
 
 @dataclass
 class StepContext:
-    """Everything a training epoch needs besides the data."""
+    """Everything a training epoch needs besides the data. What a step computes is `method`'s
+    (src/distillation/methods.py); `teacher` / `temperature` / `label_smoothing` are a shorthand
+    for the plain cases: method = kd from `teacher`, or scratch without one."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
     scaler: Optional[torch.amp.GradScaler] = None
+    method: Optional[Method] = None
     teacher: Optional[nn.Module] = None
     temperature: float = 4.0
     label_smoothing: float = 0.0
@@ -103,7 +106,16 @@ class StepContext:
     num_classes: int = 0
     should_stop: Callable[[], bool] = field(default=lambda: False)
     nan_check_every: int = 50             # host reads the non-finite flag this often (fused optimizers)
-    teacher_logits: Optional[torch.Tensor] = None  # [N, C] the frozen teacher's logits for every training image
+
+    def __post_init__(self):
+        if self.method is None:
+            self.method = (KD([self.teacher], temperature=self.temperature, label_smoothing=self.label_smoothing)
+                           if self.teacher is not None else Scratch(label_smoothing=self.label_smoothing))
+
+    @property
+    def parameters(self) -> list:
+        """What the optimizer updates: the student's parameters, then the method's own."""
+        return [*self.model.parameters(), *self.method.parameters()]
 
 
 class StopRequested(Exception):
@@ -150,9 +162,10 @@ class Progress:
             self.bar.close()
 
 
-def total_grad_norm(model: nn.Module) -> torch.Tensor:
+def total_grad_norm(params) -> torch.Tensor:
     """The global L2 norm of the gradients (what clipping computes), without touching them."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    grads = [p.grad for p in params if p.grad is not None]
     get_total_norm = getattr(nn.utils, "get_total_norm", None)  # torch >= 2.6
     if get_total_norm is not None:
         return get_total_norm(grads)
@@ -165,96 +178,131 @@ def _chunks(n: int, micro: Optional[int]) -> list:
     return [micro] * (n // micro) + ([n % micro] if n % micro else [])
 
 
+class _EpochTally:
+    """What an epoch accumulates on the device (term sums over images, predictions, labels) and
+    the LRs its optimizer steps used; read on the host once, at the end."""
+
+    def __init__(self, names: tuple, device: torch.device):
+        self.names, self.device = names, device
+        self.sums = torch.zeros(len(names), device=device)
+        self.nan = torch.full((), float("nan"), device=device)
+        self.preds, self.labels, self.lrs, self.seen = [], [], [], 0
+
+    def stack(self, terms: dict) -> torch.Tensor:
+        """The step's terms in `names` order; a term the method did not compute this step is NaN."""
+        return torch.stack([terms[k] if k in terms else self.nan for k in self.names]).detach()
+
+
+def forward_backward(ctx: StepContext, x: torch.Tensor, targets: torch.Tensor, alpha: float,
+                     index: Optional[torch.Tensor], tally: _EpochTally) -> torch.Tensor:
+    """Phase 1 of a step: the method's forward and backward over the batch's micro-batches
+    (DDP all-reduces once, on the last). Returns the terms summed over the batch's images."""
+    model, method = ctx.model, ctx.method
+    chunks = _chunks(x.shape[0], ctx.micro_batch)
+    step_sums = torch.zeros(len(tally.names), device=tally.device)
+    start = 0
+    for k, n in enumerate(chunks):
+        part = slice(start, start + n)
+        start += n
+        sync = model.no_sync() if k < len(chunks) - 1 and hasattr(model, "no_sync") else nullcontext()
+        with sync:
+            logits, terms = method.step(model, x[part], targets[part], alpha, ctx.precision,
+                                        index[part] if index is not None else None)
+            loss = terms["loss"] * (n / x.shape[0])
+            if ctx.scaler is not None:
+                ctx.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        step_sums += tally.stack(terms) * n
+        tally.preds.append(logits.detach().argmax(1))
+    return step_sums
+
+
+def optimizer_update(ctx: StepContext, step: int, step_loss: torch.Tensor, watch: Optional[LossWatch]) -> None:
+    """Phase 2 of a step: the optimizer update, watched: a non-finite loss or gradient norm never
+    reaches the weights. With a fused optimizer and no GradScaler the watch is a device-side flag
+    (`found_inf` makes the update a no-op; the host reads it every `nan_check_every` steps);
+    otherwise the host checks before the update."""
+    opt = ctx.optimizer
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(opt)
+    grad_norm = None
+    if ctx.grad_clip > 0:
+        grad_norm = nn.utils.clip_grad_norm_(ctx.parameters, ctx.grad_clip)
+    elif ctx.scaler is None:  # watched even without clipping (the scaler skips non-finite gradients itself)
+        grad_norm = total_grad_norm(ctx.parameters)
+    if watch is not None:
+        opt.found_inf = watch.update(step_loss, step, reduce=dist.all_reduce_max_ if dist.state().enabled else None,
+                                     grad_norm=grad_norm)
+    else:
+        validate_loss(step_loss, step=step, verbose=is_verbose())
+        if grad_norm is not None:
+            check_grad_norm(grad_norm, step, float(step_loss), verbose=is_verbose())
+    if ctx.scaler is not None:
+        ctx.scaler.step(opt)
+        ctx.scaler.update()
+    else:
+        opt.step()
+
+
+def epoch_metrics(ctx: StepContext, tally: _EpochTally, elapsed: float) -> dict:
+    """Phase 3, once per epoch: gathered macro metrics, mean terms over images, LRs and speed."""
+    y_true = dist.gather_array(torch.cat(tally.labels).cpu().numpy())
+    y_pred = dist.gather_array(torch.cat(tally.preds).cpu().numpy())
+    out = classification_metrics(y_true, y_pred, ctx.num_classes or None)
+    seen = int(dist.all_reduce_sum(tally.seen))
+    out.update({name: dist.all_reduce_sum(float(v)) / max(seen, 1) for name, v in zip(tally.names, tally.sums.cpu())})
+    lrs = tally.lrs
+    out["seconds"] = elapsed
+    out["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
+    out["lr_first"], out["lr_last"] = (lrs[0], lrs[-1]) if lrs else (float("nan"),) * 2
+    out["lr_mean"] = sum(lrs) / len(lrs) if lrs else float("nan")
+    out["steps"], out["lrs"] = len(lrs), lrs
+    return out
+
+
 def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train", progress: bool = True) -> dict:
     """Train ctx.model for one pass over `loader`.
 
-    Returns the mean objective `loss` and its terms `ce` (task cross-entropy against the training
-    targets) and `kd` (T^2 * KL, unweighted), macro metrics, `lr_first` / `lr_last` / `lr_mean`
-    (the LRs the epoch's optimizer steps used), `seconds` and `img_per_s` (after the GPU finished).
+    Returns the mean objective `loss` and every term the method declares (`ce`: task
+    cross-entropy against the training targets, `kd`: the unweighted KD term, NaN when no teacher
+    taught this epoch), macro metrics, `lr_first` / `lr_last` / `lr_mean` / `lrs` (the LRs the
+    epoch's optimizer steps used), `seconds` and `img_per_s` (after the GPU finished).
 
     Train metrics are scored against the labels the model was trained on: under mixup / cutmix,
-    the soft target's larger share (its argmax), not the label of the unmixed image.
-
-    Non-finite loss (the NaN/Inf guard, validate_loss): no optimizer step is ever taken on it. With a fused optimizer
-    and no GradScaler the check is a device-side flag (`found_inf` makes the fused update a
-    no-op, and the flag stays set until the host reads it every `nan_check_every` steps);
-    otherwise the host checks every step. Either way NonFiniteLossError names the first bad step
-    (counted within this epoch, from 0).
+    the soft target's larger share (its argmax), not the unmixed image's label. No optimizer step
+    is ever taken on a non-finite loss or gradient norm (optimizer_update); NonFiniteLossError
+    names the first bad step (counted within this epoch, from 0).
     """
-    model, opt = ctx.model, ctx.optimizer
+    model, method = ctx.model, ctx.method
     model.train()
-    if ctx.teacher is not None:
-        ctx.teacher.eval()
+    method.eval_teachers()
     device = next(p.device for p in model.parameters())
-    deferred = getattr(opt, "_step_supports_amp_scaling", False) and ctx.scaler is None
+    deferred = getattr(ctx.optimizer, "_step_supports_amp_scaling", False) and ctx.scaler is None
     watch = LossWatch(device, verbose=is_verbose()) if deferred else None
+    tally = _EpochTally(("loss", *method.terms), device)
     bar = Progress(len(loader), desc, progress)
-    sums = torch.zeros(3, device=device)  # objective, ce, kd: summed over images
-    preds, labels, lrs = [], [], []
-    seen, n_steps = 0, len(loader)
+    n_steps = len(loader)
     synchronize(device)
     t0 = time.perf_counter()
     for step, (x, y) in enumerate(loader):
-        opt.zero_grad(set_to_none=True)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        method.begin_batch()
         targets = y
         if ctx.mixup is not None:
             x, targets = ctx.mixup(x, y)
-        chunks = _chunks(x.shape[0], ctx.micro_batch)
-        start = 0
-        step_sums = torch.zeros(3, device=device)
-        for k, n in enumerate(chunks):
-            part = slice(start, start + n)
-            xs, ts = x[part], targets[part]
-            start += n
-            # DDP: all-reduce gradients once per optimizer step, on the last micro-batch only
-            sync = model.no_sync() if k < len(chunks) - 1 and hasattr(model, "no_sync") else nullcontext()
-            teacher_logits = None
-            if ctx.teacher is not None and alpha > 0:
-                if ctx.teacher_logits is not None:  # computed once: the inputs are the same every epoch
-                    teacher_logits = ctx.teacher_logits[loader.batch_index[part]]
-                else:
-                    with torch.no_grad(), ctx.precision.autocast():
-                        teacher_logits = ctx.teacher(xs)
-            with sync:
-                with ctx.precision.autocast():
-                    logits = model(xs)
-                losses = kd_loss(logits, ts, teacher_logits, alpha, ctx.temperature, ctx.label_smoothing)
-                loss = losses["loss"] * (n / x.shape[0])
-                if ctx.scaler is not None:
-                    ctx.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            step_sums += torch.stack([losses["loss"], losses["task_loss"], losses["kd_loss"]]).detach() * n
-            preds.append(logits.detach().argmax(1))
-        labels.append(targets.argmax(1) if targets.dim() == 2 else y)
+        index = loader.batch_index if method.cached is not None else None
+        step_sums = forward_backward(ctx, x, targets, alpha, index, tally)
+        tally.labels.append(targets.argmax(1) if targets.dim() == 2 else y)
         step_loss = step_sums[0] / x.shape[0]
-        # optimizer update, watched: a non-finite loss or gradient norm never reaches the weights
-        if ctx.scaler is not None:
-            ctx.scaler.unscale_(opt)
-        grad_norm = None
-        if ctx.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
-        elif ctx.scaler is None:  # watched even without clipping (the scaler skips non-finite gradients itself)
-            grad_norm = total_grad_norm(model)
-        if deferred:
-            opt.found_inf = watch.update(step_loss, step, reduce=dist.all_reduce_max_ if dist.state().enabled else None,
-                                         grad_norm=grad_norm)
-        else:  # host checks: raise before the optimizer step
-            validate_loss(step_loss, step=step, verbose=is_verbose())
-            if grad_norm is not None:
-                check_grad_norm(grad_norm, step, float(step_loss), verbose=is_verbose())
-        if ctx.scaler is not None:
-            ctx.scaler.step(opt)
-            ctx.scaler.update()
-        else:
-            opt.step()
-        lrs.append(opt.param_groups[0]["lr"])
+        optimizer_update(ctx, step, step_loss, watch)
+        tally.lrs.append(ctx.optimizer.param_groups[0]["lr"])
         ctx.scheduler.step()
-        sums += step_sums
-        seen += x.shape[0]
+        tally.sums += step_sums
+        tally.seen += x.shape[0]
         if deferred and ((step + 1) % ctx.nan_check_every == 0 or step == n_steps - 1):
             watch.check()  # one host read; raises NonFiniteLossError naming the first bad step
-        bar.update(step, seen, lambda: float(step_loss))
+        bar.update(step, tally.seen, lambda: float(step_loss))
         if dist.any_rank(ctx.should_stop()):
             bar.close()
             if deferred:
@@ -262,19 +310,7 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
             raise StopRequested(step)
     bar.close()
     synchronize(device)
-    elapsed = time.perf_counter() - t0
-    y_true = dist.gather_array(torch.cat(labels).cpu().numpy())
-    y_pred = dist.gather_array(torch.cat(preds).cpu().numpy())
-    out = classification_metrics(y_true, y_pred, ctx.num_classes or None)
-    seen = int(dist.all_reduce_sum(seen))
-    totals = [dist.all_reduce_sum(float(v)) / max(seen, 1) for v in sums.cpu()]
-    out.update(loss=totals[0], ce=totals[1], kd=totals[2] if ctx.teacher is not None and alpha > 0 else float("nan"))
-    out["seconds"] = elapsed
-    out["img_per_s"] = seen / elapsed if elapsed > 0 else 0.0
-    out["lr_first"], out["lr_last"] = (lrs[0], lrs[-1]) if lrs else (float("nan"),) * 2
-    out["lr_mean"] = sum(lrs) / len(lrs) if lrs else float("nan")
-    out["steps"], out["lrs"] = len(lrs), lrs
-    return out
+    return epoch_metrics(ctx, tally, time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -324,31 +360,16 @@ def in_dataset_order(index, *arrays) -> tuple:
 MAX_TEACHER_CACHE_BYTES = 1 << 30
 
 
-@torch.no_grad()
 def teacher_logits_table(teacher: nn.Module, loader, precision: Precision) -> Optional[torch.Tensor]:
-    """The frozen teacher's logits [N, C] for every image of the training split, in index order,
-    when the loader presents each image identically in every epoch (no augmentation, no
-    erasing; the caller rules out mixup): the teacher's forward then runs once per stage instead
-    of once per epoch, with the same inputs, precision and eval mode as the online forward.
-    None when that does not hold, or the table would pass MAX_TEACHER_CACHE_BYTES."""
-    if not getattr(loader, "same_inputs_every_epoch", False):
-        return None
-    n = len(loader.labels)
-    table = None
-    teacher.eval()
-    for x, idx in loader.in_order():
-        with precision.autocast():
-            logits = teacher(x)
-        if table is None:
-            if n * logits.shape[1] * logits.element_size() > MAX_TEACHER_CACHE_BYTES:
-                return None
-            table = torch.empty(n, logits.shape[1], dtype=logits.dtype, device=logits.device)
-        table[idx] = logits
-    return table
+    """One frozen teacher's logits [N, C] for every training image, in index order, when the
+    loader presents each image identically in every epoch (see Method.cache_teacher_logits);
+    None when that does not hold or the table would pass MAX_TEACHER_CACHE_BYTES."""
+    method = KD([teacher])
+    return method.cached[0] if method.cache_teacher_logits(loader, precision, MAX_TEACHER_CACHE_BYTES) else None
 
 
 def compile_warmup(ctx: StepContext, sample: torch.Tensor) -> float:
-    """Compile ctx.model (forward and backward) and the teacher on one micro-batch of `sample`
+    """Compile ctx.model (forward and backward) and the method's teachers on one micro-batch of `sample`
     before training, so the compilation is timed apart from the epochs. Weights, buffers
     (batch-norm statistics), gradients and RNG states are left exactly as they were.
     Returns the seconds it took."""
@@ -360,9 +381,8 @@ def compile_warmup(ctx: StepContext, sample: torch.Tensor) -> float:
     synchronize(device)
     t0 = time.perf_counter()
     model.train()
-    if ctx.teacher is not None:
-        with torch.no_grad(), ctx.precision.autocast():
-            ctx.teacher(sample)
+    if ctx.method.teachers:
+        ctx.method.teacher_logits(sample, ctx.precision)  # every active teacher's forward (compiled with it)
     with ctx.precision.autocast():
         out = model(sample)
     out.float().sum().backward()
@@ -376,49 +396,3 @@ def compile_warmup(ctx: StepContext, sample: torch.Tensor) -> float:
     if cuda_rng is not None:
         torch.cuda.set_rng_state(cuda_rng, device)
     return seconds
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier per optimizer step: linear warm-up, then cosine decay to min_ratio."""
-    def f(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-MAX_WARMUP_FRACTION = 0.2
-
-
-def warmup_steps_for(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
-    """Configured warm-up in steps, capped at MAX_WARMUP_FRACTION of the run so a short run
-    (`--epochs 3` on a preset with 5 warm-up epochs) still reaches its peak LR and decays."""
-    return min(int(round(warmup_epochs * steps_per_epoch)), int(MAX_WARMUP_FRACTION * total_steps))
-
-
-def lr_multiplier(train, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
-    """The LR multiplier of every optimizer step of a stage (for LambdaLR), from `train`'s
-    schedule: linear warm-up (capped at MAX_WARMUP_FRACTION of the stage), then
-    - cosine: cosine decay to train.min_lr_ratio;
-    - step: times train.lr_gamma after each epoch listed in train.lr_milestones (80, 120: epochs
-      1-80 at the base LR, 81-120 at a tenth, the rest at a hundredth);
-    - constant: the base LR throughout."""
-    total = epochs * steps_per_epoch
-    warmup = warmup_steps_for(train.warmup_epochs, steps_per_epoch, total)
-    if train.schedule == "cosine":
-        return warmup_cosine(total, warmup, train.min_lr_ratio)
-    bounds = [m * steps_per_epoch for m in train.lr_milestones] if train.schedule == "step" else []
-    gamma = train.lr_gamma
-
-    def f(step: int) -> float:
-        ramp = (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
-        return ramp * gamma ** sum(step >= b for b in bounds)
-    return f
-
-
-def lr_schedule(base_lr: float, train, epochs: int, steps_per_epoch: int) -> list:
-    """The LR of every optimizer step of a stage, as its scheduler applies it (for the figures)."""
-    f = lr_multiplier(train, steps_per_epoch, epochs)
-    return [base_lr * f(s) for s in range(epochs * steps_per_epoch)]

@@ -2,7 +2,7 @@
 
 - `apply_vram_budget` caps this process at `train.vram_budget_gb` (default 6) with
   torch.cuda.set_per_process_memory_fraction, so a 24 or 80 GB card behaves like the user's 6 GB one.
-- `probe_plan` runs a few real training steps (the stage's model and its frozen teacher) for
+- `probe_plan` runs a few real training steps (the stage's model, every frozen teacher of it, its method and optimizer) for
   candidate settings and keeps one that stays under the budget minus a safety margin:
   * LayerNorm models (ViTs): the fastest of "largest micro-batch without checkpointing" and
     "largest micro-batch with checkpointing" (gradient accumulation is exact for them);
@@ -26,7 +26,8 @@ from typing import Callable, Optional
 import torch
 
 from src.distillation.engine import Precision, prepare_teacher
-from src.distillation.losses import kd_loss
+from src.distillation.methods import KD, Dense, Method, Scratch
+from src.distillation.recipe import make_optimizer
 from src.models import has_batchnorm
 from src.utils.devices import GiB, cuda_index, peak_reserved_bytes, reset_peak_reserved, synchronize
 from src.utils.errors import ConfigError
@@ -54,18 +55,29 @@ def apply_vram_budget(device: torch.device, budget_gb: float) -> dict:
             "device": f"cuda:{index}"}
 
 
-def measure_steps(model, teacher, micro: int, image_size: int, num_classes: int, precision: Precision,
-                  channels_last: bool, steps: int = 3, warmup: int = 2, full_batch: Optional[int] = None) -> dict:
+def default_method(teachers) -> Method:
+    """The probe's method when none is given: kd from one teacher, dense from several, else scratch."""
+    teachers = [] if teachers is None else [teachers] if isinstance(teachers, torch.nn.Module) else list(teachers)
+    return Scratch() if not teachers else KD(teachers) if len(teachers) == 1 else Dense(teachers)
+
+
+def measure_steps(model, teachers, micro: int, image_size: int, num_classes: int, precision: Precision,
+                  channels_last: bool, steps: int = 3, warmup: int = 2, full_batch: Optional[int] = None,
+                  method: Optional[Method] = None, optimizer_factory: Optional[Callable] = None) -> dict:
     """Run `warmup + steps` optimizer steps on random data; return img/s and peak reserved GiB.
 
-    One optimizer step covers `full_batch` images in micro-batches of `micro` (as training does).
-    Raises torch.cuda.OutOfMemoryError when it does not fit.
+    Each step is the stage's: `method.step` (every frozen teacher's forward, the student's, the
+    terms; default: default_method(teachers)) and the stage's optimizer (`optimizer_factory(modules,
+    lr)`; default fused AdamW). One optimizer step covers `full_batch` images in micro-batches of
+    `micro` (as training does). Raises torch.cuda.OutOfMemoryError when it does not fit.
     """
     device = next(p.device for p in model.parameters())
     full_batch = full_batch or micro
     n_micro = max(1, full_batch // micro)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=device.type == "cuda" or None)
+    method = method if method is not None else default_method(teachers)
+    if optimizer_factory is None:
+        optimizer_factory = lambda modules, lr: make_optimizer(modules, lr, 0.0, device, "adamw")  # noqa: E731
+    opt = optimizer_factory([model, method], 1e-4)
     x = torch.randn(micro, 3, image_size, image_size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -74,14 +86,9 @@ def measure_steps(model, teacher, micro: int, image_size: int, num_classes: int,
 
     def step():
         opt.zero_grad(set_to_none=True)
+        method.begin_batch()
         for _ in range(n_micro):
-            t_logits = None
-            if teacher is not None:
-                with torch.no_grad(), precision.autocast():
-                    t_logits = teacher(x)
-            with precision.autocast():
-                logits = model(x)
-            kd_loss(logits, y, t_logits, 0.5, 4.0)["loss"].backward()
+            method.step(model, x, y, 0.5, precision)[1]["loss"].backward()
         opt.step()
 
     try:
@@ -110,15 +117,43 @@ def _fresh(builder, grad_ckpt: bool, name: str, device, channels_last: bool):
 
 
 def _release(model, device):
-    if model is not None:
-        cleanup_training_state(model=model, verbose=False, device=device)
+    for m in model if isinstance(model, list) else [model]:
+        if m is not None:
+            cleanup_training_state(model=m, verbose=False, device=device)
+
+
+def _frozen(teacher_builder, device, precision, channels_last, compile_model: bool = False) -> list:
+    """Every frozen model of the stage, prepared as training prepares them (`teacher_builder`
+    returns one model or a list of them)."""
+    if teacher_builder is None:
+        return []
+    built = teacher_builder()
+    built = built if isinstance(built, (list, tuple)) else [built]
+    return [prepare_teacher(t, device, precision, channels_last, compile_model=compile_model) for t in built]
+
+
+class StepSpec:
+    """What the probe's steps compute: the stage's method (built around the frozen models) and its
+    optimizer; defaults: kd / dense / scratch by the number of teachers, fused AdamW."""
+
+    def __init__(self, method_builder: Optional[Callable] = None, optimizer_factory: Optional[Callable] = None):
+        self.method_builder, self.optimizer_factory = method_builder, optimizer_factory
+
+    def measure(self, model, teachers: list, micro: int, image_size: int, num_classes: int, precision, channels_last,
+                **kw) -> dict:
+        method = self.method_builder(teachers) if self.method_builder is not None else None
+        if method is not None:
+            method = method.to(next(model.parameters()).device)
+        return measure_steps(model, teachers, micro, image_size, num_classes, precision, channels_last,
+                             method=method, optimizer_factory=self.optimizer_factory, **kw)
 
 
 class _Prober:
     """One trial = a fresh model, a few measured steps, the model released; OOM counts as 'does not fit'."""
 
-    def __init__(self, builder, teacher, name, image_size, num_classes, device, precision, channels_last, batch, limit):
-        self.builder, self.teacher, self.name = builder, teacher, name
+    def __init__(self, builder, teacher, name, image_size, num_classes, device, precision, channels_last, batch, limit,
+                 spec: Optional[StepSpec] = None):
+        self.builder, self.teacher, self.name, self.spec = builder, teacher, name, spec or StepSpec()
         self.image_size, self.num_classes, self.device = image_size, num_classes, device
         self.precision, self.channels_last, self.batch, self.limit = precision, channels_last, batch, limit
         self.trials: list = []
@@ -127,8 +162,8 @@ class _Prober:
         model = None
         try:
             model = _fresh(self.builder, ckpt, self.name, self.device, self.channels_last)
-            m = measure_steps(model, self.teacher, micro, self.image_size, self.num_classes, self.precision,
-                              self.channels_last, full_batch=self.batch)
+            m = self.spec.measure(model, self.teacher, micro, self.image_size, self.num_classes, self.precision,
+                                  self.channels_last, full_batch=self.batch)
             fits = m["peak_reserved_gib"] <= self.limit
         except torch.cuda.OutOfMemoryError:
             m, fits = {"img_per_s": 0.0, "peak_reserved_gib": float("inf")}, False
@@ -165,24 +200,25 @@ class _Prober:
 
 def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_size: int, num_classes: int,
                device: torch.device, precision: Precision, channels_last: bool, budget_gb: float,
-               compile_mode: str = "auto", images_to_train: Optional[int] = None):
+               compile_mode: str = "auto", images_to_train: Optional[int] = None, spec: Optional[StepSpec] = None):
     """Return a copy of `plan` with micro_batch / grad_checkpointing / compile chosen by measurement,
     and `ckpt_memory` (peak reserved with and without checkpointing at the chosen micro-batch)
     when checkpointing is on. `images_to_train` (the stage's epochs x images per epoch) lets the
-    compile decision weigh the time compiling saves against what it costs."""
+    compile decision weigh the time compiling saves against what it costs. `teacher_builder`
+    returns the stage's frozen model(s), all in memory during every trial; `spec` is the stage's
+    method and optimizer."""
+    spec = spec or StepSpec()
     if device.type != "cuda":
         return _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num_classes, device,
-                          channels_last, compile_mode, images_to_train)
+                          channels_last, compile_mode, images_to_train, spec)
     limit = max(0.5, budget_gb - SAFETY_MARGIN_GIB) if budget_gb > 0 else float("inf")
-    teacher = None
-    if teacher_builder is not None:
-        teacher = prepare_teacher(teacher_builder(), device, precision, channels_last)
+    teacher = _frozen(teacher_builder, device, precision, channels_last)
     probe_model = model_builder()
     batchnorm = has_batchnorm(probe_model)
     del probe_model
     forced = requires_gradient_checkpointing(model_name) or plan.grad_checkpointing
     prober = _Prober(model_builder, teacher, model_name, image_size, num_classes, device, precision, channels_last,
-                     plan.batch_size, limit)
+                     plan.batch_size, limit, spec)
     try:
         best, why = prober.find(model_name, batchnorm, forced)
         if best is None:
@@ -208,7 +244,7 @@ def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_s
         if compile_mode == "auto":
             new = plan_compile(new, best["img_per_s"], images_to_train, lambda p: _probe_compile(
                 p, best, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
-                channels_last, limit, images_to_train))
+                channels_last, limit, images_to_train, spec))
         else:
             new = replace(new, compile=compile_mode == "true")
         return new
@@ -218,7 +254,7 @@ def probe_plan(plan, *, model_builder, teacher_builder, model_name: str, image_s
 
 
 def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num_classes, device, channels_last,
-               compile_mode, images_to_train):
+               compile_mode, images_to_train, spec: StepSpec):
     """On a CPU no memory limit applies: the configured batch is kept, and with compile=auto
     torch.compile is measured against eager as on CUDA (kept only where it pays off)."""
     plan = replace(plan, notes=plan.notes + ["CPU: configured batch used"])
@@ -237,9 +273,8 @@ def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num
     model = teacher = None
     try:
         model = _fresh(model_builder, plan.grad_checkpointing, model_name, device, channels_last)
-        if teacher_builder is not None:
-            teacher = prepare_teacher(teacher_builder(), device, precision, channels_last)
-        eager = measure_steps(model, teacher, plan.batch_size, image_size, num_classes, precision, channels_last)
+        teacher = _frozen(teacher_builder, device, precision, channels_last)
+        eager = spec.measure(model, teacher, plan.batch_size, image_size, num_classes, precision, channels_last)
     finally:
         _release(model, device)
         _release(teacher, device)
@@ -247,7 +282,7 @@ def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num
                    notes=plan.notes + [f"probe: eager {eager['img_per_s']:.0f} img/s"])
     return plan_compile(plan, eager["img_per_s"], images_to_train, lambda p: _probe_compile(
         p, eager, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
-        channels_last, float("inf"), images_to_train))
+        channels_last, float("inf"), images_to_train, spec))
 
 
 def plan_compile(plan, eager_img_s: float, images_to_train: Optional[int], probe: Callable):
@@ -276,7 +311,7 @@ def compile_decision(eager_img_s: float, compiled_img_s: float, compile_s: float
 
 
 def _probe_compile(plan, best, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
-                   channels_last, limit, images_to_train=None):
+                   channels_last, limit, images_to_train=None, spec: Optional[StepSpec] = None):
     """Compiled student (and teacher) against eager at the chosen setting; on only when it pays off."""
     model = teacher = None
     micro = plan.micro_batch or plan.batch_size
@@ -284,10 +319,9 @@ def _probe_compile(plan, best, model_builder, teacher_builder, model_name, image
     t0 = time.perf_counter()
     try:
         model = _fresh(model_builder, plan.grad_checkpointing, model_name, device, channels_last)
-        if teacher_builder is not None:
-            teacher = prepare_teacher(teacher_builder(), device, precision, channels_last, compile_model=True)
-        m = measure_steps(torch.compile(model), teacher, micro, image_size, num_classes, precision, channels_last,
-                          steps=steps, warmup=warmup, full_batch=plan.batch_size)
+        teacher = _frozen(teacher_builder, device, precision, channels_last, compile_model=True)
+        m = (spec or StepSpec()).measure(torch.compile(model), teacher, micro, image_size, num_classes, precision,
+                                         channels_last, steps=steps, warmup=warmup, full_batch=plan.batch_size)
     except Exception as exc:  # compile failures must never stop training: eager is always there
         return replace(plan, compile=False, notes=plan.notes + [f"compile: failed ({type(exc).__name__}), eager kept"])
     finally:

@@ -1,35 +1,45 @@
-"""One stage: "train model M, optionally distilled from a frozen teacher", with its artefacts.
+"""One stage: "train model M with the stage's method (from none, one or several frozen
+teachers)", with its artefacts (names in src/utils/runfolder.py, StageFolder):
 
 stage_dir/
     epoch_log.csv          one row per epoch, REQUIRED_COLUMNS (src/utils/logger.py)
-    epoch_terms.csv        beside it: CE and KD terms, alpha, first/last LR, time split (TERMS_COLUMNS)
+    epoch_terms.csv        beside it: the method's terms, alpha, first/last LR, time split
+    schedule.csv           the LR and alpha of every optimizer step, as applied
     last.pt                full training state after the last completed epoch (resume)
     best.pt                weights of the best-validation epoch (model selection on val only)
     test_predictions.csv   per test image: label, prediction, top-5 and logits, from best.pt
     stage.json             this stage's summary row (written last: its presence = stage done)
     attention/             ViT attention maps (every viz.attention_every epochs)
+
+run_stage reads as its phases: build, restore (or load a given checkpoint), fit, test and
+export, summarise, release.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from src.distillation import distributed as dist
-from src.distillation.engine import (Precision, StepContext, compile_warmup, evaluate, lr_multiplier,
-                                     teacher_logits_table, train_one_epoch)
+from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, compile_warmup, evaluate,
+                                     train_one_epoch)
+from src.distillation.methods import Method, build_method
+from src.distillation.recipe import make_optimizer, make_scheduler, set_base_lr
 from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state
 from src.utils.devices import alloc_retries
 from src.utils.errors import NonFiniteLossError
-from src.utils.logger import REQUIRED_COLUMNS, TERMS_COLUMNS, EpochLogger, get_console, is_verbose, read_epoch_csv
+from src.utils.logger import (REQUIRED_COLUMNS, EpochLogger, StepLogger, get_console, is_verbose, read_epoch_csv,
+                              terms_columns, terms_columns_of)
+from src.utils.runfolder import StageFolder
 from src.utils.reproducibility import derive_seed, setup_reproducibility
 from src.utils.signals import protected
 from src.utils import tb as tensorboard
@@ -82,33 +92,14 @@ def use_channels_last(cfg, stage, device: torch.device) -> bool:
 def stage_seeds(cfg, stage) -> dict:
     """The stage's random streams, derived from (run seed, stream name): see derive_seed."""
     stream = stage.seed_stream or stage.name
-    return {"init": derive_seed(cfg.seed, f"{stream}/init"), "data": derive_seed(cfg.seed, f"{stream}/data")}
+    return {"init": derive_seed(cfg.seed, f"{stream}/init"), "data": derive_seed(cfg.seed, f"{stream}/data"),
+            "method": derive_seed(cfg.seed, f"{stream}/method")}
 
 
 def stage_lr(cfg, stage) -> float:
     """The stage's base LR: its own `lr` or train.lr, times its role's factor unless train.role_lr is off."""
     base = stage.lr or cfg.train.lr
     return get_model_specific_lr(stage.model, base, stage.role or role_from_model_name(stage.model)) if cfg.train.role_lr else base
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device, kind: str = "adamw",
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    """AdamW, or SGD with Nesterov momentum (`kind="sgd"`, the classic CIFAR ResNet recipe), fused
-    where torch has it (CUDA, and CPU from torch 2.4): one kernel per step, and the `found_inf`
-    skip the sync-free NaN guard relies on. No weight decay on biases and norms (1-D)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if kind == "sgd":
-        make = lambda **kw: torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, **kw)  # noqa: E731
-    elif kind == "adamw":
-        make = lambda **kw: torch.optim.AdamW(groups, lr=lr, **kw)  # noqa: E731
-    else:
-        raise ValueError(f"optimizer must be adamw or sgd, got {kind!r}")
-    try:
-        return make(fused=True)
-    except (RuntimeError, TypeError, ValueError):  # an older torch without a fused kernel for this device
-        return make()
 
 
 def _mixup(cfg, num_classes: int, label_smoothing: float):
@@ -119,16 +110,65 @@ def _mixup(cfg, num_classes: int, label_smoothing: float):
     return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
+def stage_method(cfg, stage, teachers: Sequence[nn.Module] = ()) -> Method:
+    """The stage's method (what a step computes) with its frozen teachers, seeded from its stream."""
+    return build_method(cfg, stage, teachers, seed=stage_seeds(cfg, stage)["method"])
+
+
 def step_context(cfg, stage, train_model: nn.Module, optimizer, scheduler, precision: Precision, plan: StagePlan,
-                 num_classes: int, scaler=None, teacher: Optional[nn.Module] = None,
+                 num_classes: int, method: Method, scaler=None,
                  should_stop: Callable[[], bool] = lambda: False) -> StepContext:
-    """The training step of `stage` as its config defines it: KD temperature, label smoothing,
-    gradient clipping, mixup / cutmix and the planned micro-batch (also used by the benchmarks)."""
-    label_smoothing = cfg.label_smoothing(stage)
+    """The training step of `stage` as its config defines it: the method (teachers, KD terms,
+    label smoothing), gradient clipping, mixup / cutmix and the planned micro-batch (also used by
+    the benchmarks)."""
     return StepContext(model=train_model, optimizer=optimizer, scheduler=scheduler, precision=precision, scaler=scaler,
-                       teacher=teacher, temperature=cfg.kd.temperature, label_smoothing=label_smoothing,
-                       grad_clip=cfg.train.grad_clip, micro_batch=plan.micro_batch,
-                       mixup=_mixup(cfg, num_classes, label_smoothing), num_classes=num_classes, should_stop=should_stop)
+                       method=method, grad_clip=cfg.train.grad_clip, micro_batch=plan.micro_batch,
+                       mixup=_mixup(cfg, num_classes, method.label_smoothing), num_classes=num_classes,
+                       should_stop=should_stop)
+
+
+def recipe_key(cfg, stage, lr: float) -> str:
+    """What two students must share to be compared (besides model and seed stream): the data,
+    training and KD settings, the stage's own overrides and its resolved LR and label smoothing;
+    not its name, teachers or method (what the comparison is about)."""
+    own = {k: v for k, v in asdict(stage).items()
+           if k not in ("name", "teacher", "method", "method_args", "role", "seed_stream", "checkpoint", "lr")}
+    key = {"data": asdict(cfg.data), "train": {k: v for k, v in asdict(cfg.train).items() if k not in ("lr", "device")},
+           "kd": {"temperature": cfg.kd.temperature, "alpha_start": cfg.kd.alpha_start, "alpha_end": cfg.kd.alpha_end},
+           "stage": own, "lr": lr, "label_smoothing": cfg.label_smoothing(stage)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+@dataclass
+class StageRun:
+    """One stage in progress: what its phases share."""
+    cfg: Any
+    stage: Any
+    folder: StageFolder
+    device: torch.device
+    plan: StagePlan
+    num_classes: int
+    model: nn.Module
+    method: Method
+    precision: Precision
+    seeds: dict
+    params: int
+    flops: float
+    init_checksum: str
+    lr: float = 0.0
+    optimizer: Any = None
+    scheduler: Any = None
+    scaler: Any = None
+    ctx: Optional[StepContext] = None
+    start_epoch: int = 1
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    retries: int = 0
+    compile_seconds: float = 0.0
+    teacher_cache_seconds: float = 0.0
+    epochs_done: int = 0
+    ck_rows: Optional[tuple] = None
 
 
 def _epoch_row(epoch: int, tr: dict, val: dict, seconds: float, peak_mb: float) -> dict:
@@ -160,212 +200,299 @@ def save_predictions(path: Path, test: dict, file_ids: Optional[list]) -> None:
     atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"))
 
 
+# ---------------------------------------------------------------- the phases of a stage
+
 def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.device, plan: StagePlan,
-              teacher: Optional[nn.Module] = None, resume: bool = False, progress: bool = True,
+              teachers: Sequence[nn.Module] = (), resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False,
               on_epoch_end: Optional[Callable[[nn.Module, int, Path], None]] = None, extra: Optional[dict] = None) -> dict:
-    """Train (or load) one stage and return its summary row (plus `extra`). Artefacts go to `stage_dir`."""
-    verbose = is_verbose()
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    num_classes = data.num_classes
-    csv_path, terms_path, last_path = stage_dir / "epoch_log.csv", stage_dir / "epoch_terms.csv", stage_dir / "last.pt"
+    """Train (or load) one stage and return its summary row (plus `extra`). Artefacts go to
+    `stage_dir`; `teachers` are the frozen models of the stages it names, in that order."""
+    run = build(cfg, stage, data.num_classes, Path(stage_dir), device, plan, teachers)
+    if stage.checkpoint:
+        load_given_checkpoint(run)
+    else:
+        prepare_training(run, len(loaders["train"]), should_stop)
+        if resume and run.folder.last.is_file():
+            restore(run)
+        fit(run, loaders, progress, on_epoch_end)
+    checksums = check_ranks_agree(run)
+    test = test_and_export(run, data, loaders)
+    summary = summarise(run, data, loaders, test, checksums, extra)
+    return release(run, summary)
 
-    # ---- build: initial weights from the stage's own seed stream (shared by the three student variants)
+
+def build(cfg, stage, num_classes: int, stage_dir: Path, device: torch.device, plan: StagePlan,
+          teachers: Sequence[nn.Module]) -> StageRun:
+    """Initial weights from the stage's own seed stream (shared by students compared with each
+    other), its method with the frozen teachers, size and FLOPs."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
     seeds = stage_seeds(cfg, stage)
     setup_reproducibility(seeds["init"], cfg.deterministic)
     model = build_stage_model(cfg, stage, num_classes).to(device)
     init_checksum = dist.weights_checksum(model)
     if use_channels_last(cfg, stage, device):
         model = model.to(memory_format=torch.channels_last)
-    params, flops = count_params(model), count_flops(model, cfg.data.image_size, device)
-    precision = Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype)
-    role = stage.role or role_from_model_name(stage.model)
-    label_smoothing = cfg.label_smoothing(stage)
-    lr, compile_seconds, epochs_done, best_epoch, train_seconds, retries = 0.0, 0.0, 0, 0, 0.0, 0
-    teacher_cache_seconds = 0.0
-    optimizer = scheduler = scaler = None
+    method = stage_method(cfg, stage, teachers).to(device)
+    return StageRun(cfg=cfg, stage=stage, folder=StageFolder(stage_dir), device=device, plan=plan,
+                    num_classes=num_classes, model=model, method=method,
+                    precision=Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype), seeds=seeds,
+                    params=count_params(model), flops=count_flops(model, cfg.data.image_size, device),
+                    init_checksum=init_checksum)
 
-    if stage.checkpoint:  # ---- a trained model handed in: evaluate it, train nothing
-        load_weights(model, stage.checkpoint, f"stage {stage.name}: checkpoint {stage.checkpoint}")
-        if dist.is_main():
-            EpochLogger(csv_path)
-            atomic_save({"model": model.state_dict(), "epoch": 0, "stage": stage.name, "model_name": stage.model},
-                        stage_dir / "best.pt")
-    else:
-        # ---- optimiser, schedule (warm-up capped to a fraction of the run), DDP, compile
-        plan.grad_checkpointing = enforce_gradient_checkpointing(model, stage.model, verbose=verbose,
-                                                                 force=plan.grad_checkpointing, measured=plan.ckpt_memory)
-        lr = stage_lr(cfg, stage)
-        optimizer = make_optimizer(model, lr, cfg.train.weight_decay, device, cfg.train.optimizer, cfg.train.momentum)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg.train, len(loaders["train"]), plan.epochs))
-        scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
-        train_model = model
-        if dist.state().enabled:  # one replica per rank; each rank runs its own frozen teacher forward
-            if cfg.train.sync_bn and is_cnn(stage.model):
-                train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
-            train_model = nn.parallel.DistributedDataParallel(
-                train_model, device_ids=[device.index] if device.type == "cuda" else None)
-        train_model = torch.compile(train_model) if plan.compile else train_model
-        ctx = step_context(cfg, stage, train_model, optimizer, scheduler, precision, plan, num_classes, scaler=scaler,
-                           teacher=teacher, should_stop=should_stop)
 
-        # ---- resume: weights, optimiser, schedule, RNG and best-so-far from last.pt
-        start_epoch, best_acc, ck_rows = 1, -1.0, None
-        if resume and last_path.is_file():
-            ck = safe_load(last_path, map_location=device)
-            check_state_dict(model, ck["model"], f"resume {last_path}")
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            if scaler is not None and ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            set_rng_state(ck["rng"])
-            if scheduler.base_lrs[0] != lr:  # --resume --lr: the new LR from the next step, on the same schedule
-                log.info(f"↻ {stage.name}: learning rate {scheduler.base_lrs[0]:g} -> {lr:g} from epoch {ck['epoch'] + 1}")
-                factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-                scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
-                for group in optimizer.param_groups:
-                    group["initial_lr"], group["lr"] = lr, lr * factor
-            start_epoch = ck["epoch"] + 1
-            ck_rows = (ck.get("log_row"), ck.get("terms_row"))
-            best_acc, best_epoch, train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
-            log.info(f"↻ {stage.name}: resuming after epoch {ck['epoch']}/{plan.epochs}")
-        loggers, tb = None, None
-        if dist.is_main() and cfg.logging.tensorboard:
-            tb = tensorboard.open_writer(stage_dir.parent / "tb" / stage.name)
-        if dist.is_main():
-            terms_logger = None  # a run begun before epoch_terms.csv existed goes on without it
-            if start_epoch == 1 or terms_path.exists():
-                terms_logger = EpochLogger(terms_path, resume_from_epoch=start_epoch - 1, columns=TERMS_COLUMNS)
-            loggers = (EpochLogger(csv_path, resume_from_epoch=start_epoch - 1), terms_logger)
-            for logger, row in zip(loggers, ck_rows or (None, None)):
-                if logger is not None and row is not None and len(logger.rows()) == start_epoch - 2:
-                    logger.log(row)  # killed between saving last.pt and logging its row: the row is in last.pt
-
-        # ---- a frozen teacher that sees the same inputs every epoch runs once (its logits cached)
-        if teacher is not None and ctx.mixup is None and start_epoch <= plan.epochs:
-            t_cache = time.perf_counter()
-            ctx.teacher_logits = teacher_logits_table(teacher, loaders["train"], precision)
-            if ctx.teacher_logits is not None:
-                teacher_cache_seconds = time.perf_counter() - t_cache
-                log.info(f"  {stage.name}: teacher logits of {len(ctx.teacher_logits):,} training images computed once "
-                         f"({teacher_cache_seconds:.1f}s): no augmentation, so every epoch would repeat them")
-
-        # ---- compile before the first epoch, timed apart from it
-        if plan.compile and start_epoch <= plan.epochs:
-            micro = plan.micro_batch or loaders["train"].batch_size
-            sample = torch.randn(micro, 3, cfg.data.image_size, cfg.data.image_size, device=device)
-            if use_channels_last(cfg, stage, device):
-                sample = sample.contiguous(memory_format=torch.channels_last)
-            compile_seconds = compile_warmup(ctx, sample)
-            log.info(f"  {stage.name}: torch.compile took {compile_seconds:.1f}s (not counted in epoch times)")
-
-        # ---- epochs: train, validate, checkpoint, log (a signal stops after the current step)
-        with protected():
-            for epoch in range(start_epoch, plan.epochs + 1):
-                reset_peak_memory_stats(device)
-                retries_before = alloc_retries(device)
-                alpha = schedule_kd_alpha(epoch, plan.epochs, cfg.kd.alpha_start, cfg.kd.alpha_end) if teacher is not None else 0.0
-                loaders["train"].set_epoch(epoch)
-                try:
-                    tr = train_one_epoch(ctx, loaders["train"], alpha, desc=f"{stage.name} {epoch}/{plan.epochs}",
-                                         progress=progress)
-                except NonFiniteLossError as exc:
-                    kept = (f"{last_path} (epoch {epoch - 1}) is kept as it was" if last_path.exists() and epoch > 1
-                            else "no checkpoint exists yet (first epoch)")
-                    raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite {exc.what} "
-                                      f"({exc.value}); nothing of this epoch is saved (the model in memory, whose "
-                                      f"batch-norm statistics saw the bad step, is discarded): {kept}. "
-                                      f"Reduce the learning rate or check the data") from exc
-                new_retries = alloc_retries(device) - retries_before
-                if new_retries and not retries:  # said once per stage
-                    warn_memory_tight(stage.name, epoch, new_retries, cfg.train.vram_budget_gb)
-                retries += new_retries
-                dist.sync_buffers(model)
-                t_eval = time.perf_counter()
-                val = evaluate(model, loaders["val"], precision, num_classes)
-                eval_seconds = time.perf_counter() - t_eval
-                train_seconds += tr["seconds"]
-                row = _epoch_row(epoch, tr, val, tr["seconds"] + eval_seconds, peak_memory_mb(device))
-                terms = {"epoch": epoch, "train_ce": tr["ce"], "train_kd": tr["kd"], "alpha": alpha if teacher is not None else float("nan"),
-                         "lr_first": tr["lr_first"], "lr_last": tr["lr_last"], "steps": tr["steps"],
-                         "train_seconds": tr["seconds"], "eval_seconds": eval_seconds,
-                         "compile_seconds": compile_seconds if epoch == start_epoch else 0.0, "img_per_s": tr["img_per_s"]}
-                improved = val["accuracy"] > best_acc  # identical on every rank: metrics are gathered
-                if improved:
-                    best_acc, best_epoch = val["accuracy"], epoch
-                if dist.is_main():
-                    if improved:
-                        atomic_save({"model": model.state_dict(), "epoch": epoch, "stage": stage.name,
-                                     "model_name": stage.model, "val_accuracy": val["accuracy"]}, stage_dir / "best.pt")
-                    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                                 "rng": rng_state(), "epoch": epoch, "best_val_accuracy": best_acc, "best_epoch": best_epoch,
-                                 "train_seconds": train_seconds, "stage": stage.name, "model_name": stage.model,
-                                 "log_row": row, "terms_row": terms}, last_path)
-                    loggers[0].log(row)  # after last.pt: a logged epoch always has its checkpoint
-                    if loggers[1] is not None:
-                        loggers[1].log(terms)
-                    if tb is not None:
-                        tensorboard.log_epoch(tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"])
-                kd_note = f"alpha {alpha:.2f}  " if teacher is not None else ""
-                log.info(f"  {stage.name:<15} epoch {epoch:>3}/{plan.epochs}  loss {tr['loss']:.4f}  train acc {tr['accuracy']:.4f}  "
-                         f"val acc {val['accuracy']:.4f}  {kd_note}{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s")
-                if on_epoch_end is not None and dist.is_main():
-                    on_epoch_end(model, epoch, stage_dir)
-        epochs_done = plan.epochs
-        if tb is not None:
-            tb.close()
-
-    # ---- ranks agree: DDP keeps replicas identical; prove it before trusting rank 0's checkpoint
-    checksums = dist.all_checksums(model)
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"stage {stage.name}: ranks hold different weights at the end of training: {checksums}")
-    dist.barrier()  # rank 0 has written best.pt
-
-    # ---- test once, on the best-validation checkpoint
-    load_weights(model, stage_dir / "best.pt", f"{stage_dir / 'best.pt'}")
-    t_test = time.perf_counter()
-    test = evaluate(model, loaders["test"], precision, num_classes, return_predictions=True)
-    test_seconds = time.perf_counter() - t_test
+def load_given_checkpoint(run: StageRun) -> None:
+    """A trained model handed in (`checkpoint:`): it is evaluated, nothing is trained."""
+    stage = run.stage
+    load_weights(run.model, stage.checkpoint, f"stage {stage.name}: checkpoint {stage.checkpoint}")
     if dist.is_main():
-        save_predictions(stage_dir / "test_predictions.csv", test, getattr(data.test, "ids", None))
-        export_stage(cfg, stage, model, data.classes, stage_dir)  # model.safetensors + model.json
+        EpochLogger(run.folder.epoch_log)
+        atomic_save({"model": run.model.state_dict(), "epoch": 0, "stage": stage.name, "model_name": stage.model},
+                    run.folder.best)
 
-    # ---- summary: stage.json (written last: its presence means the stage is done)
-    rows = read_epoch_csv(csv_path)
-    terms_rows = read_epoch_csv(terms_path, TERMS_COLUMNS) if terms_path.exists() else []
+
+def prepare_training(run: StageRun, steps_per_epoch: int, should_stop: Callable[[], bool]) -> None:
+    """Checkpointing, the recipe (optimizer over the student and the method's own modules, LR
+    schedule), the GradScaler, DDP and compilation, and the step context that trains with them."""
+    cfg, stage, plan, device = run.cfg, run.stage, run.plan, run.device
+    plan.grad_checkpointing = enforce_gradient_checkpointing(run.model, stage.model, verbose=is_verbose(),
+                                                             force=plan.grad_checkpointing, measured=plan.ckpt_memory)
+    run.lr = stage_lr(cfg, stage)
+    run.optimizer = make_optimizer([run.model, run.method], run.lr, cfg.train.weight_decay, device,
+                                   cfg.train.optimizer, cfg.train.momentum)
+    run.scheduler = make_scheduler(run.optimizer, cfg.train, steps_per_epoch, plan.epochs)
+    run.scaler = torch.amp.GradScaler("cuda") if run.precision.needs_scaler else None
+    train_model = run.model
+    if dist.state().enabled:  # one replica per rank; each rank runs its own frozen teachers' forwards
+        if cfg.train.sync_bn and is_cnn(stage.model):
+            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(train_model) if plan.compile else train_model
+    run.ctx = step_context(cfg, stage, train_model, run.optimizer, run.scheduler, run.precision, plan,
+                           run.num_classes, run.method, scaler=run.scaler, should_stop=should_stop)
+
+
+def restore(run: StageRun) -> None:
+    """Resume from last.pt: weights, method state, optimizer, schedule, scaler, RNG and the
+    best-so-far; a new --resume --lr applies from the next step on the same schedule."""
+    ck = safe_load(run.folder.last, map_location=run.device)
+    check_state_dict(run.model, ck["model"], f"resume {run.folder.last}")
+    run.model.load_state_dict(ck["model"])
+    if ck.get("method") is not None:
+        run.method.load_state_dict(ck["method"])
+    run.optimizer.load_state_dict(ck["optimizer"])
+    run.scheduler.load_state_dict(ck["scheduler"])
+    if run.scaler is not None and ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"])
+    if run.scheduler.base_lrs[0] != run.lr:
+        log.info(f"↻ {run.stage.name}: learning rate {run.scheduler.base_lrs[0]:g} -> {run.lr:g} from epoch {ck['epoch'] + 1}")
+        set_base_lr(run.optimizer, run.scheduler, run.lr)
+    run.start_epoch = ck["epoch"] + 1
+    run.ck_rows = (ck.get("log_row"), ck.get("terms_row"))
+    run.best_acc, run.best_epoch, run.train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
+    log.info(f"↻ {run.stage.name}: resuming after epoch {ck['epoch']}/{run.plan.epochs}")
+
+
+class _Logs:
+    """The stage's logs on the main rank: epoch_log.csv, epoch_terms.csv (the method's terms),
+    schedule.csv (per step) and TensorBoard; a row lost between last.pt and its CSV is replayed."""
+
+    def __init__(self, run: StageRun):
+        self.epoch = self.terms = self.schedule = self.tb = None
+        if not dist.is_main():
+            return
+        cfg, folder, done = run.cfg, run.folder, run.start_epoch - 1
+        if cfg.logging.tensorboard:
+            self.tb = tensorboard.open_writer(folder.path.parent / "tb" / run.stage.name)
+        if run.start_epoch == 1 or folder.terms.exists():  # a run begun before epoch_terms.csv goes on without it
+            self.terms = EpochLogger(folder.terms, resume_from_epoch=done, columns=terms_columns(run.method.terms))
+        self.epoch = EpochLogger(folder.epoch_log, resume_from_epoch=done)
+        if run.start_epoch == 1 or folder.schedule.exists():
+            self.schedule = StepLogger(folder.schedule, resume_from_epoch=done)
+        for logger, row in zip((self.epoch, self.terms), run.ck_rows or (None, None)):
+            if logger is not None and row is not None and len(logger.rows()) == run.start_epoch - 2:
+                logger.log(row)  # killed between saving last.pt and logging its row: the row is in last.pt
+
+    def write(self, epoch: int, row: dict, terms: dict, tr: dict, alpha: float) -> None:
+        if self.epoch is None:
+            return
+        self.epoch.log(row)  # after last.pt: a logged epoch always has its checkpoint
+        if self.terms is not None:
+            self.terms.log(terms)
+        if self.schedule is not None:
+            self.schedule.log_epoch(epoch, tr["lrs"], alpha)
+        if self.tb is not None:
+            tensorboard.log_epoch(self.tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def cache_teachers(run: StageRun, train_loader) -> None:
+    """Frozen teachers that see the same inputs every epoch run once: their logits are cached."""
+    if not run.method.teachers or run.ctx.mixup is not None or run.start_epoch > run.plan.epochs:
+        return
+    t0 = time.perf_counter()
+    if run.method.cache_teacher_logits(train_loader, run.precision, MAX_TEACHER_CACHE_BYTES):
+        run.teacher_cache_seconds = time.perf_counter() - t0
+        log.info(f"  {run.stage.name}: teacher logits of {len(train_loader.labels):,} training images computed once "
+                 f"({run.teacher_cache_seconds:.1f}s): no augmentation, so every epoch would repeat them")
+
+
+def warm_compile(run: StageRun, train_loader) -> None:
+    """Compile before the first epoch, timed apart from it."""
+    if not run.plan.compile or run.start_epoch > run.plan.epochs:
+        return
+    size = run.cfg.data.image_size
+    sample = torch.randn(run.plan.micro_batch or train_loader.batch_size, 3, size, size, device=run.device)
+    if use_channels_last(run.cfg, run.stage, run.device):
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    run.compile_seconds = compile_warmup(run.ctx, sample)
+    log.info(f"  {run.stage.name}: torch.compile took {run.compile_seconds:.1f}s (not counted in epoch times)")
+
+
+def train_epoch(run: StageRun, train_loader, epoch: int, progress: bool) -> tuple:
+    """One training epoch at this epoch's alpha; a non-finite loss or gradient stops the stage
+    (StageFailed names stage, epoch and step, and what is kept). Returns (metrics, alpha)."""
+    stage, plan = run.stage, run.plan
+    alpha = schedule_kd_alpha(epoch, plan.epochs, run.cfg.kd.alpha_start, run.cfg.kd.alpha_end) if run.method.teachers else 0.0
+    reset_peak_memory_stats(run.device)
+    retries_before = alloc_retries(run.device)
+    train_loader.set_epoch(epoch)
+    try:
+        tr = train_one_epoch(run.ctx, train_loader, alpha, desc=f"{stage.name} {epoch}/{plan.epochs}", progress=progress)
+    except NonFiniteLossError as exc:
+        last = run.folder.last
+        kept = (f"{last} (epoch {epoch - 1}) is kept as it was" if last.exists() and epoch > 1
+                else "no checkpoint exists yet (first epoch)")
+        raise StageFailed(f"stage {stage.name!r}, epoch {epoch}, step {exc.step}: non-finite {exc.what} "
+                          f"({exc.value}); nothing of this epoch is saved (the model in memory, whose "
+                          f"batch-norm statistics saw the bad step, is discarded): {kept}. "
+                          f"Reduce the learning rate or check the data") from exc
+    new_retries = alloc_retries(run.device) - retries_before
+    if new_retries and not run.retries:  # said once per stage
+        warn_memory_tight(stage.name, epoch, new_retries, run.cfg.train.vram_budget_gb)
+    run.retries += new_retries
+    run.train_seconds += tr["seconds"]
+    return tr, alpha
+
+
+def save_epoch(run: StageRun, epoch: int, val: dict, row: dict, terms: dict) -> None:
+    """best.pt when validation improved (identical on every rank: metrics are gathered), then last.pt."""
+    improved = val["accuracy"] > run.best_acc
+    if improved:
+        run.best_acc, run.best_epoch = val["accuracy"], epoch
+    if not dist.is_main():
+        return
+    stage = run.stage
+    if improved:
+        atomic_save({"model": run.model.state_dict(), "epoch": epoch, "stage": stage.name,
+                     "model_name": stage.model, "val_accuracy": val["accuracy"]}, run.folder.best)
+    atomic_save({"model": run.model.state_dict(), "method": run.method.state_dict(),
+                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng_state(), "epoch": epoch,
+                 "best_val_accuracy": run.best_acc, "best_epoch": run.best_epoch, "train_seconds": run.train_seconds,
+                 "stage": stage.name, "model_name": stage.model, "log_row": row, "terms_row": terms}, run.folder.last)
+
+
+def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end) -> None:
+    """Epochs: train, validate, checkpoint, log (a signal stops after the current step)."""
+    logs = _Logs(run)
+    cache_teachers(run, loaders["train"])
+    warm_compile(run, loaders["train"])
+    with protected():
+        for epoch in range(run.start_epoch, run.plan.epochs + 1):
+            tr, alpha = train_epoch(run, loaders["train"], epoch, progress)
+            dist.sync_buffers(run.model)
+            t_eval = time.perf_counter()
+            val = evaluate(run.model, loaders["val"], run.precision, run.num_classes)
+            eval_seconds = time.perf_counter() - t_eval
+            row = _epoch_row(epoch, tr, val, tr["seconds"] + eval_seconds, peak_memory_mb(run.device))
+            terms = {"epoch": epoch, **{f"train_{t}": tr[t] for t in run.method.terms},
+                     "alpha": alpha if run.method.teachers else float("nan"),
+                     "lr_first": tr["lr_first"], "lr_last": tr["lr_last"], "steps": tr["steps"],
+                     "train_seconds": tr["seconds"], "eval_seconds": eval_seconds,
+                     "compile_seconds": run.compile_seconds if epoch == run.start_epoch else 0.0,
+                     "img_per_s": tr["img_per_s"]}
+            save_epoch(run, epoch, val, row, terms)
+            logs.write(epoch, row, terms, tr, alpha)
+            kd_note = f"alpha {alpha:.2f}  " if run.method.teachers else ""
+            log.info(f"  {run.stage.name:<15} epoch {epoch:>3}/{run.plan.epochs}  loss {tr['loss']:.4f}  "
+                     f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  {kd_note}"
+                     f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s")
+            if on_epoch_end is not None and dist.is_main():
+                on_epoch_end(run.model, epoch, run.folder.path)
+    run.epochs_done = run.plan.epochs
+    logs.close()
+
+
+def check_ranks_agree(run: StageRun) -> list:
+    """DDP keeps replicas identical; proven before rank 0's checkpoint is trusted."""
+    checksums = dist.all_checksums(run.model)
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"stage {run.stage.name}: ranks hold different weights at the end of training: {checksums}")
+    dist.barrier()  # rank 0 has written best.pt
+    return checksums
+
+
+def test_and_export(run: StageRun, data, loaders: dict) -> dict:
+    """Test once, on the best-validation checkpoint; predictions and the exported weights."""
+    load_weights(run.model, run.folder.best, f"{run.folder.best}")
+    t0 = time.perf_counter()
+    test = evaluate(run.model, loaders["test"], run.precision, run.num_classes, return_predictions=True)
+    test["seconds"] = time.perf_counter() - t0
+    if dist.is_main():
+        save_predictions(run.folder.predictions, test, getattr(data.test, "ids", None))
+        export_stage(run.cfg, run.stage, run.model, data.classes, run.folder.path)  # model.safetensors + model.json
+    return test
+
+
+def summarise(run: StageRun, data, loaders: dict, test: dict, checksums: list, extra: Optional[dict]) -> dict:
+    """stage.json, written last: its presence means the stage is done."""
+    cfg, stage, plan, folder = run.cfg, run.stage, run.plan, run.folder
+    rows = read_epoch_csv(folder.epoch_log)
+    terms_rows = read_epoch_csv(folder.terms, terms_columns_of(folder.terms)) if folder.terms.exists() else []
     if rows:  # the best epoch's validation figures are in its CSV row; only a loaded checkpoint needs a pass
-        val_best = {"accuracy": rows[best_epoch - 1]["val_accuracy"], "f1_score": rows[best_epoch - 1]["val_f1_score"]}
+        val_best = {"accuracy": rows[run.best_epoch - 1]["val_accuracy"], "f1_score": rows[run.best_epoch - 1]["val_f1_score"]}
     else:
-        val_best = evaluate(model, loaders["val"], precision, num_classes)
+        val_best = evaluate(run.model, loaders["val"], run.precision, run.num_classes)
     trained_images = sum(t["img_per_s"] * t["train_seconds"] for t in terms_rows)
     summary = {
-        "stage": stage.name, "model": stage.model, "role": role or "", "teacher": stage.teacher or "",
-        "params": params, "flops": flops, "epochs": epochs_done, "best_epoch": best_epoch,
+        "stage": stage.name, "model": stage.model, "role": stage.role or role_from_model_name(stage.model) or "",
+        "teacher": "+".join(stage.teachers), "teachers": stage.teachers, "method": run.method.name,
+        "method_label": run.method.describe(),
+        "params": run.params, "flops": run.flops, "epochs": run.epochs_done, "best_epoch": run.best_epoch,
         "val_accuracy": val_best["accuracy"], "val_f1_score": val_best["f1_score"],
         "test_accuracy": test["accuracy"], "test_precision": test["precision"], "test_recall": test["recall"],
         "test_f1_score": test["f1_score"], "test_loss": test["loss"],
         "last_val_accuracy": rows[-1]["val_accuracy"] if rows else val_best["accuracy"],
         "peak_gpu_memory_mb": max([r["gpu_memory_mb"] for r in rows], default=0.0),
-        "train_seconds": train_seconds,
+        "train_seconds": run.train_seconds,
         "img_per_s": trained_images / sum(t["train_seconds"] for t in terms_rows) if terms_rows else 0.0,
-        "eval_seconds": sum(t["eval_seconds"] for t in terms_rows) + test_seconds,
+        "eval_seconds": sum(t["eval_seconds"] for t in terms_rows) + test["seconds"],
         "compile_seconds": sum(t["compile_seconds"] for t in terms_rows),
-        "teacher_cache_seconds": round(teacher_cache_seconds, 2),
-        "alloc_retries": retries,  # cache flushes at the memory cap during this process's training epochs
-        "optimizer": cfg.train.optimizer, "lr": lr, "precision": precision.name, "label_smoothing": label_smoothing, "batch_size": plan.batch_size,
+        "teacher_cache_seconds": round(run.teacher_cache_seconds, 2),
+        "alloc_retries": run.retries,  # cache flushes at the memory cap during this process's training epochs
+        "optimizer": cfg.train.optimizer, "lr": run.lr, "precision": run.precision.name,
+        "label_smoothing": run.method.label_smoothing, "batch_size": plan.batch_size,
         "micro_batch": plan.micro_batch or plan.batch_size, "grad_checkpointing": plan.grad_checkpointing,
-        "compile": plan.compile, "init_seed": seeds["init"], "data_seed": seeds["data"],
-        "init_weights_checksum": init_checksum, "skipped_images": len(getattr(data, "skipped_files", []) or []),
+        "compile": plan.compile, "seed_stream": stage.seed_stream or stage.name, "recipe": recipe_key(cfg, stage, run.lr),
+        "init_seed": run.seeds["init"], "data_seed": run.seeds["data"],
+        "init_weights_checksum": run.init_checksum, "skipped_images": len(getattr(data, "skipped_files", []) or []),
         "world_size": dist.state().world_size, "rank_weight_checksums": checksums, **(extra or {}),
     }
     if dist.is_main():
-        atomic_write_text(stage_dir / "stage.json", json.dumps(summary, indent=2))
+        atomic_write_text(folder.summary_file, json.dumps(summary, indent=2))
+    return summary
 
-    # ---- release the stage's model and optimiser state before the next stage
-    released = cleanup_training_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                      verbose=verbose and dist.is_main(), device=device)
-    del model
+
+def release(run: StageRun, summary: dict) -> dict:
+    """The stage's model and optimizer state released before the next stage."""
+    released = cleanup_training_state(model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                                      scaler=run.scaler, verbose=is_verbose() and dist.is_main(), device=run.device)
+    run.model = run.ctx = None
     summary["released_mb"] = released["released_mb"]
     return summary

@@ -54,13 +54,62 @@ class SchemaError(UserError, ValueError):
     """A CSV row or header does not match REQUIRED_COLUMNS."""
 
 
-TERMS_COLUMNS = [
-    'epoch', 'train_ce', 'train_kd', 'alpha', 'lr_first', 'lr_last', 'steps',
-    'train_seconds', 'eval_seconds', 'compile_seconds', 'img_per_s',
-]
-"""epoch_terms.csv, beside each epoch_log.csv: the terms of the training objective (train_loss is
-(1 - alpha) * train_ce + alpha * train_kd; train_kd is T^2 * KL, empty without a teacher), the LR of
-the epoch's first and last optimizer step, and the time split (compilation apart from training)."""
+TERMS_TAIL = ['alpha', 'lr_first', 'lr_last', 'steps', 'train_seconds', 'eval_seconds', 'compile_seconds', 'img_per_s']
+
+
+def terms_columns(terms=("ce", "kd")) -> list:
+    """epoch_terms.csv, beside each epoch_log.csv: a `train_<term>` column for every term the
+    stage's method declares (the kd method: train_loss is (1 - alpha) * train_ce + alpha *
+    train_kd; train_kd is T^2 * KL, empty without a teacher), alpha, the LR of the epoch's first and
+    last optimizer step, and the time split (compilation apart from training)."""
+    return ['epoch', *[f'train_{t}' for t in terms], *TERMS_TAIL]
+
+
+TERMS_COLUMNS = terms_columns()
+
+
+def terms_columns_of(path: str | os.PathLike) -> list:
+    """The columns of an existing epoch_terms.csv (its method's terms), checked against the schema."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    terms = tuple(c[len('train_'):] for c in header[1:len(header) - len(TERMS_TAIL)])
+    columns = terms_columns(terms)
+    check_header(header, path, columns)
+    return columns
+
+
+class StepLogger:
+    """schedule.csv: the LR and alpha each optimizer step used (epoch, step from 1), appended per
+    epoch; on resume, rows of epochs after `resume_from_epoch` are dropped first."""
+    columns = ['epoch', 'step', 'lr', 'alpha']
+
+    def __init__(self, path: str | os.PathLike, resume_from_epoch: int | None = None):
+        self.path = Path(path)
+        self.step = 0
+        rows = []
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, newline="") as f:
+                reader = csv.reader(f)
+                check_header(next(reader, []), self.path, self.columns)
+                rows = [r for r in reader if resume_from_epoch is None or int(r[0]) <= resume_from_epoch]
+        if rows:
+            self.step = int(rows[-1][1])
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with protected(), _disk_errors(self.path):
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([self.columns, *rows])
+            os.replace(tmp, self.path)
+
+    def log_epoch(self, epoch: int, lrs: list, alpha: float) -> None:
+        lines = []
+        for lr in lrs:
+            self.step += 1
+            lines.append([epoch, self.step, f"{lr:.10g}", _fmt(alpha)])
+        with protected(), _disk_errors(self.path):
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerows(lines)
+                f.flush()
+                os.fsync(f.fileno())
 
 
 def check_header(header: list[str], path: str | os.PathLike = "<csv>", columns: list[str] = REQUIRED_COLUMNS) -> None:

@@ -1,0 +1,167 @@
+"""The layout of a run folder, known in one place: every reader and writer goes through here.
+
+RUN/                          a single-seed run (or one seed of a --seeds run)
+    config.yaml               the resolved config (what --resume re-reads); config.digest.json beside it
+    env.json                  versions, device, git commit, command line (env_resume.json on resume)
+    plan.json, classes.json, timings.json
+    summary.csv               one row per stage (written when the chain finished)
+    <stage>/                  see StageFolder
+RUN/ of a --seeds run:
+    seeds.json                {"seeds": [...], "config": preset}
+    seed_<n>/                 a single-seed run each
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class StageFolder:
+    """RUN/<stage>/: what one stage writes."""
+    path: Path
+
+    EPOCH_LOG = "epoch_log.csv"          # one row per epoch, REQUIRED_COLUMNS
+    TERMS = "epoch_terms.csv"            # the objective's terms, alpha, first/last LR, time split
+    SCHEDULE = "schedule.csv"            # the LR and alpha of every optimizer step, as applied
+    LAST = "last.pt"                     # full training state after the last completed epoch (resume)
+    BEST = "best.pt"                     # weights of the best-validation epoch
+    PREDICTIONS = "test_predictions.csv"  # per test image: file id, label, prediction, top-5, logits
+    SUMMARY = "stage.json"               # the stage's summary row, written last: present = stage done
+    WEIGHTS = "model.safetensors"        # exported weights (+ model.json)
+    ATTENTION = "attention"              # ViT attention maps
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def epoch_log(self) -> Path:
+        return self.path / self.EPOCH_LOG
+
+    @property
+    def terms(self) -> Path:
+        return self.path / self.TERMS
+
+    @property
+    def schedule(self) -> Path:
+        return self.path / self.SCHEDULE
+
+    @property
+    def last(self) -> Path:
+        return self.path / self.LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / self.PREDICTIONS
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def finished(self) -> bool:
+        return self.summary_file.exists()
+
+    @property
+    def started(self) -> bool:
+        return self.last.exists()
+
+    def summary(self) -> dict:
+        return json.loads(self.summary_file.read_text())
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run folder: a single-seed run, or a --seeds run holding one per seed."""
+    path: Path
+
+    CONFIG = "config.yaml"
+    SEEDS = "seeds.json"
+    SUMMARY = "summary.csv"
+    PLAN = "plan.json"
+    CLASSES = "classes.json"
+    ENV = "env.json"
+    TIMINGS = "timings.json"
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    # ---- what kind of folder
+    @property
+    def config_path(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def seeds_file(self) -> Path:
+        return self.path / self.SEEDS
+
+    @property
+    def is_multi_seed(self) -> bool:
+        return self.seeds_file.exists() and not self.config_path.exists()
+
+    @property
+    def is_run(self) -> bool:
+        return self.config_path.exists() or self.seeds_file.exists()
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def finished(self) -> bool:
+        return self.summary_csv.exists()
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # ---- seeds
+    def seed_list(self) -> list:
+        """The seeds a --seeds run was started with (empty for a single-seed run)."""
+        return json.loads(self.seeds_file.read_text())["seeds"] if self.seeds_file.exists() else []
+
+    def seed_folder(self, seed: int) -> "RunFolder":
+        return RunFolder(self.path / f"seed_{seed}")
+
+    def seed_runs(self, finished_only: bool = False) -> list:
+        """[(seed or None, RunFolder)]: every seed's folder of a --seeds run (that has begun:
+        its config.yaml written), or the run itself."""
+        if self.is_multi_seed:
+            runs = [(s, self.seed_folder(s)) for s in self.seed_list()]
+            runs = [(s, r) for s, r in runs if r.config_path.exists()]
+        else:
+            runs = [(None, self)] if self.config_path.exists() else []
+        return [(s, r) for s, r in runs if r.finished] if finished_only else runs
+
+    def first_seed(self) -> "RunFolder":
+        """The folder whose config describes the run (the first seed's, for a --seeds run)."""
+        return self.seed_folder(self.seed_list()[0]) if self.is_multi_seed else self
+
+    # ---- contents
+    def config(self):
+        from src.distillation.config import load_config
+        return load_config(self.first_seed().config_path)
+
+    def stage(self, name: str) -> StageFolder:
+        return StageFolder(self.path / name)
+
+    def stages(self) -> list:
+        """The stage folders in the config's order."""
+        return [self.stage(s.name) for s in self.config().stages]
+
+    def classes(self) -> Optional[list]:
+        path = self.path / self.CLASSES
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def env(self) -> dict:
+        path = self.path / self.ENV
+        return json.loads(path.read_text()) if path.exists() else {}
