@@ -36,9 +36,9 @@ from src.data.loaders import StreamLoader, TensorLoader  # noqa: E402
 from src.data.sources import Split  # noqa: E402
 from src.distillation.config import load_config  # noqa: E402
 from src.distillation.engine import Precision, StepContext, compile_warmup, prepare_teacher, train_one_epoch  # noqa: E402
-from src.distillation.losses import kd_loss  # noqa: E402
-from src.distillation.planner import SAFETY_MARGIN_GIB, apply_vram_budget, measure_steps, probe_plan  # noqa: E402
-from src.distillation.stage import (StagePlan, build_stage_model, make_optimizer, step_context,  # noqa: E402
+from src.distillation.planner import SAFETY_MARGIN_GIB, StepSpec, apply_vram_budget, measure_steps, probe_plan  # noqa: E402
+from src.distillation.recipe import make_optimizer, optimizer_factory  # noqa: E402
+from src.distillation.stage import (StagePlan, build_stage_model, stage_method, step_context,  # noqa: E402
                                    use_channels_last)
 from src.models import count_flops  # noqa: E402
 from src.utils.devices import GiB, peak_reserved_bytes, reset_peak_reserved, resolve_device, synchronize  # noqa: E402
@@ -69,21 +69,23 @@ def synthetic_split(n: int, size: int = 32, classes: int = 10) -> Split:
                  images=torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g))
 
 
-def stage_step_context(cfg, stage, model, teacher, precision, plan, device) -> StepContext:
-    """The stage's training step as the chain builds it (its recipe: label smoothing, gradient
-    clipping, mixup / cutmix, KD temperature, micro-batch), on a possibly compiled model."""
+def stage_step_context(cfg, stage, model, teachers, precision, plan, device) -> StepContext:
+    """The stage's training step as the chain builds it (its method with the frozen `teachers`,
+    its recipe: optimizer, label smoothing, gradient clipping, mixup / cutmix, micro-batch), on a
+    possibly compiled model."""
     train_model = torch.compile(model) if plan.compile else model
-    opt = make_optimizer(model, 1e-4, cfg.train.weight_decay, device, cfg.train.optimizer, cfg.train.momentum)
+    method = stage_method(cfg, stage, teachers).to(device)
+    opt = make_optimizer([model, method], 1e-4, cfg.train.weight_decay, device, cfg.train.optimizer, cfg.train.momentum)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
-    return step_context(cfg, stage, train_model, opt, sched, precision, plan, 10, scaler=scaler, teacher=teacher)
+    return step_context(cfg, stage, train_model, opt, sched, precision, plan, 10, method, scaler=scaler)
 
 
 def engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample) -> tuple[float, float]:
     """Warm-up epoch, then a timed epoch through the real engine; returns (img/s, compile seconds)."""
     ctx = stage_step_context(cfg, stage, model, teacher, precision, plan, sample.device)
     compile_s = compile_warmup(ctx, sample) if plan.compile else 0.0
-    alpha = 0.5 if teacher is not None else 0.0
+    alpha = 0.5 if teacher else 0.0
     train_one_epoch(ctx, loader, alpha=alpha, progress=False)
     out = train_one_epoch(ctx, loader, alpha=alpha, progress=False)
     ctx.optimizer.state.clear()
@@ -92,26 +94,22 @@ def engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample
 
 def bare_img_per_s(cfg, stage, model, teacher, batches, precision, plan) -> float:
     """The simplest competent loop doing the same math: pre-made GPU batches, autocast, fused AdamW,
-    the stage's recipe (mixup, label smoothing, gradient clipping); no metrics, NaN guard,
-    schedule, LR log or progress display. Same model, teacher, micro-batch, checkpointing, compile."""
+    the stage's recipe (mixup, label smoothing, gradient clipping) and its method's step (the
+    one every other loop calls); no metrics, NaN guard, schedule, LR log or progress display.
+    Same model, teachers, micro-batch, checkpointing, compile."""
     device = batches[0][0].device
     ctx = stage_step_context(cfg, stage, model, teacher, precision, plan, device)
-    train_model, opt, micro = ctx.model, ctx.optimizer, plan.micro_batch
-    alpha = 0.5 if teacher is not None else 0.0
+    train_model, opt, micro, method = ctx.model, ctx.optimizer, plan.micro_batch, ctx.method
+    alpha = 0.5 if teacher else 0.0
 
     def epoch():
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
+            method.begin_batch()
             if ctx.mixup is not None:
                 x, y = ctx.mixup(x.clone(), y)
             for xs, ys in (zip(x.split(micro), y.split(micro)) if micro else [(x, y)]):
-                t = None
-                if teacher is not None:
-                    with torch.no_grad(), precision.autocast():
-                        t = teacher(xs)
-                with precision.autocast():
-                    logits = train_model(xs)
-                loss = kd_loss(logits, ys, t, alpha, ctx.temperature, ctx.label_smoothing)["loss"]
+                loss = method.step(train_model, xs, ys, alpha, precision)[1]["loss"]
                 if ctx.scaler is not None:
                     ctx.scaler.scale(loss).backward()
                 else:
@@ -145,7 +143,8 @@ def random_weight_builders(cfg, stage, num_classes: int, tiny: bool = False) -> 
             s = replace(s, model=name, model_kwargs=kw)
         return replace(s, pretrained=False, pretrained_file=None, checkpoint=None)
     builder = lambda: build_stage_model(cfg, bare(stage), num_classes)  # noqa: E731
-    tbuilder = (lambda: build_stage_model(cfg, bare(cfg.stage(stage.teacher)), num_classes)) if stage.teacher else None
+    tbuilder = (lambda: [build_stage_model(cfg, bare(cfg.stage(n)), num_classes) for n in stage.teachers]
+                ) if stage.teachers else None
     return builder, tbuilder
 
 
@@ -154,23 +153,22 @@ def plan_stage(cfg, stage, builder, tbuilder, device, precision, channels_last: 
     """The planner's choice for the stage, as the chain makes it (micro-batch, checkpointing, compile)."""
     plan = StagePlan(epochs=1, batch_size=batch or cfg.train.batch_size,
                      grad_checkpointing=requires_gradient_checkpointing(stage.model) and not tiny)
-    return probe_plan(plan, model_builder=builder, teacher_builder=tbuilder, model_name=stage.model,
+    spec = StepSpec(method_builder=lambda ts: stage_method(cfg, stage, ts), optimizer_factory=optimizer_factory(cfg.train, device))
+    return probe_plan(plan, model_builder=builder, teacher_builder=tbuilder, spec=spec, model_name=stage.model,
                       image_size=cfg.data.image_size, num_classes=10, device=device, precision=precision,
                       channels_last=channels_last, budget_gb=budget_gb, compile_mode="false" if no_compile else "auto")
 
 
 def build_for_plan(builder, tbuilder, plan, model_name: str, device, precision, channels_last: bool, fp32: bool = False):
-    """Student (checkpointed as planned, channels_last for CNNs) and its prepared frozen teacher;
-    `fp32`: the naive baseline's plain models."""
+    """Student (checkpointed as planned, channels_last for CNNs) and its prepared frozen teachers
+    (a list); `fp32`: the naive baseline's plain models."""
     m = builder().to(device)
     if plan.grad_checkpointing and not fp32:
         enforce_gradient_checkpointing(m, model_name, verbose=False, force=True)
     if channels_last and not fp32:
         m = m.to(memory_format=torch.channels_last)
-    t = None
-    if tbuilder is not None:
-        t = prepare_teacher(tbuilder(), device, Precision(device.type, None) if fp32 else precision,
-                            channels_last and not fp32)
+    t = [prepare_teacher(x, device, Precision(device.type, None) if fp32 else precision, channels_last and not fp32)
+         for x in (tbuilder() if tbuilder is not None else [])]
     return m, t
 
 
@@ -189,9 +187,8 @@ def bench_stage(cfg, stage, device, args, gpu_name):
         return build_for_plan(builder, tbuilder, plan, stage.model, device, precision, cl, fp32)
 
     def release(m, t):
-        cleanup_training_state(model=m, verbose=False, device=device)
-        if t is not None:
-            cleanup_training_state(model=t, verbose=False, device=device)
+        for x in [m, *t]:
+            cleanup_training_state(model=x, verbose=False, device=device)
 
     # ours (the real engine) and bare (the same stage as a plain loop over batches made beforehand
     # on the device), measured alternately `repeats` times; the medians are reported (on a shared
@@ -206,7 +203,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
         speed, c_s = engine_img_per_s(cfg, stage, model, teacher, loader, precision, plan, sample)
         ours_all.append(speed)
         compile_s, peak = max(compile_s, c_s), max(peak, peak_reserved_bytes(device) / GiB)
-        per_img = 3 * count_flops(model, size, device) + (count_flops(teacher, size, device) if teacher is not None else 0)
+        per_img = 3 * count_flops(model, size, device) + sum(count_flops(t, size, device) for t in teacher)
         release(model, teacher)
         if not args.no_bare:
             model, teacher = make()
@@ -234,7 +231,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     peak_tf = _peak_tflops(gpu_name, args.peak_tflops)
-    return {"stage": stage.name, "model": stage.model, "teacher": cfg.stage(stage.teacher).model if stage.teacher else "",
+    return {"stage": stage.name, "model": stage.model, "teacher": "+".join(cfg.stage(n).model for n in stage.teachers),
             "image_size": size, "micro_batch": micro, "grad_ckpt": plan.grad_checkpointing, "compile": plan.compile,
             "compile_seconds": round(compile_s, 1), "peak_reserved_gib": round(peak, 3), "img_per_s": round(ours, 1),
             "bare_img_per_s": round(bare_speed, 1) if bare_speed else None,
@@ -246,7 +243,7 @@ def bench_stage(cfg, stage, device, args, gpu_name):
 def _largest_fp32_batch(builder, tbuilder, size, device, args) -> int:
     limit = args.budget_gb - SAFETY_MARGIN_GIB
     best, bs = 0, 32
-    teacher = prepare_teacher(tbuilder(), device, Precision("cuda", None), False) if tbuilder else None
+    teacher = [prepare_teacher(t, device, Precision("cuda", None), False) for t in (tbuilder() if tbuilder else [])]
     while bs <= 1024:
         model = builder().to(device)
         try:
@@ -260,8 +257,8 @@ def _largest_fp32_batch(builder, tbuilder, size, device, args) -> int:
             cleanup_training_state(model=model, verbose=False, device=device)
             torch.cuda.empty_cache()
         bs *= 2
-    if teacher is not None:
-        cleanup_training_state(model=teacher, verbose=False, device=device)
+    for t in teacher:
+        cleanup_training_state(model=t, verbose=False, device=device)
     return max(best, 8)
 
 

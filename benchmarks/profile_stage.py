@@ -112,7 +112,7 @@ def run(args) -> dict:
     ctx = stage_step_context(cfg, stage, model, teacher, precision, plan, device)
     loader = TensorLoader(synthetic_split(plan.batch_size * args.steps, cfg.data.image_size), plan.batch_size, device,
                           True, replace(cfg.data, num_workers=0), channels_last=cl)
-    alpha = 0.5 if teacher is not None else 0.0
+    alpha = 0.5 if teacher else 0.0
     compile_s = 0.0
     if plan.compile:
         sample = torch.randn(plan.micro_batch or plan.batch_size, 3, cfg.data.image_size, cfg.data.image_size, device=device)
@@ -129,7 +129,7 @@ def run(args) -> dict:
     wall = time.perf_counter() - t0
     summary = summarise(prof, out["steps"], wall, timed["img_per_s"], plan.batch_size)
     summary.update(chain=args.chain, image_size=cfg.data.image_size, stage=stage.name, model=stage.model,
-                   teacher=cfg.stage(stage.teacher).model if stage.teacher else "", micro_batch=plan.micro_batch or plan.batch_size,
+                   teacher="+".join(cfg.stage(n).model for n in stage.teachers), micro_batch=plan.micro_batch or plan.batch_size,
                    grad_ckpt=plan.grad_checkpointing, compile=plan.compile, compile_seconds=round(compile_s, 1),
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__)
 

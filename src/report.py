@@ -20,7 +20,8 @@ import pandas as pd
 
 from src.distillation.config import load_config
 from src.distillation.recipe import lr_schedule
-from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
+from src.utils.logger import read_epoch_csv, terms_columns_of
+from src.utils.runfolder import RunFolder
 from src.utils.metrics import normalized_confusion
 from src.utils.stats import (ALPHA, bootstrap_diff_ci, holm, mcnemar_exact, paired_correct, t_interval,
                              wilson_interval)
@@ -30,8 +31,7 @@ from src.visualization import plots
 METRICS = ["val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision", "test_recall", "test_f1_score",
            "peak_gpu_memory_mb", "train_seconds", "compile_seconds", "img_per_s"]
 PLAN = ["micro_batch", "batch_size", "grad_checkpointing", "label_smoothing", "precision"]
-COMPARISONS = (("TAKD − KD", "student", "student_kd"), ("KD − scratch", "student_kd", "student_scratch"),
-               ("TAKD − scratch", "student", "student_scratch"))
+METHOD_RANK = {"scratch": 0, "kd": 1}  # A − B puts the plainer method second
 PROTOCOL = """## Reporting protocol
 
 - Model selection uses the validation split only (carved from the training set with a fixed seed);
@@ -51,7 +51,9 @@ PROTOCOL = """## Reporting protocol
   less, Müller et al. 2019, "When does label smoothing help?"); students use train.label_smoothing.
 - Seeds: each stage's initial weights and data order come from (seed, stream name); the scratch,
   KD and TAKD students share one stream, so within a seed they start from the same weights and see
-  the same batches: the comparison changes only the teacher.
+  the same batches: the comparison changes only the teacher. Two students are compared when they
+  share model, seed stream and recipe (data, training and KD settings, LR) and differ only in what
+  taught them; every such pair of a chain is reported.
 - The three student variants share one plan (micro-batch, checkpointing): with batch norm,
   micro-batches would change the batch statistics, so the planner keeps the full batch whenever
   it fits (with gradient checkpointing if needed).
@@ -68,13 +70,12 @@ DEMO_NOTE = ("> **Pipeline check, not a result.** This run uses a demo preset (s
 
 
 def seed_runs(run: Path) -> list[tuple[int, Path]]:
-    """[(seed, run folder)] for a --seeds run, or [(seed, run)] for a single run."""
-    meta = run / "seeds.json"
-    if meta.exists():
-        return [(s, run / f"seed_{s}") for s in json.loads(meta.read_text())["seeds"]
-                if (run / f"seed_{s}" / "summary.csv").exists()]
-    if (run / "summary.csv").exists():
-        return [(load_config(run / "config.yaml").seed, run)]
+    """[(seed, run folder)] of the finished seeds of a --seeds run, or [(seed, run)] for a single run."""
+    folder = RunFolder(run)
+    if folder.is_multi_seed:
+        return [(s, r.path) for s, r in folder.seed_runs(finished_only=True)]
+    if folder.finished:
+        return [(folder.config().seed, folder.path)]
     raise FileNotFoundError(f"{run}: no summary.csv (and no seeds.json): not a finished run folder")
 
 
@@ -86,7 +87,7 @@ def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
 
 
 def _correct(run_dir: Path, stage: str) -> np.ndarray | None:
-    path = Path(run_dir) / stage / "test_predictions.csv"
+    path = RunFolder(run_dir).stage(stage).predictions
     if not path.exists():
         return None
     df = pd.read_csv(path, usecols=["y_true", "y_pred"])
@@ -106,12 +107,53 @@ def collect(runs: list[Path]) -> pd.DataFrame:
         label = cfg.name if cfg.name not in labels.values() else f"{cfg.name} ({run.name})"
         labels[run] = label
         for seed, path in pairs:
-            df = pd.read_csv(path / "summary.csv")
-            env = json.loads((path / "env.json").read_text()) if (path / "env.json").exists() else {}
+            folder = RunFolder(path)
+            df = with_stream_and_recipe(pd.read_csv(folder.summary_csv), folder)
+            env = folder.env()
             df["seed"], df["run"], df["run_dir"] = seed, label, str(path.resolve())
             df["device"], df["demo"] = str(env.get("device", "")), is_demo(cfg)
             frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def with_stream_and_recipe(df: pd.DataFrame, folder: RunFolder) -> pd.DataFrame:
+    """Runs from before summary.csv named each stage's seed stream and recipe: taken from
+    stage.json (the initial-weights seed stands for the stream; the recipe counts as shared)."""
+    df = df.copy()
+    if "seed_stream" not in df:
+        df["seed_stream"] = [str(folder.stage(st).summary().get("init_seed", st)) if folder.stage(st).finished else st
+                             for st in df["stage"]]
+    if "recipe" not in df:
+        df["recipe"] = ""
+    if "method_label" not in df:
+        df["method_label"] = df["method"]
+    df["teacher"] = df["teacher"].fillna("") if "teacher" in df else ""
+    return df
+
+
+def comparisons(stages: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """[(name, A, B)]: every pair of stages (rows of one run and seed) that share model, seed
+    stream and recipe and differ in what taught them, A − B with the plainer method as B
+    (scratch, then KD from the teacher, then the rest in chain order)."""
+    out = []
+    order = {st: i for i, st in enumerate(stages["stage"])}
+    for _, group in stages.groupby(["model", "seed_stream", "recipe"], sort=False):
+        if len(group) < 2:
+            continue
+        tags = _tags(group)
+        ranked = sorted(group.itertuples(), key=lambda r: (-METHOD_RANK.get(r.method, 2), order[r.stage]))
+        for i, a in enumerate(ranked):
+            for b in ranked[i + 1:]:
+                out.append((f"{tags[a.stage]} − {tags[b.stage]}", a.stage, b.stage))
+    return out
+
+
+def _tags(group: pd.DataFrame) -> dict:
+    """Short names: scratch, KD, TAKD, DENSE, ...; with the teachers where two would read alike."""
+    base = {r.stage: {"scratch": "scratch", "kd": "KD"}.get(r.method, str(r.method).upper()) for r in group.itertuples()}
+    counts = pd.Series(list(base.values())).value_counts()
+    return {r.stage: base[r.stage] + (f" via {r.teacher}" if counts[base[r.stage]] > 1 else "")
+            for r in group.itertuples()}
 
 
 def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
@@ -121,7 +163,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
         if col not in rows:
             rows[col] = np.nan
     g = rows.groupby(["run", "stage"], sort=False)
-    out = g[["model", "method", "params", "flops", "device", "demo"] + PLAN].first()
+    out = g[["model", "method", "method_label", "teacher", "params", "flops", "device", "demo"] + PLAN].first()
     for m in METRICS:
         out[f"{m}_mean"] = g[m].mean()
         out[f"{m}_std"] = g[m].std()  # NaN with one seed
@@ -146,17 +188,19 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def differences(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per run and comparison: one row per seed (McNemar, bootstrap interval) and one over seeds (t interval)."""
+    """Per run and comparison (every pair `comparisons` finds in the chain): one row per seed
+    (McNemar, bootstrap interval) and one over seeds (t interval)."""
     out = []
     for run, sub in rows.groupby("run", sort=False):
-        for name, a, b in COMPARISONS:
+        first_seed = sub[sub["seed"] == sub["seed"].iloc[0]]
+        for name, a, b in comparisons(first_seed):
             per_seed = []
             for seed, ss in sub.groupby("seed"):
                 stages = set(ss["stage"])
                 if a not in stages or b not in stages:
                     continue
-                run_dir = Path(ss.iloc[0]["run_dir"])
-                files = [run_dir / st / "test_predictions.csv" for st in (a, b)]
+                run_dir = RunFolder(ss.iloc[0]["run_dir"])
+                files = [run_dir.stage(st).predictions for st in (a, b)]
                 if not all(f.exists() for f in files):
                     continue
                 # the same images, joined on the file id (rows of another image or label are refused)
@@ -165,12 +209,13 @@ def differences(rows: pd.DataFrame) -> pd.DataFrame:
                 lo, hi = bootstrap_diff_ci(ca, cb, seed=int(seed))
                 diff = float(ca.mean() - cb.mean())
                 per_seed.append(diff)
-                out.append({"run": run, "difference": name, "seed": str(seed), "mean": diff, "low": lo, "high": hi,
+                out.append({"run": run, "difference": name, "a": a, "b": b, "seed": str(seed), "mean": diff,
+                            "low": lo, "high": hi,
                             "only_a": test["only_a"], "only_b": test["only_b"], "p_value": test["p_value"],
                             "n_test": len(ca), "significant": test["p_value"] < ALPHA})
             if len(per_seed) > 1:
                 mean, lo, hi = t_interval(per_seed)
-                out.append({"run": run, "difference": name, "seed": f"mean of {len(per_seed)}", "mean": mean,
+                out.append({"run": run, "difference": name, "a": a, "b": b, "seed": f"mean of {len(per_seed)}", "mean": mean,
                             "low": lo, "high": hi, "p_value": np.nan, "significant": bool(lo > 0 or hi < 0)})
     df = pd.DataFrame(out)
     if len(df) and df["p_value"].notna().any():  # several tests at once: Holm's correction across all of them
@@ -222,16 +267,44 @@ def _table_md(table: pd.DataFrame) -> str:
 
 
 def _stage_logs(run_dir: Path, stage: str) -> pd.DataFrame | None:
-    logs = read_epoch_csv(run_dir / stage / "epoch_log.csv")
+    folder = RunFolder(run_dir).stage(stage)
+    logs = read_epoch_csv(folder.epoch_log)
     if not logs:
         return None
     df = pd.DataFrame(logs)
-    terms = run_dir / stage / "epoch_terms.csv"
-    if terms.exists():
-        df = df.merge(pd.DataFrame(read_epoch_csv(terms, TERMS_COLUMNS)), on="epoch", how="left")
+    if folder.terms.exists():
+        df = df.merge(pd.DataFrame(read_epoch_csv(folder.terms, terms_columns_of(folder.terms))), on="epoch", how="left")
     else:  # a run from before epoch_terms.csv: the objective is the CE only without a teacher
         df["train_ce"], df["train_kd"], df["steps"] = df["train_loss"], np.nan, np.nan
     return df
+
+
+def _logged_schedule(run_dir: Path, stage: str):
+    """(LR per optimizer step indexed by fractional epoch, alpha per epoch) as the run applied and
+    logged them (schedule.csv), or None for a run from before that file."""
+    path = RunFolder(run_dir).stage(stage).schedule
+    if not path.exists():
+        return None
+    df = pd.read_csv(path)
+    if df.empty:
+        return None
+    per_epoch = df.groupby("epoch")["step"].transform("count")
+    first_step = df.groupby("epoch")["step"].transform("min")
+    position = df["epoch"] + (df["step"] - first_step) / per_epoch
+    alpha = df.groupby("epoch")["alpha"].first()
+    return pd.Series(df["lr"].to_numpy(), index=position.to_numpy()), alpha
+
+
+def _recomputed_schedule(cfg, st, lr: float, first: pd.DataFrame):
+    n = int(first.index.max())
+    steps = first["steps"].iloc[0]
+    lr_series = None
+    if pd.notna(steps) and steps > 0:
+        per_step = lr_schedule(lr, cfg.train, n, int(steps))
+        lr_series = pd.Series(per_step, index=1 + np.arange(len(per_step)) / steps)
+    alpha = pd.Series([schedule_kd_alpha(e, n, cfg.kd.alpha_start, cfg.kd.alpha_end) if st.teachers else 0.0
+                       for e in range(1, n + 1)], index=range(1, n + 1))
+    return lr_series, alpha
 
 
 def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Path]:
@@ -253,18 +326,16 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
             df = pd.concat(parts)
             srow = sub[sub["stage"] == stage].iloc[0]
             curves[f"{stage} ({srow['model']})"] = df
-            first = df[df["seed"] == first_seed].set_index("epoch")
-            n = int(first.index.max())
-            steps = first["steps"].iloc[0]
-            if pd.notna(steps) and steps > 0:  # the schedule as the scheduler applied it, per optimizer step
-                per_step = lr_schedule(float(srow["lr"]), cfg.train, n, int(steps))
-                lr[stage] = pd.Series(per_step, index=1 + np.arange(len(per_step)) / steps)
-            st = cfg.stage(stage)
-            alpha[stage] = pd.Series([schedule_kd_alpha(e, n, cfg.kd.alpha_start, cfg.kd.alpha_end) if st.teacher else 0.0
-                                      for e in range(1, n + 1)], index=range(1, n + 1))
+            logged = _logged_schedule(first_dir, stage)
+            if logged is not None:
+                lr[stage], alpha[stage] = logged
+            else:  # a run from before schedule.csv: the schedule recomputed from its config
+                first = df[df["seed"] == first_seed].set_index("epoch")
+                lr[stage], alpha[stage] = _recomputed_schedule(cfg, cfg.stage(stage), float(srow["lr"]), first)
         if curves:
             made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png"))
-            made.append(plots.schedules(lr, alpha, fig_dir / f"{safe}_schedules.png"))
+            made.append(plots.schedules({k: v for k, v in lr.items() if v is not None}, alpha,
+                                        fig_dir / f"{safe}_schedules.png"))
         classes = json.loads((first_dir / "classes.json").read_text()) if (first_dir / "classes.json").exists() else None
         for stage in sub["stage"].unique():
             pred = first_dir / stage / "test_predictions.csv"
@@ -286,9 +357,11 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
                                        fig_dir / "accuracy_vs_params.png", scale=1e6))
     made.append(plots.accuracy_vs_size(table, "flops", "forward GFLOPs per image (log scale)",
                                        fig_dir / "accuracy_vs_flops.png", scale=1e9))
-    students = table[table["stage"].isin(["student", "student_kd", "student_scratch"])]
+    compared = {st for run, sub in rows.groupby("run", sort=False)
+                for _, a, b in comparisons(sub[sub["seed"] == sub["seed"].iloc[0]]) for st in (a, b)}
+    students = table[table["stage"].isin(compared)]
     if len(students):
-        missing = "" if students["method"].nunique() == 3 else "scratch and KD students: run with --baselines"
+        missing = "" if {"scratch", "kd"} <= set(students["method"]) else "scratch and KD students: run with --baselines"
         made.append(plots.method_points(students, fig_dir / "methods.png", note=missing))
     return made
 

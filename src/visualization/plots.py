@@ -184,7 +184,7 @@ def schedules(lr: dict, alpha: dict, path: Path) -> Path:
     a.set_yscale("log")
     a.set_xlabel("epoch (one point per optimizer step)")
     a.set_ylabel("learning rate")
-    a.set_title("learning rate: warm-up, then cosine", fontsize=9)
+    a.set_title("learning rate of every optimizer step, as applied", fontsize=9)
     for k, (s, label) in enumerate(_grouped(alpha)):
         ls, marker = STYLES[k % len(STYLES)]
         b.plot(s.index, s.values, linestyle=ls, marker=marker, ms=4, label=label)
