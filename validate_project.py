@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import subprocess
 import sys
 import tempfile
@@ -95,12 +94,13 @@ def check_runs_folder(runs: Path):
 
 
 def check_csvs(runs: Path):
-    from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
-    csvs = sorted(runs.rglob("epoch_log.csv")) if runs.is_dir() else []
+    from src.utils.logger import read_epoch_csv, terms_columns_of
+    from src.utils.runfolder import StageFolder
+    csvs = sorted(runs.rglob(StageFolder.EPOCH_LOG)) if runs.is_dir() else []
     for c in csvs:
         rows = read_epoch_csv(c)
-        terms = c.with_name("epoch_terms.csv")
-        if terms.exists() and len(read_epoch_csv(terms, TERMS_COLUMNS)) != len(rows):
+        terms = c.with_name(StageFolder.TERMS)
+        if terms.exists() and len(read_epoch_csv(terms, terms_columns_of(terms))) != len(rows):
             raise AssertionError(f"{terms}: not one row per epoch of {c.name}")
     return f"{len(csvs)} epoch_log.csv under {runs}" if csvs else f"no runs under {runs}"
 
@@ -108,11 +108,12 @@ def check_csvs(runs: Path):
 def check_run_folder(run: Path):
     """Every stage: CSV schema-exact with one row per epoch, checkpoints loadable, summary consistent."""
     import pandas as pd
-    from src.distillation.config import load_config
     from src.utils.checkpoint import safe_load
     from src.utils.logger import read_epoch_csv
-    cfg = load_config(run / "config.yaml")
-    summary = pd.read_csv(run / "summary.csv") if (run / "summary.csv").exists() else None
+    from src.utils.runfolder import RunFolder
+    folder = RunFolder(run)
+    cfg = folder.config()
+    summary = pd.read_csv(folder.summary_csv) if folder.finished else None
     if summary is None:
         holder = _live_owner(run)
         if holder:
@@ -120,18 +121,18 @@ def check_run_folder(run: Path):
         raise AssertionError("unfinished and not running (no summary.csv, no live process holds it): "
                              "continue it with --resume")
     for stage in cfg.stages:
-        d = run / stage.name
-        info = json.loads((d / "stage.json").read_text())
-        rows = read_epoch_csv(d / "epoch_log.csv")
+        d = folder.stage(stage.name)
+        info = d.summary()
+        rows = read_epoch_csv(d.epoch_log)
         if len(rows) != info["epochs"]:
             raise AssertionError(f"{stage.name}: {len(rows)} CSV rows for {info['epochs']} epochs")
-        best = safe_load(d / "best.pt")
+        best = safe_load(d.best)
         if "model" not in best:
-            raise AssertionError(f"{stage.name}/best.pt holds no model weights")
+            raise AssertionError(f"{stage.name}/{d.BEST} holds no model weights")
         if info["epochs"]:
-            last = safe_load(d / "last.pt")
+            last = safe_load(d.last)
             if last.get("epoch") != info["epochs"]:
-                raise AssertionError(f"{stage.name}/last.pt is at epoch {last.get('epoch')}, expected {info['epochs']}")
+                raise AssertionError(f"{stage.name}/{d.LAST} is at epoch {last.get('epoch')}, expected {info['epochs']}")
         match = summary[summary["stage"] == stage.name]
         if len(match) != 1:
             raise AssertionError(f"summary.csv has {len(match)} rows for stage {stage.name}")

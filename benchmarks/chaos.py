@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.utils.runfolder import RunFolder, StageFolder  # noqa: E402
+
 TIMING = {"epoch_time_sec", "gpu_memory_mb", "train_seconds", "eval_seconds", "compile_seconds", "img_per_s"}
 CONFIG = """name: chaos
 seed: 0
@@ -62,9 +64,9 @@ def _trigger(run: Path, kind: str) -> bool:
         if kind == "write":  # a checkpoint or CSV being written
             return any(run.rglob("*.tmp"))
         if kind == "between":  # a stage just finished
-            return any(run.rglob("stage.json")) and not (run / "summary.csv").exists()
+            return any(run.rglob(StageFolder.SUMMARY)) and not RunFolder(run).finished
         if kind == "report":
-            return (run / "summary.csv").exists()
+            return RunFolder(run).finished
     except OSError:  # the folder appears (or a probe file goes) while it is being listed
         return False
     return False
@@ -85,7 +87,7 @@ def chaos_round(cfg: Path, run: Path, kills_wanted: int, wall: float, rng: rando
                 killed = True
                 break
             time.sleep(0.002)
-        resume = (run / "config.yaml").exists()  # killed before the config was saved: start again, as a user would
+        resume = RunFolder(run).config_path.exists()  # killed before the config was saved: start again, as a user would
         if killed:
             kills += 1
             kinds[kind] = kinds.get(kind, 0) + 1
@@ -97,8 +99,8 @@ def chaos_round(cfg: Path, run: Path, kills_wanted: int, wall: float, rng: rando
 
 
 def _csv_rows(path: Path):
-    from src.utils.logger import REQUIRED_COLUMNS, TERMS_COLUMNS, read_epoch_csv
-    cols = TERMS_COLUMNS if path.name == "epoch_terms.csv" else REQUIRED_COLUMNS
+    from src.utils.logger import REQUIRED_COLUMNS, read_epoch_csv, terms_columns_of
+    cols = terms_columns_of(path) if path.name == StageFolder.TERMS else REQUIRED_COLUMNS
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_epoch_csv(path, cols)]
 
 
@@ -111,21 +113,24 @@ def verify(run: Path, ref: Path, epochs: int = 3) -> None:
     from src.utils.checkpoint import safe_load
     assert not list(run.rglob("*.tmp")), f"left-over temporary files: {list(run.rglob('*.tmp'))}"
     for stage in ("teacher", "student"):
-        d, r = run / stage, ref / stage
-        for name in ("epoch_log.csv", "epoch_terms.csv"):
+        d, r = RunFolder(run).stage(stage).path, RunFolder(ref).stage(stage).path
+        steps = (d / StageFolder.SCHEDULE).read_text()  # every optimizer step once, with the LR it used
+        assert steps == (r / StageFolder.SCHEDULE).read_text(), f"{stage}/{StageFolder.SCHEDULE} differs from the uninterrupted run"
+        for name in (StageFolder.EPOCH_LOG, StageFolder.TERMS):
             rows = _csv_rows(d / name)  # read_epoch_csv refuses a missing or repeated epoch
             assert [int(x["epoch"]) for x in rows] == list(range(1, epochs + 1)), (stage, name)
             ref_rows = _csv_rows(r / name)
             same = all(a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
                        for a, b in zip(rows, ref_rows))
             assert same, f"{stage}/{name} differs from the uninterrupted run"
-        best, last, info = safe_load(d / "best.pt"), safe_load(d / "last.pt"), json.loads((d / "stage.json").read_text())
+        best, last = safe_load(d / StageFolder.BEST), safe_load(d / StageFolder.LAST)
+        info = json.loads((d / StageFolder.SUMMARY).read_text())
         assert last["epoch"] == epochs and best["epoch"] == info["best_epoch"] == last["best_epoch"], stage
         for key, ck in (("best", best), ("last", last)):
-            ref_ck = safe_load(r / f"{key}.pt")
+            ref_ck = safe_load(r / (StageFolder.BEST if key == "best" else StageFolder.LAST))
             for k, v in ck["model"].items():
                 assert torch.equal(v, ref_ck["model"][k]), f"{stage}/{key}.pt: {k} differs from the uninterrupted run"
-    assert (run / "summary.csv").exists() and (run / "report.md").exists()
+    assert RunFolder(run).finished and (run / "report.md").exists()
 
 
 def disk_full(cfg: Path, ref: Path, work: Path) -> str:

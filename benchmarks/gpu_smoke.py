@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.utils.runfolder import RunFolder  # noqa: E402
+
 import pandas as pd  # noqa: E402
 
 TABLE = ["step", "stage", "micro_batch", "checkpointing", "compile", "peak_reserved_gib", "img_per_s", "seconds", "result"]
@@ -54,7 +56,7 @@ def _stage_rows(step: str, run: Path, code: int, note: str, seconds: float) -> l
     rows = []
     order = json.loads((run / "plan.json").read_text()) if (run / "plan.json").exists() else {}
     for name in order:
-        sj = run / name / "stage.json"
+        sj = RunFolder(run).stage(name).summary_file
         if not sj.exists():
             continue
         s = json.loads(sj.read_text())
@@ -214,7 +216,7 @@ def clean_step(out: Path) -> list:
 
 def fp16_check(out: Path) -> list:
     """The fp16 step really took the GradScaler path."""
-    stage = out / "fp16" / "teacher" / "stage.json"
+    stage = RunFolder(out / "fp16").stage("teacher").summary_file
     if not stage.exists():
         return []
     precision = json.loads(stage.read_text()).get("precision")

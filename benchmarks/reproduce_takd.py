@@ -30,6 +30,7 @@ import yaml  # noqa: E402
 from benchmarks.takd_tables import PUBLISHED_SOURCE, Comparison, paired_correct, published, summarise  # noqa: E402
 from src.distillation.config import apply_override, from_dict  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
+from src.utils.runfolder import RunFolder  # noqa: E402
 from src.utils.stats import mcnemar_exact, t_interval  # noqa: E402
 
 # Declared before any run and used for every row: never chosen by looking at test accuracy.
@@ -140,9 +141,9 @@ def students_config(family, dataset, tables, epochs, teachers_dir: Path, data, a
     cfg = base_config(f"takd-{family}-{dataset}-students", family, dataset, epochs, data, args)
     stream = {"model": student, "role": "student", "seed_stream": "student"}
     cfg["stages"] = (
-        [{"name": "teacher", "model": teacher, "role": "teacher", "checkpoint": str(teachers_dir / "teacher" / "best.pt")}]
+        [{"name": "teacher", "model": teacher, "role": "teacher", "checkpoint": str(RunFolder(teachers_dir).stage("teacher").best)}]
         + [{"name": ta_stage(a), "model": a, "role": "assistant",
-            "checkpoint": str(teachers_dir / ta_stage(a) / "best.pt")} for a in assistants]
+            "checkpoint": str(RunFolder(teachers_dir).stage(ta_stage(a)).best)} for a in assistants]
         + [{"name": "student_scratch", **stream}, {"name": "student_kd", "teacher": "teacher", **stream}]
         + [{"name": student_stage(family, a), "teacher": ta_stage(a), **stream} for a in assistants])
     return cfg
@@ -158,13 +159,13 @@ def finalise(raw: dict, overrides: list) -> dict:
 
 # ------------------------------------------------------------------------------------------ running
 def run_done(run_dir: Path, stages: list, seeds=None) -> bool:
-    dirs = [run_dir / f"seed_{s}" for s in seeds] if seeds else [run_dir]
-    return all((d / s["name"] / "stage.json").exists() for d in dirs for s in stages)
+    dirs = [RunFolder(run_dir).seed_folder(s) for s in seeds] if seeds else [RunFolder(run_dir)]
+    return all(d.stage(s["name"]).finished for d in dirs for s in stages)
 
 
 def train(config_path: Path, run_dir: Path, seeds, verbose: bool) -> int:
     """One chain through the toolkit's own command line: a new run, or the interrupted one resumed."""
-    started = (run_dir / "config.yaml").exists() or (run_dir / "seeds.json").exists()
+    started = RunFolder(run_dir).is_run
     cmd = [sys.executable, "-m", "cnn_distillation.train_cnn", "--no-progress"]
     cmd += ["--resume", str(run_dir)] if started else ["--config", str(config_path), "--output-dir", str(run_dir)]
     if seeds and not started:
@@ -222,7 +223,8 @@ def write_configs(runs, args) -> None:
 
 # ------------------------------------------------------------------------------------------ results
 def seed_dirs(students_dir: Path, seeds) -> list:
-    return [(s, students_dir / f"seed_{s}") for s in seeds if (students_dir / f"seed_{s}" / "summary.csv").exists()]
+    folder = RunFolder(students_dir)
+    return [(s, folder.seed_folder(s).path) for s in seeds if folder.seed_folder(s).finished]
 
 
 def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
@@ -233,7 +235,7 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             group = args.out / f"{family}-{dataset}"
             teacher, assistants, student = group_models(family, args.tables)
             t1 = FAMILIES[family]["table1_assistant"]
-            summary = group / "teachers" / "summary.csv"
+            summary = RunFolder(group / "teachers").summary_csv
             if summary.exists():
                 single = pd.read_csv(summary).set_index("stage")["test_accuracy"]
                 context.append(f"{family}, {dataset}: teacher {teacher} {100 * single.get('teacher', float('nan')):.2f}%"
@@ -242,8 +244,8 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             seeds = seed_dirs(group / "students", args.seeds)
             if not seeds:
                 continue
-            acc = {s: pd.read_csv(d / "summary.csv").set_index("stage")["test_accuracy"] * 100 for s, d in seeds}
-            preds = lambda d, stage: pd.read_csv(d / stage / "test_predictions.csv")  # noqa: E731
+            acc = {s: pd.read_csv(RunFolder(d).summary_csv).set_index("stage")["test_accuracy"] * 100 for s, d in seeds}
+            preds = lambda d, stage: pd.read_csv(RunFolder(d).stage(stage).predictions)  # noqa: E731
             entries = [("NOKD", "student_scratch", None), ("BLKD", "student_kd", None)]
             entries += [("TAKD" if a == t1 else f"TAKD, assistant {a}", student_stage(family, a), a) for a in assistants]
             for table in args.tables:

@@ -25,19 +25,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def evaluate_run(run_dir: Path, stage: str = "student", split: str = "test", data_source: str | None = None,
                  data_root: str | None = None, out: Path | None = None, device: str = "auto") -> dict:
     from src.data import build_loaders, load_dataset
-    from src.distillation.config import load_config
     from src.distillation.engine import Precision, evaluate
     from src.distillation.stage import save_predictions
     from src.inference import load_model
     from src.utils.devices import resolve_device
     from src.utils.errors import DataError
+    from src.utils.runfolder import RunFolder
 
     dev = resolve_device(device)
     loaded = load_model(run_dir, stage, device=dev)
-    cfg = load_config(Path(run_dir) / "config.yaml") if (Path(run_dir) / "config.yaml").exists() else None
-    if cfg is None:  # a --seeds run folder: its first seed holds the config
-        seeds = json.loads((Path(run_dir) / "seeds.json").read_text())["seeds"]
-        cfg = load_config(Path(run_dir) / f"seed_{seeds[0]}" / "config.yaml")
+    cfg = RunFolder(run_dir).config()  # a --seeds run folder: its first seed's
     dcfg = cfg.data
     if data_source or data_root:
         dcfg = replace(dcfg, source=data_source or dcfg.source, root=data_root or dcfg.root,
@@ -107,18 +104,19 @@ def seed_targets(run_dir: Path, seed, out):
     """[(label, run folder, output folder)]: the run itself, or for a --seeds run the chosen seed or
     every seed (each with its own output folder, said once)."""
     from src.utils.errors import UserError
-    meta = run_dir / "seeds.json"
-    if (run_dir / "config.yaml").exists() or not meta.exists():
+    from src.utils.runfolder import RunFolder
+    folder = RunFolder(run_dir)
+    if not folder.is_multi_seed:
         if seed is not None:
             raise UserError(f"--seed {seed}: {run_dir} is a single-seed run; drop --seed")
         return [("", run_dir, out)]
-    seeds = json.loads(meta.read_text())["seeds"]
+    seeds = folder.seed_list()
     if seed is not None and seed not in seeds:
         raise UserError(f"--seed {seed}: {run_dir} holds seeds {', '.join(map(str, seeds))}")
     chosen = [seed] if seed is not None else seeds
     if seed is None:
         print(f"{run_dir} is a --seeds run: evaluating every seed ({', '.join(map(str, seeds))}); --seed N for one")
-    return [(f"seed {s}: ", run_dir / f"seed_{s}", (out / f"seed_{s}") if out and len(chosen) > 1 else out)
+    return [(f"seed {s}: ", folder.seed_folder(s).path, (out / f"seed_{s}") if out and len(chosen) > 1 else out)
             for s in chosen]
 
 

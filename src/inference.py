@@ -16,9 +16,7 @@ as model.json says.)
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,6 +25,7 @@ from src.data.sources import MEANS
 from src.distillation.config import load_config
 from src.distillation.stage import build_stage_model, load_weights
 from src.utils.errors import CheckpointError
+from src.utils.runfolder import RunFolder
 
 
 @dataclass
@@ -52,20 +51,21 @@ class LoadedModel:
 
 def load_model(run_dir, stage: str = "student", device="cpu", checkpoint: str = "best.pt") -> LoadedModel:
     """The stage's model of a finished (or interrupted) run, with its best-validation weights, in eval mode."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists() and (run_dir / "seeds.json").exists():
-        seeds = json.loads((run_dir / "seeds.json").read_text())["seeds"]
-        run_dir = run_dir / f"seed_{seeds[0]}"  # a --seeds run: the first seed, as the report's figures
-    if not (run_dir / "config.yaml").exists():
+    folder = RunFolder(run_dir)
+    if folder.is_multi_seed:
+        folder = folder.first_seed()  # a --seeds run: the first seed, as the report's figures
+    run_dir = folder.path
+    if not folder.config_path.exists():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(folder.config_path)
     try:
         st = cfg.stage(stage)
     except KeyError:
         raise CheckpointError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(s.name for s in cfg.stages)}") from None
-    classes = json.loads((run_dir / "classes.json").read_text())
+    classes = folder.classes()
     model = build_stage_model(cfg, replace(st, pretrained=False, pretrained_file=None, checkpoint=None), len(classes))
-    load_weights(model, run_dir / stage / checkpoint, f"{run_dir / stage / checkpoint}")
+    weights = folder.stage(stage).file(checkpoint)
+    load_weights(model, weights, f"{weights}")
     mean, std = MEANS[cfg.data.normalize]
     return LoadedModel(model=model.to(device).eval(), classes=classes, image_size=cfg.data.image_size, mean=mean,
                        std=std, stage=stage, model_name=st.model)

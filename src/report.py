@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from src.distillation.config import load_config
 from src.distillation.recipe import lr_schedule
 from src.utils.logger import read_epoch_csv, terms_columns_of
 from src.utils.runfolder import RunFolder
@@ -103,7 +102,7 @@ def collect(runs: list[Path]) -> pd.DataFrame:
     labels = {}
     for run in runs:
         pairs = seed_runs(run)
-        cfg = load_config(pairs[0][1] / "config.yaml")
+        cfg = RunFolder(pairs[0][1]).config()
         label = cfg.name if cfg.name not in labels.values() else f"{cfg.name} ({run.name})"
         labels[run] = label
         for seed, path in pairs:
@@ -314,7 +313,7 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
         curves, lr, alpha = {}, {}, {}
         first_dir = Path(sub.iloc[0]["run_dir"])
         first_seed = sub.iloc[0]["seed"]
-        cfg = load_config(first_dir / "config.yaml")
+        cfg = RunFolder(first_dir).config()
         for stage in sub["stage"].unique():
             parts = []
             for _, r in sub[sub["stage"] == stage].iterrows():
@@ -338,7 +337,7 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
                                         fig_dir / f"{safe}_schedules.png"))
         classes = json.loads((first_dir / "classes.json").read_text()) if (first_dir / "classes.json").exists() else None
         for stage in sub["stage"].unique():
-            pred = first_dir / stage / "test_predictions.csv"
+            pred = RunFolder(first_dir).stage(stage).predictions
             if pred.exists():
                 yp = pd.read_csv(pred, usecols=["y_true", "y_pred"]).to_numpy()
                 names = classes or [str(i) for i in range(int(max(yp.max() + 1, 2)))]

@@ -12,8 +12,9 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
@@ -161,148 +162,215 @@ def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
+@dataclass
+class Session:
+    """One invocation: its arguments, the run it works on, and what must be undone at the end."""
+    args: argparse.Namespace
+    chain: str
+    user_cwd: str
+    log: object = None
+    ds: object = None
+    cfg: object = None
+    seeds: Optional[list] = None
+    out: Optional[Path] = None
+    out_existed: bool = False
+    lock: object = None
+    previous_handlers: object = None
+
+
 def run(argv, chain: str, default_config: Path) -> int:
+    """The command line's phases: resolve the target (a new run or the one to resume), check its
+    output folder, train; every exception becomes one line and an exit code (exit_code)."""
     args = build_parser(chain, default_config).parse_args(argv)
     if args.gpus is not None and args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return EXIT_USER
     if args.gpus is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         return _relaunch_under_torchrun(argv, chain, args.gpus)
-    # Command-line paths are the user's (current folder); config paths are the repository's.
+    session = open_session(args, chain)
+    try:
+        resolve_target(session)
+        check_output_folder(session)
+        train(session)
+        return EXIT_OK
+    except BaseException as exc:  # noqa: B902 (KeyboardInterrupt included: it gets its own line and code)
+        return exit_code(session, exc)
+    finally:
+        close_session(session)
+
+
+def open_session(args, chain: str) -> Session:
+    """Command-line paths are the user's (current folder); config paths are the repository's.
+    Signal handlers, the distributed state and the console are set up here."""
     args.config, args.output_dir, args.resume = _abs(args.config), _abs(args.output_dir), _abs(args.resume)
     if args.data_root is not None:
         args.data_root = str(_abs(args.data_root))
-    user_cwd = os.getcwd()
+    session = Session(args=args, chain=chain, user_cwd=os.getcwd())
     os.chdir(REPO_ROOT)
-    from src.distillation.engine import StopRequested
-    from src.utils import signals
-    previous_handlers = signals.install_handlers(StopRequested)
-    stop = lambda: signals.stop_requested() is not None  # noqa: E731
     import logging
     from src.distillation import distributed as dist
+    from src.distillation.engine import StopRequested
+    from src.utils import signals
     from src.utils.logger import get_console, set_verbose
-    log = get_console()
+    session.previous_handlers = signals.install_handlers(StopRequested)
+    session.log = get_console()
     set_verbose(args.verbose)
-    out = args.resume or args.output_dir
-    out_existed = out is not None and out.exists()
-    ds = dist.init_from_env(args.device or "auto")
-    if not ds.is_main:
-        log.setLevel(logging.WARNING)  # one voice: rank 0 reports
+    session.out = args.resume or args.output_dir
+    session.out_existed = session.out is not None and session.out.exists()
+    session.ds = dist.init_from_env(args.device or "auto")
+    if not session.ds.is_main:
+        session.log.setLevel(logging.WARNING)  # one voice: rank 0 reports
         args.no_progress = True
-    lock = None
-    try:
-        from src.distillation.chain import check_writable, run_chain, with_baselines
-        from src.distillation.config import check_config_digest, load_config
-        from src.distillation.stage import StageFailed
-        from src.utils import runlock
-        from src.utils.checkpoint import atomic_write_text
-        from src.utils.errors import UserError
-        overrides = _overrides(args)
-        if args.resume:
-            seeds_file = args.resume / "seeds.json"
-            if ds.is_main and args.resume.is_dir():  # claimed before anything is read or changed
-                lock = runlock.acquire(args.resume, "resuming it")
-            if not (args.resume / "config.yaml").exists() and not seeds_file.exists():
-                unfinished = args.resume.is_dir() and any(p.suffix == ".tmp" or p.name.startswith(runlock.PROBE_PREFIX)
-                                                          for p in args.resume.rglob("*"))
-                raise UserError(f"--resume {args.resume}: not a run folder (no config.yaml or seeds.json)" + (
-                    "; it was stopped before anything was saved: start it again with the same command" if unfinished else ""))
-            dirs = ([args.resume / f"seed_{s}" for s in json.loads(seeds_file.read_text())["seeds"]]
-                    if seeds_file.exists() else [args.resume])
-            dirs = [d for d in dirs if (d / "config.yaml").exists()]
-            if ds.is_main:
-                for d in dirs:  # a config.yaml edited by hand would make the run claim what its weights are not
-                    check_config_digest(d)
-                if args.tensorboard and (args.resume / "tb").exists() and not (args.resume / "tb").is_dir():
-                    raise UserError(f"--tensorboard writes into {args.resume / 'tb'}, which is a file; move it away")
-            if overrides and ds.is_main:
-                _apply_resume_overrides(dirs, overrides, log)
-            dist.barrier()
-            if seeds_file.exists():
-                meta = json.loads(seeds_file.read_text())
-                seeds = meta["seeds"]
-                first = args.resume / f"seed_{seeds[0]}" / "config.yaml"  # resolved, baselines included
-                cfg = load_config(first if first.exists() else Path(meta["config"]))
-            else:
-                seeds, cfg = None, load_config(args.resume / "config.yaml")
-        else:
-            cfg = load_config(args.config, overrides)
-            if args.baselines:
-                cfg = with_baselines(cfg)
-            seeds = _parse_seeds(args.seeds) if args.seeds else None
-            if out is None:
-                stamp = dist.broadcast(_dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-                out = REPO_ROOT / "runs" / chain / f"{cfg.name}-{stamp}"
-                out_existed = out.exists()
-            problem = None
-            if ds.is_main:  # claimed first: a second start a second later is refused here, naming this one
-                lock = runlock.acquire(out, "starting a run")
-            if ds.is_main and any(p.is_file() and p.suffix != ".tmp" and not runlock.is_bookkeeping(p)
-                                  for p in out.rglob("*")):
+    return session
+
+
+def close_session(session: Session) -> None:
+    from src.distillation import distributed as dist
+    from src.utils import signals
+    if session.lock is not None:
+        session.lock.release()
+    dist.shutdown()
+    signals.restore_handlers(session.previous_handlers)
+
+
+def resolve_target(session: Session) -> None:
+    """session.cfg, .seeds and .out: from the run folder for --resume, else from the preset."""
+    if session.args.resume:
+        _resolve_resume(session)
+    else:
+        _resolve_new(session)
+
+
+def _resolve_resume(session: Session) -> None:
+    """Claim the run folder, refuse a hand-edited config, apply the overrides --resume allows."""
+    from src.distillation import distributed as dist
+    from src.distillation.config import check_config_digest, load_config
+    from src.utils import runlock
+    from src.utils.errors import UserError
+    from src.utils.runfolder import RunFolder
+    args, ds = session.args, session.ds
+    folder = RunFolder(args.resume)
+    if ds.is_main and args.resume.is_dir():  # claimed before anything is read or changed
+        session.lock = runlock.acquire(args.resume, "resuming it")
+    if not folder.is_run:
+        unfinished = args.resume.is_dir() and any(p.suffix == ".tmp" or p.name.startswith(runlock.PROBE_PREFIX)
+                                                  for p in args.resume.rglob("*"))
+        raise UserError(f"--resume {args.resume}: not a run folder (no {RunFolder.CONFIG} or {RunFolder.SEEDS})" + (
+            "; it was stopped before anything was saved: start it again with the same command" if unfinished else ""))
+    dirs = [r.path for _, r in folder.seed_runs()]
+    if ds.is_main:
+        for d in dirs:  # a config.yaml edited by hand would make the run claim what its weights are not
+            check_config_digest(d)
+        if args.tensorboard and (args.resume / "tb").exists() and not (args.resume / "tb").is_dir():
+            raise UserError(f"--tensorboard writes into {args.resume / 'tb'}, which is a file; move it away")
+    overrides = _overrides(args)
+    if overrides and ds.is_main:
+        _apply_resume_overrides(dirs, overrides, session.log)
+    dist.barrier()
+    if folder.is_multi_seed:
+        first = folder.first_seed().config_path  # resolved, baselines included
+        session.seeds = folder.seed_list()
+        session.cfg = load_config(first if first.exists() else Path(json.loads(folder.seeds_file.read_text())["config"]))
+    else:
+        session.cfg = load_config(folder.config_path)
+
+
+def _resolve_new(session: Session) -> None:
+    """The preset with the overrides (and the baselines), the seeds, the output folder claimed."""
+    from src.distillation import distributed as dist
+    from src.distillation.chain import with_baselines
+    from src.distillation.config import load_config
+    from src.utils import runlock
+    args, ds = session.args, session.ds
+    cfg = load_config(args.config, _overrides(args))
+    session.cfg = with_baselines(cfg) if args.baselines else cfg
+    session.seeds = _parse_seeds(args.seeds) if args.seeds else None
+    if session.out is None:
+        stamp = dist.broadcast(_dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        session.out = REPO_ROOT / "runs" / session.chain / f"{session.cfg.name}-{stamp}"
+        session.out_existed = session.out.exists()
+    if ds.is_main:  # claimed first: a second start a second later is refused here, naming this one
+        session.lock = runlock.acquire(session.out, "starting a run")
+
+
+def check_output_folder(session: Session) -> None:
+    """A new run's folder must hold no files; any run's folder must be writable. Every rank stops
+    when rank 0 finds a problem."""
+    from src.distillation import distributed as dist
+    from src.distillation.chain import check_writable
+    from src.utils import runlock
+    from src.utils.errors import UserError
+    out, problem = session.out, None
+    if session.ds.is_main:
+        try:
+            if not session.args.resume and any(p.is_file() and p.suffix != ".tmp" and not runlock.is_bookkeeping(p)
+                                               for p in out.rglob("*")):
                 problem = (f"output folder {out} already holds files; choose a new --output-dir, "
                            f"or continue that run with --resume {out}")
-            problem = dist.broadcast(problem)
-            if problem:
-                raise UserError(problem)
-        problem = None
-        if ds.is_main:
-            try:
+            else:
                 check_writable(out)
-            except UserError as exc:
-                problem = str(exc)
-        problem = dist.broadcast(problem)  # every rank stops, not only rank 0
-        if problem:
-            raise UserError(problem)
-        resume = args.resume is not None
-        progress = not args.no_progress
-        if seeds and ds.is_main and not resume:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "seeds.json", json.dumps({"seeds": seeds, "config": str(args.config)}))
-        if seeds:
-            for s in seeds:
-                log.info(f"\n════ seed {s} ════")
-                rd = out / f"seed_{s}"
-                run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop)
-        else:
-            run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
-        if ds.is_main:
-            _report(out, log, tensorboard=cfg.logging.tensorboard)
-        log.info(f"\n✅ Done. Results in {out}")
-        return EXIT_OK
-    except StopRequested:
-        code = EXIT_SIGTERM if signals.stop_requested() == signal.SIGTERM else EXIT_SIGINT
-        print(f"Stopped. Completed epochs are saved; continue with:\n  {_resume_command(chain, out, user_cwd)}",
-              file=sys.stderr)
-        return code
-    except KeyboardInterrupt:
-        print(f"Aborted. Completed epochs are saved; continue with:\n  {_resume_command(chain, out, user_cwd)}",
-              file=sys.stderr)
-        return EXIT_SIGINT
-    except StageFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if args.debug:
-            traceback.print_exc()
-        return EXIT_NAN
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        if args.debug:
-            traceback.print_exc()
-        if lock is not None:
-            lock.release()
-        if out is not None and not out_existed and ds.is_main:
-            _remove_if_unused(out)
-        return EXIT_USER
-    except Exception as exc:  # an unexpected failure: one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: {type(exc).__name__}: {first} (run again with --debug for the traceback)", file=sys.stderr)
-        return EXIT_ERROR
-    finally:
-        if lock is not None:
-            lock.release()
-        dist.shutdown()
-        signals.restore_handlers(previous_handlers)
+        except UserError as exc:
+            problem = str(exc)
+    problem = dist.broadcast(problem)
+    if problem:
+        raise UserError(problem)
+
+
+def train(session: Session) -> None:
+    """The chain once, or once per seed (seed_<n>/, listed in seeds.json); then the report."""
+    from src.distillation.chain import run_chain
+    from src.utils.checkpoint import atomic_write_text
+    from src.utils import signals
+    from src.utils.runfolder import RunFolder
+    args, out, cfg = session.args, session.out, session.cfg
+    resume, progress = args.resume is not None, not args.no_progress
+    stop = lambda: signals.stop_requested() is not None  # noqa: E731
+    folder = RunFolder(out)
+    if session.seeds and session.ds.is_main and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
+    if session.seeds:
+        for s in session.seeds:
+            session.log.info(f"\n════ seed {s} ════")
+            rd = folder.seed_folder(s).path
+            run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop)
+    else:
+        run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
+    if session.ds.is_main:
+        _report(out, session.log, tensorboard=cfg.logging.tensorboard)
+    session.log.info(f"\n✅ Done. Results in {out}")
+
+
+def exit_code(session: Session, exc: BaseException) -> int:
+    """One table from exception to message and exit code; the first matching row wins."""
+    from src.distillation.engine import StopRequested
+    from src.distillation.stage import StageFailed
+    from src.utils import signals
+    from src.utils.errors import UserError
+    args = session.args
+    resume = f"continue with:\n  {_resume_command(session.chain, session.out, session.user_cwd)}"
+    table = [
+        (StopRequested, lambda: EXIT_SIGTERM if signals.stop_requested() == signal.SIGTERM else EXIT_SIGINT,
+         f"Stopped. Completed epochs are saved; {resume}", False),
+        (KeyboardInterrupt, lambda: EXIT_SIGINT, f"Aborted. Completed epochs are saved; {resume}", False),
+        (StageFailed, lambda: EXIT_NAN, f"error: {exc}", True),
+        (UserError, lambda: EXIT_USER, f"error: {exc}", True),
+        (Exception, lambda: EXIT_ERROR, f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                                        f"(run again with --debug for the traceback)", True),
+    ]
+    for kind, code, message, traceback_on_debug in table:
+        if isinstance(exc, kind):
+            if traceback_on_debug and args.debug:
+                traceback.print_exception(exc)
+            print(message, file=sys.stderr)
+            if kind is UserError:  # a refused start leaves nothing behind
+                if session.lock is not None:
+                    session.lock.release()
+                    session.lock = None
+                if session.out is not None and not session.out_existed and session.ds.is_main:
+                    _remove_if_unused(session.out)
+            return code()
+    raise exc  # SystemExit and the like pass through
 
 
 def _resume_command(chain: str, out, cwd: str) -> str:

@@ -18,6 +18,7 @@ import yaml
 
 from src.utils.checkpoint import atomic_write_text
 from src.utils.errors import ConfigError
+from src.utils.runfolder import RunFolder
 
 
 @dataclass
@@ -372,7 +373,7 @@ def to_dict(cfg: RunConfig) -> dict:
     return asdict(cfg)
 
 
-DIGEST_NAME = "config.digest.json"
+DIGEST_NAME = RunFolder.DIGEST
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

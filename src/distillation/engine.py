@@ -320,7 +320,6 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int = 
     With `return_predictions`: y_true, y_pred [N] and the logits [N, C] (float32, CPU)."""
     was_training = model.training
     model.eval()
-    device = next(p.device for p in model.parameters())
     losses, preds, labels, all_logits, index, seen = [], [], [], [], [], 0
     for x, y in loader:
         with precision.autocast():

@@ -16,6 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from src.utils.runfolder import RunFolder
+
 OTHERS_WARN_MIB = 256  # the CUDA context of this process itself takes a few hundred MiB at most
 
 
@@ -49,7 +51,7 @@ def is_run_folder(path: Path) -> bool:
     if path.is_symlink() or not path.is_dir():
         return False
     names = {p.name for p in path.iterdir()}
-    return ("config.yaml" in names and bool(names & {"env.json", "config.digest.json"})) or "seeds.json" in names
+    return ((RunFolder.CONFIG in names and bool(names & {RunFolder.ENV, RunFolder.DIGEST})) or RunFolder.SEEDS in names)
 
 
 def removal_problem(path: Path) -> str | None:

@@ -86,6 +86,7 @@ class RunFolder:
     path: Path
 
     CONFIG = "config.yaml"
+    DIGEST = "config.digest.json"
     SEEDS = "seeds.json"
     SUMMARY = "summary.csv"
     PLAN = "plan.json"
