@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from src.distillation.chain import _heaviest_teacher, _plan_key, run_chain, with_baselines
+from src.distillation.chain import _heaviest_teachers, _plan_key, run_chain, with_baselines
 from src.distillation.recipe import lr_schedule
 from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
 from src.utils.reproducibility import derive_seed
@@ -86,4 +86,4 @@ def test_student_variants_share_one_plan_probed_with_the_heaviest_teacher():
                                           {"name": "student", "model": "resnet18", "teacher": "assistant"}]))
     keys = {_plan_key(cfg, cfg.stage(n)) for n in ("student", "student_scratch", "student_kd")}
     assert len(keys) == 1
-    assert _heaviest_teacher(cfg, cfg.stage("student"), 10) == "teacher"  # ResNet-50, not the assistant
+    assert _heaviest_teachers(cfg, cfg.stage("student"), 10).teachers == ["teacher"]  # ResNet-50, not the assistant

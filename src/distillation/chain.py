@@ -24,7 +24,7 @@ from src.data import build_loaders, load_dataset
 from src.distillation import distributed as dist
 from src.distillation.config import RunConfig, save_config
 from src.distillation.engine import Precision, prepare_teacher
-from src.distillation.methods import method_name
+from src.distillation.methods import method_name, resolve
 from src.distillation.planner import StepSpec, apply_vram_budget, compile_decision, probe_plan
 from src.distillation.recipe import optimizer_factory
 from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
@@ -91,7 +91,7 @@ def method_label(stage, cfg: RunConfig) -> str:
     teachers = stage.teachers
     if not teachers:
         return "scratch"
-    name = method_name(stage)
+    name = resolve(method_name(stage)).name
     if name == "kd":
         return "kd" if teachers[0] == cfg.stages[0].name else "takd"
     return name

@@ -59,9 +59,14 @@ class Method(nn.Module):
 
     `teachers` are frozen modules (eval mode, no gradients) kept outside the module tree: they
     are not in `parameters()` or `state_dict()`; the stage loads them from earlier stages."""
-    name = "base"
+    name = "base"                    # set by @register, else the class name
     terms: tuple = ("ce", "kd")      # reported beside "loss"; epoch_terms.csv: train_<term>
     min_teachers, max_teachers = 0, None
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__name__
 
     def __init__(self, teachers: Sequence[nn.Module] = (), teacher_names: Sequence[str] = (), *,
                  temperature: float = 4.0, label_smoothing: float = 0.0, seed: int = 0, **options):
