@@ -40,13 +40,9 @@ class LoadedModel:
 
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float [B, 3, S, S], resized and normalised as in training."""
+        from src.data.loaders import Normalizer
         x = images_uint8.float().div(255)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                                          align_corners=False, antialias=x.shape[-1] > self.image_size)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return Normalizer((self.mean, self.std), x.device, self.image_size, False)(x)
 
 
 def load_model(run_dir, stage: str = "student", device="cpu", checkpoint: str = "best.pt") -> LoadedModel:

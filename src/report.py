@@ -365,6 +365,83 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
     return made
 
 
+def _path_of(stage: str, teachers: dict) -> list:
+    """The stages above `stage` along its first teachers, root first: [teacher, ta_x, stage]."""
+    path = [stage]
+    while teachers.get(path[0]):
+        path.insert(0, teachers[path[0]].split("+")[-1])
+    return path
+
+
+def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame) -> list:
+    """Per run with a directly distilled student and at least one taught through an assistant:
+    [(run, points, refs, verdict lines)]. Every student compared with the direct-KD one (the
+    tests come from `differences`, Holm-corrected across the report)."""
+    answers = []
+    for run, sub in rows.groupby("run", sort=False):
+        first = sub[sub["seed"] == sub["seed"].iloc[0]]
+        teachers = dict(zip(first["stage"], first["teacher"].fillna("")))
+        t_run = table[table["run"] == run].set_index("stage")
+        for _, group in first.groupby(["model", "seed_stream", "recipe"], sort=False):
+            kd = group[group["method"] == "kd"]
+            taught = group[~group["method"].isin(["kd", "scratch"])]
+            if kd.empty or taught.empty:
+                continue
+            kd_stage = kd.iloc[0]["stage"]
+            root = teachers[kd_stage]
+            points = []
+            for st in taught["stage"]:
+                path = _path_of(st, teachers)
+                assistant = path[-2]
+                several = teachers[st].split("+")
+                label = (" → ".join(path[1:-1]) if len(several) == 1
+                         else f"{taught.set_index('stage').loc[st, 'method']}: {' + '.join(several)}")
+                r = t_run.loc[st]
+                d = diffs[(diffs["run"] == run) & (diffs["a"] == st) & (diffs["b"] == kd_stage)] if len(diffs) else diffs
+                per_seed = d[d["p_value"].notna()] if len(d) else d
+                over = d[d["p_value"].isna()] if len(d) else d
+                beats = bool(len(per_seed)) and bool((per_seed["significant"] & (per_seed["mean"] > 0)).all()) and (
+                    over.empty or bool((over["low"] > 0).all()))
+                worse = bool(len(per_seed)) and bool((per_seed["significant"] & (per_seed["mean"] < 0)).all())
+                mean = float(over["mean"].iloc[0]) if len(over) else float(per_seed["mean"].mean()) if len(per_seed) else np.nan
+                p_holm = float(per_seed["p_holm"].max()) if len(per_seed) else np.nan
+                points.append({"path": label, "stage": st, "assistant": assistant,
+                               "assistant_params": float(t_run.loc[assistant, "params"]),
+                               "acc": r["test_accuracy_mean"] * 100, "lo": r["ci_low"] * 100, "hi": r["ci_high"] * 100,
+                               "delta_pp": mean * 100, "p_holm_max": p_holm,
+                               "verdict": "beats direct KD" if beats else "worse than direct KD" if worse
+                               else "not distinguishable from direct KD"})
+            refs = {}
+            for name, stage in (("teacher", root), ("direct KD", kd_stage),
+                                ("scratch", next(iter(group[group["method"] == "scratch"]["stage"]), None))):
+                if stage in t_run.index:
+                    r = t_run.loc[stage]
+                    refs[name] = (r["test_accuracy_mean"] * 100, r["ci_low"] * 100, r["ci_high"] * 100)
+            pts = pd.DataFrame(points).sort_values("assistant_params")
+            winners = pts[pts["verdict"] == "beats direct KD"]
+            if len(winners):
+                verdict = ("assistant path(s) " + ", ".join(winners["path"]) + " beat direct KD at p < 0.05 after "
+                           "Holm's correction" + (" in every seed" if sub["seed"].nunique() > 1 else ""))
+            else:
+                verdict = "no assistant beats direct KD at p < 0.05 after Holm's correction"
+            answers.append((run, pts, refs, verdict))
+    return answers
+
+
+def _sweep_md(answers: list) -> list:
+    lines = ["## Which assistant helps?", ""]
+    for run, pts, refs, verdict in answers:
+        ref_text = "; ".join(f"{k} {v[0]:.2f}%" for k, v in refs.items())
+        lines += [f"**{run}**: {verdict}. References: {ref_text}.", "",
+                  "| path (assistants) | last assistant params (M) | student test acc (%) | 95% interval (%) | "
+                  "Δ vs direct KD (pp) | largest Holm p over seeds | verdict |", "|" + "---|" * 7]
+        for _, p in pts.iterrows():
+            lines.append(f"| {p['path']} | {p['assistant_params'] / 1e6:.2f} | {p['acc']:.2f} | "
+                         f"[{p['lo']:.2f}, {p['hi']:.2f}] | {p['delta_pp']:+.2f} | {p['p_holm_max']:.3g} | {p['verdict']} |")
+        lines.append("")
+    return lines
+
+
 def write_report(runs: list[Path], out: Path | None = None) -> Path:
     runs = [Path(r).resolve() for r in runs]
     out = Path(out) if out else (runs[0] if len(runs) == 1 else Path("report"))
@@ -373,6 +450,11 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     table = aggregate(rows)
     diffs = differences(rows)
     figs = _figures(rows, table, out / "figures")
+    answers = sweep_answer(rows, table, diffs)
+    for run, pts, refs, verdict in answers:
+        safe = "".join(ch if ch.isalnum() else "_" for ch in run)
+        figs.insert(0, plots.assistant_sweep(pts, refs, out / "figures" / f"{safe}_accuracy_vs_assistant.png",
+                                             f"{run}: {verdict}"))
     seeds = sorted(rows["seed"].unique())
     lines = ["# Distillation report", ""]
     if rows["demo"].any():
@@ -391,6 +473,8 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
                       "seeds, the methods cannot be told apart.", ""]
     else:
         lines += ["Run with `--baselines` to add the scratch and direct-KD students and the paired tests.", ""]
+    if answers:
+        lines += _sweep_md(answers)
     lines += [PROTOCOL, "## Figures", ""]
     lines += [f"![{p.stem}](figures/{p.name})" if p.parent == out / "figures" else f"![{p.stem}]({p})" for p in figs]
     path = out / "report.md"

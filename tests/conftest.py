@@ -36,7 +36,7 @@ def tiny_cfg(**over):
         node = raw
         parts = key.split("__")
         for p in parts[:-1]:
-            node = node[p]
+            node = node.setdefault(p, {})
         node[parts[-1]] = value
     return from_dict(raw)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from src.data.sources import MEANS, DatasetSplits, Split, open_rgb
+from src.utils.reproducibility import epoch_seed
 
 
 def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator, device: torch.device) -> tuple:
@@ -88,8 +89,12 @@ def apply_erasing(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 
 class Normalizer:
-    def __init__(self, normalize: str, device: torch.device, image_size: int, channels_last: bool):
-        mean, std = MEANS[normalize]
+    """float [0, 1] images -> the model's input: resized to image_size (bilinear, antialiased when
+    shrinking), normalised, in the model's memory layout. The one normalisation of training,
+    evaluation, attention maps and inference (`normalize`: a name of MEANS, or (mean, std))."""
+
+    def __init__(self, normalize, device: torch.device, image_size: int, channels_last: bool):
+        mean, std = MEANS[normalize] if isinstance(normalize, str) else normalize
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.image_size = image_size
@@ -97,7 +102,7 @@ class Normalizer:
 
     def __call__(self, x_float01: torch.Tensor) -> torch.Tensor:
         x = x_float01
-        if x.shape[-1] != self.image_size:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.image_size)
         x = (x - self.mean) / self.std
@@ -158,10 +163,10 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches without a host synchronisation: the epoch's order and augmentation draws reach
         the device once, here; each batch only slices and indexes tensors already there."""
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = self._order(g)
         # augmentation draws differ between ranks; with one process they come from the same stream
-        aug_g = g if self.world_size == 1 else torch.Generator().manual_seed(self.seed * 100003 + self.epoch + 7919 * self.rank)
+        aug_g = g if self.world_size == 1 else torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
         n = len(order)
         augment = self.train and self.cfg.augment != "none"
         pad = self.cfg.crop_padding if self.cfg.augment == "crop_flip" else 0
@@ -238,7 +243,7 @@ class StreamLoader:
         self.erasing = data_cfg.random_erasing if train else 0.0
         self.batch_index: Optional[torch.Tensor] = None  # evaluation: the dataset indices of the last batch
         self.seed, self.rank = seed, rank
-        self.erase_generator = torch.Generator().manual_seed(self._erase_seed(0))
+        self.erase_generator = torch.Generator().manual_seed(epoch_seed(seed, 0, rank))
         self.sampler = None
         if world_size > 1:
             self.sampler = torch.utils.data.DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=train,
@@ -249,12 +254,9 @@ class StreamLoader:
             num_workers=data_cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
             generator=self.generator, persistent_workers=data_cfg.num_workers > 0)
 
-    def _erase_seed(self, epoch: int) -> int:
-        return self.seed * 100003 + epoch + 7907 * (self.rank + 1)  # the erasing boxes differ by rank
-
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed * 100003 + epoch)
-        self.erase_generator.manual_seed(self._erase_seed(epoch))
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.erase_generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))  # the erasing boxes differ by rank
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 

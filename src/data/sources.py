@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from src.utils.devices import GiB
 from src.utils.errors import DataError
 from src.utils.logger import get_console
 
@@ -31,7 +32,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
          "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
 # Above this many bytes of decoded images, loader=auto streams from disk instead.
-TENSOR_LIMIT_BYTES = 6 * 1024 ** 3
+TENSOR_LIMIT_BYTES = 6 * GiB
 
 
 @dataclass

@@ -46,6 +46,12 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
                         "(the validation split is fixed by data.split_seed)")
     p.add_argument("--seeds", type=str, default=None, help="comma-separated seeds, e.g. 0,1,2: the chain once per seed, results as mean ± std")
     p.add_argument("--baselines", action="store_true", help="also train the student from scratch and distilled directly from the teacher")
+    p.add_argument("--assistants", default=None, metavar="MODELS",
+                   help="assistant sweep: one teacher, one assistant per candidate (distilled from the teacher), one "
+                        "student per assistant, plus the scratch and direct-KD students; comma-separated models, "
+                        "'a>b' for a two-step path, e.g. --assistants 'resnet34,resnet26,resnet34>resnet26'")
+    p.add_argument("--guidance", choices=("single", "dense"), default=None,
+                   help="dense: every taught stage learns from all the stages above it (DGKD); default single")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any config value, e.g. --set kd.temperature=2 --set stages.student.epochs=5 (repeatable)")
     p.add_argument("--gpus", type=int, default=None,
@@ -69,7 +75,8 @@ def _abs(path):
 
 # Command-line shortcut -> the config key it sets.
 _SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "data_root": "data.root",
-              "data_source": "data.source", "device": "train.device", "seed": "seed"}
+              "data_source": "data.source", "device": "train.device", "seed": "seed", "assistants": "sweep.assistants",
+              "guidance": "guidance"}
 
 
 def _overrides(args) -> list:
@@ -84,6 +91,11 @@ def _overrides(args) -> list:
             continue
         if key in given:
             raise ConfigError(f"--{opt.replace('_', '-')} and --set {key}=... both set {key}: give only one")
+        if opt == "assistants":
+            import yaml
+
+            from src.distillation.sweep import parse_assistants
+            value = yaml.safe_dump(parse_assistants(value), default_flow_style=True).strip()
         overrides.append(f"{key}={value}")
     if args.tensorboard:
         overrides.append("logging.tensorboard=true")

@@ -124,6 +124,12 @@ class LoggingConfig:
 
 
 @dataclass
+class SweepConfig:
+    assistants: list = field(default_factory=list)  # one path per entry: a model, {model:, ...}, or a list (several steps)
+    baselines: bool = True             # also the student from scratch and distilled directly from the teacher
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 42
@@ -134,6 +140,8 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     viz: VizConfig = field(default_factory=VizConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # expanded into stages when the config is read
+    guidance: str = "single"           # single | dense: every taught stage learns from all stages above it (DGKD)
     stages: list = field(default_factory=list)
 
     def stage(self, name: str) -> StageConfig:
@@ -161,6 +169,7 @@ _CHOICES = {
     ("train", "optimizer"): ("adamw", "sgd"),
     ("train", "schedule"): ("cosine", "step", "constant"),
     ("stage", "role"): ("teacher", "assistant", "student", None),
+    ("run", "guidance"): ("single", "dense"),
 }
 
 
@@ -238,7 +247,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(msg)
 
     for (section, key), choices in _CHOICES.items():
-        objs = cfg.stages if section == "stage" else [getattr(cfg, section)]
+        objs = cfg.stages if section == "stage" else [cfg] if section == "run" else [getattr(cfg, section)]
         for obj in objs:
             value = getattr(obj, key)
             need(value in choices, f"{section}.{key}: {value!r} is not one of {[c for c in choices if c]}")
@@ -303,7 +312,11 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def from_dict(raw: dict) -> RunConfig:
-    return validate(_build(RunConfig, raw, ""))
+    """The typed, checked config, with its sweep expanded into stages and dense guidance applied
+    (src/distillation/sweep.py): the resolved chain is what a run saves and resumes."""
+    from src.distillation.sweep import apply_guidance, expand_sweep
+    cfg = validate(_build(RunConfig, raw, ""))
+    return validate(apply_guidance(expand_sweep(cfg)))
 
 
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:

@@ -22,7 +22,7 @@ from torch import nn
 
 from src.distillation import distributed as dist
 from src.distillation.methods import KD, Method, Scratch
-from src.utils.devices import synchronize
+from src.utils.devices import GiB, synchronize
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import get_console, is_verbose
 from src.utils.metrics import classification_metrics
@@ -356,7 +356,7 @@ def in_dataset_order(index, *arrays) -> tuple:
     return (index[first], *(np.asarray(a)[first] for a in arrays))
 
 
-MAX_TEACHER_CACHE_BYTES = 1 << 30
+MAX_TEACHER_CACHE_BYTES = GiB
 
 
 def teacher_logits_table(teacher: nn.Module, loader, precision: Precision) -> Optional[torch.Tensor]:

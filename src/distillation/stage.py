@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -83,10 +83,27 @@ def load_weights(model: nn.Module, path, source: str) -> None:
     model.load_state_dict(state)
 
 
+_CNN: dict = {}
+
+
+def stage_is_cnn(cfg, stage) -> bool:
+    """Whether the stage's model is a CNN, by its layers (built once on the meta device: no memory,
+    no weights; a model that cannot be built there is judged by its name)."""
+    key = (stage.model, stage.cifar_stem, stage.patch_size, json.dumps(stage.model_kwargs, sort_keys=True, default=str))
+    if key not in _CNN:
+        try:
+            with torch.device("meta"):
+                model = build_stage_model(cfg, replace(stage, pretrained=False, pretrained_file=None, checkpoint=None), 10)
+            _CNN[key] = is_cnn(model)
+        except Exception:  # noqa: BLE001 (a model family the meta device cannot build)
+            _CNN[key] = is_cnn(stage.model)
+    return _CNN[key]
+
+
 def use_channels_last(cfg, stage, device: torch.device) -> bool:
     """auto: CNNs on any device (on a 2-core CPU 1.2-1.8x faster to train, see benchmarks/RESULTS.md)."""
     setting = cfg.train.channels_last
-    return setting == "true" or (setting == "auto" and is_cnn(stage.model))
+    return setting == "true" or (setting == "auto" and stage_is_cnn(cfg, stage))
 
 
 def stage_seeds(cfg, stage) -> dict:
@@ -264,7 +281,7 @@ def prepare_training(run: StageRun, steps_per_epoch: int, should_stop: Callable[
     run.scaler = torch.amp.GradScaler("cuda") if run.precision.needs_scaler else None
     train_model = run.model
     if dist.state().enabled:  # one replica per rank; each rank runs its own frozen teachers' forwards
-        if cfg.train.sync_bn and is_cnn(stage.model):
+        if cfg.train.sync_bn and is_cnn(run.model):
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)

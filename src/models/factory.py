@@ -26,8 +26,15 @@ def is_vit(name: str) -> bool:
     return name.lower().startswith(_VIT_PREFIXES)
 
 
-def is_cnn(name: str) -> bool:
-    return not is_vit(name)
+def is_cnn(model) -> bool:
+    """A convolutional network, decided by its layers: batch or group normalisation over
+    channels, or more than one 2-d convolution (a ViT has one, its patch embedding; ConvNeXt's
+    LayerNorm still sits among many). A model name is judged by its prefix (ViT families)."""
+    if isinstance(model, str):
+        return not is_vit(model)
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    norms2d = any(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for m in model.modules())
+    return norms2d or convs > 1
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from src.utils.devices import cuda_index
+from src.utils.devices import GiB, cuda_index
 
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "numpy", "pandas", "scikit-learn", "matplotlib",
             "PyYAML", "tqdm", "pillow")
@@ -38,7 +38,7 @@ def gpu_info(device=None) -> dict:
     i = cuda_index(device)
     p = torch.cuda.get_device_properties(i)
     return {"cuda_available": True, "used": True, "index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-            "total_memory_gib": round(p.total_memory / 1024 ** 3, 2), "device_count": torch.cuda.device_count(),
+            "total_memory_gib": round(p.total_memory / GiB, 2), "device_count": torch.cuda.device_count(),
             "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version()}
 
 

@@ -62,3 +62,11 @@ def derive_seed(seed: int, stream: str) -> int:
     """
     digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def epoch_seed(seed: int, epoch: int, rank: int | None = None) -> int:
+    """The seed of one epoch's draws of a loader (order, augmentation, erasing): the same in an
+    interrupted and an uninterrupted run. `rank=None`: a stream every rank shares (the order
+    every rank strides through); a rank number: a stream of that rank's own (its augmentation)."""
+    base = seed * 100003 + epoch
+    return base if rank is None else base + 7907 * (rank + 1)

@@ -25,12 +25,12 @@ if __package__ in (None, ""):  # run as a script: make `src` importable
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from src.utils.devices import cuda_index, is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize
+from src.utils.devices import MiB, cuda_index, is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import get_console
 
 _log = get_console()
-MB = 1024 ** 2
+MB = MiB  # the messages' "MB" are MiB, as nvidia-smi's
 
 
 # --------------------------------------------------------------------------- fix 1

@@ -218,3 +218,35 @@ def image_gallery(images: dict, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def assistant_sweep(points: pd.DataFrame, refs: dict, path: Path, title: str) -> Path:
+    """Student test accuracy against the size of the assistant that taught it (one point per
+    path, 95% interval bars), with the teacher, the scratch student and the directly distilled
+    student as reference lines (the direct-KD interval shaded).
+
+    points: path, assistant_params, acc, lo, hi (accuracies in %); refs: {name: (acc, lo, hi)}."""
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    colors = {"teacher": "#2ca02c", "scratch": METHOD_COLORS["scratch"], "direct KD": METHOD_COLORS["kd"]}
+    for name, (acc, lo, hi) in refs.items():
+        ax.axhline(acc, color=colors.get(name, "#555555"), ls="--" if name != "direct KD" else "-", lw=1.2,
+                   label=f"{name}: {acc:.2f}")
+        if name == "direct KD":
+            ax.axhspan(lo, hi, color=colors[name], alpha=0.12, lw=0)
+    yerr = np.vstack([points["acc"] - points["lo"], points["hi"] - points["acc"]]).clip(min=0)
+    ax.errorbar(points["assistant_params"] / 1e6, points["acc"], yerr=yerr, fmt="o", color=METHOD_COLORS["takd"],
+                capsize=3, elinewidth=1.5, ms=7, label="student via assistant")
+    for _, r in points.iterrows():
+        ax.annotate(r["path"], (r["assistant_params"] / 1e6, r["acc"]), fontsize=7, xytext=(6, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    values = [*points["lo"], *points["hi"], *[v for ref in refs.values() for v in ref]]
+    ax.set_ylim(*_acc_limits(min(values), max(values)))
+    ax.set_xlabel("assistant parameters (millions, log scale; the last assistant of each path)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
