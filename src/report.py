@@ -289,7 +289,7 @@ def _logged_schedule(run_dir: Path, stage: str):
         return None
     per_epoch = df.groupby("epoch")["step"].transform("count")
     first_step = df.groupby("epoch")["step"].transform("min")
-    position = df["epoch"] + (df["step"] - first_step) / per_epoch
+    position = df["epoch"] - 1 + (df["step"] - first_step) / per_epoch  # epochs completed at that step
     alpha = df.groupby("epoch")["alpha"].first()
     return pd.Series(df["lr"].to_numpy(), index=position.to_numpy()), alpha
 
@@ -300,7 +300,7 @@ def _recomputed_schedule(cfg, st, lr: float, first: pd.DataFrame):
     lr_series = None
     if pd.notna(steps) and steps > 0:
         per_step = lr_schedule(lr, cfg.train, n, int(steps))
-        lr_series = pd.Series(per_step, index=1 + np.arange(len(per_step)) / steps)
+        lr_series = pd.Series(per_step, index=np.arange(len(per_step)) / steps)
     alpha = pd.Series([schedule_kd_alpha(e, n, cfg.kd.alpha_start, cfg.kd.alpha_end) if st.teachers else 0.0
                        for e in range(1, n + 1)], index=range(1, n + 1))
     return lr_series, alpha
@@ -332,7 +332,8 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
                 first = df[df["seed"] == first_seed].set_index("epoch")
                 lr[stage], alpha[stage] = _recomputed_schedule(cfg, cfg.stage(stage), float(srow["lr"]), first)
         if curves:
-            made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png"))
+            n_classes = len(RunFolder(first_dir).classes() or [])
+            made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png", n_classes))
             made.append(plots.schedules({k: v for k, v in lr.items() if v is not None}, alpha,
                                         fig_dir / f"{safe}_schedules.png"))
         classes = json.loads((first_dir / "classes.json").read_text()) if (first_dir / "classes.json").exists() else None
@@ -394,7 +395,8 @@ def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame) -
                 path = _path_of(st, teachers)
                 assistant = path[-2]
                 several = teachers[st].split("+")
-                label = (" → ".join(path[1:-1]) if len(several) == 1
+                model = lambda stage: t_run.loc[stage, "model"] if stage in t_run.index else stage  # noqa: E731
+                label = (" → ".join(model(a) for a in path[1:-1]) if len(several) == 1
                          else f"{taught.set_index('stage').loc[st, 'method']}: {' + '.join(several)}")
                 r = t_run.loc[st]
                 d = diffs[(diffs["run"] == run) & (diffs["a"] == st) & (diffs["b"] == kd_stage)] if len(diffs) else diffs
@@ -464,6 +466,8 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
               "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "
               "95% t interval over seeds (one seed: the binomial interval of the test set). img/s is over the whole "
               "run's training; compile time is apart from training time.", "", _table_md(table), ""]
+    if answers:
+        lines += _sweep_md(answers)
     if len(diffs):
         lines += ["## Does the assistant help?", "",
                   "Student test-accuracy differences in percentage points, A − B on the same test images:", ""]
@@ -473,8 +477,6 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
                       "seeds, the methods cannot be told apart.", ""]
     else:
         lines += ["Run with `--baselines` to add the scratch and direct-KD students and the paired tests.", ""]
-    if answers:
-        lines += _sweep_md(answers)
     lines += [PROTOCOL, "## Figures", ""]
     lines += [f"![{p.stem}](figures/{p.name})" if p.parent == out / "figures" else f"![{p.stem}]({p})" for p in figs]
     path = out / "report.md"

@@ -101,7 +101,7 @@ def test_the_report_answers_which_assistant_helps(sweep_run, tmp_path):
     assert (tmp_path / "report" / "figures" / "tiny_accuracy_vs_assistant.png").stat().st_size > 10_000
     section = text.split("## Which assistant helps?")[1].split("##")[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| path")]
-    taught = {"ta_cifar_resnet14", "ta_narrow", "ta_cifar_resnet14 → ta_cifar_resnet14_narrow", "dense: teacher + ta_cifar_resnet14"}
+    taught = {"cifar_resnet14", "cifar_resnet8", "cifar_resnet14 → cifar_resnet8", "dense: teacher + ta_cifar_resnet14"}
     assert len(rows) == 4 and {r.split(" | ")[0][2:] for r in rows} == taught  # one row per taught student
     assert "after Holm's correction" in section
     diffs = pd.read_csv(tmp_path / "report" / "report_differences.csv")

@@ -34,7 +34,8 @@ from src.utils.checkpoint import atomic_write_text
 from src.utils.devices import resolve_device, set_cpu_threads
 from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
-from src.utils.logger import get_console, is_verbose
+from src.distillation.clock import ChainClock
+from src.utils.logger import get_console, is_verbose, read_epoch_csv
 from src.utils.reproducibility import setup_reproducibility
 from src.utils.runfolder import RunFolder
 from src.utils.runlock import PROBE_PREFIX
@@ -260,22 +261,78 @@ class ChainRun:
 
 
 def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
-              should_stop: Callable[[], bool] = lambda: False) -> pd.DataFrame:
+              should_stop: Callable[[], bool] = lambda: False, later_seeds: int = 0) -> pd.DataFrame:
     """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume.
 
-    Besides the stage folders it writes timings.json: wall-clock seconds of the whole chain split
-    into data, planning, compile, training, evaluation and the rest."""
+    Every stage still to run is planned first, and the time the chain will take (this run and
+    `later_seeds` more of it) is said before the first step. Besides the stage folders it writes
+    timings.json: wall-clock seconds of the whole chain split into data, planning, compile,
+    training, evaluation and the rest."""
     t_start = time.perf_counter()
     chain = start_chain(cfg, Path(run_dir), resume)
+    todo = []
     for idx, stage in enumerate(cfg.stages):
         folder = chain.folder.stage(stage.name)
         if resume and folder.finished:
             log.info(f"✓ {stage.name}: finished earlier, skipped")
             chain.rows.append(folder.summary())
-            continue
-        plan = stage_plan(chain, stage, resuming=resume and folder.started)
-        chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop))
+        else:
+            todo.append((idx, stage, stage_plan(chain, stage, resuming=resume and folder.started)))
+    clock = announce_estimate(chain, todo, later_seeds)
+    for idx, stage, plan in todo:
+        chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop, clock))
     return finish_chain(chain, t_start)
+
+
+def stage_epoch_seconds(chain: ChainRun, stage, plan: StagePlan) -> float:
+    """One epoch of the stage (training and validation), from the planner's measured speed or a
+    few timed steps at a small batch (random weights and data; every frozen teacher in memory)."""
+    cfg, data, device = chain.cfg, chain.data, chain.device
+    img_s = plan.probe_compiled_img_per_s if plan.compile and plan.probe_compiled_img_per_s else plan.probe_img_per_s
+    if not img_s:
+        from src.distillation.planner import measure_steps
+        from src.distillation.engine import prepare_teacher
+        precision = Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype)
+        cl = use_channels_last(cfg, stage, device)
+        model = build_stage_model(cfg, _bare(stage), data.num_classes).to(device)
+        model = model.to(memory_format=torch.channels_last) if cl else model
+        teachers = [prepare_teacher(build_stage_model(cfg, _bare(cfg.stage(n)), data.num_classes), device, precision, cl)
+                    for n in stage.teachers]
+        try:
+            micro = min(plan.micro_batch or plan.batch_size, 16)
+            img_s = measure_steps(model, teachers, micro, cfg.data.image_size, data.num_classes, precision, cl,
+                                  steps=2, warmup=1, method=stage_method(cfg, stage, teachers).to(device),
+                                  optimizer_factory=optimizer_factory(cfg.train, device))["img_per_s"]
+        finally:
+            for m in [model, *teachers]:
+                cleanup_training_state(model=m, verbose=False, device=device)
+    per_rank = len(data.train) / dist.state().world_size
+    return per_rank / img_s + len(data.val) / (3 * img_s)  # evaluation: a forward pass, about a third of a step
+
+
+def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0) -> ChainClock:
+    """Say before the first step how long the chain will take; on a CPU, when that is long, say
+    that the preset is meant for a GPU and name the presets that fit a CPU."""
+    from src.distillation.clock import CPU_PRESETS, SLOW_ON_CPU_S, ChainClock, StageWork, duration
+    work = []
+    for _, stage, plan in todo:
+        folder = chain.folder.stage(stage.name)
+        done = len(read_epoch_csv(folder.epoch_log)) if chain.resume and folder.epoch_log.exists() else 0
+        epochs_left = 0 if stage.checkpoint else max(0, plan.epochs - done)
+        seconds = stage_epoch_seconds(chain, stage, plan) if epochs_left else 0.0
+        work.append(StageWork(stage.name, epochs_left, seconds))
+    full = sum(w.epoch_seconds * (chain.cfg.stage(w.name).epochs or chain.cfg.train.epochs) for w in work)
+    clock = ChainClock(work, full, later_seeds)
+    total = clock.left()
+    if dist.is_main() and total > 0:
+        parts = ", ".join(f"{w.name} {duration(w.epochs_left * w.epoch_seconds)}" for w in work if w.epochs_left)
+        seeds = f", and {later_seeds} more seed{'s' if later_seeds > 1 else ''}" if later_seeds else ""
+        log.info(f"Estimated training time: about {duration(total)} ({parts}{seeds}); measured over a few steps, "
+                 f"updated after every epoch")
+        if chain.device.type == "cpu" and total > SLOW_ON_CPU_S:
+            log.warning(f"⚠️  This preset is meant for a GPU: on this CPU it would take about {duration(total)}. "
+                        f"Presets that fit a CPU: {CPU_PRESETS}. Ctrl-C stops it; --resume continues it")
+    return clock
 
 
 def start_chain(cfg: RunConfig, run_dir: Path, resume: bool) -> ChainRun:
@@ -337,7 +394,7 @@ def stage_plan(chain: ChainRun, stage, resuming: bool) -> StagePlan:
     return plan
 
 
-def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: bool, should_stop) -> dict:
+def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: bool, should_stop, clock=None) -> dict:
     """Load the stage's frozen teachers, build its loaders, run it, check the teachers stayed frozen."""
     cfg, data, device, ds = chain.cfg, chain.data, chain.device, dist.state()
     teacher_note = f" <- {' + '.join(stage.teachers)}" if stage.teachers else ""
@@ -349,7 +406,7 @@ def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: boo
     folder = chain.folder.stage(stage.name)
     summary = run_stage(cfg, stage, data, loaders, folder.path, device, plan, teachers=teachers,
                         resume=chain.resume and folder.started, progress=progress, should_stop=should_stop,
-                        on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs),
+                        on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs), clock=clock,
                         extra={"method": method_label(stage, cfg), "method_label": method_words(stage, cfg)})
     dist.barrier()
     frozen = ""

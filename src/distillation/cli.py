@@ -342,10 +342,11 @@ def train(session: Session) -> None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
     if session.seeds:
-        for s in session.seeds:
+        for i, s in enumerate(session.seeds):
             session.log.info(f"\n════ seed {s} ════")
             rd = folder.seed_folder(s).path
-            run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop)
+            run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop,
+                      later_seeds=len(session.seeds) - 1 - i)
     else:
         run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
     if session.ds.is_main:

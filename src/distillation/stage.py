@@ -222,9 +222,11 @@ def save_predictions(path: Path, test: dict, file_ids: Optional[list]) -> None:
 def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.device, plan: StagePlan,
               teachers: Sequence[nn.Module] = (), resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False,
-              on_epoch_end: Optional[Callable[[nn.Module, int, Path], None]] = None, extra: Optional[dict] = None) -> dict:
+              on_epoch_end: Optional[Callable[[nn.Module, int, Path], None]] = None, extra: Optional[dict] = None,
+              clock=None) -> dict:
     """Train (or load) one stage and return its summary row (plus `extra`). Artefacts go to
-    `stage_dir`; `teachers` are the frozen models of the stages it names, in that order."""
+    `stage_dir`; `teachers` are the frozen models of the stages it names, in that order; `clock`
+    (a ChainClock) is told every epoch's time and says the chain's time left."""
     run = build(cfg, stage, data.num_classes, Path(stage_dir), device, plan, teachers)
     if stage.checkpoint:
         load_given_checkpoint(run)
@@ -232,7 +234,7 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         prepare_training(run, len(loaders["train"]), should_stop)
         if resume and run.folder.last.is_file():
             restore(run)
-        fit(run, loaders, progress, on_epoch_end)
+        fit(run, loaders, progress, on_epoch_end, clock)
     checksums = check_ranks_agree(run)
     test = test_and_export(run, data, loaders)
     summary = summarise(run, data, loaders, test, checksums, extra)
@@ -415,7 +417,7 @@ def save_epoch(run: StageRun, epoch: int, val: dict, row: dict, terms: dict) -> 
                  "stage": stage.name, "model_name": stage.model, "log_row": row, "terms_row": terms}, run.folder.last)
 
 
-def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end) -> None:
+def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) -> None:
     """Epochs: train, validate, checkpoint, log (a signal stops after the current step)."""
     logs = _Logs(run)
     cache_teachers(run, loaders["train"])
@@ -437,9 +439,10 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end) -> None:
             save_epoch(run, epoch, val, row, terms)
             logs.write(epoch, row, terms, tr, alpha)
             kd_note = f"alpha {alpha:.2f}  " if run.method.teachers else ""
+            left = f"  {clock.epoch_done(run.stage.name, row['epoch_time_sec'])}" if clock is not None else ""
             log.info(f"  {run.stage.name:<15} epoch {epoch:>3}/{run.plan.epochs}  loss {tr['loss']:.4f}  "
                      f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  {kd_note}"
-                     f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s")
+                     f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s{left}")
             if on_epoch_end is not None and dist.is_main():
                 on_epoch_end(run.model, epoch, run.folder.path)
     run.epochs_done = run.plan.epochs

@@ -38,46 +38,55 @@ def _epoch_axis(ax, n_epochs: int) -> None:
     ax.grid(alpha=0.3)
 
 
-def _band(ax, g, col, scale, style, label, n_seeds):
+def _band(ax, g, col, scale, style, label, n_seeds, color=None):
     mean = g[col].mean() * scale
-    ax.plot(mean.index, mean.values, style, label=label, marker="o", ms=3)
-    if n_seeds > 1:  # one legend entry for the bands of a panel
+    line, = ax.plot(mean.index, mean.values, linestyle=style, label=label, marker="o", ms=3, color=color)
+    if n_seeds > 1:
         std = g[col].std().fillna(0) * scale
-        ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2,
-                        label=f"shaded: ±1 std over {n_seeds} seeds" if style == "-" else None)
+        ax.fill_between(mean.index, mean - std, mean + std, alpha=0.15, color=line.get_color())
 
 
-def training_curves(curves: dict, path: Path) -> Path:
+PANELS = [("val_accuracy", 100, "validation accuracy (%)"), ("train_accuracy", 100, "train accuracy (%, training targets)"),
+          ("val_loss", 1, "validation CE (nats, hard labels; log scale)"),
+          ("train_ce", 1, "train CE (nats, training targets; log scale)"),
+          ("train_kd", 1, "train KD term T²·KL (nats, stages with a teacher; log scale)")]
+
+
+def training_curves(curves: dict, path: Path, num_classes: int = 0) -> Path:
     """curves: {stage label: DataFrame of epoch_log rows joined with epoch_terms (several seeds stacked,
-    column 'seed')}. Three rows of panels against epoch: cross-entropy (train CE against the training
-    targets, label smoothing and mixup included, vs validation CE against hard labels: not the
-    same quantity when smoothing or mixup is on), the KD term T^2*KL (KD stages), and accuracy."""
-    n = len(curves)
-    fig, axes = plt.subplots(3, n, figsize=(3.8 * n, 8.4), squeeze=False)
+    column 'seed')}. One panel per quantity against epoch, every stage a line in the same colour in
+    every panel, on shared axes (so that stages are compared on one scale): validation and train
+    accuracy (with the chance level), validation CE against hard labels, train CE against the
+    training targets (label smoothing and mixup included: not the same quantity), the KD term.
+    Several seeds: the mean, shaded ±1 std."""
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.6 + 0.12 * len(curves)))
+    axes = axes.ravel()
+    n_epochs = max(int(df["epoch"].max()) for df in curves.values())
+    n_seeds = max(df["seed"].nunique() for df in curves.values())
     for j, (label, df) in enumerate(curves.items()):
         g = df.groupby("epoch")
-        n_seeds = df["seed"].nunique()
-        n_epochs = int(df["epoch"].max())
-        ax = axes[0, j]
-        _band(ax, g, "train_ce", 1, "--", "train CE (training targets)", n_seeds)
-        _band(ax, g, "val_loss", 1, "-", "validation CE (hard labels)", n_seeds)
-        ax.set_ylabel("cross-entropy (nats)")
-        ax.set_title(label, fontsize=10)
-        ax = axes[1, j]
-        if df["train_kd"].notna().any():
-            _band(ax, g, "train_kd", 1, "-", "train KD term (T²·KL)", n_seeds)
-            ax.set_ylabel("KD term (nats)")
-        else:
-            ax.text(0.5, 0.5, "no teacher: no KD term", ha="center", va="center", transform=ax.transAxes, fontsize=9)
-            ax.set_yticks([])
-        ax = axes[2, j]
-        _band(ax, g, "train_accuracy", 100, "--", "train", n_seeds)
-        _band(ax, g, "val_accuracy", 100, "-", "validation", n_seeds)
-        ax.set_ylabel("accuracy (%)")
-        for ax in axes[:, j]:
-            _epoch_axis(ax, n_epochs)
-            if ax.lines:
-                ax.legend(fontsize=7)
+        color, style = colors[j % len(colors)], STYLES[(j // len(colors)) % len(STYLES)][0]
+        for ax, (col, scale, _) in zip(axes, PANELS):
+            if col in df and df[col].notna().any():
+                _band(ax, g, col, scale, style, label, n_seeds, color)
+    for ax, (col, _, title) in zip(axes, PANELS):
+        ax.set_title(title, fontsize=9)
+        _epoch_axis(ax, n_epochs)
+        if col.endswith("accuracy") and num_classes:
+            ax.axhline(100 / num_classes, color="#999999", lw=1, ls=":", label=None)
+            ax.annotate(f"chance {100 / num_classes:.0f}%", (n_epochs + 0.45, 100 / num_classes), fontsize=7,
+                        color="#777777", xytext=(0, 3), textcoords="offset points", ha="right")
+            ax.set_ylim(0, 100)
+        elif ax.lines:
+            ax.set_yscale("log")
+    axes[0].sharey(axes[1])
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend = axes[5]
+    legend.axis("off")
+    what = f" (mean of {n_seeds} seeds, shaded ±1 std)" if n_seeds > 1 else ""
+    legend.legend(handles, labels, loc="center", fontsize=8, title=f"stage (model){what}", title_fontsize=8,
+                  frameon=False)
     return _save(fig, path)
 
 
@@ -172,32 +181,45 @@ def _grouped(series: dict) -> list:
     for label, s in series.items():
         key = tuple(np.round(np.asarray(s.values, float), 9)) + tuple(np.round(np.asarray(s.index, float), 6))
         groups.setdefault(key, (s, []))[1].append(label)
-    return [(s, " = ".join(names)) for s, names in groups.values()]
+    return [(s, _names(names)) for s, names in groups.values()]
+
+
+def _names(names: list) -> str:
+    """'a = b', or for many stages '5 stages: a, b, c, ...' wrapped to fit a legend."""
+    import textwrap
+    text = " = ".join(names) if len(names) <= 2 else f"{len(names)} stages: " + ", ".join(names)
+    return "\n".join(textwrap.wrap(text, 70))
 
 
 def schedules(lr: dict, alpha: dict, path: Path) -> Path:
-    """lr: {stage: Series of the LR of every optimizer step, index = epoch position (fractional)};
-    alpha: {stage: Series per epoch}. Identical schedules are drawn once and named together."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.9))
-    for k, (s, label) in enumerate(_grouped(lr)):
+    """lr: {stage: Series of the LR of every optimizer step, index = epochs completed at that step
+    (fractional, from 0)}; alpha: {stage: Series per epoch, index 1..N}, drawn as a step over each
+    epoch. Both panels share one axis of epochs completed, 0..N. Identical schedules are drawn
+    once and named together; the legends sit below the panels."""
+    lr_groups, alpha_groups = _grouped(lr), _grouped(alpha)
+    lines = max(sum(label.count("\n") + 1 for _, label in g) for g in (lr_groups, alpha_groups) if g) if lr or alpha else 1
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6 + 0.16 * lines))
+    for k, (s, label) in enumerate(lr_groups):
         a.plot(s.index, s.values, linestyle=STYLES[k % len(STYLES)][0], lw=1.6, label=label)
     a.set_yscale("log")
-    a.set_xlabel("epoch (one point per optimizer step)")
     a.set_ylabel("learning rate")
     a.set_title("learning rate of every optimizer step, as applied", fontsize=9)
-    for k, (s, label) in enumerate(_grouped(alpha)):
+    for k, (s, label) in enumerate(alpha_groups):
         ls, marker = STYLES[k % len(STYLES)]
-        b.plot(s.index, s.values, linestyle=ls, marker=marker, ms=4, label=label)
-    b.set_xlabel("epoch")
+        x = np.append(np.asarray(s.index, float) - 1, float(s.index[-1]))
+        y = np.append(s.values, s.values[-1])
+        b.step(x, y, where="post", linestyle=ls, lw=1.6, label=label)
+        b.plot(x[:-1] + 0.5, s.values, marker, ms=4, color=b.lines[-1].get_color())
     b.set_ylabel("alpha (weight of the KD term)")
     b.set_ylim(-0.02, 1.02)
-    b.set_title("KD alpha (0: no teacher)", fontsize=9)
+    b.set_title("KD alpha, one value per epoch (0: no teacher)", fontsize=9)
     n = max([len(s) for s in alpha.values()] + [1])
     for ax in (a, b):
+        ax.set_xlabel("epochs completed")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set_xlim(0, n)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=8))
-    b.set_xlim(0.5, n + 0.5)
     return _save(fig, path)
 
 
@@ -230,18 +252,23 @@ def assistant_sweep(points: pd.DataFrame, refs: dict, path: Path, title: str) ->
     colors = {"teacher": "#2ca02c", "scratch": METHOD_COLORS["scratch"], "direct KD": METHOD_COLORS["kd"]}
     for name, (acc, lo, hi) in refs.items():
         ax.axhline(acc, color=colors.get(name, "#555555"), ls="--" if name != "direct KD" else "-", lw=1.2,
-                   label=f"{name}: {acc:.2f}")
+                   label=f"{name}: {acc:.2f}" + (" (band: its 95% interval)" if name == "direct KD" else ""))
         if name == "direct KD":
             ax.axhspan(lo, hi, color=colors[name], alpha=0.12, lw=0)
+    sizes = points["assistant_params"].to_numpy(float) / 1e6
+    # paths whose last assistants have the same size are drawn side by side, not on top of each other
+    nth = points.groupby("assistant_params").cumcount().to_numpy()
+    xs = sizes * (1.06 ** nth)
     yerr = np.vstack([points["acc"] - points["lo"], points["hi"] - points["acc"]]).clip(min=0)
-    ax.errorbar(points["assistant_params"] / 1e6, points["acc"], yerr=yerr, fmt="o", color=METHOD_COLORS["takd"],
-                capsize=3, elinewidth=1.5, ms=7, label="student via assistant")
-    for _, r in points.iterrows():
-        ax.annotate(r["path"], (r["assistant_params"] / 1e6, r["acc"]), fontsize=7, xytext=(6, 4),
-                    textcoords="offset points")
+    ax.errorbar(xs, points["acc"], yerr=yerr, fmt="o", color=METHOD_COLORS["takd"],
+                capsize=3, elinewidth=1.5, ms=7, label="student via assistant (95% interval)")
+    for x, (_, r) in zip(xs, points.iterrows()):
+        ax.annotate(r["path"], (x, r["acc"]), fontsize=7, xytext=(6, 4), textcoords="offset points")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ticks = sorted(set(np.round(sizes, 3)))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlim(min(sizes) / 1.5, max(xs) * 2.2)  # room for the labels on the right
     values = [*points["lo"], *points["hi"], *[v for ref in refs.values() for v in ref]]
     ax.set_ylim(*_acc_limits(min(values), max(values)))
     ax.set_xlabel("assistant parameters (millions, log scale; the last assistant of each path)")

@@ -1,0 +1,53 @@
+"""How long the chain will take, said before its first step and kept up to date after every epoch.
+
+Before training, each stage still to run is timed for a few steps (its model, every frozen
+teacher, its method and optimizer, a small batch, random data: `measure_steps`, the planner's
+probe) unless the planner already measured it; the estimate covers every stage and every seed.
+After each epoch the stage's own measured epoch time replaces the probe's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+SLOW_ON_CPU_S = 30 * 60   # over this on a CPU: say the preset is meant for a GPU and name those that fit
+CPU_PRESETS = ("cnn_distillation/configs/demo.yaml, demo_sweep.yaml, demo_dense.yaml; "
+               "vit_distillation/configs/demo.yaml, demo_sweep.yaml; or the TAKD paper's own CIFAR-10 experiment "
+               "on a CPU: python benchmarks/reproduce_takd.py --slice cpu (about 40 minutes on 2 cores)")
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '14 min', '2 h 10 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+@dataclass
+class StageWork:
+    name: str
+    epochs_left: int
+    epoch_seconds: float      # estimated (probe) until the stage has run an epoch, then measured
+
+
+class ChainClock:
+    """Seconds of training left: this seed's stages, plus `later_seeds` more runs of the whole chain."""
+
+    def __init__(self, work: list, full_chain_seconds: float, later_seeds: int = 0):
+        self.work = {w.name: w for w in work}
+        self.full_chain_seconds = full_chain_seconds
+        self.later_seeds = later_seeds
+        self.started = time.perf_counter()
+
+    def left(self) -> float:
+        return sum(w.epochs_left * w.epoch_seconds for w in self.work.values()) + self.later_seeds * self.full_chain_seconds
+
+    def epoch_done(self, stage: str, seconds: float) -> str:
+        """After an epoch of `stage` that took `seconds`: the chain's time left, as text."""
+        w = self.work.get(stage)
+        if w is not None:
+            w.epoch_seconds, w.epochs_left = seconds, max(0, w.epochs_left - 1)
+        return f"chain ~{duration(self.left())} left"
