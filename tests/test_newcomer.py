@@ -39,3 +39,24 @@ def test_benchmark_help_ends_its_sentences_and_gpu_session_has_help(tmp_path):
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--help"], capture_output=True,
                          text=True, cwd=tmp_path)
     assert res.returncode == 0 and "smoke" in res.stdout and "unknown step" not in res.stderr
+
+
+def test_the_chain_says_how_long_it_will_take_before_its_first_step(tmp_path, capsys, monkeypatch):
+    from src.distillation import clock
+    from src.distillation.chain import run_chain
+    from tests.conftest import tiny_cfg
+    monkeypatch.setattr(clock, "SLOW_ON_CPU_S", 0.0)  # every chain counts as long: the CPU advice must appear
+    run_chain(tiny_cfg(train__epochs=2), tmp_path / "run", progress=False, later_seeds=2)
+    out = capsys.readouterr().out
+    estimate = out.index("Estimated training time: about")
+    assert estimate < out.index("epoch   1/2")
+    line = out[estimate:].splitlines()[0]
+    assert "teacher" in line and "student" in line and "2 more seeds" in line
+    assert "meant for a GPU" in out and "demo.yaml" in out and "reproduce_takd.py --slice cpu" in out
+    epoch_lines = [ln for ln in out.splitlines() if " epoch " in ln and "/2 " in ln]
+    assert len(epoch_lines) == 4 and all("chain ~" in ln and "left" in ln for ln in epoch_lines)
+
+
+def test_durations_read_as_people_say_them():
+    from src.distillation.clock import duration
+    assert [duration(s) for s in (40, 14 * 60, 130 * 60)] == ["40 s", "14 min", "2 h 10 min"]

@@ -102,12 +102,34 @@ def test_tensorboard_logs_scalars_per_epoch_and_step(tmp_path):
     assert code == 0, err
     acc = EventAccumulator(str(tmp_path / "run" / "tb" / "student")).Reload()
     tags = acc.Tags()["scalars"]
-    assert {"epoch/val_accuracy", "epoch/train_ce", "epoch/train_kd", "step/learning_rate", "step/alpha"} <= set(tags)
+    assert {"epoch/val_accuracy", "epoch/train_ce", "epoch/train_kd", "step/learning_rate", "step/alpha",
+            "step/train_loss"} <= set(tags)
     assert [e.step for e in acc.Scalars("epoch/val_accuracy")] == [1, 2]
     steps = [e.step for e in acc.Scalars("step/learning_rate")]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 2
     figs = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Tags()["images"]
     assert any("curves" in t for t in figs)
+
+
+def test_resume_with_tensorboard_fills_in_the_epochs_already_logged(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import pandas as pd
+    import yaml
+    from src.distillation.config import to_dict
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=2, stages=ONE))))
+    code, err = run_cli("cnn", "--config", cfg, "--output-dir", tmp_path / "run")
+    assert code == 0, err
+    assert not (tmp_path / "run" / "tb").exists()
+    code, err = run_cli("cnn", "--resume", tmp_path / "run", "--tensorboard")
+    assert code == 0, err
+    acc = EventAccumulator(str(tmp_path / "run" / "tb" / "student")).Reload()
+    assert [e.step for e in acc.Scalars("epoch/val_accuracy")] == [1, 2]
+    logged = pd.read_csv(tmp_path / "run" / "student" / "schedule.csv")
+    losses = acc.Scalars("step/train_loss")
+    assert [e.step for e in losses] == logged["step"].tolist()
+    assert [e.value for e in losses] == pytest.approx(logged["loss"].tolist(), rel=1e-6)
 
 
 def test_missing_tensorboard_is_a_one_line_error(tmp_path, monkeypatch):

@@ -276,12 +276,24 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
         if resume and folder.finished:
             log.info(f"✓ {stage.name}: finished earlier, skipped")
             chain.rows.append(folder.summary())
+            backfill_tensorboard(chain, folder)
         else:
             todo.append((idx, stage, stage_plan(chain, stage, resuming=resume and folder.started)))
     clock = announce_estimate(chain, todo, later_seeds)
     for idx, stage, plan in todo:
         chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop, clock))
     return finish_chain(chain, t_start)
+
+
+def backfill_tensorboard(chain: ChainRun, folder) -> None:
+    """--resume --tensorboard on a run begun without it: a finished stage's epochs from its CSVs."""
+    from src.utils import tb as tensorboard
+    tb_dir = chain.folder.path / "tb" / folder.name
+    if chain.cfg.logging.tensorboard and dist.is_main() and not tensorboard.has_events(tb_dir):
+        writer = tensorboard.open_writer(tb_dir)
+        n = tensorboard.backfill(writer, folder)
+        writer.close()
+        log.info(f"  {folder.name}: {n} logged epoch(s) written to TensorBoard from its CSVs")
 
 
 def stage_epoch_seconds(chain: ChainRun, stage, plan: StagePlan) -> float:

@@ -351,7 +351,9 @@ def train(session: Session) -> None:
         run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
     if session.ds.is_main:
         _report(out, session.log, tensorboard=cfg.logging.tensorboard)
-    session.log.info(f"\n✅ Done. Results in {out}")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
+    session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage best.pt, last.pt and "
+                     f"model.safetensors, each about the model's size, plus logs and the report)")
 
 
 def exit_code(session: Session, exc: BaseException) -> int:

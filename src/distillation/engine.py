@@ -187,6 +187,7 @@ class _EpochTally:
         self.sums = torch.zeros(len(names), device=device)
         self.nan = torch.full((), float("nan"), device=device)
         self.preds, self.labels, self.lrs, self.seen = [], [], [], 0
+        self.step_losses = []  # 0-d device tensors, read once at the end of the epoch
 
     def stack(self, terms: dict) -> torch.Tensor:
         """The step's terms in `names` order; a term the method did not compute this step is NaN."""
@@ -258,6 +259,7 @@ def epoch_metrics(ctx: StepContext, tally: _EpochTally, elapsed: float) -> dict:
     out["lr_first"], out["lr_last"] = (lrs[0], lrs[-1]) if lrs else (float("nan"),) * 2
     out["lr_mean"] = sum(lrs) / len(lrs) if lrs else float("nan")
     out["steps"], out["lrs"] = len(lrs), lrs
+    out["step_losses"] = torch.stack(tally.step_losses).cpu().tolist() if tally.step_losses else []
     return out
 
 
@@ -267,7 +269,7 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
     Returns the mean objective `loss` and every term the method declares (`ce`: task
     cross-entropy against the training targets, `kd`: the unweighted KD term, NaN when no teacher
     taught this epoch), macro metrics, `lr_first` / `lr_last` / `lr_mean` / `lrs` (the LRs the
-    epoch's optimizer steps used), `seconds` and `img_per_s` (after the GPU finished).
+    epoch's optimizer steps used), `step_losses` (this rank's objective at every step), `seconds` and `img_per_s` (after the GPU finished).
 
     Train metrics are scored against the labels the model was trained on: under mixup / cutmix,
     the soft target's larger share (its argmax), not the unmixed image's label. No optimizer step
@@ -295,6 +297,7 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
         step_sums = forward_backward(ctx, x, targets, alpha, index, tally)
         tally.labels.append(targets.argmax(1) if targets.dim() == 2 else y)
         step_loss = step_sums[0] / x.shape[0]
+        tally.step_losses.append(step_loss.detach())
         optimizer_update(ctx, step, step_loss, watch)
         tally.lrs.append(ctx.optimizer.param_groups[0]["lr"])
         ctx.scheduler.step()

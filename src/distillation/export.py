@@ -13,16 +13,18 @@ from torch import nn
 from src.data.sources import MEANS
 from src.models import is_vit
 from src.models.takd_paper import NEEDS_IMG_SIZE
-from src.utils.checkpoint import atomic_write_text
+from src.utils.checkpoint import _atomic_write, atomic_write_text
+from src.utils.runfolder import StageFolder
 
 
 def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -> Path:
     """Write model.safetensors and model.json beside the stage's checkpoints."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = stage_dir / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"model": stage.model, "num_classes": str(len(classes))})
-    tmp.replace(stage_dir / "model.safetensors")
+    blob = save(state, metadata={"model": stage.model, "num_classes": str(len(classes))})
+    # through the atomic writer: a plain open(), so the file gets the user's umask (readable by the group
+    # where the user's files are), not the owner-only mode of safetensors' own file writer
+    _atomic_write(stage_dir / StageFolder.WEIGHTS, lambda f: f.write(blob))
     mean, std = MEANS[cfg.data.normalize]
     size = cfg.data.image_size
     create_kwargs = {"num_classes": len(classes), **stage.model_kwargs}

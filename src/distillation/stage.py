@@ -34,7 +34,8 @@ from src.distillation.recipe import make_optimizer, make_scheduler, set_base_lr
 from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn
 from src.models.factory import check_state_dict
-from src.utils.checkpoint import atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state
+from src.utils.checkpoint import (atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state,
+                                  slim_checkpoint)
 from src.utils.devices import alloc_retries
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import (REQUIRED_COLUMNS, EpochLogger, StepLogger, get_console, is_verbose, read_epoch_csv,
@@ -324,7 +325,11 @@ class _Logs:
             return
         cfg, folder, done = run.cfg, run.folder, run.start_epoch - 1
         if cfg.logging.tensorboard:
-            self.tb = tensorboard.open_writer(folder.path.parent / "tb" / run.stage.name)
+            tb_dir = folder.path.parent / "tb" / run.stage.name
+            fresh = not tensorboard.has_events(tb_dir)
+            self.tb = tensorboard.open_writer(tb_dir)
+            if fresh and run.start_epoch > 1:  # --resume --tensorboard on a run begun without it
+                tensorboard.backfill(self.tb, folder, upto_epoch=run.start_epoch - 1)
         if run.start_epoch == 1 or folder.terms.exists():  # a run begun before epoch_terms.csv goes on without it
             self.terms = EpochLogger(folder.terms, resume_from_epoch=done, columns=terms_columns(run.method.terms))
         self.epoch = EpochLogger(folder.epoch_log, resume_from_epoch=done)
@@ -341,9 +346,10 @@ class _Logs:
         if self.terms is not None:
             self.terms.log(terms)
         if self.schedule is not None:
-            self.schedule.log_epoch(epoch, tr["lrs"], alpha)
+            self.schedule.log_epoch(epoch, tr["lrs"], alpha, tr["step_losses"])
         if self.tb is not None:
-            tensorboard.log_epoch(self.tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"])
+            tensorboard.log_epoch(self.tb, epoch, row, terms, tr["lrs"], alpha, (epoch - 1) * tr["steps"],
+                                  tr["step_losses"])
 
     def close(self) -> None:
         if self.tb is not None:
@@ -506,6 +512,7 @@ def summarise(run: StageRun, data, loaders: dict, test: dict, checksums: list, e
     }
     if dist.is_main():
         atomic_write_text(folder.summary_file, json.dumps(summary, indent=2))
+        slim_checkpoint(folder.last)  # the stage is done: resuming it needs nothing more; its weights stay
     return summary
 
 

@@ -51,6 +51,20 @@ def atomic_save(obj: dict, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
+def slim_checkpoint(path: str | os.PathLike, drop=("optimizer", "scheduler", "scaler")) -> int:
+    """Rewrite a finished stage's last.pt without what only resuming it needed (the optimizer's
+    moments are twice the model's size under AdamW); returns the bytes saved."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    before = path.stat().st_size
+    ck = safe_load(path)
+    if not any(ck.get(k) is not None for k in drop):
+        return 0
+    atomic_save({k: (None if k in drop else v) for k, v in ck.items()}, path)
+    return before - path.stat().st_size
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """A small text file (JSON, YAML), atomically."""
     _atomic_write(Path(path), lambda f: f.write(text.encode()))

@@ -79,9 +79,10 @@ def terms_columns_of(path: str | os.PathLike) -> list:
 
 
 class StepLogger:
-    """schedule.csv: the LR and alpha each optimizer step used (epoch, step from 1), appended per
-    epoch; on resume, rows of epochs after `resume_from_epoch` are dropped first."""
-    columns = ['epoch', 'step', 'lr', 'alpha']
+    """schedule.csv: the LR and alpha each optimizer step used and the objective it computed
+    (epoch, step from 1; the loss of rank 0's share of the batch), appended per epoch; on resume,
+    rows of epochs after `resume_from_epoch` are dropped first."""
+    columns = ['epoch', 'step', 'lr', 'alpha', 'loss']
 
     def __init__(self, path: str | os.PathLike, resume_from_epoch: int | None = None):
         self.path = Path(path)
@@ -100,11 +101,11 @@ class StepLogger:
                 csv.writer(f).writerows([self.columns, *rows])
             os.replace(tmp, self.path)
 
-    def log_epoch(self, epoch: int, lrs: list, alpha: float) -> None:
+    def log_epoch(self, epoch: int, lrs: list, alpha: float, losses: list) -> None:
         lines = []
-        for lr in lrs:
+        for lr, loss in zip(lrs, losses):
             self.step += 1
-            lines.append([epoch, self.step, f"{lr:.10g}", _fmt(alpha)])
+            lines.append([epoch, self.step, f"{lr:.10g}", _fmt(alpha), _fmt(loss)])
         with protected(), _disk_errors(self.path):
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerows(lines)
