@@ -162,7 +162,9 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
         if col not in rows:
             rows[col] = np.nan
     g = rows.groupby(["run", "stage"], sort=False)
-    out = g[["model", "method", "method_label", "teacher", "params", "flops", "device", "demo"] + PLAN].first()
+    if "role" not in rows:
+        rows["role"] = ""
+    out = g[["model", "role", "method", "method_label", "teacher", "params", "flops", "device", "demo"] + PLAN].first()
     for m in METRICS:
         out[f"{m}_mean"] = g[m].mean()
         out[f"{m}_std"] = g[m].std()  # NaN with one seed
@@ -243,15 +245,15 @@ def _diff_md(diffs: pd.DataFrame) -> list[str]:
 
 
 def _table_md(table: pd.DataFrame) -> str:
-    header = ("| run | stage | model | method | params (M) | GFLOPs/img | batch (micro) | ckpt | val acc (%) | "
+    header = ("| run | stage | model | role | method | params (M) | GFLOPs/img | batch (micro) | ckpt | val acc (%) | "
               "last-epoch val (%) | test acc (%) | test 95% interval (%) | macro P (%) | macro R (%) | macro F1 (%) | "
               "peak GPU reserved (MB) | train (s) | compile (s) | img/s |")
-    lines = [header, "|" + "---|" * 19]
+    lines = [header, "|" + "---|" * 20]
     for _, r in table.iterrows():
         micro = r["micro_batch"]
         batch = f"{int(r['batch_size'])}" + (f" ({int(micro)})" if pd.notna(micro) and micro != r["batch_size"] else "") \
             if pd.notna(r["batch_size"]) else ""
-        cells = [r["run"], r["stage"], r["model"], r["method"].upper(), f"{r['params'] / 1e6:.2f}",
+        cells = [r["run"], r["stage"], r["model"], r.get("role") or "", r["method"].upper(), f"{r['params'] / 1e6:.2f}",
                  f"{r['flops'] / 1e9:.3f}", batch, "yes" if r["grad_checkpointing"] is True else "no"]
         cells += [fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("val_accuracy", "last_val_accuracy", "test_accuracy")]
         cells.append(f"[{r['ci_low'] * 100:.2f}, {r['ci_high'] * 100:.2f}]")
@@ -465,7 +467,12 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
               "## Results per model and method", "",
               "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "
               "95% t interval over seeds (one seed: the binomial interval of the test set). img/s is over the whole "
-              "run's training; compile time is apart from training time.", "", _table_md(table), ""]
+              "run's training; compile time is apart from training time. Times and img/s depend on whatever "
+              "else the machine was doing: compare them within a run, on an otherwise idle machine.", "",
+              _table_md(table), ""]
+    if (table["seeds"] == 2).any():
+        lines += ["With two seeds a 95% t interval uses t = 12.7 (one degree of freedom): it is nearly "
+                  "uninformative; three or more seeds narrow it quickly.", ""]
     if answers:
         lines += _sweep_md(answers)
     if len(diffs):

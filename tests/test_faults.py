@@ -417,3 +417,90 @@ def test_killed_before_anything_was_saved_the_same_command_starts_again(tmp_path
     assert "start it again with the same command" in line
     code, err = run_cli("cnn", "--config", _write_cfg(tmp_path, train__epochs=1), "--output-dir", out)
     assert code == 0, err
+
+
+def test_a_stop_inside_an_epoch_saves_it_part_way_and_resumes_to_the_same_weights(tmp_path):
+    cfg = tiny_cfg(train__epochs=2, data__max_train_samples=480)
+    run_chain(cfg, tmp_path / "full", progress=False)
+    calls = {"n": 0}
+
+    def stop_mid_student_epoch_1():  # a few steps into the student's first epoch
+        if (tmp_path / "cut" / "teacher" / "stage.json").exists():
+            calls["n"] += 1
+        return calls["n"] > 5
+    with pytest.raises(StopRequested) as stopped:
+        run_chain(cfg, tmp_path / "cut", progress=False, should_stop=stop_mid_student_epoch_1)
+    assert "student: epoch 1 up to step" in stopped.value.saved and "last.pt" in stopped.value.saved
+    partial = torch.load(tmp_path / "cut" / "student" / "last.pt", weights_only=True)["partial"]
+    assert partial["epoch"] == 1 and 0 < partial["next_step"] < len(partial["step_losses"]) + 2
+    run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
+    for stage in ("teacher", "student"):
+        assert _rows(tmp_path / "cut", stage) == _rows(tmp_path / "full", stage)
+        a = torch.load(tmp_path / "full" / stage / "best.pt", weights_only=True)["model"]
+        b = torch.load(tmp_path / "cut" / stage / "best.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    assert (tmp_path / "cut" / "student" / "schedule.csv").read_text() == \
+        (tmp_path / "full" / "student" / "schedule.csv").read_text()
+
+
+def test_a_stop_between_micro_batches_undoes_the_step_and_the_epoch_ends_the_same():
+    import copy
+    from src.distillation.engine import Precision, StepContext, train_one_epoch
+    from src.distillation.recipe import make_optimizer
+    from src.models import create_model
+    from src.utils.checkpoint import rng_state, set_rng_state
+    torch.manual_seed(0)
+    init = create_model("resnet10t", 10).state_dict()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(6)]
+
+    class Loader(list):
+        batch_index = None
+
+    def context(stop=lambda: False, saves=None):
+        model = create_model("resnet10t", 10)
+        model.load_state_dict(init)
+        opt = make_optimizer(model, 0.01, 0.0, torch.device("cpu"), "sgd", 0.9)
+        ctx = StepContext(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                          precision=Precision("cpu", None), num_classes=10, micro_batch=4, should_stop=stop)
+        if saves is not None:
+            ctx.save_partial = lambda state: saves.append((copy.deepcopy(state), copy.deepcopy(model.state_dict()),
+                                                          copy.deepcopy(opt.state_dict()), rng_state())) or "saved"
+        return ctx
+
+    torch.manual_seed(5)
+    whole = context()
+    ref = train_one_epoch(whole, Loader(batches), alpha=0.0, progress=False)
+    calls, saves = {"n": 0}, []
+    torch.manual_seed(5)
+
+    def stop():  # 3 checks between a step's 4 micro-batches and 1 after it: the 11th falls inside step 2 (from 0)
+        calls["n"] += 1
+        return calls["n"] > 10
+    cut = context(stop, saves)
+    with pytest.raises(StopRequested):
+        train_one_epoch(cut, Loader(batches), alpha=0.0, progress=False)
+    state, weights, opt_state, rng = saves[-1]
+    assert state["next_step"] == 2  # the step in progress was undone, not half-applied
+    again = context()
+    again.model.load_state_dict(weights)
+    again.optimizer.load_state_dict(opt_state)
+    set_rng_state(rng)
+    out = train_one_epoch(again, Loader(batches), alpha=0.0, progress=False, resume=state)
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(), again.model.state_dict().values()))
+    assert out["loss"] == ref["loss"] and out["accuracy"] == ref["accuracy"] and out["lrs"] == ref["lrs"]
+
+
+def test_an_epoch_is_saved_part_way_every_few_minutes():
+    from src.distillation.engine import Precision, StepContext, train_one_epoch
+    from src.distillation.recipe import make_optimizer
+    from src.models import create_model
+    model = create_model("resnet10t", 10)
+    opt = make_optimizer(model, 0.01, 0.0, torch.device("cpu"), "sgd", 0.9)
+    saved = []
+    ctx = StepContext(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                      precision=Precision("cpu", None), num_classes=10, checkpoint_every_s=1e-9,
+                      save_partial=lambda state: saved.append(state["next_step"]))
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(5)]
+    train_one_epoch(ctx, batches, alpha=0.0, progress=False)
+    assert saved == [1, 2, 3, 4]  # after every step but the last (the end of the epoch saves it whole)

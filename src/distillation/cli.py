@@ -364,10 +364,11 @@ def exit_code(session: Session, exc: BaseException) -> int:
     from src.utils.errors import UserError
     args = session.args
     resume = f"continue with:\n  {_resume_command(session.chain, session.out, session.user_cwd)}"
+    saved = getattr(exc, "saved", "") or "finished stages and completed epochs are saved"
     table = [
         (StopRequested, lambda: EXIT_SIGTERM if signals.stop_requested() == signal.SIGTERM else EXIT_SIGINT,
-         f"Stopped. Completed epochs are saved; {resume}", False),
-        (KeyboardInterrupt, lambda: EXIT_SIGINT, f"Aborted. Completed epochs are saved; {resume}", False),
+         f"Stopped. {saved}; {resume}", False),
+        (KeyboardInterrupt, lambda: EXIT_SIGINT, f"Aborted. The last checkpoint of each stage is kept; {resume}", False),
         (StageFailed, lambda: EXIT_NAN, f"error: {exc}", True),
         (UserError, lambda: EXIT_USER, f"error: {exc}", True),
         (Exception, lambda: EXIT_ERROR, f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "

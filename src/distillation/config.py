@@ -66,6 +66,7 @@ class TrainConfig:
     vram_budget_gb: float = 6.0        # the process is capped to this much GPU memory (0 = no cap)
     auto_batch: bool = True            # on CUDA: probe micro-batch / checkpointing to fit the budget
     sync_bn: bool = False              # multi-GPU CNNs: SyncBatchNorm across ranks
+    checkpoint_every_min: float = 5.0  # inside an epoch, save a resumable checkpoint this often (0: only on a stop)
 
 
 @dataclass
@@ -279,6 +280,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     need(t.vram_budget_gb >= 0, f"train.vram_budget_gb must be >= 0, got {t.vram_budget_gb}")
+    need(t.checkpoint_every_min >= 0, f"train.checkpoint_every_min must be >= 0, got {t.checkpoint_every_min}")
     need(k.temperature > 0, f"kd.temperature must be > 0, got {k.temperature}")
     need(k.drop_teachers >= 0, f"kd.drop_teachers must be >= 0, got {k.drop_teachers}")
     need(k.weights is None or all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in k.weights),

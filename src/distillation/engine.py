@@ -106,6 +106,8 @@ class StepContext:
     num_classes: int = 0
     should_stop: Callable[[], bool] = field(default=lambda: False)
     nan_check_every: int = 50             # host reads the non-finite flag this often (fused optimizers)
+    checkpoint_every_s: float = 0.0       # > 0: save_partial(state) this often inside an epoch (and on a stop)
+    save_partial: Optional[Callable[[dict], None]] = None
 
     def __post_init__(self):
         if self.method is None:
@@ -119,7 +121,12 @@ class StepContext:
 
 
 class StopRequested(Exception):
-    """Raised between steps when should_stop() turned true (Ctrl-C / SIGTERM)."""
+    """Raised between micro-batches when should_stop() turned true (Ctrl-C / SIGTERM). `saved`
+    says what was saved and where the run will continue (set by the stage)."""
+
+    def __init__(self, step=None, saved: str = ""):
+        super().__init__(step)
+        self.step, self.saved = step, saved
 
 
 class Progress:
@@ -193,6 +200,22 @@ class _EpochTally:
         """The step's terms in `names` order; a term the method did not compute this step is NaN."""
         return torch.stack([terms[k] if k in terms else self.nan for k in self.names]).detach()
 
+    def state(self, next_step: int, seconds: float) -> dict:
+        """What a resumed epoch needs to end exactly as an uninterrupted one (CPU tensors)."""
+        cat = lambda xs: torch.cat(xs).cpu() if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        return {"next_step": next_step, "seconds": seconds, "names": list(self.names), "sums": self.sums.cpu(),
+                "preds": cat(self.preds), "labels": cat(self.labels), "lrs": list(self.lrs), "seen": self.seen,
+                "step_losses": torch.stack(self.step_losses).cpu() if self.step_losses else torch.zeros(0)}
+
+    def load(self, state: dict) -> None:
+        if list(state["names"]) != list(self.names):
+            raise ValueError(f"the saved epoch has terms {state['names']}, this method {list(self.names)}")
+        self.sums = state["sums"].to(self.device)
+        self.preds = [state["preds"].to(self.device)] if len(state["preds"]) else []
+        self.labels = [state["labels"].to(self.device)] if len(state["labels"]) else []
+        self.lrs, self.seen = list(state["lrs"]), int(state["seen"])
+        self.step_losses = list(state["step_losses"].to(self.device).unbind(0))
+
 
 def forward_backward(ctx: StepContext, x: torch.Tensor, targets: torch.Tensor, alpha: float,
                      index: Optional[torch.Tensor], tally: _EpochTally) -> torch.Tensor:
@@ -203,6 +226,8 @@ def forward_backward(ctx: StepContext, x: torch.Tensor, targets: torch.Tensor, a
     step_sums = torch.zeros(len(tally.names), device=tally.device)
     start = 0
     for k, n in enumerate(chunks):
+        if k > 0 and not dist.state().enabled and ctx.should_stop():  # between micro-batches (the caller undoes the step)
+            raise StopRequested()
         part = slice(start, start + n)
         start += n
         sync = model.no_sync() if k < len(chunks) - 1 and hasattr(model, "no_sync") else nullcontext()
@@ -217,6 +242,27 @@ def forward_backward(ctx: StepContext, x: torch.Tensor, targets: torch.Tensor, a
         step_sums += tally.stack(terms) * n
         tally.preds.append(logits.detach().argmax(1))
     return step_sums
+
+
+class _StepUndo:
+    """What a step changes before its optimizer update, kept to undo it: batch-norm statistics
+    (and other buffers), the random streams and the method's own state."""
+
+    def __init__(self, model: nn.Module, method, n_preds: int):
+        from src.utils.checkpoint import rng_state
+        self.model, self.method, self.n_preds = model, method, n_preds
+        self.buffers = [b.detach().clone() for b in model.buffers()]
+        self.rng, self.method_state = rng_state(), {k: v.clone() if torch.is_tensor(v) else v
+                                                      for k, v in method.state_dict().items()}
+
+    def restore(self, tally) -> None:
+        from src.utils.checkpoint import set_rng_state
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), self.buffers):
+                b.copy_(saved)
+        set_rng_state(self.rng)
+        self.method.load_state_dict(self.method_state)
+        del tally.preds[self.n_preds:]
 
 
 def optimizer_update(ctx: StepContext, step: int, step_loss: torch.Tensor, watch: Optional[LossWatch]) -> None:
@@ -263,18 +309,26 @@ def epoch_metrics(ctx: StepContext, tally: _EpochTally, elapsed: float) -> dict:
     return out
 
 
-def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train", progress: bool = True) -> dict:
+def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train", progress: bool = True,
+                    resume: Optional[dict] = None) -> dict:
     """Train ctx.model for one pass over `loader`.
 
     Returns the mean objective `loss` and every term the method declares (`ce`: task
     cross-entropy against the training targets, `kd`: the unweighted KD term, NaN when no teacher
     taught this epoch), macro metrics, `lr_first` / `lr_last` / `lr_mean` / `lrs` (the LRs the
-    epoch's optimizer steps used), `step_losses` (this rank's objective at every step), `seconds` and `img_per_s` (after the GPU finished).
+    epoch's optimizer steps used), `step_losses` (this rank's objective at every step),
+    `seconds` and `img_per_s` (after the GPU finished).
 
     Train metrics are scored against the labels the model was trained on: under mixup / cutmix,
     the soft target's larger share (its argmax), not the unmixed image's label. No optimizer step
     is ever taken on a non-finite loss or gradient norm (optimizer_update); NonFiniteLossError
     names the first bad step (counted within this epoch, from 0).
+
+    Inside the epoch, every `ctx.checkpoint_every_s` seconds and when a stop is requested,
+    `ctx.save_partial` receives the epoch's state so far (its next step, running sums,
+    predictions, LRs); `resume` (that state) skips the steps already taken (the loader's batches
+    of an epoch are fixed by its seed and epoch) and carries on, so the epoch ends as it would
+    have without the interruption. A stop is honoured between micro-batches.
     """
     model, method = ctx.model, ctx.method
     model.train()
@@ -283,18 +337,42 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
     deferred = getattr(ctx.optimizer, "_step_supports_amp_scaling", False) and ctx.scaler is None
     watch = LossWatch(device, verbose=is_verbose()) if deferred else None
     tally = _EpochTally(("loss", *method.terms), device)
+    first, before = 0, 0.0
+    if resume is not None:
+        tally.load(resume)
+        first, before = int(resume["next_step"]), float(resume["seconds"])
     bar = Progress(len(loader), desc, progress)
     n_steps = len(loader)
+    saving = ctx.save_partial is not None
     synchronize(device)
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
+
+    def save(next_step: int) -> str:
+        if deferred:
+            watch.check()  # nothing non-finite may reach a checkpoint
+        return ctx.save_partial(tally.state(next_step, before + time.perf_counter() - t0)) or ""
+
     for step, (x, y) in enumerate(loader):
+        if step < first:  # taken before the interruption: the same batch (fixed by seed and epoch), skipped
+            continue
+        # with micro-batches a stop may come between them: the step is then undone (batch-norm
+        # statistics, random streams, the method's state) and the epoch saved up to its start
+        undo = _StepUndo(model, method, len(tally.preds)) if saving and ctx.micro_batch else None
         ctx.optimizer.zero_grad(set_to_none=True)
         method.begin_batch()
         targets = y
         if ctx.mixup is not None:
             x, targets = ctx.mixup(x, y)
         index = loader.batch_index if method.cached is not None else None
-        step_sums = forward_backward(ctx, x, targets, alpha, index, tally)
+        try:
+            step_sums = forward_backward(ctx, x, targets, alpha, index, tally)
+        except StopRequested:
+            bar.close()
+            if undo is None:
+                raise StopRequested(step)
+            undo.restore(tally)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            raise StopRequested(step, save(step)) from None
         tally.labels.append(targets.argmax(1) if targets.dim() == 2 else y)
         step_loss = step_sums[0] / x.shape[0]
         tally.step_losses.append(step_loss.detach())
@@ -306,14 +384,18 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
         if deferred and ((step + 1) % ctx.nan_check_every == 0 or step == n_steps - 1):
             watch.check()  # one host read; raises NonFiniteLossError naming the first bad step
         bar.update(step, tally.seen, lambda: float(step_loss))
-        if dist.any_rank(ctx.should_stop()):
+        if step == n_steps - 1:
+            break  # the epoch is complete; the stage saves it and then honours a stop
+        stopping = dist.any_rank(ctx.should_stop())
+        if stopping:
             bar.close()
-            if deferred:
-                watch.check()
-            raise StopRequested(step)
+            raise StopRequested(step + 1, save(step + 1) if saving else "")
+        if saving and ctx.checkpoint_every_s > 0 and time.perf_counter() - last_save >= ctx.checkpoint_every_s:
+            save(step + 1)
+            last_save = time.perf_counter()
     bar.close()
     synchronize(device)
-    return epoch_metrics(ctx, tally, time.perf_counter() - t0)
+    return epoch_metrics(ctx, tally, before + time.perf_counter() - t0)
 
 
 @torch.no_grad()

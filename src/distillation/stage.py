@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from src.distillation import distributed as dist
-from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, compile_warmup, evaluate,
-                                     train_one_epoch)
+from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
+                                     evaluate, train_one_epoch)
 from src.distillation.methods import Method, build_method
 from src.distillation.recipe import make_optimizer, make_scheduler, set_base_lr
 from src.distillation.export import export_stage
@@ -37,7 +37,7 @@ from src.models.factory import check_state_dict
 from src.utils.checkpoint import (atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state,
                                   slim_checkpoint)
 from src.utils.devices import alloc_retries
-from src.utils.errors import NonFiniteLossError
+from src.utils.errors import CheckpointError, NonFiniteLossError
 from src.utils.logger import (REQUIRED_COLUMNS, EpochLogger, StepLogger, get_console, is_verbose, read_epoch_csv,
                               terms_columns, terms_columns_of)
 from src.utils.runfolder import StageFolder
@@ -187,6 +187,8 @@ class StageRun:
     teacher_cache_seconds: float = 0.0
     epochs_done: int = 0
     ck_rows: Optional[tuple] = None
+    partial: Optional[dict] = None    # an epoch saved part-way (resumed from its next step)
+    epoch: int = 0                     # the epoch in progress
 
 
 def _epoch_row(epoch: int, tr: dict, val: dict, seconds: float, peak_mb: float) -> dict:
@@ -291,6 +293,9 @@ def prepare_training(run: StageRun, steps_per_epoch: int, should_stop: Callable[
     train_model = torch.compile(train_model) if plan.compile else train_model
     run.ctx = step_context(cfg, stage, train_model, run.optimizer, run.scheduler, run.precision, plan,
                            run.num_classes, run.method, scaler=run.scaler, should_stop=should_stop)
+    if not dist.state().enabled:  # one process: epochs are saved part-way (every few minutes, and on a stop)
+        run.ctx.checkpoint_every_s = cfg.train.checkpoint_every_min * 60
+        run.ctx.save_partial = lambda state: save_partial(run, state, steps_per_epoch)
 
 
 def restore(run: StageRun) -> None:
@@ -301,8 +306,14 @@ def restore(run: StageRun) -> None:
     run.model.load_state_dict(ck["model"])
     if ck.get("method") is not None:
         run.method.load_state_dict(ck["method"])
-    run.optimizer.load_state_dict(ck["optimizer"])
-    run.scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("optimizer") is None:  # a finished stage's slimmed last.pt: its weights only
+        if ck["epoch"] < run.plan.epochs:
+            raise CheckpointError(f"{run.folder.last} holds the weights of a finished stage ({ck['epoch']} epochs) "
+                                  f"but not its optimizer state: it cannot train to {run.plan.epochs} epochs. "
+                                  f"Start a new run for a longer schedule")
+    else:
+        run.optimizer.load_state_dict(ck["optimizer"])
+        run.scheduler.load_state_dict(ck["scheduler"])
     if run.scaler is not None and ck.get("scaler"):
         run.scaler.load_state_dict(ck["scaler"])
     set_rng_state(ck["rng"])
@@ -312,7 +323,10 @@ def restore(run: StageRun) -> None:
     run.start_epoch = ck["epoch"] + 1
     run.ck_rows = (ck.get("log_row"), ck.get("terms_row"))
     run.best_acc, run.best_epoch, run.train_seconds = ck["best_val_accuracy"], ck["best_epoch"], ck["train_seconds"]
-    log.info(f"↻ {run.stage.name}: resuming after epoch {ck['epoch']}/{run.plan.epochs}")
+    run.partial = ck.get("partial")
+    where = (f"in epoch {run.partial['epoch']} at step {run.partial['next_step']}" if run.partial
+             else f"after epoch {ck['epoch']}/{run.plan.epochs}")
+    log.info(f"↻ {run.stage.name}: resuming {where}")
 
 
 class _Logs:
@@ -379,6 +393,20 @@ def warm_compile(run: StageRun, train_loader) -> None:
     log.info(f"  {run.stage.name}: torch.compile took {run.compile_seconds:.1f}s (not counted in epoch times)")
 
 
+def save_partial(run: StageRun, state: dict, steps_per_epoch: int) -> str:
+    """last.pt with the epoch in progress saved part-way (weights, optimizer, schedule, random
+    streams and the epoch's running state): a resumed epoch ends as an uninterrupted one.
+    Returns what was saved, in words."""
+    stage, epoch = run.stage, run.epoch
+    atomic_save({"model": run.model.state_dict(), "method": run.method.state_dict(),
+                 "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng_state(), "epoch": epoch - 1,
+                 "best_val_accuracy": run.best_acc, "best_epoch": run.best_epoch, "train_seconds": run.train_seconds,
+                 "stage": stage.name, "model_name": stage.model, "log_row": (run.ck_rows or (None, None))[0],
+                 "terms_row": (run.ck_rows or (None, None))[1], "partial": {"epoch": epoch, **state}}, run.folder.last)
+    return f"{stage.name}: epoch {epoch} up to step {state['next_step']} of {steps_per_epoch} saved in {run.folder.last}"
+
+
 def train_epoch(run: StageRun, train_loader, epoch: int, progress: bool) -> tuple:
     """One training epoch at this epoch's alpha; a non-finite loss or gradient stops the stage
     (StageFailed names stage, epoch and step, and what is kept). Returns (metrics, alpha)."""
@@ -387,8 +415,12 @@ def train_epoch(run: StageRun, train_loader, epoch: int, progress: bool) -> tupl
     reset_peak_memory_stats(run.device)
     retries_before = alloc_retries(run.device)
     train_loader.set_epoch(epoch)
+    run.epoch = epoch
+    resume = run.partial if run.partial and run.partial["epoch"] == epoch else None
+    run.partial = None
     try:
-        tr = train_one_epoch(run.ctx, train_loader, alpha, desc=f"{stage.name} {epoch}/{plan.epochs}", progress=progress)
+        tr = train_one_epoch(run.ctx, train_loader, alpha, desc=f"{stage.name} {epoch}/{plan.epochs}",
+                             progress=progress, resume=resume)
     except NonFiniteLossError as exc:
         last = run.folder.last
         kept = (f"{last} (epoch {epoch - 1}) is kept as it was" if last.exists() and epoch > 1
@@ -421,6 +453,7 @@ def save_epoch(run: StageRun, epoch: int, val: dict, row: dict, terms: dict) -> 
                  "scaler": run.scaler.state_dict() if run.scaler else None, "rng": rng_state(), "epoch": epoch,
                  "best_val_accuracy": run.best_acc, "best_epoch": run.best_epoch, "train_seconds": run.train_seconds,
                  "stage": stage.name, "model_name": stage.model, "log_row": row, "terms_row": terms}, run.folder.last)
+    run.ck_rows = (row, terms)
 
 
 def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) -> None:
@@ -451,6 +484,10 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
                      f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s{left}")
             if on_epoch_end is not None and dist.is_main():
                 on_epoch_end(run.model, epoch, run.folder.path)
+            if dist.any_rank(run.ctx.should_stop()):
+                rest = ("the stage's test and export run" if epoch == run.plan.epochs else f"epoch {epoch + 1} starts")
+                raise StopRequested(saved=f"{run.stage.name}: epoch {epoch} complete, saved in {run.folder.last}; "
+                                          f"on resume {rest}")
     run.epochs_done = run.plan.epochs
     logs.close()
 

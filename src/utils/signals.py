@@ -4,7 +4,8 @@ The entry point calls `install_handlers(StopException)`. Outside a protected sec
 the final evaluation, the report) a signal raises at once; inside one (the epoch loop, an atomic
 checkpoint or CSV write) it is only recorded: the training loop polls `stop_requested()` after
 each step, and leaving the outermost section raises, so the files on disk are always whole.
-A second Ctrl-C aborts at once (KeyboardInterrupt).
+A second Ctrl-C ends the process at once (the first one restores the default SIGINT action, which
+does not wait for a long C++ operation to return to Python).
 """
 from __future__ import annotations
 
@@ -46,11 +47,15 @@ def install_handlers(exception: Callable[[str], BaseException]) -> dict:
 
     def handler(signum, frame):
         if _STATE["signum"] is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: abort now
+            raise KeyboardInterrupt  # second Ctrl-C while Python runs: abort now
         _STATE["signum"] = signum
-        where = "after the current step" if _STATE["depth"] else "now"
-        print(f"\n⏸  {signal.Signals(signum).name} received: stopping {where} (Ctrl-C again to abort at once)",
-              file=sys.stderr, flush=True)
+        # a second Ctrl-C must not wait for a long C++ operation (a whole backward pass on a CPU) to
+        # return to Python: the default action ends the process at once; every file on disk stays
+        # whole (atomic writes), the last checkpoint is what --resume continues from
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        where = "at the next micro-batch, saving the epoch so far" if _STATE["depth"] else "now"
+        print(f"\n⏸  {signal.Signals(signum).name} received: stopping {where} (Ctrl-C again ends the process at "
+              f"once; the last checkpoint is kept)", file=sys.stderr, flush=True)
         if _STATE["depth"] == 0:
             _raise_if_stopped()
     signal.signal(signal.SIGINT, handler)

@@ -116,34 +116,51 @@ def _acc_limits(lo: float, hi: float) -> tuple[float, float]:
     return (low, high) if high > low else (0.0, 100.0)
 
 
+ROLE_COLORS = {"teacher": "#2ca02c", "assistant": "#9467bd"}
+
+
+def _kind(r) -> tuple[str, str]:
+    """(legend label, colour): teachers and assistants by their role, students by their method."""
+    role = str(r.get("role") or "")
+    if role in ROLE_COLORS:
+        return role, ROLE_COLORS[role]
+    method = str(r["method"])
+    return f"student: {method.upper()}", METHOD_COLORS.get(method, "#55a868")
+
+
 def accuracy_vs_size(table: pd.DataFrame, x: str, xlabel: str, path: Path, scale: float = 1.0) -> Path:
-    """Test accuracy against parameters or FLOPs (divided by `scale`), log x axis. One marker shape per
-    run, one colour per method; error bars are the 95% interval (t over seeds, or the binomial interval
-    of the test set for one seed), as the legend says."""
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    """Test accuracy against parameters or FLOPs (divided by `scale`), log x axis with a tick at
+    every model's size. Teachers and assistants are coloured by their role, students by their
+    method; one marker shape per run; points of one size sit side by side; error bars are the 95%
+    interval (t over seeds, or the binomial interval of the test set for one seed)."""
+    fig, ax = plt.subplots(figsize=(7.4, 4.8))
     runs = list(dict.fromkeys(table["run"]))
-    for r_i, (run, sub) in enumerate(table.groupby("run", sort=False)):
-        marker = STYLES[r_i % len(STYLES)][1]
-        for method, msub in sorted(sub.groupby("method"), key=lambda kv: METHOD_ORDER.get(kv[0], 9)):
-            y = msub["test_accuracy_mean"] * 100
-            yerr = np.vstack([y - msub["ci_low"] * 100, msub["ci_high"] * 100 - y]).clip(min=0)
-            label = method.upper() if len(runs) == 1 else f"{run}: {method.upper()}"
-            ax.errorbar(msub[x] / scale, y, yerr=yerr, fmt=marker, color=METHOD_COLORS.get(method, "#55a868"),
-                        capsize=0, elinewidth=1.2, ms=6, label=label)
+    seen_labels = set()
+    sizes = table[x].to_numpy(float) / scale
+    nth = table.groupby(["run", x]).cumcount().to_numpy()
+    xs = sizes * (1.05 ** nth)
+    for i, (_, r) in enumerate(table.iterrows()):
+        label, color = _kind(r)
+        marker = STYLES[runs.index(r["run"]) % len(STYLES)][1]
+        label = label if len(runs) == 1 else f"{r['run']}: {label}"
+        y = r["test_accuracy_mean"] * 100
+        ax.errorbar([xs[i]], [y], yerr=[[max(0, y - r["ci_low"] * 100)], [max(0, r["ci_high"] * 100 - y)]], fmt=marker,
+                    color=color, capsize=0, elinewidth=1.2, ms=6, label=None if label in seen_labels else label)
+        seen_labels.add(label)
         if len(runs) == 1:  # one run: name the stages beside their points
-            for _, r in sub.iterrows():
-                ax.annotate(r["stage"], (r[x] / scale, r["test_accuracy_mean"] * 100), fontsize=7, xytext=(5, -10),
-                            textcoords="offset points")
+            ax.annotate(r["stage"], (xs[i], y), fontsize=7, xytext=(5, -10), textcoords="offset points")
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ticks = sorted(set(float(f"{v:.3g}") for v in sizes))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlim(min(sizes) / 1.3, max(xs) * 1.8)
     ax.set_ylim(*_acc_limits(float((table["ci_low"] * 100).min()), float((table["ci_high"] * 100).max())))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3, which="major")
     n_seeds = int(table["seeds"].max())
     what = f"95% t interval over {n_seeds} seeds" if n_seeds > 1 else "95% binomial interval of the test set"
-    ax.legend(fontsize=8, title=f"bars: {what}", title_fontsize=7, loc="best")
+    ax.legend(fontsize=8, title=f"bars: {what}", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
 
 
@@ -159,10 +176,11 @@ def method_points(table: pd.DataFrame, path: Path, note: str = "") -> Path:
         y = r["test_accuracy_mean"] * 100
         ax.errorbar([i], [y], yerr=[[y - r["ci_low"] * 100], [r["ci_high"] * 100 - y]], fmt="o", color=color,
                     capsize=0, elinewidth=2, ms=8)
-        for v in r.get("seed_values", []) or []:
+        values = r.get("seed_values", []) or []
+        for v in values if len(values) > 1 else []:
             ax.plot([i + 0.12], [v * 100], ".", color=color, alpha=0.6)
-        ax.annotate(f"{y:.2f}", (i, y), xytext=(10, 0), textcoords="offset points", va="center", fontsize=8)
-    labels = [f"{r['method'].upper()}\n{r['stage']}" + (f"\n{r['run']}" if table["run"].nunique() > 1 else "")
+        ax.annotate(f"{y:.2f}", (i, y), xytext=(14, 0), textcoords="offset points", va="center", fontsize=8)
+    labels = [f"{r['method'].upper()}\n{_wrap_name(r['stage'])}" + (f"\n{r['run']}" if table["run"].nunique() > 1 else "")
               for _, r in table.iterrows()]
     ax.set_xticks(xs, labels, fontsize=8)
     ax.set_xlim(-0.6, len(table) - 0.4)
@@ -173,6 +191,12 @@ def method_points(table: pd.DataFrame, path: Path, note: str = "") -> Path:
     ax.set_title(f"bars: {what}" + (f"\n{note}" if note else ""), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def _wrap_name(name: str, width: int = 16) -> str:
+    """A long stage name over several lines, broken after its underscores."""
+    import textwrap
+    return "\n".join(textwrap.wrap(name.replace("_", "_ "), width)).replace("_ ", "_").replace(" ", "")
 
 
 def _grouped(series: dict) -> list:
