@@ -422,6 +422,9 @@ def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame) -
                     r = t_run.loc[stage]
                     refs[name] = (r["test_accuracy_mean"] * 100, r["ci_low"] * 100, r["ci_high"] * 100)
             pts = pd.DataFrame(points).sort_values("assistant_params")
+            clash = pts["path"].duplicated(keep=False)  # one model with other settings (a narrower ViT): name the stages
+            pts.loc[clash, "path"] = [" → ".join(a.removeprefix("ta_") for a in _path_of(st, teachers)[1:-1])
+                                      for st in pts.loc[clash, "stage"]]
             winners = pts[pts["verdict"] == "beats direct KD"]
             if len(winners):
                 verdict = ("assistant path(s) " + ", ".join(winners["path"]) + " beat direct KD at p < 0.05 after "

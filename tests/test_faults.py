@@ -332,25 +332,28 @@ def test_shortcut_and_set_for_the_same_key_are_refused(tmp_path):
 
 
 def test_resume_applies_a_new_lr_and_more_epochs_and_refuses_other_changes(tmp_path):
-    cfg_path = _write_cfg(tmp_path, train__epochs=1)
+    cfg_path = _write_cfg(tmp_path, train__epochs=3, data__max_train_samples=480)
     out = tmp_path / "run"
-    assert run_cli("cnn", "--config", cfg_path, "--output-dir", out)[0] == 0
-    (out / "student" / "stage.json").unlink()  # the student stage interrupted after its epoch 1
+    proc = _start(tmp_path, cfg_path, out)  # stopped in the student's stage, as a user's Ctrl-C would
+    _wait_rows(out / "student" / "epoch_log.csv", 1, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert not (out / "student" / "stage.json").exists()
     line = _one_line(*run_cli("cnn", "--resume", out, "--set", "data.image_size=32"))
     assert "data.image_size cannot change on resume" in line
-    line = _one_line(*run_cli("cnn", "--resume", out, "--epochs", "1", "--set", "stages.student.epochs=0"))
+    line = _one_line(*run_cli("cnn", "--resume", out, "--epochs", "3", "--set", "stages.student.epochs=0"))
     assert "epochs must be >= 1" in line and not (out / "resume_overrides.json").exists()  # refused: nothing written
-    code, err = run_cli("cnn", "--resume", out, "--lr", "1e-4", "--epochs", "2")
+    code, err = run_cli("cnn", "--resume", out, "--lr", "1e-4", "--epochs", "4")
     assert code == 0, err
     history = json.loads((out / "resume_overrides.json").read_text())
-    assert history[-1]["changed"]["train.lr"][1] == 1e-4 and history[-1]["changed"]["train.epochs"] == [1, 2]
+    assert history[-1]["changed"]["train.lr"][1] == 1e-4 and history[-1]["changed"]["train.epochs"] == [3, 4]
     rows = read_epoch_csv(out / "student" / "epoch_log.csv")
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     student = json.loads((out / "student" / "stage.json").read_text())
     assert student["lr"] == pytest.approx(1e-4 * 0.5)  # the student's role factor on the new base LR
-    assert rows[1]["learning_rate"] <= 1e-4 * 0.5 + 1e-12  # the resumed epoch trained with it
+    assert rows[-1]["learning_rate"] <= 1e-4 * 0.5 + 1e-12  # the resumed epochs trained with it
     teacher_rows = read_epoch_csv(out / "teacher" / "epoch_log.csv")
-    assert len(teacher_rows) == 1  # a finished stage is left as it was
+    assert len(teacher_rows) == 3  # a finished stage is left as it was
     line = _one_line(*run_cli("cnn", "--resume", out, "--epochs", "1"))
     assert "can only grow" in line
 

@@ -35,9 +35,10 @@ def _png_ok(path):
 
 def test_report_rows_methods_and_figures(seeded_run):
     text = (seeded_run / "report.md").read_text()
-    for stage, method in (("teacher", "SCRATCH"), ("assistant", "KD"), ("student", "TAKD"),
-                          ("student_scratch", "SCRATCH"), ("student_kd", "KD")):
-        assert re.search(rf"\| {stage} \| resnet10t \| {method} \|", text), stage
+    for stage, role, method in (("teacher", "teacher", "SCRATCH"), ("assistant", "assistant", "KD"),
+                                ("student", "student", "TAKD"), ("student_scratch", "student", "SCRATCH"),
+                                ("student_kd", "student", "KD")):
+        assert re.search(rf"\| {stage} \| resnet10t \| {role} \| {method} \|", text), stage
     assert "TAKD − KD" in text and "KD − scratch" in text and "Seeds: 0, 1" in text
     assert "Reporting protocol" in text and "Pipeline check, not a result" in text  # digits: a demo
     figs = sorted((seeded_run / "figures").glob("*.png"))
@@ -57,16 +58,17 @@ def test_every_number_in_the_report_matches_the_csvs(seeded_run):
         line = next(ln for ln in text.splitlines() if ln.startswith(f"| tiny | {stage} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         vals = pd.DataFrame([r[r["stage"] == stage].iloc[0] for r in rows.values()])
-        assert cells[4] == f"{vals['params'].iloc[0] / 1e6:.2f}"
-        assert cells[5] == f"{vals['flops'].iloc[0] / 1e9:.3f}"
-        assert cells[6] == str(vals["batch_size"].iloc[0]) and cells[7] == "no"  # one plan, shown
-        for i, col in zip([8, 9, 10, 12, 13, 14], ["val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision",
+        assert cells[3] == vals["role"].iloc[0]
+        assert cells[5] == f"{vals['params'].iloc[0] / 1e6:.2f}"
+        assert cells[6] == f"{vals['flops'].iloc[0] / 1e9:.3f}"
+        assert cells[7] == str(vals["batch_size"].iloc[0]) and cells[8] == "no"  # one plan, shown
+        for i, col in zip([9, 10, 11, 13, 14, 15], ["val_accuracy", "last_val_accuracy", "test_accuracy", "test_precision",
                                                    "test_recall", "test_f1_score"]):
             v = vals[col].astype(float)
             assert cells[i] == fmt(v.mean(), v.std()), (stage, col)
-        assert cells[15] == "n/a (CPU)"
+        assert cells[16] == "n/a (CPU)"
         t = vals["train_seconds"].astype(float)
-        assert cells[16] == fmt(t.mean(), t.std(), 1, 1)
+        assert cells[17] == fmt(t.mean(), t.std(), 1, 1)
     acc = {s: rows[s].set_index("stage")["test_accuracy"] for s in (0, 1)}
     d = np.array([acc[s]["student"] - acc[s]["student_kd"] for s in (0, 1)])
     assert f"| tiny | TAKD − KD | mean of 2 | {d.mean() * 100:+.2f} |" in text

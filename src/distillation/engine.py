@@ -293,7 +293,11 @@ def optimizer_update(ctx: StepContext, step: int, step_loss: torch.Tensor, watch
 
 
 def epoch_metrics(ctx: StepContext, tally: _EpochTally, elapsed: float) -> dict:
-    """Phase 3, once per epoch: gathered macro metrics, mean terms over images, LRs and speed."""
+    """Phase 3, once per epoch: gathered macro metrics; `loss` (the mean objective) and every term
+    the method declares (`ce`: task cross-entropy against the training targets, `kd`: the
+    unweighted KD term, NaN when no teacher taught this epoch), means over images; `lr_first` /
+    `lr_last` / `lr_mean` / `lrs` (the LRs the optimizer steps used), `step_losses` (this rank's
+    objective at every step), `seconds` and `img_per_s` (after the device finished)."""
     y_true = dist.gather_array(torch.cat(tally.labels).cpu().numpy())
     y_pred = dist.gather_array(torch.cat(tally.preds).cpu().numpy())
     out = classification_metrics(y_true, y_pred, ctx.num_classes or None)
@@ -309,41 +313,59 @@ def epoch_metrics(ctx: StepContext, tally: _EpochTally, elapsed: float) -> dict:
     return out
 
 
+def train_step(ctx: StepContext, loader, x: torch.Tensor, y: torch.Tensor, step: int, alpha: float,
+               tally: _EpochTally, watch: Optional[LossWatch], save: Optional[Callable[[int], str]]) -> torch.Tensor:
+    """One optimizer step: the method's forward and backward over the micro-batches, the watched
+    update, the schedule. A stop between micro-batches undoes the step (batch-norm statistics,
+    random streams, the method's state) and saves the epoch up to its start. Returns the loss."""
+    method = ctx.method
+    undo = _StepUndo(ctx.model, method, len(tally.preds)) if save is not None and ctx.micro_batch else None
+    ctx.optimizer.zero_grad(set_to_none=True)
+    method.begin_batch()
+    targets = y
+    if ctx.mixup is not None:
+        x, targets = ctx.mixup(x, y)
+    index = loader.batch_index if method.cached is not None else None
+    try:
+        step_sums = forward_backward(ctx, x, targets, alpha, index, tally)
+    except StopRequested:
+        if undo is None:
+            raise StopRequested(step) from None
+        undo.restore(tally)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        raise StopRequested(step, save(step)) from None
+    tally.labels.append(targets.argmax(1) if targets.dim() == 2 else y)
+    step_loss = step_sums[0] / x.shape[0]
+    tally.step_losses.append(step_loss.detach())
+    optimizer_update(ctx, step, step_loss, watch)
+    tally.lrs.append(ctx.optimizer.param_groups[0]["lr"])
+    ctx.scheduler.step()
+    tally.sums += step_sums
+    tally.seen += x.shape[0]
+    return step_loss
+
+
 def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train", progress: bool = True,
                     resume: Optional[dict] = None) -> dict:
-    """Train ctx.model for one pass over `loader`.
+    """Train ctx.model for one pass over `loader`; returns the epoch's metrics (epoch_metrics).
 
-    Returns the mean objective `loss` and every term the method declares (`ce`: task
-    cross-entropy against the training targets, `kd`: the unweighted KD term, NaN when no teacher
-    taught this epoch), macro metrics, `lr_first` / `lr_last` / `lr_mean` / `lrs` (the LRs the
-    epoch's optimizer steps used), `step_losses` (this rank's objective at every step),
-    `seconds` and `img_per_s` (after the GPU finished).
-
-    Train metrics are scored against the labels the model was trained on: under mixup / cutmix,
-    the soft target's larger share (its argmax), not the unmixed image's label. No optimizer step
-    is ever taken on a non-finite loss or gradient norm (optimizer_update); NonFiniteLossError
-    names the first bad step (counted within this epoch, from 0).
-
-    Inside the epoch, every `ctx.checkpoint_every_s` seconds and when a stop is requested,
-    `ctx.save_partial` receives the epoch's state so far (its next step, running sums,
-    predictions, LRs); `resume` (that state) skips the steps already taken (the loader's batches
-    of an epoch are fixed by its seed and epoch) and carries on, so the epoch ends as it would
-    have without the interruption. A stop is honoured between micro-batches.
+    Train metrics are scored against the labels trained on (under mixup / cutmix, the soft
+    target's larger share). No optimizer step is taken on a non-finite loss or gradient norm
+    (optimizer_update); NonFiniteLossError names the first bad step (from 0 within the epoch).
+    Every `ctx.checkpoint_every_s` and on a stop, `ctx.save_partial` receives the epoch so far;
+    `resume` (that state) skips the steps already taken (an epoch's batches are fixed by the
+    loader's seed and epoch), so the epoch ends as it would have without the interruption.
     """
-    model, method = ctx.model, ctx.method
-    model.train()
-    method.eval_teachers()
-    device = next(p.device for p in model.parameters())
+    ctx.model.train()
+    ctx.method.eval_teachers()
+    device = next(p.device for p in ctx.model.parameters())
     deferred = getattr(ctx.optimizer, "_step_supports_amp_scaling", False) and ctx.scaler is None
     watch = LossWatch(device, verbose=is_verbose()) if deferred else None
-    tally = _EpochTally(("loss", *method.terms), device)
-    first, before = 0, 0.0
-    if resume is not None:
+    tally = _EpochTally(("loss", *ctx.method.terms), device)
+    first, before = (int(resume["next_step"]), float(resume["seconds"])) if resume else (0, 0.0)
+    if resume:
         tally.load(resume)
-        first, before = int(resume["next_step"]), float(resume["seconds"])
-    bar = Progress(len(loader), desc, progress)
-    n_steps = len(loader)
-    saving = ctx.save_partial is not None
+    bar, n_steps = Progress(len(loader), desc, progress), len(loader)
     synchronize(device)
     t0 = last_save = time.perf_counter()
 
@@ -351,49 +373,26 @@ def train_one_epoch(ctx: StepContext, loader, alpha: float, desc: str = "train",
         if deferred:
             watch.check()  # nothing non-finite may reach a checkpoint
         return ctx.save_partial(tally.state(next_step, before + time.perf_counter() - t0)) or ""
-
-    for step, (x, y) in enumerate(loader):
-        if step < first:  # taken before the interruption: the same batch (fixed by seed and epoch), skipped
-            continue
-        # with micro-batches a stop may come between them: the step is then undone (batch-norm
-        # statistics, random streams, the method's state) and the epoch saved up to its start
-        undo = _StepUndo(model, method, len(tally.preds)) if saving and ctx.micro_batch else None
-        ctx.optimizer.zero_grad(set_to_none=True)
-        method.begin_batch()
-        targets = y
-        if ctx.mixup is not None:
-            x, targets = ctx.mixup(x, y)
-        index = loader.batch_index if method.cached is not None else None
-        try:
-            step_sums = forward_backward(ctx, x, targets, alpha, index, tally)
-        except StopRequested:
-            bar.close()
-            if undo is None:
-                raise StopRequested(step)
-            undo.restore(tally)
-            ctx.optimizer.zero_grad(set_to_none=True)
-            raise StopRequested(step, save(step)) from None
-        tally.labels.append(targets.argmax(1) if targets.dim() == 2 else y)
-        step_loss = step_sums[0] / x.shape[0]
-        tally.step_losses.append(step_loss.detach())
-        optimizer_update(ctx, step, step_loss, watch)
-        tally.lrs.append(ctx.optimizer.param_groups[0]["lr"])
-        ctx.scheduler.step()
-        tally.sums += step_sums
-        tally.seen += x.shape[0]
-        if deferred and ((step + 1) % ctx.nan_check_every == 0 or step == n_steps - 1):
-            watch.check()  # one host read; raises NonFiniteLossError naming the first bad step
-        bar.update(step, tally.seen, lambda: float(step_loss))
-        if step == n_steps - 1:
-            break  # the epoch is complete; the stage saves it and then honours a stop
-        stopping = dist.any_rank(ctx.should_stop())
-        if stopping:
-            bar.close()
-            raise StopRequested(step + 1, save(step + 1) if saving else "")
-        if saving and ctx.checkpoint_every_s > 0 and time.perf_counter() - last_save >= ctx.checkpoint_every_s:
-            save(step + 1)
-            last_save = time.perf_counter()
-    bar.close()
+    saver = save if ctx.save_partial is not None else None
+    try:
+        for step, (x, y) in enumerate(loader):
+            if step < first:  # taken before the interruption: the same batch, skipped
+                continue
+            step_loss = train_step(ctx, loader, x, y, step, alpha, tally, watch, saver)
+            if deferred and ((step + 1) % ctx.nan_check_every == 0 or step == n_steps - 1):
+                watch.check()  # one host read; raises NonFiniteLossError naming the first bad step
+            bar.update(step, tally.seen, lambda: float(step_loss))
+            if step == n_steps - 1:  # the epoch is complete: the stage saves it, then honours a stop
+                continue
+            if dist.any_rank(ctx.should_stop()):
+                if deferred:
+                    watch.check()
+                raise StopRequested(step + 1, saver(step + 1) if saver else "")
+            if saver and ctx.checkpoint_every_s > 0 and time.perf_counter() - last_save >= ctx.checkpoint_every_s:
+                saver(step + 1)
+                last_save = time.perf_counter()
+    finally:
+        bar.close()
     synchronize(device)
     return epoch_metrics(ctx, tally, before + time.perf_counter() - t0)
 
