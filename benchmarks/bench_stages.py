@@ -344,7 +344,7 @@ def _configs(chain: str, res: int, args) -> list:
     return [(chain, cfg, cfg.stages)]
 
 
-def run(args, stage_filter=None) -> pd.DataFrame:
+def run(args) -> pd.DataFrame:
     """Every stage of the chosen chains and resolutions; one printed line per stage."""
     device = resolve_device("auto")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -176,7 +176,12 @@ def _digits_loader(augment="none", erasing=0.0):
 
 
 def test_cached_teacher_logits_equal_the_online_ones():
-    from src.distillation.engine import Precision, teacher_logits_table
+    from src.distillation.engine import MAX_TEACHER_CACHE_BYTES, Precision
+    from src.distillation.methods import KD
+
+    def teacher_logits_table(teacher, loader, precision):
+        method = KD([teacher])
+        return method.cached[0] if method.cache_teacher_logits(loader, precision, MAX_TEACHER_CACHE_BYTES) else None
     torch.manual_seed(0)
     teacher = create_model("plain_cnn4", 10, image_size=16).eval()
     loader = _digits_loader()

@@ -440,15 +440,7 @@ def in_dataset_order(index, *arrays) -> tuple:
     return (index[first], *(np.asarray(a)[first] for a in arrays))
 
 
-MAX_TEACHER_CACHE_BYTES = GiB
-
-
-def teacher_logits_table(teacher: nn.Module, loader, precision: Precision) -> Optional[torch.Tensor]:
-    """One frozen teacher's logits [N, C] for every training image, in index order, when the
-    loader presents each image identically in every epoch (see Method.cache_teacher_logits);
-    None when that does not hold or the table would pass MAX_TEACHER_CACHE_BYTES."""
-    method = KD([teacher])
-    return method.cached[0] if method.cache_teacher_logits(loader, precision, MAX_TEACHER_CACHE_BYTES) else None
+MAX_TEACHER_CACHE_BYTES = GiB  # frozen teachers' logits of a whole training split are cached up to this size
 
 
 def compile_warmup(ctx: StepContext, sample: torch.Tensor) -> float:

@@ -134,9 +134,6 @@ class Method(nn.Module):
         for t in self.teachers:
             t.eval()
 
-    def frozen_models(self) -> list:
-        return list(self.teachers)
-
     @torch.no_grad()
     def cache_teacher_logits(self, loader, precision, max_bytes: int) -> bool:
         """When the loader presents every image identically each epoch (no augmentation, no
