@@ -19,9 +19,9 @@ CHAIN = [{"name": "teacher", "model": "cifar_resnet20", "role": "teacher"},
 SMALL = {"model": "cifar_resnet8", "name": "narrow"}
 
 
-def _sweep_cfg(**over):
+def _sweep_cfg(epochs=1, **over):
     return tiny_cfg(stages=CHAIN, sweep={"assistants": ["cifar_resnet14", SMALL, ["cifar_resnet14", SMALL]]},
-                    train__epochs=2, **over)
+                    train__epochs=epochs, **over)
 
 
 def test_a_sweep_expands_into_the_expected_stages():
@@ -116,13 +116,15 @@ def test_the_report_answers_which_assistant_helps(sweep_run, tmp_path):
 def test_a_sweep_killed_in_its_middle_resumes_to_the_same_results(sweep_run, tmp_path):
     cfg, full = sweep_run
     calls = {"n": 0}
-    target = tmp_path / "cut" / "student_dense" / "epoch_log.csv"
+    target = tmp_path / "cut" / "student_dense"
 
-    def stop_in_the_dense_students_second_epoch():
-        calls["n"] += 1
-        return target.exists() and len(target.read_text().strip().splitlines()) == 2 and calls["n"] % 2 == 0
-    with pytest.raises(StopRequested):
-        run_chain(cfg, tmp_path / "cut", progress=False, should_stop=stop_in_the_dense_students_second_epoch)
+    def stop_inside_the_dense_students_epoch():  # two steps in: the epoch is saved part-way
+        if target.exists():
+            calls["n"] += 1
+        return calls["n"] > 2
+    with pytest.raises(StopRequested) as stopped:
+        run_chain(cfg, tmp_path / "cut", progress=False, should_stop=stop_inside_the_dense_students_epoch)
+    assert "student_dense: epoch 1 up to step" in stopped.value.saved
     run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
     a = pd.read_csv(full / "summary.csv").set_index("stage")
     b = pd.read_csv(tmp_path / "cut" / "summary.csv").set_index("stage")

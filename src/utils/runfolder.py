@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 
+def _file(name: str) -> property:
+    """A property: the path of the artefact `name` inside the folder."""
+    return property(lambda self: self.path / name, doc=f"{name} in the folder")
+
+
 @dataclass(frozen=True)
 class StageFolder:
     """RUN/<stage>/: what one stage writes."""
@@ -25,7 +30,7 @@ class StageFolder:
 
     EPOCH_LOG = "epoch_log.csv"          # one row per epoch, REQUIRED_COLUMNS
     TERMS = "epoch_terms.csv"            # the objective's terms, alpha, first/last LR, time split
-    SCHEDULE = "schedule.csv"            # the LR and alpha of every optimizer step, as applied
+    SCHEDULE = "schedule.csv"            # the LR, alpha and loss of every optimizer step, as applied
     LAST = "last.pt"                     # full training state after the last completed epoch (resume)
     BEST = "best.pt"                     # weights of the best-validation epoch
     PREDICTIONS = "test_predictions.csv"  # per test image: file id, label, prediction, top-5, logits
@@ -33,40 +38,15 @@ class StageFolder:
     WEIGHTS = "model.safetensors"        # exported weights (+ model.json)
     ATTENTION = "attention"              # ViT attention maps
 
+    epoch_log, terms, schedule = _file(EPOCH_LOG), _file(TERMS), _file(SCHEDULE)
+    last, best, predictions, summary_file = _file(LAST), _file(BEST), _file(PREDICTIONS), _file(SUMMARY)
+
     @property
     def name(self) -> str:
         return self.path.name
 
     def file(self, name: str) -> Path:
         return self.path / name
-
-    @property
-    def epoch_log(self) -> Path:
-        return self.path / self.EPOCH_LOG
-
-    @property
-    def terms(self) -> Path:
-        return self.path / self.TERMS
-
-    @property
-    def schedule(self) -> Path:
-        return self.path / self.SCHEDULE
-
-    @property
-    def last(self) -> Path:
-        return self.path / self.LAST
-
-    @property
-    def best(self) -> Path:
-        return self.path / self.BEST
-
-    @property
-    def predictions(self) -> Path:
-        return self.path / self.PREDICTIONS
-
-    @property
-    def summary_file(self) -> Path:
-        return self.path / self.SUMMARY
 
     @property
     def finished(self) -> bool:
@@ -97,15 +77,9 @@ class RunFolder:
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
+    config_path, seeds_file, summary_csv = _file(CONFIG), _file(SEEDS), _file(SUMMARY)
+
     # ---- what kind of folder
-    @property
-    def config_path(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def seeds_file(self) -> Path:
-        return self.path / self.SEEDS
-
     @property
     def is_multi_seed(self) -> bool:
         return self.seeds_file.exists() and not self.config_path.exists()
@@ -113,10 +87,6 @@ class RunFolder:
     @property
     def is_run(self) -> bool:
         return self.config_path.exists() or self.seeds_file.exists()
-
-    @property
-    def summary_csv(self) -> Path:
-        return self.path / self.SUMMARY
 
     @property
     def finished(self) -> bool:
