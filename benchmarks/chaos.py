@@ -2,7 +2,7 @@
 and require that nothing is lost or doubled; then fill the disk under it.
 
     python benchmarks/chaos.py --kills 200            # about 200 kills (several rounds of the chain)
-    python benchmarks/chaos.py --kills 8 --no-disk    # what tests/test_chaos.py runs
+    python benchmarks/chaos.py --kills 12 --no-disk   # what tests/test_chaos.py runs
 
 Kills land at random times (start-up and planning, mid-epoch, between stages, during the report)
 and, on purpose, while a checkpoint or CSV is being written (a *.tmp file exists). After each round
