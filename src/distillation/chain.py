@@ -25,7 +25,7 @@ from src.distillation import distributed as dist
 from src.distillation.config import RunConfig, save_config
 from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.methods import method_name, resolve
-from src.distillation.planner import StepSpec, apply_vram_budget, compile_decision, probe_plan
+from src.distillation.planner import StepSpec, apply_vram_budget, compile_decision, measure_steps, probe_plan
 from src.distillation.recipe import optimizer_factory
 from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
                                    use_channels_last)
@@ -302,8 +302,6 @@ def stage_epoch_seconds(chain: ChainRun, stage, plan: StagePlan) -> float:
     cfg, data, device = chain.cfg, chain.data, chain.device
     img_s = plan.probe_compiled_img_per_s if plan.compile and plan.probe_compiled_img_per_s else plan.probe_img_per_s
     if not img_s:
-        from src.distillation.planner import measure_steps
-        from src.distillation.engine import prepare_teacher
         precision = Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype)
         cl = use_channels_last(cfg, stage, device)
         model = build_stage_model(cfg, _bare(stage), data.num_classes).to(device)

@@ -7,7 +7,6 @@ After each epoch the stage's own measured epoch time replaces the probe's.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 SLOW_ON_CPU_S = 30 * 60   # over this on a CPU: say the preset is meant for a GPU and name those that fit
@@ -40,7 +39,6 @@ class ChainClock:
         self.work = {w.name: w for w in work}
         self.full_chain_seconds = full_chain_seconds
         self.later_seeds = later_seeds
-        self.started = time.perf_counter()
 
     def left(self) -> float:
         return sum(w.epochs_left * w.epoch_seconds for w in self.work.values()) + self.later_seeds * self.full_chain_seconds
