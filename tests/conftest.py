@@ -12,6 +12,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub traffic from tests
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+def pytest_collection_finish(session):
+    """Everything imported by now lives as long as the suite: out of the collector's sight, the
+    full collections the training code asks for between stages take milliseconds, not 0.3 s."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 _skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -84,3 +92,13 @@ def run_cli(chain: str, *args, monkeypatch=None):
     finally:
         os.chdir(cwd)
     return code, err.getvalue()
+
+
+def validate(runs: Path, monkeypatch, capsys):
+    """validate_project.py --runs RUNS in this process: (exit code, printed text). The guards'
+    self-test, a process of its own, is left out (tests/test_guards.py runs that script)."""
+    import validate_project
+    monkeypatch.setattr(validate_project, "check_self_test", lambda: "not run here")
+    capsys.readouterr()
+    code = validate_project.main(["--runs", str(runs)])
+    return code, capsys.readouterr().out

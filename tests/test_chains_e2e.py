@@ -10,7 +10,7 @@ import pytest
 from src.distillation.chain import run_chain
 from src.utils.checkpoint import safe_load
 from src.utils.logger import REQUIRED_COLUMNS, read_epoch_csv
-from tests.conftest import ROOT, run_entry, tiny_cfg
+from tests.conftest import ROOT, run_entry, tiny_cfg, validate
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +84,7 @@ def test_vit_demo_chain_writes_attention_maps_and_checkpoints_vit_base(vit_run):
     assert plan["teacher"]["grad_checkpointing"] is True and plan["student"]["grad_checkpointing"] is False
 
 
-def test_validate_project_passes_on_runs_and_names_a_renamed_column(cnn_run, tmp_path):
+def test_validate_project_passes_on_runs_and_names_a_renamed_column(cnn_run, tmp_path, monkeypatch, capsys):
     import shutil
     out, _ = cnn_run
     ok = subprocess.run([sys.executable, str(ROOT / "validate_project.py"), "--runs", str(out.parent)],
@@ -95,10 +95,9 @@ def test_validate_project_passes_on_runs_and_names_a_renamed_column(cnn_run, tmp
     shutil.copytree(out, broken)
     csv = broken / "student" / "epoch_log.csv"
     csv.write_text(csv.read_text().replace("val_accuracy", "val_acc", 1))
-    bad = subprocess.run([sys.executable, str(ROOT / "validate_project.py"), "--runs", str(tmp_path / "runs")],
-                         capture_output=True, text=True)
-    assert bad.returncode == 1
-    assert "✗ epoch CSV schemas:" in bad.stdout and "val_accuracy" in bad.stdout
+    code, printed = validate(tmp_path / "runs", monkeypatch, capsys)
+    assert code == 1
+    assert "✗ epoch CSV schemas:" in printed and "val_accuracy" in printed
 
 
 def test_entry_point_works_from_another_folder_and_refuses_to_overwrite(cnn_run):
@@ -126,15 +125,20 @@ def test_same_seed_same_losses(tmp_path):
         assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]
 
 
-def test_help_texts_say_what_each_option_does():
+def test_help_texts_say_what_each_option_does(capsys):
     import re
+
+    from src import evaluate, report
     res = subprocess.run(["bash", str(ROOT / "cnn_distillation/train_cnn.sh"), "--help"], capture_output=True, text=True)
     text = re.sub(r"\s+", " ", res.stdout)
     assert "torchrun --nproc_per_node N -m cnn_distillation.train_cnn" in text  # the module, not the .sh
     for opt in ("--seed SEED", "--data-source {", "--no-progress", "--verbose", "--tensorboard"):
         assert opt in text, opt
     assert re.search(r"--seed SEED run seed", text) and re.search(r"--data-source \{[^}]*\} where the images", text)
-    rep = subprocess.run([sys.executable, "-m", "src.report", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert "RUN_DIR" in rep.stdout and "seeds.json" in rep.stdout and "--out" in rep.stdout
-    ev = subprocess.run([sys.executable, "-m", "src.evaluate", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert "--stage" in ev.stdout and "--data-root" in ev.stdout
+    for main in (report.main, evaluate.main):  # python -m src.report / src.evaluate: their main(), in this process
+        with pytest.raises(SystemExit) as stop:
+            main(["--help"])
+        assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "RUN_DIR" in out and "seeds.json" in out and "--out" in out
+    assert "--stage" in out and "--data-root" in out

@@ -15,7 +15,7 @@ from src.distillation.chain import run_chain
 from src.distillation.config import to_dict
 from src.distillation.engine import StopRequested
 from src.utils.logger import read_epoch_csv
-from tests.conftest import ROOT, run_cli, run_entry, tiny_cfg
+from tests.conftest import ROOT, run_cli, tiny_cfg, validate
 
 CMP = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate"]
 
@@ -68,7 +68,7 @@ def _wait_rows(csv, n, proc, timeout=240):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_one_row_per_epoch_and_a_complete_summary(tmp_path):
+def test_kill_9_then_resume_gives_one_row_per_epoch_and_a_complete_summary(tmp_path, monkeypatch, capsys):
     cfg_path = _write_cfg(tmp_path, train__epochs=3, data__max_train_samples=480)
     out = tmp_path / "run"
     proc = _start(tmp_path, cfg_path, out)
@@ -76,13 +76,12 @@ def test_kill_9_then_resume_gives_one_row_per_epoch_and_a_complete_summary(tmp_p
     time.sleep(0.3)  # mid-epoch 2
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    res = run_entry("cnn", "--resume", out)
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, err = run_cli("cnn", "--resume", out)
+    assert code == 0, err[-2000:]
     for stage in ("teacher", "student"):
         assert [int(r["epoch"]) for r in read_epoch_csv(out / stage / "epoch_log.csv")] == [1, 2, 3]
-    check = subprocess.run([sys.executable, str(ROOT / "validate_project.py"), "--runs", str(tmp_path)],
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout
+    code, printed = validate(tmp_path, monkeypatch, capsys)
+    assert code == 0, printed
 
 
 @pytest.mark.slow

@@ -9,12 +9,17 @@ from src.models import create_model
 from tests.conftest import requires_cuda
 
 
-def test_cpu_plan_is_left_as_configured():
+def test_cpu_plan_is_left_as_configured(monkeypatch):
+    from src.distillation import planner
+    compiled = []  # compile=auto on a CPU measures torch.compile against eager (a minute here): recorded, not run
+    monkeypatch.setattr(planner, "_probe_compile", lambda p, eager, *a, **k: compiled.append(eager) or p)
     plan = StagePlan(epochs=3, batch_size=64)
     out = probe_plan(plan, model_builder=lambda: create_model("resnet10t", 10), teacher_builder=None,
                      model_name="resnet10t", image_size=16, num_classes=10, device=torch.device("cpu"),
                      precision=Precision("cpu", None), channels_last=False, budget_gb=6)
     assert (out.batch_size, out.micro_batch, out.grad_checkpointing) == (64, None, False)
+    assert len(compiled) == 1 and compiled[0]["img_per_s"] > 0  # an unknown workload: compile is measured
+    assert out.probe_img_per_s == round(compiled[0]["img_per_s"], 1)
     assert apply_vram_budget(torch.device("cpu"), 6) == {"capped": False}
 
 
@@ -151,3 +156,21 @@ def test_a_reused_plan_decides_compile_for_each_stage_length(monkeypatch):
         decisions[epochs] = plan.compile
         assert plan.epochs == epochs and "reused" in " ".join(plan.notes)
     assert decisions == {1: False, 40: True}  # saves 3.5 s in one epoch, 140 s in forty; compiling costs 40 s
+
+
+def test_the_compile_probe_measures_the_compiled_step_and_says_why(monkeypatch):
+    """The probe compiles the student and times it against eager (aot_eager: no C++ compiler, seconds)."""
+    import functools
+
+    from src.distillation import planner
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    plan = StagePlan(epochs=1, batch_size=16)
+    try:
+        out = planner._probe_compile(plan, {"img_per_s": 1e9}, lambda: create_model("resnet10t", 10), None,
+                                     "resnet10t", 16, 10, torch.device("cpu"), Precision("cpu", None), False,
+                                     float("inf"), images_to_train=160)
+    finally:
+        torch._dynamo.reset()
+    assert out.compile is False  # nothing compiled beats an eager step of 1e9 img/s
+    assert out.probe_compiled_img_per_s > 0 and out.probe_compile_seconds >= 0
+    assert out.notes[-1].startswith("compile: ") and out.notes[-1].endswith("-> off") and "vs eager" in out.notes[-1]

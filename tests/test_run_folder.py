@@ -11,7 +11,7 @@ import yaml
 
 from src.distillation.config import to_dict
 from src.utils import runlock
-from tests.conftest import ROOT, run_cli, tiny_cfg
+from tests.conftest import ROOT, run_cli, tiny_cfg, validate
 
 
 def _cfg_file(tmp_path, **over):
@@ -182,10 +182,9 @@ def test_clean_removes_run_folders_only(tmp_path, monkeypatch):
     assert main(["--remove", str(run), "--yes"]) == 0 and not run.exists() and link.is_symlink()
 
 
-def test_validator_fails_on_a_runs_folder_that_does_not_exist(tmp_path):
-    res = subprocess.run([sys.executable, "validate_project.py", "--runs", str(tmp_path / "nonexistent")], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert res.returncode == 1 and "does not exist" in res.stdout and "All validations passed" not in res.stdout
+def test_validator_fails_on_a_runs_folder_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    code, printed = validate(tmp_path / "nonexistent", monkeypatch, capsys)
+    assert code == 1 and "does not exist" in printed and "All validations passed" not in printed
 
 
 def test_validator_tells_a_run_being_written_from_a_dead_one(tmp_path):

@@ -265,16 +265,21 @@ def test_paired_predictions_join_on_the_file_and_refuse_other_labels():
 
 
 # ------------------------------------------------------------------------------ one command, resumable
+def _reproduce_args(out, results, *extra):
+    return ["--tables", "table1", "--families", "plain", "--datasets", "cifar10", "--data-source", "digits",
+            "--epochs", "2", "--seeds", "0,1", "--out", str(out), "--results", str(results),
+            "--set", "data.max_train_samples=200", "--set", "data.max_test_samples=100", "--set", "data.image_size=16",
+            *extra]
+
+
 def _reproduce(out, results, *extra, **kw):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce_takd.py"), "--tables", "table1", "--families", "plain",
-           "--datasets", "cifar10", "--data-source", "digits", "--epochs", "2", "--seeds", "0,1", "--out", str(out),
-           "--results", str(results), "--set", "data.max_train_samples=200", "--set", "data.max_test_samples=100",
-           "--set", "data.image_size=16", *extra]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce_takd.py"), *_reproduce_args(out, results, *extra)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
 
-def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path):
+def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path, capsys):
+    from benchmarks import reproduce_takd
     out, results = tmp_path / "out", tmp_path / "res" / "takd.csv"
     proc = _reproduce(out, results)
     marker = out / "plain-cifar10" / "students" / "seed_0" / "student_scratch" / "epoch_log.csv"
@@ -286,10 +291,11 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path):
     text = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, text[-3000:]
     assert "--resume" in text and not results.exists()
-    again = _reproduce(out, results)  # the same command without --resume refuses: nothing is overwritten
-    assert again.wait(timeout=600) == 2 and "add --resume" in again.communicate()[0]
-    changed = _reproduce(out, results, "--resume", "--teacher-epochs", "3")
-    assert changed.wait(timeout=600) == 2 and "other settings" in changed.communicate()[0]
+    capsys.readouterr()  # the refusals, in this process (main() is the script's whole body)
+    assert reproduce_takd.main(_reproduce_args(out, results)) == 2  # without --resume: nothing is overwritten
+    assert "add --resume" in capsys.readouterr().err
+    assert reproduce_takd.main(_reproduce_args(out, results, "--resume", "--teacher-epochs", "3")) == 2
+    assert "other settings" in capsys.readouterr().err
     resumed = _reproduce(out, results, "--resume")
     text = resumed.communicate(timeout=900)[0]
     assert resumed.returncode == 0, text[-3000:]

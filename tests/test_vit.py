@@ -8,7 +8,7 @@ import torch
 from src.distillation.chain import run_chain
 from src.models import create_model
 from src.visualization.vit_viz import attention_rollout, attention_weights, save_attention_maps
-from tests.conftest import ROOT, run_entry, tiny_cfg
+from tests.conftest import ROOT, run_cli, tiny_cfg
 
 
 def _all_hooks(model):
@@ -78,10 +78,11 @@ def test_hf_vit_chain_through_the_same_engine(tmp_path):
 
 @pytest.mark.slow
 def test_cross_architecture_preset_runs(tmp_path):
-    res = run_entry("vit", "--config", ROOT / "vit_distillation/configs/cnn_teacher.yaml", "--output-dir",
-                    tmp_path / "run", "--data-source", "digits", "--epochs", 1, "--batch-size", 50,
-                    "--set", "data.max_train_samples=100", "--set", "data.max_test_samples=50", "--set", "data.image_size=16")
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, err = run_cli("vit", "--config", ROOT / "vit_distillation/configs/cnn_teacher.yaml", "--output-dir",
+                        tmp_path / "run", "--data-source", "digits", "--epochs", 1, "--batch-size", 50,
+                        "--set", "data.max_train_samples=100", "--set", "data.max_test_samples=50",
+                        "--set", "data.image_size=16")
+    assert code == 0, err[-2000:]
     summary = (tmp_path / "run" / "summary.csv").read_text()
     assert "resnet50" in summary and "vit_small_patch16_224" in summary and "vit_tiny_patch16_224" in summary
 

@@ -188,9 +188,10 @@ class Session:
     out_existed: bool = False
     lock: object = None
     previous_handlers: object = None
+    own_process: bool = False  # the entry point's process (not a caller's): its import heap may be frozen
 
 
-def run(argv, chain: str, default_config: Path) -> int:
+def run(argv, chain: str, default_config: Path, own_process: bool = False) -> int:
     """The command line's phases: resolve the target (a new run or the one to resume), check its
     output folder, train; every exception becomes one line and an exit code (exit_code)."""
     args = build_parser(chain, default_config).parse_args(argv)
@@ -200,6 +201,7 @@ def run(argv, chain: str, default_config: Path) -> int:
     if args.gpus is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         return _relaunch_under_torchrun(argv, chain, args.gpus)
     session = open_session(args, chain)
+    session.own_process = own_process
     try:
         resolve_target(session)
         check_output_folder(session)
@@ -338,6 +340,8 @@ def train(session: Session) -> None:
     resume, progress = args.resume is not None, not args.no_progress
     stop = lambda: signals.stop_requested() is not None  # noqa: E731
     folder = RunFolder(out)
+    if session.own_process:
+        _freeze_import_heap()
     if session.seeds and session.ds.is_main and not resume:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
@@ -354,6 +358,16 @@ def train(session: Session) -> None:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage best.pt, last.pt and "
                      f"model.safetensors, each about the model's size, plus logs and the report)")
+
+
+def _freeze_import_heap() -> None:
+    """What was imported so far (torch, timm, sklearn: about half a million objects) lives as long
+    as the process. gc.freeze moves it out of the collector's sight, so that every later full
+    collection (between stages, after each figure) scans only what training allocated: about 0.3 s
+    less per collection on a CPU, several per stage."""
+    import gc
+    gc.collect()
+    gc.freeze()
 
 
 def exit_code(session: Session, exc: BaseException) -> int:
@@ -423,4 +437,4 @@ def _report(out: Path, log, tensorboard: bool = False) -> None:
 
 
 def main(chain: str, default_config: Path) -> None:
-    sys.exit(run(sys.argv[1:], chain, default_config))
+    sys.exit(run(sys.argv[1:], chain, default_config, own_process=True))
