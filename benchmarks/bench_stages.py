@@ -378,4 +378,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from src.utils.devices import freeze_import_heap
+    freeze_import_heap()
     sys.exit(main())

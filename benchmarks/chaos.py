@@ -51,6 +51,12 @@ def _start(cfg: Path, run: Path, resume: bool):
 
 
 def reference(cfg: Path, run: Path) -> float:
+    """The uninterrupted run; returns its wall time, from which the kill moments are drawn. The
+    interpreter's libraries are read once before (a first start on a cold file cache can take
+    several times as long as the restarts after it: moments drawn from that would fall after most
+    restarts had finished, and their kills would be missed)."""
+    subprocess.run([sys.executable, "-c", "import src.distillation.chain, src.report"], cwd=ROOT, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)))
     t0 = time.perf_counter()
     proc = _start(cfg, run, False)
     _, err = proc.communicate(timeout=600)

@@ -9,8 +9,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
-
 from src.utils.stats import ALPHA, holm, paired_correct, t_interval  # noqa: F401 (paired_correct: re-exported)
 
 PAPER = "Mirzadeh et al. 2020, Improved Knowledge Distillation via Teacher Assistant (AAAI)"

@@ -66,7 +66,8 @@ def test_profile_stage_writes_trace_tables_and_summary(tmp_path):
     import gzip
     import json
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks/profile_stage.py"), "--tiny", "--device", "cpu",
-                          "--steps", "3", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                          "--steps", "3", "--no-compile", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)  # compiling on a CPU: a minute; see test_compile.py
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "cnn16_student_summary.json").read_text())
     assert summary["steps"] == 3 and summary["model"] == "resnet18" and summary["teacher"] == "resnet34"

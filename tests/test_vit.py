@@ -87,8 +87,10 @@ def test_cross_architecture_preset_runs(tmp_path):
     assert "resnet50" in summary and "vit_small_patch16_224" in summary and "vit_tiny_patch16_224" in summary
 
 
-def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path):
+def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path, capsys):
     import subprocess
+
+    from src.utils.clean import main as clean_main
     for chain in ("cnn", "vit"):
         text = (ROOT / f"{chain}_distillation" / "clean.sh").read_text()
         assert "python}\" -m src.utils.clean" in text  # one implementation, two thin scripts
@@ -107,14 +109,14 @@ def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path):
     clean = ["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs)]
     res = subprocess.run(clean + ["--remove-all"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert res.returncode == 2 and (runs / "cnn" / "old").exists()  # no confirmation, nothing deleted
-    res = subprocess.run(clean + ["--remove", str(elsewhere), "--yes"], capture_output=True, text=True)
-    assert res.returncode == 0 and not elsewhere.exists() and (runs / "cnn" / "old").exists()  # only that one
-    res = subprocess.run(clean + ["--remove", str(elsewhere)], capture_output=True, text=True)
-    assert res.returncode == 2 and "not found" in res.stderr
-    res = subprocess.run(clean + ["--remove-all", "--yes"], capture_output=True, text=True)
-    assert res.returncode == 0 and not (runs / "cnn" / "old").exists() and not (runs / "demo" / "older").exists()
+    clean_in_process = ["--runs", str(runs)]  # the script's main(), in this process
+    assert clean_main(clean_in_process + ["--remove", str(elsewhere), "--yes"]) == 0
+    assert not elsewhere.exists() and (runs / "cnn" / "old").exists()  # only that one
+    assert clean_main(clean_in_process + ["--remove", str(elsewhere)]) == 2 and "not found" in capsys.readouterr().err
+    assert clean_main(clean_in_process + ["--remove-all", "--yes"]) == 0
+    assert not (runs / "cnn" / "old").exists() and not (runs / "demo" / "older").exists()
     assert keep.read_text() == "mine"  # not a run folder: untouched
     if not torch.cuda.is_available():
-        assert "No CUDA device visible" in res.stdout
+        assert "No CUDA device visible" in capsys.readouterr().out
     help_text = subprocess.run(clean + ["--help"], capture_output=True, text=True).stdout
     assert "cannot free" in help_text and "spec fix" not in help_text

@@ -29,7 +29,7 @@ from src.distillation.planner import StepSpec, apply_vram_budget, compile_decisi
 from src.distillation.recipe import optimizer_factory
 from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
                                    use_channels_last)
-from src.models import count_params, is_vit
+from src.models import count_params, is_vit, shape_only
 from src.utils.checkpoint import atomic_write_text
 from src.utils.devices import resolve_device, set_cpu_threads
 from src.utils.environment import environment_record
@@ -133,7 +133,8 @@ def _heaviest_teachers(cfg: RunConfig, stage, num_classes: int):
     def weight(s):
         for n in s.teachers:
             if n not in sizes:
-                sizes[n] = count_params(build_stage_model(cfg, _bare(cfg.stage(n)), num_classes))
+                build = lambda n=n: build_stage_model(cfg, _bare(cfg.stage(n)), num_classes)  # noqa: E731
+                sizes[n] = count_params(shape_only(build) or build())
         return sum(sizes[n] for n in s.teachers)
     return max(sharing, key=lambda s: (weight(s), len(s.teachers)))
 

@@ -341,7 +341,8 @@ def train(session: Session) -> None:
     stop = lambda: signals.stop_requested() is not None  # noqa: E731
     folder = RunFolder(out)
     if session.own_process:
-        _freeze_import_heap()
+        from src.utils.devices import freeze_import_heap
+        freeze_import_heap()
     if session.seeds and session.ds.is_main and not resume:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
@@ -358,16 +359,6 @@ def train(session: Session) -> None:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage best.pt, last.pt and "
                      f"model.safetensors, each about the model's size, plus logs and the report)")
-
-
-def _freeze_import_heap() -> None:
-    """What was imported so far (torch, timm, sklearn: about half a million objects) lives as long
-    as the process. gc.freeze moves it out of the collector's sight, so that every later full
-    collection (between stages, after each figure) scans only what training allocated: about 0.3 s
-    less per collection on a CPU, several per stage."""
-    import gc
-    gc.collect()
-    gc.freeze()
 
 
 def exit_code(session: Session, exc: BaseException) -> int:

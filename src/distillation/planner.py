@@ -261,10 +261,7 @@ def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num
     if compile_mode != "auto":
         return replace(plan, compile=compile_mode == "true")
     if images_to_train:  # no probe (5 training steps, or a compilation) for a stage too short to repay one
-        from src.models import count_flops
-        probe_model = model_builder()
-        bound_s = images_to_train * 3 * count_flops(probe_model, image_size, device) / CPU_FLOPS_BOUND
-        del probe_model
+        bound_s = images_to_train * 3 * _forward_flops(model_builder, image_size, device) / CPU_FLOPS_BOUND
         if bound_s < COMPILE_MIN_STAGE_S:
             return replace(plan, compile=False, notes=plan.notes + [
                 f"compile: not probed (training takes at least {bound_s:.1f}s of compute even at "
@@ -283,6 +280,19 @@ def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num
     return plan_compile(plan, eager["img_per_s"], images_to_train, lambda p: _probe_compile(
         p, eager, model_builder, teacher_builder, model_name, image_size, num_classes, device, precision,
         channels_last, float("inf"), images_to_train, spec))
+
+
+def _forward_flops(model_builder, image_size: int, device: torch.device) -> int:
+    """FLOPs of one image's forward pass: counted on the meta device (shapes only, no weights
+    initialised), or on a real model where the meta device cannot run it."""
+    from src.models import count_flops, shape_only
+    model = shape_only(model_builder)
+    if model is not None:
+        try:
+            return count_flops(model, image_size, torch.device("meta"))
+        except Exception:  # noqa: BLE001 (an operation without a meta kernel)
+            pass
+    return count_flops(model_builder(), image_size, device)
 
 
 def plan_compile(plan, eager_img_s: float, images_to_train: Optional[int], probe: Callable):

@@ -32,7 +32,7 @@ from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepCon
 from src.distillation.methods import Method, build_method
 from src.distillation.recipe import make_optimizer, make_scheduler, set_base_lr
 from src.distillation.export import export_stage
-from src.models import count_flops, count_params, create_model, is_cnn
+from src.models import count_flops, count_params, create_model, is_cnn, shape_only
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import (atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state,
                                   slim_checkpoint)
@@ -92,12 +92,9 @@ def stage_is_cnn(cfg, stage) -> bool:
     no weights; a model that cannot be built there is judged by its name)."""
     key = (stage.model, stage.cifar_stem, stage.patch_size, json.dumps(stage.model_kwargs, sort_keys=True, default=str))
     if key not in _CNN:
-        try:
-            with torch.device("meta"):
-                model = build_stage_model(cfg, replace(stage, pretrained=False, pretrained_file=None, checkpoint=None), 10)
-            _CNN[key] = is_cnn(model)
-        except Exception:  # noqa: BLE001 (a model family the meta device cannot build)
-            _CNN[key] = is_cnn(stage.model)
+        model = shape_only(lambda: build_stage_model(
+            cfg, replace(stage, pretrained=False, pretrained_file=None, checkpoint=None), 10))
+        _CNN[key] = is_cnn(model if model is not None else stage.model)
     return _CNN[key]
 
 

@@ -11,7 +11,7 @@ Every model returns logits [B, num_classes] from images [B, 3, S, S].
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -155,6 +155,17 @@ def create_model(name: str, num_classes: int, *, image_size: Optional[int] = Non
     if cifar_stem:
         _cifar_stem(model, name)
     return model
+
+
+def shape_only(builder: Callable[[], nn.Module]) -> Optional[nn.Module]:
+    """What `builder` makes, built on the meta device: every layer and shape, no memory and no
+    initialisation (ResNet-50: 0.2 s instead of 1-3 s on a CPU); None for a model that cannot be
+    built there (one that reads a file, say)."""
+    try:
+        with torch.device("meta"):
+            return builder()
+    except Exception:  # noqa: BLE001 (any model family: the caller builds it for real instead)
+        return None
 
 
 def count_params(model: nn.Module) -> int:

@@ -135,3 +135,14 @@ def set_cpu_threads(device: torch.device, local_world_size: int = 1) -> Optional
     threads = max(1, cores // max(1, local_world_size))
     torch.set_num_threads(threads)
     return threads
+
+
+def freeze_import_heap() -> None:
+    """For a process's entry point, once its modules are imported: what was imported (torch, timm,
+    sklearn: about half a million objects) lives as long as the process. gc.freeze moves it out of
+    the collector's sight, so that every later full collection (cleanup_training_state between
+    stages, after each figure) scans only what training allocated: about 0.3 s less per collection
+    on a CPU, several per stage. Not for library callers: what they hold would never be collected."""
+    import gc
+    gc.collect()
+    gc.freeze()
