@@ -10,7 +10,7 @@ import pytest
 from src.distillation.chain import run_chain
 from src.utils.checkpoint import safe_load
 from src.utils.logger import REQUIRED_COLUMNS, read_epoch_csv
-from tests.conftest import ROOT, run_entry, tiny_cfg, validate
+from tests.conftest import ROOT, run_cli, run_entry, tiny_cfg, validate
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,26 @@ def cnn_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory):
+    """The ViT demo in this process (the shell entry point is the CNN demo's): what the console
+    said is read from the project's logger."""
+    import io
+    import logging
+    from types import SimpleNamespace
+
+    from src.utils.logger import get_console, set_verbose
     out = tmp_path_factory.mktemp("vit") / "run"
-    res = run_entry("vit", "--config", ROOT / "vit_distillation/configs/demo.yaml", "--output-dir", out,
-                    "--epochs", 1, "--set", "data.max_train_samples=80", "--set", "data.max_test_samples=40", "--verbose")
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    return out, res
+    said = io.StringIO()
+    handler = logging.StreamHandler(said)
+    get_console().addHandler(handler)
+    try:
+        code, err = run_cli("vit", "--config", ROOT / "vit_distillation/configs/demo.yaml", "--output-dir", out,
+                            "--epochs", 1, "--set", "data.max_train_samples=80", "--set", "data.max_test_samples=40",
+                            "--verbose")
+    finally:
+        get_console().removeHandler(handler)
+        set_verbose(False)
+    assert code == 0, said.getvalue()[-2000:] + err[-2000:]
+    return out, SimpleNamespace(stdout=said.getvalue(), stderr=err)
 
 
 def _check_run_folder(out, models, epochs):

@@ -87,7 +87,8 @@ def test_cross_architecture_preset_runs(tmp_path):
     assert "resnet50" in summary and "vit_small_patch16_224" in summary and "vit_tiny_patch16_224" in summary
 
 
-def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path, capsys):
+def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path, capsys, monkeypatch):
+    import io
     import subprocess
 
     from src.utils.clean import main as clean_main
@@ -106,10 +107,10 @@ def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path, capsys):
     keep = runs / "notes.txt"
     keep.write_text("mine")
     elsewhere = run_folder(tmp_path / "elsewhere" / "run1", "config.yaml", "env.json")
-    clean = ["bash", str(ROOT / "cnn_distillation/clean.sh"), "--runs", str(runs)]
-    res = subprocess.run(clean + ["--remove-all"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert res.returncode == 2 and (runs / "cnn" / "old").exists()  # no confirmation, nothing deleted
     clean_in_process = ["--runs", str(runs)]  # the script's main(), in this process
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # not a terminal
+    assert clean_main(clean_in_process + ["--remove-all"]) == 2 and (runs / "cnn" / "old").exists()
+    assert "pass --yes" in capsys.readouterr().err  # no confirmation, nothing deleted
     assert clean_main(clean_in_process + ["--remove", str(elsewhere), "--yes"]) == 0
     assert not elsewhere.exists() and (runs / "cnn" / "old").exists()  # only that one
     assert clean_main(clean_in_process + ["--remove", str(elsewhere)]) == 2 and "not found" in capsys.readouterr().err
@@ -118,5 +119,6 @@ def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path, capsys):
     assert keep.read_text() == "mine"  # not a run folder: untouched
     if not torch.cuda.is_available():
         assert "No CUDA device visible" in capsys.readouterr().out
+    clean = ["bash", str(ROOT / "cnn_distillation/clean.sh")]  # the script itself: --help answers before torch loads
     help_text = subprocess.run(clean + ["--help"], capture_output=True, text=True).stdout
     assert "cannot free" in help_text and "spec fix" not in help_text
