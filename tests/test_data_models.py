@@ -316,3 +316,21 @@ def test_tensor_loader_copies_to_the_device_once_per_epoch_not_per_batch():
             assert len(batches) == n // batch and batches[0][0].shape == (batch, 3, 16, 16)
             counts.append(Copies.count)
         assert counts[0] == counts[1] <= most, (erasing, counts)
+
+
+def test_shape_only_models_have_the_real_layers_and_flops_without_weights(tmp_path):
+    from src.distillation.planner import _forward_flops
+    from src.models import count_flops, shape_only
+    for name, kw in (("resnet18", {}), ("vit_tiny_patch16_224", {"image_size": 32, "patch_size": 8})):
+        build = lambda: create_model(name, 10, **kw)  # noqa: E731
+        meta, real = shape_only(build), build()
+        assert all(p.is_meta for p in meta.parameters())
+        assert count_params(meta) == count_params(real)
+        if name == "resnet18":  # convolutions: the same count on the meta device
+            assert _forward_flops(build, 32, torch.device("cpu")) == count_flops(real, 32)
+
+    def reads_a_file():  # a builder the meta device cannot run: the caller builds it for real
+        model = create_model("resnet18", 10)
+        model.load_state_dict(torch.load(tmp_path / "missing.pt", weights_only=True))
+        return model
+    assert shape_only(reads_a_file) is None

@@ -395,7 +395,7 @@ def test_sigterm_stops_promptly_in_every_phase(tmp_path, monkeypatch, phase):
 
 
 def test_printed_resume_command_works_from_the_users_folder(tmp_path):
-    cfg_path = _write_cfg(tmp_path, train__epochs=3, data__max_train_samples=480)
+    cfg_path = _write_cfg(tmp_path, train__epochs=2)  # stopped anywhere after the teacher's first epoch
     out = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(["bash", str(ROOT / "cnn_distillation/train_cnn.sh"), "--no-progress", "--config",
