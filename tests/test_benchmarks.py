@@ -9,9 +9,10 @@ from tests.conftest import ROOT
 
 def test_bench_stages_tiny_writes_the_csv(tmp_path):
     out = tmp_path / "stages.csv"
+    # the ViT chain takes the same path; compiled training: tests/test_compile.py
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_stages.py"), "--tiny", "--steps", "1",
                           "--chains", "cnn", "--resolutions", "32", "--no-compile", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)  # the ViT chain takes the same path; compile: tests/test_compile.py
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     df = pd.read_csv(out)
     assert list(df.columns) == ["chain", "stage", "model", "teacher", "image_size", "micro_batch", "grad_ckpt", "compile",
@@ -66,8 +67,8 @@ def test_profile_stage_writes_trace_tables_and_summary(tmp_path):
     import gzip
     import json
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks/profile_stage.py"), "--tiny", "--device", "cpu",
-                          "--steps", "3", "--no-compile", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600)  # compiling on a CPU: a minute; see test_compile.py
+                          "--steps", "3", "--no-compile", "--out", str(tmp_path)],  # compiling: test_compile.py
+                         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     summary = json.loads((tmp_path / "cnn16_student_summary.json").read_text())
     assert summary["steps"] == 3 and summary["model"] == "resnet18" and summary["teacher"] == "resnet34"

@@ -134,7 +134,8 @@ def _heaviest_teachers(cfg: RunConfig, stage, num_classes: int):
         for n in s.teachers:
             if n not in sizes:
                 build = lambda n=n: build_stage_model(cfg, _bare(cfg.stage(n)), num_classes)  # noqa: E731
-                sizes[n] = count_params(shape_only(build) or build())
+                shapes = shape_only(build)
+                sizes[n] = count_params(shapes if shapes is not None else build())
         return sum(sizes[n] for n in s.teachers)
     return max(sharing, key=lambda s: (weight(s), len(s.teachers)))
 
