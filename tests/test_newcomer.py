@@ -56,9 +56,6 @@ def test_the_chain_says_how_long_it_will_take_before_its_first_step(tmp_path, ca
     from src.distillation.chain import run_chain
     from tests.conftest import tiny_cfg
     monkeypatch.setattr(clock, "SLOW_ON_CPU_S", 0.0)  # every chain counts as long: the CPU advice must appear
-    from src.utils.logger import get_console
-    for handler in get_console().handlers:  # the console writes to this test's captured stdout
-        monkeypatch.setattr(handler, "stream", sys.stdout)
     run_chain(tiny_cfg(train__epochs=2), tmp_path / "run", progress=False, later_seeds=2)
     out = capsys.readouterr().out
     estimate = out.index("Estimated training time: about")

@@ -38,11 +38,28 @@ def is_verbose() -> bool:
     return _VERBOSE["on"]
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at the moment of the write (a notebook's, a test's
+    captured one, a redirect), not the one that existed when the console was first configured."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):  # logging.StreamHandler.__init__ assigns it; the property reads sys.stdout
+        pass
+
+
 def get_console() -> logging.Logger:
-    """The project's console logger: plain messages on stdout, configured once."""
+    """The project's console logger: plain messages on stdout, configured once. Other handlers
+    (a test runner's log capture, a user's file handler) may sit beside ours; only ours is counted."""
     logger = logging.getLogger(_CONSOLE_NAME)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
