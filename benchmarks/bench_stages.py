@@ -37,7 +37,7 @@ from src.data.sources import Split  # noqa: E402
 from src.distillation.config import load_config  # noqa: E402
 from src.distillation.engine import Precision, StepContext, compile_warmup, prepare_teacher, train_one_epoch  # noqa: E402
 from src.distillation.planner import SAFETY_MARGIN_GIB, StepSpec, apply_vram_budget, measure_steps, probe_plan  # noqa: E402
-from src.distillation.recipe import make_optimizer, optimizer_factory  # noqa: E402
+from src.distillation.recipe import optimizer_factory, stage_optimizer  # noqa: E402
 from src.distillation.stage import (StagePlan, build_stage_model, stage_method, step_context,  # noqa: E402
                                    use_channels_last)
 from src.models import count_flops  # noqa: E402
@@ -75,7 +75,7 @@ def stage_step_context(cfg, stage, model, teachers, precision, plan, device) -> 
     possibly compiled model."""
     train_model = torch.compile(model) if plan.compile else model
     method = stage_method(cfg, stage, teachers).to(device)
-    opt = make_optimizer([model, method], 1e-4, cfg.train.weight_decay, device, cfg.train.optimizer, cfg.train.momentum)
+    opt = stage_optimizer([model, method], 1e-4, cfg.train, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
     return step_context(cfg, stage, train_model, opt, sched, precision, plan, 10, method, scaler=scaler)

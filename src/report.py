@@ -22,8 +22,8 @@ from src.distillation.recipe import lr_schedule
 from src.utils.logger import read_epoch_csv, terms_columns_of
 from src.utils.runfolder import RunFolder
 from src.utils.metrics import normalized_confusion
-from src.utils.stats import (ALPHA, bootstrap_diff_ci, holm, mcnemar_exact, paired_correct, t_interval,
-                             wilson_interval)
+from src.utils.stats import (ALPHA, bootstrap_diff_ci, holm, mcnemar_exact, paired_correct, simultaneous_t_intervals,
+                             t_interval, wilson_interval)
 from src.utils.training_guards import schedule_kd_alpha
 from src.visualization import plots
 
@@ -58,10 +58,12 @@ PROTOCOL = """## Reporting protocol
   it fits (with gradient checkpointing if needed).
 - Differences are paired by seed. Per seed: exact McNemar test on the test images one model gets
   right and the other wrong, and a paired bootstrap 95% interval (2,000 resamples of the test
-  images). Over seeds: mean with a Student-t 95% interval. The per-seed tests of a report are
-  tested together, so their p-values are adjusted with Holm's method across all of them; a
-  difference is called significant only when the adjusted p < 0.05 (per seed) or the interval
-  excludes 0 (over seeds). Predictions are paired on the test file id.
+  images). Over seeds: mean with a Student-t interval. The per-seed tests of a report are
+  tested together, so their p-values are adjusted with Holm's method across all of them; the
+  over-seed intervals of a report are read together too, so each is drawn at Bonferroni's level
+  1 - 0.05 / m (m such intervals: all hold at once with 95%). A difference is called significant
+  only when the adjusted p < 0.05 (per seed) or the corrected interval excludes 0 (over seeds).
+  Predictions are paired on the test file id.
 """
 DEMO_NOTE = ("> **Pipeline check, not a result.** This run uses a demo preset (scikit-learn's 8×8 digits, a few "
              "epochs): its numbers show that every stage, file and figure is produced; they say nothing about "
@@ -215,9 +217,12 @@ def differences(rows: pd.DataFrame) -> pd.DataFrame:
                             "only_a": test["only_a"], "only_b": test["only_b"], "p_value": test["p_value"],
                             "n_test": len(ca), "significant": test["p_value"] < ALPHA})
             if len(per_seed) > 1:
-                mean, lo, hi = t_interval(per_seed)
-                out.append({"run": run, "difference": name, "a": a, "b": b, "seed": f"mean of {len(per_seed)}", "mean": mean,
-                            "low": lo, "high": hi, "p_value": np.nan, "significant": bool(lo > 0 or hi < 0)})
+                out.append({"run": run, "difference": name, "a": a, "b": b, "seed": f"mean of {len(per_seed)}",
+                            "per_seed": per_seed, "p_value": np.nan})
+    over = [r for r in out if "per_seed" in r]  # read together: Bonferroni-corrected t intervals
+    intervals, alpha = simultaneous_t_intervals([r.pop("per_seed") for r in over])
+    for r, (mean, lo, hi) in zip(over, intervals):
+        r.update(mean=mean, low=lo, high=hi, level=1 - alpha, significant=bool(lo > 0 or hi < 0))
     df = pd.DataFrame(out)
     if len(df) and df["p_value"].notna().any():  # several tests at once: Holm's correction across all of them
         tested = df["p_value"].notna()
@@ -237,8 +242,9 @@ def _diff_md(diffs: pd.DataFrame) -> list[str]:
         over = str(d["seed"]).startswith("mean")
         counts = "" if over else f"{int(d['only_a'])} / {int(d['only_b'])}"
         p = "" if over else f"{d['p_value']:.3g} ({d['p_holm']:.3g})"
-        verdict = ("significant" if d["significant"] else "**not significant**") + (
-            " (t interval)" if over else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
+        verdict = ("**significant**" if d["significant"] else "not significant") + (
+            f" ({100 * d['level']:.1f}% t interval, Bonferroni)" if over
+            else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
         lines.append(f"| {d['run']} | {d['difference']} | {d['seed']} | {_pp(d['mean'])} | "
                      f"[{_pp(d['low'])}, {_pp(d['high'])}] | {counts} | {p} | {verdict} |")
     return lines

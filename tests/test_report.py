@@ -101,7 +101,7 @@ def test_significance_per_seed_matches_the_predictions(seeded_run):
     assert row["p_value"] == pytest.approx(expected_p)
     assert row["low"] <= row["mean"] <= row["high"] and row["mean"] == pytest.approx(ca.mean() - cb.mean())
     text = (seeded_run / "report.md").read_text()
-    verdicts = text.count("not significant") + text.count("| significant")
+    verdicts = text.count("not significant") + text.count("| **significant**")
     assert verdicts >= 6  # every row says which it is
 
 
@@ -127,6 +127,16 @@ def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run,
     tested = after[after["p_value"].notna()]
     assert tested["p_holm"].tolist() == pytest.approx(holm(tested["p_value"]))
     assert (tested["significant"] == (tested["p_holm"] < 0.05)).all()
+    # over seeds: t intervals at Bonferroni's level across the report's over-seed rows, recomputed here
+    from scipy import stats
+    over = after[after["seed"].astype(str).str.startswith("mean")]
+    assert len(over)
+    for _, r in over.iterrows():
+        per_seed = after[(after["difference"] == r["difference"]) & (after["run"] == r["run"]) & after["p_value"].notna()]
+        d = per_seed["mean"].to_numpy()
+        half = stats.t.ppf(1 - 0.05 / (2 * len(over)), len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        assert (r["low"], r["high"]) == pytest.approx((d.mean() - half, d.mean() + half))
+        assert r["level"] == pytest.approx(1 - 0.05 / len(over))
     df.loc[0, "y_true"] = (df.loc[0, "y_true"] + 1) % 10
     df.to_csv(path, index=False)
     with pytest.raises(ValueError, match="different labels"):

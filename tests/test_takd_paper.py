@@ -1,7 +1,9 @@
 """The TAKD paper's models (registered with timm), its recipe, cached teacher logits, and the
 reproduction's tables: verdicts on made-up numbers, Holm's correction, resume in the middle."""
+import json
 import math
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -63,6 +65,11 @@ PLAIN = {2: ([16, "M", 16, "M"], []), 4: ([16, 16, "M", 32, 32, "M"], []),
          6: ([16, 16, "M", 32, 32, "M", 64, 64, "M"], []),
          8: ([16, 16, "M", 32, 32, "M", 64, 64, "M", 128, 128, "M"], [64]),
          10: ([32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M"], [128])}
+# the authors' CIFAR-100 table (plain_cnn_cifar.py, plane_cifar100_book): a 32-channel base
+PLAIN_CIFAR100 = {2: ([32, "M", 32, "M"], []), 4: ([32, 32, "M", 64, 64, "M"], []),
+                  6: ([32, 32, "M", 64, 64, "M", 128, 128], []),
+                  8: ([32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, "M"], [64]),
+                  10: ([32, 32, "M", 64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M"], [512])}
 
 
 @pytest.mark.parametrize("depth", [8, 14, 20, 26, 32, 44, 56, 110])
@@ -89,6 +96,18 @@ def test_plain_cnns_by_name_match_the_architecture(layers):
     assert len(linears) == 1 + len(fcs)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert create_model(f"plain_cnn{layers}", 100, image_size=32)(torch.zeros(1, 3, 32, 32)).shape == (1, 100)
+
+
+@pytest.mark.parametrize("layers", [2, 4, 6, 8, 10])
+def test_the_authors_cifar100_plain_cnns_are_wider(layers):
+    model = timm.create_model(f"plain_cnn{layers}_cifar100", num_classes=100)
+    spec, fcs = PLAIN_CIFAR100[layers]
+    assert count_params(model) == plain_params(spec, fcs, classes=100)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    if layers == 2:
+        assert count_params(model) == 215_172  # the authors' plain CNN 2 on CIFAR-100
+    assert rt.model_for(f"plain_cnn{layers}", "cifar100") == f"plain_cnn{layers}_cifar100"
+    assert rt.model_for(f"plain_cnn{layers}", "cifar10") == f"plain_cnn{layers}"
 
 
 def test_a_saved_paper_model_loads_back_through_plain_timm(tmp_path):
@@ -142,29 +161,46 @@ def _args(**over):
 
 
 @pytest.mark.parametrize("family", ["plain", "resnet"])
-def test_reproduction_configs_carry_the_papers_recipe(family, tmp_path):
+def test_reproduction_configs_carry_the_authors_recipe(family, tmp_path):
     from src.distillation.config import from_dict
-    from src.distillation.recipe import make_optimizer
+    from src.distillation.recipe import stage_optimizer
     from src.distillation.stage import stage_lr
     args = _args()
     data = {"source": "digits", "root": "data"}
     cfg = from_dict(rt.students_config(family, "cifar10", list(rt.TABLES), 150, tmp_path, data, args))
     t = cfg.train
     assert (t.optimizer, t.momentum, t.batch_size, t.epochs, t.warmup_epochs, t.grad_clip) == ("sgd", 0.9, 128, 150, 0, 0)
-    assert cfg.data.augment == "none" and t.label_smoothing == 0
+    assert cfg.data.augment == "none" and t.label_smoothing == 0 and cfg.data.normalize == "cifar100"
     assert cfg.kd.alpha_start == cfg.kd.alpha_end == rt.KD_WEIGHT and cfg.kd.temperature == rt.TEMPERATURE
     students = [s for s in cfg.stages if s.name.startswith("student")]
     assert {s.seed_stream for s in students} == {"student"} and len(students) == 2 + len(rt.FAMILIES[family]["assistants"])
     model = create_model(students[0].model, 10, image_size=32)
-    opt = make_optimizer(model, stage_lr(cfg, students[0]), t.weight_decay, torch.device("cpu"), t.optimizer, t.momentum)
-    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
-    decays = sorted({g["weight_decay"] for g in opt.param_groups})
-    if family == "plain":  # the paper has none for plain CNNs, and a constant LR
-        assert decays == [0.0] and t.schedule == "constant" and stage_lr(cfg, students[0]) == 0.01
-    else:
-        assert decays == [0.0, 1e-4] and t.schedule == "step" and t.lr_milestones == [80, 120]
-        assert stage_lr(cfg, students[0]) == 0.1  # no role factor: every stage at the paper's LR
-    assert rt.milestones("resnet", 30) == [16, 24]
+    opt = stage_optimizer(model, stage_lr(cfg, students[0]), t, torch.device("cpu"))
+    # train.py: optim.SGD(params, lr, momentum=0.9, weight_decay=1e-4): plain momentum, every parameter decayed
+    assert all(not g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
+    decayed = [p for g in opt.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]]
+    assert len(decayed) == len(list(model.parameters()))
+    assert stage_lr(cfg, students[0]) == 0.01  # no role factor; train.py's 0.01 for both families
+    if family == "plain":
+        assert t.schedule == "constant" and t.early_stop == 20
+    else:  # train.py: 0.01 until 3/4 of the epochs, then 0.001
+        assert t.schedule == "step" and t.lr_milestones == [112] and t.lr_gamma == 0.1 and t.early_stop == 0
+    assert rt.milestones("resnet", 160) == [120] and rt.milestones("resnet", 30) == [22]
+
+
+def test_the_authors_lr_schedule_as_it_runs():
+    """train.py's adjust_learning_rate for ResNets, transcribed: its 0.1 branch is never taken."""
+    def authors(epoch, epochs):
+        if epoch < int(epoch / 2.0):
+            return 0.1
+        return 0.1 * 0.1 if epoch < int(epochs * 3 / 4.0) else 0.1 * 0.01
+    from src.distillation.config import from_dict
+    from src.distillation.recipe import lr_multiplier
+    cfg = from_dict(rt.students_config("resnet", "cifar10", ["table1"], 150, Path("/nonexistent"),
+                                       {"source": "digits", "root": "data"}, _args()))
+    f = lr_multiplier(cfg.train, steps_per_epoch=3, epochs=150)
+    ours = [cfg.train.lr * f(3 * e) for e in range(150)]  # the first step of each (0-based) epoch
+    assert ours == [pytest.approx(authors(e, 150)) for e in range(150)]
 
 
 # ------------------------------------------------------------------------------ cached teacher logits
@@ -225,13 +261,66 @@ def test_an_epoch_with_cached_teacher_logits_trains_like_the_online_teacher():
 
 # ------------------------------------------------------------------------------ the table's logic
 def test_verdicts_on_made_up_numbers():
-    assert verdict(0.94, 1.2, 0.3, 2.1) == "reproduced"
-    assert verdict(0.94, -1.2, -2.1, -0.3) == "reversed"
-    assert verdict(0.94, 0.1, -0.4, 0.6) == "not reproduced"      # 0 inside, the paper's 0.94 outside
-    assert verdict(0.94, 0.5, -0.4, 1.5) == "within noise"        # both inside
-    assert verdict(0.94, 0.5, float("nan"), float("nan")) == "undecided"
-    assert verdict(None, 0.5, 0.1, 0.9) == "significant"
-    assert verdict(None, 0.5, -0.1, 0.9) == "within noise"
+    assert verdict(0.94, 0.3, 2.1) == "reproduced"                  # excludes 0 on the paper's side, holds +0.94
+    assert verdict(0.94, 0.1, 0.3) == "smaller than published"      # the review's case: real, but not the paper's size
+    assert verdict(0.94, 2.0, 5.0) == "larger than published"
+    assert verdict(-0.5, -0.2, -0.1) == "smaller than published"    # a negative published gap, mirrored
+    assert verdict(-0.5, -3.0, -1.0) == "larger than published"
+    assert verdict(0.94, -2.1, -0.3) == "reversed"
+    assert verdict(0.94, -0.4, 0.6) == "not reproduced"             # 0 inside, the paper's 0.94 outside
+    assert verdict(0.94, -0.4, 1.5) == "within noise"               # both inside
+    assert verdict(0.94, float("nan"), float("nan")) == "undecided"
+    assert verdict(0.0, 0.1, 0.9) == verdict(0.0, -0.9, -0.1) == "differs from a published 0"  # neither "reversed"
+    assert verdict(0.0, -0.1, 0.9) == "consistent with a published 0"
+    assert verdict(None, 0.1, 0.9) == "significant" and verdict(None, -0.1, 0.9) == "not significant"
+    from benchmarks.takd_tables import VERDICT_WORDS, VERDICTS
+    assert set(VERDICT_WORDS) == set(VERDICTS)
+    assert "paper" not in VERDICT_WORDS["significant"].replace("no published gap", "")
+
+
+def test_each_assistant_row_has_its_own_published_number():
+    from benchmarks.takd_tables import published
+    assert [published("plain", "cifar10", "TAKD", a) for a in ("plain_cnn8", "plain_cnn6", "plain_cnn4")] == \
+        [72.75, 73.15, 73.51]
+    assert [published("plain", "cifar100", "TAKD", a) for a in ("plain_cnn8_cifar100", "plain_cnn6", "plain_cnn4")] == \
+        [44.28, 44.57, 44.92]
+    assert [published("resnet", "cifar10", "TAKD", f"cifar_resnet{d}") for d in (56, 32, 20, 14)] == \
+        [88.70, 88.73, 88.90, 88.98]
+    assert [published("resnet", "cifar100", "TAKD", f"cifar_resnet{d}") for d in (56, 32, 20, 14)] == \
+        [61.47, 61.55, 61.82, 61.50]
+    assert published("plain", "cifar10", "TAKD", "plain_cnn3") is None
+    assert published("plain", "cifar10", "BLKD") == 72.57 and published("resnet", "cifar100", "NOKD") == 61.37
+    # Table 1's TAKD number is the assistant-size table's entry of Table 1's assistant
+    assert published("plain", "cifar10", "TAKD", "plain_cnn4") == 73.51
+    assert published("resnet", "cifar10", "TAKD", "cifar_resnet20") == pytest.approx(88.90)
+
+
+def test_a_corrected_interval_that_holds_the_gap_is_not_reproduced_when_uncorrected_would_be():
+    """Three comparisons read together: each interval at 1 - 0.05 / 3. One whose 95% interval
+    excludes 0 but whose corrected interval holds it reads "within noise", not "reproduced"."""
+    from scipy import stats
+    diffs = [0.6, 0.9, 1.2]
+    mean, sd = np.mean(diffs), np.std(diffs, ddof=1)
+    half95 = stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    half_corr = stats.t.ppf(1 - 0.05 / 6, 2) * sd / math.sqrt(3)
+    assert mean - half95 > 0 > mean - half_corr  # the made-up case: significant only uncorrected
+    alone = summarise([Comparison("TAKD - BLKD", diffs, [0.01] * 3, 0.94)])[0]
+    assert alone["verdict"] == "reproduced" and alone["level"] == pytest.approx(0.95)
+    three = summarise([Comparison("TAKD - BLKD", diffs, [0.01] * 3, 0.94),
+                       Comparison("a", [0.1, 0.2, 0.3], [0.5] * 3, None), Comparison("b", [1, 2, 3], [0.5] * 3, None)])
+    assert three[0]["verdict"] == "within noise" and three[0]["level"] == pytest.approx(1 - 0.05 / 3)
+    assert (three[0]["lo"], three[0]["hi"]) == pytest.approx((mean - half_corr, mean + half_corr))
+
+
+def test_a_run_of_another_length_gets_no_verdict_against_the_paper():
+    from benchmarks.takd_tables import not_comparable
+    reason = not_comparable(15, 15, 150)
+    assert reason == "not comparable: 15 of 150 epochs"
+    assert not_comparable(15, 8, 150) == "not comparable: 8 teacher and 15 student epochs of 150"
+    assert not_comparable(150, 150, 150) is None
+    out = summarise([Comparison("TAKD - BLKD", [1.0, 1.4, 1.2], [0.001] * 3, 0.94)], reason)[0]
+    assert out["verdict"] == f"significant ({reason})" and "reproduced" not in out["verdict"]
+    assert reason in out["words"]
 
 
 def test_holm_adjusts_as_the_step_down_method():
@@ -249,7 +338,8 @@ def test_summaries_correct_across_every_comparison_of_the_report():
     assert sa["p_holm"] == pytest.approx([0.006, 0.01, 0.012])
     assert sa["significant_seeds"] == 3 and sa["verdict"] == "reproduced"
     assert sb["verdict"] == "not reproduced" and sb["significant_seeds"] == 0
-    mean, half = np.mean(a.diffs), 4.302652729911275 * np.std(a.diffs, ddof=1) / math.sqrt(3)
+    # two comparisons: each interval at 97.5% (t quantile 0.9875, 2 degrees of freedom: 6.205346816)
+    mean, half = np.mean(a.diffs), 6.205346816 * np.std(a.diffs, ddof=1) / math.sqrt(3)
     assert (sa["mean"], sa["lo"], sa["hi"]) == pytest.approx((mean, mean - half, mean + half))
 
 
@@ -303,15 +393,17 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path, capsys):
     table = pd.read_csv(results)
     assert list(table["row"]) == ["NOKD", "BLKD", "TAKD"] and (table["seeds"] == 2).all()
     assert list(table["published"]) == [70.16, 72.57, 73.51]
+    assert (table["comparable"] == "not comparable: 2 of 150 epochs").all()
     tests = pd.read_csv(results.with_name("takd_tests.csv"))
     assert list(tests["comparison"]) == ["TAKD - BLKD", "BLKD - NOKD"]
-    assert set(tests["verdict"]) <= {"reproduced", "within noise", "not reproduced", "reversed", "undecided"}
+    assert all(v.endswith("(not comparable: 2 of 150 epochs)") for v in tests["verdict"])
     for seed in (0, 1):
         for stage in ("student_scratch", "student_kd", "student"):
             log = pd.read_csv(out / "plain-cifar10" / "students" / f"seed_{seed}" / stage / "epoch_log.csv")
             assert list(log["epoch"]) == [1, 2]
     md = results.with_suffix(".md").read_text()
-    assert "Deviations from the paper" in md and "Holm" in md and "| TAKD - BLKD |" in md
+    assert "Differences from the authors' code" in md and "Holm" in md and "| TAKD - BLKD |" in md
+    assert "| not comparable: 2 of 150 epochs |" in md
 
 
 # ------------------------------------------------------------------------------ CPU speed settings
@@ -356,3 +448,43 @@ def test_cpu_threads_follow_the_affinity_and_yield_to_omp(monkeypatch):
         assert set_cpu_threads(torch.device("cpu")) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_students_of_several_seeds_at_once_give_the_numbers_of_one_at_a_time(tmp_path, capsys, monkeypatch):
+    """--jobs 2: the seeds' students as two processes at once, each in its own run folder and
+    console log; the per-seed results equal --jobs 1's. Both at one thread per process: on a
+    CPU the thread count can change the order of float sums, which no scheduling should hide."""
+    from benchmarks import reproduce_takd
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    res = {}
+    for jobs in (1, 2):
+        out, results = tmp_path / f"jobs{jobs}", tmp_path / f"jobs{jobs}.csv"
+        args = _reproduce_args(out, results, "--jobs", str(jobs))
+        args[args.index("--epochs") + 1] = "1"
+        assert reproduce_takd.main(args) == 0, capsys.readouterr()
+        res[jobs] = pd.read_csv(results)
+        students = out / "plain-cifar10" / "students"
+        assert json.loads((students / "seeds.json").read_text())["seeds"] == [0, 1]
+        for seed in (0, 1):
+            assert (students / f"seed_{seed}" / "summary.csv").exists()
+        logs = sorted(p.name for p in (out / "logs").glob("*.log")) if (out / "logs").exists() else []
+        assert logs == (["plain-cifar10-seed_0.log", "plain-cifar10-seed_1.log"] if jobs == 2 else [])
+    assert "seed 1: started (1 thread)" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(res[1], res[2])
+    for seed in (0, 1):
+        for stage in ("student_scratch", "student_kd", "student"):
+            a, b = (pd.read_csv(tmp_path / f"jobs{j}" / "plain-cifar10" / "students" / f"seed_{seed}" / stage /
+                                "test_predictions.csv") for j in (1, 2))
+            pd.testing.assert_frame_equal(a, b)
+
+
+def test_reproduction_arguments_are_checked_before_anything_is_written(tmp_path, capsys):
+    from benchmarks import reproduce_takd
+    out = tmp_path / "out"
+    for bad, words in ((["--data-root", str(tmp_path / "missing.tar.gz")], "does not exist"),
+                       (["--jobs", "0"], "--jobs must be at least 1"), (["--seeds", "0,x"], "whole numbers"),
+                       (["--early-stop", "-3"], "--early-stop"), (["--families", "vgg"], "unknown family vgg")):
+        code = reproduce_takd.main(["--datasets", "cifar10", "--families", "plain", "--out", str(out), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and "--resume" not in err and err.count("\n") == 1, err
+        assert not out.exists()

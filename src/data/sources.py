@@ -30,7 +30,9 @@ from src.utils.logger import get_console
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-         "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))}
+         "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+         # the TAKD authors' data_loader.py: CIFAR-100's statistics, used for CIFAR-10 and CIFAR-100 alike
+         "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276))}
 # Above this many bytes of decoded images, loader=auto streams from disk instead.
 TENSOR_LIMIT_BYTES = 6 * GiB
 

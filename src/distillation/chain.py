@@ -43,7 +43,8 @@ from src.utils.tb import require_tensorboard
 from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
 
 log = get_console()
-SUMMARY_COLUMNS = ["stage", "model", "role", "teacher", "params", "flops", "epochs", "best_epoch", "val_accuracy",
+SUMMARY_COLUMNS = ["stage", "model", "role", "teacher", "params", "flops", "epochs", "best_epoch", "planned_epochs",
+                   "stopped_early_at", "val_accuracy",
                    "val_f1_score", "test_accuracy", "test_precision", "test_recall", "test_f1_score", "test_loss",
                    "last_val_accuracy", "peak_gpu_memory_mb", "train_seconds", "eval_seconds", "compile_seconds",
                    "img_per_s", "lr", "precision", "label_smoothing", "batch_size", "micro_batch", "grad_checkpointing",
@@ -393,12 +394,29 @@ def write_run_files(chain: ChainRun, repro: dict, env_extra: dict) -> None:
     atomic_write_text(folder.file(RunFolder.CLASSES), json.dumps(chain.data.classes))
 
 
+def _planned_twin(chain: ChainRun, stage) -> Optional[str]:
+    """A stage of this run already planned with the same model, shapes and step settings (the
+    students compared with each other): its plan is kept for this one, so paired students train
+    with one micro-batch and checkpointing even when a restart would probe differently."""
+    cfg = chain.cfg
+    key, epochs = _plan_key(cfg, stage), stage.epochs or cfg.train.epochs
+    twins = {s.name for s in cfg.stages if s.name != stage.name and _plan_key(cfg, s) == key
+             and (s.epochs or cfg.train.epochs) == epochs}  # same length: the same compile decision too
+    return next((n for n in chain.plans if n in twins), None)
+
+
 def stage_plan(chain: ChainRun, stage, resuming: bool) -> StagePlan:
-    """The plan a resumed stage started with (its epochs may have grown), else a new one,
-    measured on rank 0 and shared with every rank; kept in plan.json."""
+    """The plan a resumed stage started with (its epochs may have grown), else the plan of a twin
+    planned earlier in this run (same model and shapes), else a new one, measured on rank 0 and
+    shared with every rank; kept in plan.json."""
     cfg, t0 = chain.cfg, time.perf_counter()
     if stage.name in chain.plans and resuming:
         plan = replace(StagePlan(**chain.plans[stage.name]), epochs=stage.epochs or cfg.train.epochs)
+    elif (twin := _planned_twin(chain, stage)) is not None:
+        plan = replace(StagePlan(**chain.plans[twin]), epochs=stage.epochs or cfg.train.epochs)
+        chain.plans[stage.name] = asdict(plan)
+        if dist.is_main():
+            atomic_write_text(chain.folder.file(RunFolder.PLAN), json.dumps(chain.plans, indent=2))
     else:
         main = dist.is_main()
         per_rank = len(chain.data.train) // dist.state().world_size

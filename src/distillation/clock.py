@@ -43,6 +43,11 @@ class ChainClock:
     def left(self) -> float:
         return sum(w.epochs_left * w.epoch_seconds for w in self.work.values()) + self.later_seeds * self.full_chain_seconds
 
+    def stage_ended(self, stage: str) -> None:
+        """The stage is over (its last epoch, or an early stop): nothing of it is left."""
+        if stage in self.work:
+            self.work[stage].epochs_left = 0
+
     def epoch_done(self, stage: str, seconds: float) -> str:
         """After an epoch of `stage` that took `seconds`: the chain's time left, as text."""
         w = self.work.get(stage)

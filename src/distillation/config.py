@@ -35,7 +35,7 @@ class DataConfig:
     mixup: float = 0.0                 # timm Mixup alpha (0 = off)
     cutmix: float = 0.0                # timm CutMix alpha (0 = off)
     random_erasing: float = 0.0        # probability, on-device
-    normalize: str = "imagenet"        # imagenet | cifar
+    normalize: str = "imagenet"        # imagenet | cifar | cifar100 (the TAKD authors' statistics, used for both CIFARs)
     loader: str = "auto"               # auto | tensor (whole set in memory, device-side aug) | dataloader
     num_workers: int = 2
     cache_dir: Optional[str] = None    # decoded uint8 tensors cached here (default: <root>/.cache)
@@ -50,7 +50,9 @@ class TrainConfig:
     lr: float = 1e-3
     role_lr: bool = True               # LR times 1.0 / 0.75 / 0.5 for teacher / assistant / student (false: every stage lr)
     momentum: float = 0.9              # sgd only
+    nesterov: bool = True              # sgd only: Nesterov momentum (false: plain heavy-ball momentum)
     weight_decay: float = 0.05
+    decay_all: bool = False            # weight decay on biases and norms too (false: on weights of rank >= 2 only)
     schedule: str = "cosine"           # cosine (to min_lr_ratio) | step (x lr_gamma at each of lr_milestones) | constant
     lr_milestones: list = field(default_factory=list)  # step: epochs after which the LR is multiplied by lr_gamma
     lr_gamma: float = 0.1
@@ -67,6 +69,7 @@ class TrainConfig:
     auto_batch: bool = True            # on CUDA: probe micro-batch / checkpointing to fit the budget
     sync_bn: bool = False              # multi-GPU CNNs: SyncBatchNorm across ranks
     checkpoint_every_min: float = 5.0  # inside an epoch, save a resumable checkpoint this often (0: only on a stop)
+    early_stop: int = 0                # stop a stage after this many epochs without a better validation accuracy (0: off)
 
 
 @dataclass
@@ -162,7 +165,7 @@ class RunConfig:
 _CHOICES = {
     ("data", "source"): ("cifar10", "cifar100", "imagefolder", "digits"),
     ("data", "augment"): ("crop_flip", "flip", "none"),
-    ("data", "normalize"): ("imagenet", "cifar"),
+    ("data", "normalize"): ("imagenet", "cifar", "cifar100"),
     ("data", "loader"): ("auto", "tensor", "dataloader"),
     ("train", "channels_last"): ("auto", "true", "false"),
     ("train", "compile"): ("auto", "true", "false"),
@@ -280,6 +283,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     need(t.vram_budget_gb >= 0, f"train.vram_budget_gb must be >= 0, got {t.vram_budget_gb}")
+    need(t.early_stop >= 0, f"train.early_stop must be >= 0 epochs (0: off), got {t.early_stop}")
     need(t.checkpoint_every_min >= 0, f"train.checkpoint_every_min must be >= 0, got {t.checkpoint_every_min}")
     need(k.temperature > 0, f"kd.temperature must be > 0, got {k.temperature}")
     need(k.drop_teachers >= 0, f"kd.drop_teachers must be >= 0, got {k.drop_teachers}")

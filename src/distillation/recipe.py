@@ -1,8 +1,8 @@
 """The recipe of a stage's optimizer update, in one place: optimizer and LR schedule.
 
-`make_optimizer` is a table of torch optimizers (AdamW, SGD with Nesterov momentum), fused where
-torch has a kernel for the device: one kernel per step, and the `found_inf` skip the sync-free
-NaN guard relies on. No weight decay on biases and norms (1-D parameters). The planner's probe,
+`make_optimizer` is a table of torch optimizers (AdamW, SGD with Nesterov or plain momentum), fused
+where torch has a kernel for the device: one kernel per step, and the `found_inf` skip the sync-free
+NaN guard relies on. No weight decay on biases and norms (1-D parameters) unless `decay_all`. The planner's probe,
 the stage and the benchmarks all build theirs here.
 
 `make_scheduler` is a LambdaLR over optimizer steps with `lr_multiplier`: linear warm-up (capped
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 OPTIMIZERS = {
-    "adamw": lambda groups, lr, momentum, **kw: torch.optim.AdamW(groups, lr=lr, **kw),
-    "sgd": lambda groups, lr, momentum, **kw: torch.optim.SGD(groups, lr=lr, momentum=momentum,
-                                                              nesterov=momentum > 0, **kw),
+    "adamw": lambda groups, lr, momentum, nesterov, **kw: torch.optim.AdamW(groups, lr=lr, **kw),
+    "sgd": lambda groups, lr, momentum, nesterov, **kw: torch.optim.SGD(groups, lr=lr, momentum=momentum,
+                                                                        nesterov=nesterov and momentum > 0, **kw),
 }
 
 
@@ -36,18 +36,26 @@ def _parameters(modules: Union[nn.Module, Iterable[nn.Module]]) -> list:
 
 
 def make_optimizer(modules: Union[nn.Module, Iterable[nn.Module]], lr: float, weight_decay: float,
-                   device: torch.device, kind: str = "adamw", momentum: float = 0.9) -> torch.optim.Optimizer:
+                   device: torch.device, kind: str = "adamw", momentum: float = 0.9, nesterov: bool = True,
+                   decay_all: bool = False) -> torch.optim.Optimizer:
     """The optimizer over the trainable parameters of `modules` (the student, and the method's own
-    modules when it has any): `kind` from OPTIMIZERS, fused where torch has it."""
+    modules when it has any): `kind` from OPTIMIZERS, fused where torch has it. Biases and norms
+    (1-D parameters) are not decayed unless `decay_all`."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
     params = _parameters(modules)
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.ndim > 1 or decay_all], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1 and not decay_all], "weight_decay": 0.0}]
     try:
-        return OPTIMIZERS[kind](groups, lr, momentum, fused=True)
+        return OPTIMIZERS[kind](groups, lr, momentum, nesterov, fused=True)
     except (RuntimeError, TypeError, ValueError):  # an older torch without a fused kernel for this device
-        return OPTIMIZERS[kind](groups, lr, momentum)
+        return OPTIMIZERS[kind](groups, lr, momentum, nesterov)
+
+
+def stage_optimizer(modules, lr: float, train, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer `train` (a TrainConfig) asks for."""
+    return make_optimizer(modules, lr, train.weight_decay, device, train.optimizer, train.momentum, train.nesterov,
+                          train.decay_all)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int,
@@ -58,7 +66,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, train, steps_per_epoch: int
 
 def optimizer_factory(train, device: torch.device) -> Callable:
     """modules, lr -> the stage's optimizer (what the planner probes with)."""
-    return lambda modules, lr: make_optimizer(modules, lr, train.weight_decay, device, train.optimizer, train.momentum)
+    return lambda modules, lr: stage_optimizer(modules, lr, train, device)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:

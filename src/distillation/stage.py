@@ -30,7 +30,7 @@ from src.distillation import distributed as dist
 from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
                                      evaluate, train_one_epoch)
 from src.distillation.methods import Method, build_method
-from src.distillation.recipe import make_optimizer, make_scheduler, set_base_lr
+from src.distillation.recipe import make_scheduler, set_base_lr, stage_optimizer
 from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn, shape_only
 from src.models.factory import check_state_dict
@@ -183,6 +183,7 @@ class StageRun:
     compile_seconds: float = 0.0
     teacher_cache_seconds: float = 0.0
     epochs_done: int = 0
+    stopped_early: Optional[int] = None  # the epoch after which train.early_stop ended the stage
     ck_rows: Optional[tuple] = None
     partial: Optional[dict] = None    # an epoch saved part-way (resumed from its next step)
     epoch: int = 0                     # the epoch in progress
@@ -277,8 +278,7 @@ def prepare_training(run: StageRun, steps_per_epoch: int, should_stop: Callable[
     plan.grad_checkpointing = enforce_gradient_checkpointing(run.model, stage.model, verbose=is_verbose(),
                                                              force=plan.grad_checkpointing, measured=plan.ckpt_memory)
     run.lr = stage_lr(cfg, stage)
-    run.optimizer = make_optimizer([run.model, run.method], run.lr, cfg.train.weight_decay, device,
-                                   cfg.train.optimizer, cfg.train.momentum)
+    run.optimizer = stage_optimizer([run.model, run.method], run.lr, cfg.train, device)
     run.scheduler = make_scheduler(run.optimizer, cfg.train, steps_per_epoch, plan.epochs)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision.needs_scaler else None
     train_model = run.model
@@ -453,13 +453,25 @@ def save_epoch(run: StageRun, epoch: int, val: dict, row: dict, terms: dict) -> 
     run.ck_rows = (row, terms)
 
 
+def early_stop_due(run: StageRun, epochs_done: int) -> bool:
+    """train.early_stop: `patience` epochs have passed since the best validation accuracy. Decided
+    from the best epoch alone (kept in last.pt), so a resumed stage stops where it would have."""
+    patience = run.cfg.train.early_stop
+    return patience > 0 and run.best_epoch > 0 and epochs_done - run.best_epoch >= patience
+
+
 def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) -> None:
-    """Epochs: train, validate, checkpoint, log (a signal stops after the current step)."""
+    """Epochs: train, validate, checkpoint, log (a signal stops after the current step); early
+    stopping ends the stage when train.early_stop asks."""
     logs = _Logs(run)
     cache_teachers(run, loaders["train"])
     warm_compile(run, loaders["train"])
+    run.epochs_done = run.start_epoch - 1
     with protected():
         for epoch in range(run.start_epoch, run.plan.epochs + 1):
+            if early_stop_due(run, epoch - 1):  # stopped before a kill that came ahead of stage.json
+                run.stopped_early = epoch - 1
+                break
             tr, alpha = train_epoch(run, loaders["train"], epoch, progress)
             dist.sync_buffers(run.model)
             t_eval = time.perf_counter()
@@ -474,6 +486,7 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
                      "img_per_s": tr["img_per_s"]}
             save_epoch(run, epoch, val, row, terms)
             logs.write(epoch, row, terms, tr, alpha)
+            run.epochs_done = epoch
             kd_note = f"alpha {alpha:.2f}  " if run.method.teachers else ""
             left = f"  {clock.epoch_done(run.stage.name, row['epoch_time_sec'])}" if clock is not None else ""
             log.info(f"  {run.stage.name:<15} epoch {epoch:>3}/{run.plan.epochs}  loss {tr['loss']:.4f}  "
@@ -481,11 +494,17 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
                      f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s{left}")
             if on_epoch_end is not None and dist.is_main():
                 on_epoch_end(run.model, epoch, run.folder.path)
+            if early_stop_due(run, epoch) and epoch < run.plan.epochs:
+                run.stopped_early = epoch
+                log.info(f"  {run.stage.name}: early stop after epoch {epoch}: no better validation accuracy for "
+                         f"{run.cfg.train.early_stop} epochs (best: epoch {run.best_epoch})")
+                break
             if dist.any_rank(run.ctx.should_stop()):
                 rest = ("the stage's test and export run" if epoch == run.plan.epochs else f"epoch {epoch + 1} starts")
                 raise StopRequested(saved=f"{run.stage.name}: epoch {epoch} complete, saved in {run.folder.last}; "
                                           f"on resume {rest}")
-    run.epochs_done = run.plan.epochs
+    if clock is not None:
+        clock.stage_ended(run.stage.name)
     logs.close()
 
 
@@ -525,6 +544,7 @@ def summarise(run: StageRun, data, loaders: dict, test: dict, checksums: list, e
         "teacher": "+".join(stage.teachers), "teachers": stage.teachers, "method": run.method.name,
         "method_label": run.method.describe(),
         "params": run.params, "flops": run.flops, "epochs": run.epochs_done, "best_epoch": run.best_epoch,
+        "planned_epochs": plan.epochs, "early_stop_patience": cfg.train.early_stop, "stopped_early_at": run.stopped_early,
         "val_accuracy": val_best["accuracy"], "val_f1_score": val_best["f1_score"],
         "test_accuracy": test["accuracy"], "test_precision": test["precision"], "test_recall": test["recall"],
         "test_f1_score": test["f1_score"], "test_loss": test["loss"],

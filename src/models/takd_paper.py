@@ -3,19 +3,26 @@
 After `import src.models`, `timm.create_model("cifar_resnet20", num_classes=10)` and every preset
 know them, and a stage's `model.safetensors` loads back through plain timm.
 
-- `cifar_resnet{8,14,20,26,32,44,56,110}`: the CIFAR ResNets of He et al. 2016 (section 4.2):
-  a 3x3 stem with 16 channels, three stages of (depth - 2) / 6 BasicBlocks at 16, 32 and 64
-  channels, stride 2 at the first block of the second and third stage, a 1x1 conv + BN shortcut
-  where the shape changes, global average pooling and a linear head. ResNet-20 has 0.27 M
-  parameters, ResNet-110 1.7 M.
-- `plain_cnn{2,4,6,8,10}`: the paper's plain CNNs: 3x3 conv (with bias) + BN + ReLU, 2x2
-  max-pool (M), then fully connected layers (ReLU between them):
+- `cifar_resnet{8,14,20,26,32,44,56,110}`: the CIFAR ResNets of the TAKD authors'
+  `resnet_cifar.py` (after He et al. 2016, section 4.2, but with a 1x1 conv + BN shortcut where
+  the shape changes, as the authors' code has it, not He et al.'s parameter-free one): a 3x3 stem
+  with 16 channels, three stages of (depth - 2) / 6 BasicBlocks at 16, 32 and 64 channels, stride
+  2 at the first block of the second and third stage, global average pooling and a linear head.
+  ResNet-20 has 0.27 M parameters, ResNet-110 1.7 M.
+- `plain_cnn{2,4,6,8,10}`: the paper's plain CNNs as the authors' `plain_cnn_cifar.py` builds
+  them for CIFAR-10: 3x3 conv (with bias) + BN + ReLU, 2x2 max-pool (M), then fully connected
+  layers (ReLU between them):
       2:  C16 M C16 M FC
       4:  C16 C16 M C32 C32 M FC
       6:  4 + C64 C64 M, FC
       8:  6 + C128 C128 M, FC64, FC
       10: C32 C32 M C64 C64 M C128 C128 M C256 C256 C256 C256 M, FC128, FC
-  (the CIFAR-10 widths; the same widths serve CIFAR-100 with a 100-way head).
+- `plain_cnn{2,4,6,8,10}_cifar100`: the authors' CIFAR-100 table, wider (a 32-channel base):
+      2:  C32 M C32 M FC                      (215,172 parameters with a 100-way head)
+      4:  C32 C32 M C64 C64 M FC
+      6:  C32 C32 M C64 C64 M C128 C128 FC    (no pool after the last conv, as theirs)
+      8:  C32 C32 M C64 C64 M C128 C128 M C256 C256 M, FC64, FC
+      10: C32 C32 M C64 C64 M C128 C128 M C256 C256 C256 C256 M, FC512, FC
 """
 from __future__ import annotations
 
@@ -25,14 +32,23 @@ from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 RESNET_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110)
-PLAIN_LAYERS = {
-    2: ["C16", "M", "C16", "M"],
-    4: ["C16", "C16", "M", "C32", "C32", "M"],
-    6: ["C16", "C16", "M", "C32", "C32", "M", "C64", "C64", "M"],
-    8: ["C16", "C16", "M", "C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M"],
-    10: ["C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M", "C256", "C256", "C256", "C256", "M"],
+PLAIN_BOOKS = {  # dataset -> layers -> (conv and pool specs, hidden FC widths): the authors' two tables
+    "cifar10": {
+        2: (["C16", "M", "C16", "M"], []),
+        4: (["C16", "C16", "M", "C32", "C32", "M"], []),
+        6: (["C16", "C16", "M", "C32", "C32", "M", "C64", "C64", "M"], []),
+        8: (["C16", "C16", "M", "C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M"], [64]),
+        10: (["C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M", "C256", "C256", "C256", "C256", "M"], [128]),
+    },
+    "cifar100": {
+        2: (["C32", "M", "C32", "M"], []),
+        4: (["C32", "C32", "M", "C64", "C64", "M"], []),
+        6: (["C32", "C32", "M", "C64", "C64", "M", "C128", "C128"], []),
+        8: (["C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M", "C256", "C256", "M"], [64]),
+        10: (["C32", "C32", "M", "C64", "C64", "M", "C128", "C128", "M", "C256", "C256", "C256", "C256", "M"], [512]),
+    },
 }
-PLAIN_HIDDEN_FC = {2: [], 4: [], 6: [], 8: [64], 10: [128]}
+PLAIN_LAYERS = {n: spec for n, (spec, _) in PLAIN_BOOKS["cifar10"].items()}
 
 
 def _cfg(**kwargs) -> dict:
@@ -109,15 +125,20 @@ class CifarResNet(nn.Module):
 
 
 class PlainCNN(nn.Module):
-    """The paper's plain CNN with `layers` conv + FC layers (2, 4, 6, 8 or 10) for `image_size` inputs."""
+    """The paper's plain CNN with `layers` conv + FC layers (2, 4, 6, 8 or 10) for `image_size`
+    inputs, in the widths of the authors' table for `widths` (cifar10 or cifar100)."""
 
-    def __init__(self, layers: int, num_classes: int = 10, in_chans: int = 3, img_size: int = 32, **_ignored):
+    def __init__(self, layers: int, num_classes: int = 10, in_chans: int = 3, img_size: int = 32,
+                 widths: str = "cifar10", **_ignored):
         super().__init__()
-        if layers not in PLAIN_LAYERS:
+        if widths not in PLAIN_BOOKS:
+            raise ValueError(f"plain CNN widths are those of {' or '.join(PLAIN_BOOKS)}, got {widths!r}")
+        if layers not in PLAIN_BOOKS[widths]:
             raise ValueError(f"plain CNNs have 2, 4, 6, 8 or 10 layers, got {layers}")
+        specs, hidden_widths = PLAIN_BOOKS[widths][layers]
         self.layers, self.num_classes = layers, num_classes
         features, ch, size = [], in_chans, img_size
-        for spec in PLAIN_LAYERS[layers]:
+        for spec in specs:
             if spec == "M":
                 features.append(nn.MaxPool2d(2, 2))
                 size //= 2
@@ -126,11 +147,10 @@ class PlainCNN(nn.Module):
                 features += [nn.Conv2d(ch, out, 3, padding=1, bias=True), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 ch = out
         if size < 1:
-            raise ValueError(f"plain_cnn{layers} pools the image {sum(s == 'M' for s in PLAIN_LAYERS[layers])} times: "
-                             f"{img_size} px is too small")
+            raise ValueError(f"plain_cnn{layers} pools the image {specs.count('M')} times: {img_size} px is too small")
         self.features = nn.Sequential(*features)
         hidden, width = [], ch * size * size
-        for h in PLAIN_HIDDEN_FC[layers]:
+        for h in hidden_widths:
             hidden += [nn.Linear(width, h), nn.ReLU(inplace=True)]
             width = h
         self.hidden = nn.Sequential(*hidden)
@@ -150,20 +170,21 @@ class PlainCNN(nn.Module):
 
 RESNET_NAMES = {f"cifar_resnet{d}": d for d in RESNET_DEPTHS}
 PLAIN_NAMES = {f"plain_cnn{n}": n for n in PLAIN_LAYERS}
+PLAIN_CIFAR100_NAMES = {f"plain_cnn{n}_cifar100": n for n in PLAIN_BOOKS["cifar100"]}
 # Models whose head size depends on the input size: the factory passes img_size to them.
-NEEDS_IMG_SIZE = frozenset(PLAIN_NAMES)
+NEEDS_IMG_SIZE = frozenset(PLAIN_NAMES) | frozenset(PLAIN_CIFAR100_NAMES)
 
 # timm reads a module's default_cfgs when a model of it is registered
 default_cfgs = generate_default_cfgs({
     **{f"{name}.untrained": _cfg() for name in RESNET_NAMES},
-    **{f"{name}.untrained": _cfg(first_conv="features.0") for name in PLAIN_NAMES},
+    **{f"{name}.untrained": _cfg(first_conv="features.0") for name in [*PLAIN_NAMES, *PLAIN_CIFAR100_NAMES]},
 })
 
 
-def _entrypoint(name: str, cls, arg_name: str, arg: int):
+def _entrypoint(name: str, cls, arg_name: str, arg: int, **fixed):
     """timm's entry point for one depth: `name(pretrained=False, **kwargs)`."""
     def fn(pretrained: bool = False, **kwargs):
-        return build_model_with_cfg(cls, name, pretrained, **{arg_name: arg}, **kwargs)
+        return build_model_with_cfg(cls, name, pretrained, **{arg_name: arg}, **fixed, **kwargs)
     fn.__name__, fn.__qualname__, fn.__module__ = name, name, __name__
     fn.__doc__ = f"{cls.__name__} with {arg_name}={arg} (TAKD paper)."
     globals()[name] = fn
@@ -174,3 +195,5 @@ for _name, _depth in RESNET_NAMES.items():
     _entrypoint(_name, CifarResNet, "depth", _depth)
 for _name, _layers in PLAIN_NAMES.items():
     _entrypoint(_name, PlainCNN, "layers", _layers)
+for _name, _layers in PLAIN_CIFAR100_NAMES.items():
+    _entrypoint(_name, PlainCNN, "layers", _layers, widths="cifar100")
