@@ -1,6 +1,6 @@
 """Evaluate a trained stage of a run folder on any split or image tree.
 
-    python -m src.evaluate RUN_DIR [--stage student] [--split test|val|train]
+    python -m src.evaluate RUN_DIR [--stage STAGE] [--split test|val|train]
                            [--data-source imagefolder --data-root TREE_OR_TARBALL] [--out DIR] [--device cpu]
 
 Writes DIR/metrics.json (accuracy, macro precision / recall / F1, CE loss, images) and
@@ -22,7 +22,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def evaluate_run(run_dir: Path, stage: str = "student", split: str = "test", data_source: str | None = None,
+def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", data_source: str | None = None,
                  data_root: str | None = None, out: Path | None = None, device: str = "auto") -> dict:
     from src.data import build_loaders, load_dataset
     from src.distillation.engine import Precision, evaluate
@@ -34,6 +34,7 @@ def evaluate_run(run_dir: Path, stage: str = "student", split: str = "test", dat
 
     dev = resolve_device(device)
     loaded = load_model(run_dir, stage, device=dev)
+    stage = loaded.stage
     cfg = RunFolder(run_dir).config()  # a --seeds run folder: its first seed's
     dcfg = cfg.data
     if data_source or data_root:
@@ -58,7 +59,11 @@ def evaluate_run(run_dir: Path, stage: str = "student", split: str = "test", dat
     save_predictions(out / "predictions.csv", result, chosen.ids)
     metrics = {k: result[k] for k in ("accuracy", "precision", "recall", "f1_score", "loss")}
     metrics.update(images=len(result["y_true"]), stage=stage, model=loaded.model_name, split=split,
-                   data_source=dcfg.source, data_root=str(dcfg.root), averaging="macro")
+                   data_source=dcfg.source, data_root=str(dcfg.root), averaging="macro",
+                   stage_finished=loaded.finished)
+    if not loaded.finished:
+        metrics["note"] = ("the stage's training was interrupted: these are the weights of its best epoch so far, "
+                           "not of the finished stage")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return {**metrics, "out": str(out)}
 
@@ -66,7 +71,8 @@ def evaluate_run(run_dir: Path, stage: str = "student", split: str = "test", dat
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or a --seeds run folder: its first seed)")
-    p.add_argument("--stage", default="student", help="which stage's best checkpoint (default: student)")
+    p.add_argument("--stage", default=None, help="which stage's best checkpoint (default: the chain's final student: "
+                   "student, or in a sweep the last path's student_via_...)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="split of the run's dataset, or of --data-root's tree (test/ or val/ for 'test')")
     p.add_argument("--data-source", choices=("cifar10", "cifar100", "imagefolder", "digits"), default=None,
@@ -91,7 +97,9 @@ def main(argv=None) -> int:
             for label, folder, target_out in targets:
                 res = evaluate_run(folder, args.stage, args.split, args.data_source, data_root, target_out, args.device)
                 print(f"{label}{res['stage']} ({res['model']}) on {res['split']} of {res['data_root']}: accuracy "
-                      f"{res['accuracy']:.4f}, macro F1 {res['f1_score']:.4f}, {res['images']} images -> {res['out']}")
+                      f"{res['accuracy']:.4f}, macro F1 {res['f1_score']:.4f}, {res['images']} images -> {res['out']}"
+                      + ("" if res["stage_finished"] else "  (UNFINISHED stage: its best epoch so far; "
+                                                         "resume the run to finish it)"))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

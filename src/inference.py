@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -37,6 +39,7 @@ class LoadedModel:
     std: tuple
     stage: str
     model_name: str
+    finished: bool = True          # False: the stage's training was interrupted (best.pt is part-way)
 
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float [B, 3, S, S], resized and normalised as in training."""
@@ -45,23 +48,42 @@ class LoadedModel:
         return Normalizer((self.mean, self.std), x.device, self.image_size, False)(x)
 
 
-def load_model(run_dir, stage: str = "student", device="cpu", checkpoint: str = "best.pt") -> LoadedModel:
-    """The stage's model of a finished (or interrupted) run, with its best-validation weights, in eval mode."""
+def final_student(cfg) -> str:
+    """The stage a run is about when none is named: `student` where the chain has one, else (a
+    sweep: student_via_<path> per path) the last student that is not a baseline, else the last stage."""
+    names = [s.name for s in cfg.stages]
+    if "student" in names:
+        return "student"
+    students = [s.name for s in cfg.stages if (s.role == "student" or s.name.startswith("student"))
+                and s.name not in ("student_scratch", "student_kd")]
+    return students[-1] if students else names[-1]
+
+
+def load_model(run_dir, stage: Optional[str] = None, device="cpu", checkpoint: str = "best.pt") -> LoadedModel:
+    """The stage's model of a finished (or interrupted) run, with its best-validation weights, in
+    eval mode; `stage` defaults to the chain's final student (final_student). `finished` says
+    whether the stage completed its training (an interrupted one's best.pt is part-way)."""
     folder = RunFolder(run_dir)
+    top = folder.path
     if folder.is_multi_seed:
         folder = folder.first_seed()  # a --seeds run: the first seed, as the report's figures
     run_dir = folder.path
     if not folder.config_path.exists():
         raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml)")
     cfg = load_config(folder.config_path)
+    stage = stage or final_student(cfg)
     try:
         st = cfg.stage(stage)
     except KeyError:
-        raise CheckpointError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(s.name for s in cfg.stages)}") from None
+        raise CheckpointError(f"{run_dir}: no stage {stage!r}; its stages: {', '.join(s.name for s in cfg.stages)}") \
+            from None
     classes = folder.classes()
-    model = build_stage_model(cfg, replace(st, pretrained=False, pretrained_file=None, checkpoint=None), len(classes))
     weights = folder.stage(stage).file(checkpoint)
+    if not weights.exists():
+        raise CheckpointError(f"stage {stage!r} of {run_dir} has no trained weights yet ({checkpoint} missing: it has "
+                              f"not finished an epoch); continue the run with --resume {top}")
+    model = build_stage_model(cfg, replace(st, pretrained=False, pretrained_file=None, checkpoint=None), len(classes))
     load_weights(model, weights, f"{weights}")
     mean, std = MEANS[cfg.data.normalize]
     return LoadedModel(model=model.to(device).eval(), classes=classes, image_size=cfg.data.image_size, mean=mean,
-                       std=std, stage=stage, model_name=st.model)
+                       std=std, stage=stage, model_name=st.model, finished=folder.stage(stage).finished)

@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
 
 from src.distillation.recipe import lr_schedule
+from src.models import is_vit
 from src.utils.logger import read_epoch_csv, terms_columns_of
 from src.utils.runfolder import RunFolder
 from src.utils.metrics import normalized_confusion
@@ -77,6 +80,10 @@ def seed_runs(run: Path) -> list[tuple[int, Path]]:
         return [(s, r.path) for s, r in folder.seed_runs(finished_only=True)]
     if folder.finished:
         return [(folder.config().seed, folder.path)]
+    if folder.is_run:  # started, not finished: say how to finish it
+        chain = "vit" if any(is_vit(s.model) or s.model.startswith("hf:") for s in folder.config().stages) else "cnn"
+        raise FileNotFoundError(f"{run} is not finished (no summary.csv yet): finish it with "
+                                f"bash {chain}_distillation/train_{chain}.sh --resume {run}, then build the report")
     raise FileNotFoundError(f"{run}: no summary.csv (and no seeds.json): not a finished run folder")
 
 
@@ -96,7 +103,62 @@ def _correct(run_dir: Path, stage: str) -> np.ndarray | None:
 
 
 def is_demo(cfg) -> bool:
-    return cfg.data.source == "digits" or "demo" in cfg.name
+    """A run of one of the demo presets (cnn_demo, vit_demo_sweep, ...): named so by the preset."""
+    return re.search(r"(^|_)demo($|_)", cfg.name) is not None
+
+
+def _chance_bar(classes: int) -> float:
+    """Below this test accuracy a model is not clearly above chance: twice chance, or chance plus
+    10 points when there are few classes."""
+    chance = 1.0 / max(1, classes)
+    return min(2 * chance, chance + 0.10)
+
+
+ONE_CLASS_SHARE = 0.8    # a model that gives one class to this share of the test images predicts one class
+RISING_POINTS = 0.01     # validation accuracy up by more than this over the last fifth of the epochs: still rising
+
+
+def sanity(rows: pd.DataFrame) -> dict:
+    """{run: [reasons]} that make a run's comparisons meaningless, checked before any verdict: a
+    stage that teaches another one not clearly above chance, a model that predicts (nearly) one
+    class, a stage whose validation accuracy was still rising at its last epoch."""
+    problems = {}
+    for run, sub in rows.groupby("run", sort=False):
+        reasons = []
+        teaching = {t for ts in sub["teacher"].fillna("") for t in str(ts).split("+") if t}
+        for stage, st in sub.groupby("stage", sort=False):
+            folder = RunFolder(st.iloc[0]["run_dir"])
+            classes = len(folder.classes() or []) or 10
+            acc = float(st["test_accuracy"].mean())
+            if stage in teaching and acc < _chance_bar(classes):
+                reasons.append(f"{stage} teaches at {100 * acc:.1f}% test accuracy, not clearly above chance "
+                               f"({100 / classes:.0f}%)")
+            shares = []
+            for _, r in st.iterrows():
+                path = RunFolder(r["run_dir"]).stage(stage).predictions
+                if path.exists():
+                    shares.append(float(pd.read_csv(path, usecols=["y_pred"])["y_pred"].value_counts(normalize=True).iloc[0]))
+            if shares and max(shares) >= ONE_CLASS_SHARE:
+                reasons.append(f"{stage} predicts one class for {100 * max(shares):.0f}% of the test images")
+            rising = _still_rising(folder.stage(stage))
+            if rising:
+                reasons.append(f"{stage}: validation accuracy still rising at its last epoch ({rising})")
+        if reasons:
+            problems[run] = reasons
+    return problems
+
+
+def _still_rising(stage) -> str:
+    """'+3.1 points over its last 2 of 10 epochs' when the last epoch is the best one and the
+    curve rose over the last fifth of the epochs; '' otherwise (or when the stage was not trained)."""
+    if not stage.epoch_log.exists():
+        return ""
+    val = [r["val_accuracy"] for r in read_epoch_csv(stage.epoch_log)]
+    if len(val) < 2 or val[-1] < max(val):
+        return ""
+    k = max(1, round(0.2 * len(val)))
+    rise = val[-1] - val[-1 - k]
+    return f"+{100 * rise:.1f} points over its last {k} of {len(val)} epochs" if rise > RISING_POINTS else ""
 
 
 def collect(runs: list[Path]) -> pd.DataFrame:
@@ -235,7 +297,7 @@ def _pp(v: float) -> str:
     return f"{v * 100:+.2f}"
 
 
-def _diff_md(diffs: pd.DataFrame) -> list[str]:
+def _diff_md(diffs: pd.DataFrame, problems: Optional[dict] = None) -> list[str]:
     lines = ["| run | difference | seed | Δ test acc (pp) | 95% interval (pp) | only A right / only B right | "
              "McNemar p (Holm) | verdict |", "|" + "---|" * 8]
     for _, d in diffs.iterrows():
@@ -245,6 +307,8 @@ def _diff_md(diffs: pd.DataFrame) -> list[str]:
         verdict = ("**significant**" if d["significant"] else "not significant") + (
             f" ({100 * d['level']:.1f}% t interval, Bonferroni)" if over
             else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
+        if (problems or {}).get(d["run"]):
+            verdict = f"not interpretable (see above; the test alone: {verdict.replace('**', '')})"
         lines.append(f"| {d['run']} | {d['difference']} | {d['seed']} | {_pp(d['mean'])} | "
                      f"[{_pp(d['low'])}, {_pp(d['high'])}] | {counts} | {p} | {verdict} |")
     return lines
@@ -382,7 +446,7 @@ def _path_of(stage: str, teachers: dict) -> list:
     return path
 
 
-def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame) -> list:
+def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame, problems: Optional[dict] = None) -> list:
     """Per run with a directly distilled student and at least one taught through an assistant:
     [(run, points, refs, verdict lines)]. Every student compared with the direct-KD one (the
     tests come from `differences`, Holm-corrected across the report)."""
@@ -437,6 +501,9 @@ def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame) -
                            "Holm's correction" + (" in every seed" if sub["seed"].nunique() > 1 else ""))
             else:
                 verdict = "no assistant beats direct KD at p < 0.05 after Holm's correction"
+            if (problems or {}).get(run):  # a broken run gets no verdict, whatever its tests say
+                verdict = f"not interpretable: {'; '.join(problems[run])} (the tests alone: {verdict})"
+                pts["verdict"] = "not interpretable"
             answers.append((run, pts, refs, verdict))
     return answers
 
@@ -463,7 +530,8 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     table = aggregate(rows)
     diffs = differences(rows)
     figs = _figures(rows, table, out / "figures")
-    answers = sweep_answer(rows, table, diffs)
+    problems = sanity(rows)
+    answers = sweep_answer(rows, table, diffs, problems)
     for run, pts, refs, verdict in answers:
         safe = "".join(ch if ch.isalnum() else "_" for ch in run)
         figs.insert(0, plots.assistant_sweep(pts, refs, out / "figures" / f"{safe}_accuracy_vs_assistant.png",
@@ -472,6 +540,10 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     lines = ["# Distillation report", ""]
     if rows["demo"].any():
         lines += [DEMO_NOTE, ""]
+    for run, reasons in problems.items():
+        lines += [f"> **{run}: not interpretable.** Its comparisons say nothing about distillation, whatever "
+                  f"their p-values: " + "; ".join(reasons) + ". Train longer (or fix the recipe) before "
+                  "reading any verdict below.", ""]
     lines += [f"Runs: {', '.join(str(r) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
               "## Results per model and method", "",
               "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "
@@ -487,7 +559,7 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     if len(diffs):
         lines += ["## Does the assistant help?", "",
                   "Student test-accuracy differences in percentage points, A − B on the same test images:", ""]
-        lines += _diff_md(diffs) + [""]
+        lines += _diff_md(diffs, problems) + [""]
         if not diffs["significant"].any():
             lines += ["None of these differences is statistically significant: at this test-set size and number of "
                       "seeds, the methods cannot be told apart.", ""]

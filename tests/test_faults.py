@@ -37,9 +37,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     with pytest.raises(StopRequested):
         run_chain(cfg, tmp_path / "cut", progress=False, should_stop=stop_in_student_epoch_2)
     assert len(read_epoch_csv(tmp_path / "cut" / "student" / "epoch_log.csv")) == 1
+    first = json.loads((tmp_path / "cut" / "timings.json").read_text())  # the stopped session's time is kept
+    assert first["sessions"] == 1 and first["wall"] > 0
     run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
     for stage in ("teacher", "student"):
         assert _rows(tmp_path / "cut", stage) == _rows(tmp_path / "full", stage)
+    timings = json.loads((tmp_path / "cut" / "timings.json").read_text())  # wall summed over both sessions
+    assert timings["sessions"] == 2 and timings["wall"] > first["wall"] and timings["other"] >= 0
+    assert timings["wall"] >= timings["training"] + timings["evaluation"] + timings["compile"]
 
 
 def _write_cfg(tmp_path, **over):

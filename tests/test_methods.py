@@ -1,7 +1,6 @@
 """The method seam: a new distillation method is one file plus config, and the built-in ones
 compute what they claim (checked against the test's own float64 arithmetic)."""
 import json
-import textwrap
 
 import numpy as np
 import pandas as pd
@@ -12,32 +11,16 @@ import torch.nn.functional as F
 from src.distillation.chain import run_chain
 from src.distillation.methods import KD, Dense, Scratch, resolve
 from src.utils.errors import ConfigError
-from tests.conftest import tiny_cfg
+from tests.conftest import ROOT, run_cli, tiny_cfg
 
-TOY = textwrap.dedent('''
-    """KD from the mean of the teachers' probabilities (a toy method, one file)."""
-    import torch
-    import torch.nn.functional as F
+def readme_method() -> str:
+    """The README's "A method of your own" example, as a reader would paste it."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## A method of your own"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
 
-    from src.distillation.methods import Method
 
-
-    class MeanProbKD(Method):
-        min_teachers = 1
-        terms = ("ce", "kd", "teacher_entropy")
-
-        def loss(self, student_logits, targets, teacher_logits, alpha):
-            out = super().loss(student_logits, targets, teacher_logits, alpha)
-            if teacher_logits:
-                p = torch.stack([F.softmax(t.float() / self.temperature, 1) for t in teacher_logits]).mean(0)
-                out["teacher_entropy"] = -(p * p.clamp_min(1e-12).log()).sum(1).mean()
-            return out
-
-        def distill(self, student_logits, teacher_logits):
-            T = self.temperature
-            p = torch.stack([F.softmax(t / T, 1) for t in teacher_logits]).mean(0)
-            return F.kl_div(F.log_softmax(student_logits / T, 1), p, reduction="batchmean") * T * T
-''')
+TOY = readme_method()
 
 
 def test_a_new_method_in_one_file_trains_a_chain_and_logs_its_terms(tmp_path):
@@ -115,3 +98,59 @@ def test_methods_refuse_the_wrong_number_of_teachers_and_unknown_names():
         resolve("no_such_method")
     with pytest.raises(ConfigError, match="file not found"):
         resolve("/nonexistent/m.py:Cls")
+
+
+def _method_cfg(tmp_path, source: str, cls: str = "MeanProbKD"):
+    import yaml
+    from src.distillation.config import to_dict
+    (tmp_path / "m.py").write_text(source)
+    stages = [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+              {"name": "student", "model": "resnet10t", "role": "student", "teacher": "teacher",
+               "method": f"{tmp_path / 'm.py'}:{cls}"}]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(tiny_cfg(stages=stages, train__epochs=1))))
+    return path
+
+
+@pytest.mark.parametrize("source, cls, words", [
+    (TOY.replace("import torch\nimport torch.nn.functional as F\n", ""), "MeanProbKD", "NameError"),  # as once pasted
+    (TOY, "MeanProbKd", "MeanProbKd is not a Method subclass"),
+    (TOY.replace("min_teachers = 1", "min_teachers = 2"), "MeanProbKD", "takes at least 2 teacher(s), got 1"),
+])
+def test_a_broken_method_is_refused_before_the_teacher_trains_and_leaves_no_folder(tmp_path, source, cls, words):
+    out = tmp_path / "run"
+    code, err = run_cli("cnn", "--config", _method_cfg(tmp_path, source, cls), "--output-dir", out)
+    assert code == 2 and words in err and "stage 'student'" in err, err
+    assert not out.exists()  # the teacher never trained, and the refused start left no folder
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "stages.teacher.model=resnet_does_not_exist"], "unknown timm model"),        # model
+    (["--set", "stages.teacher.cifar_stem=true", "--set", "stages.teacher.model=plain_cnn4"], "cifar_stem: auto"),
+    (["--set", "train.no_such_key=1"], "unknown config key"),                                # config
+    (["--data-source", "imagefolder", "--data-root", "/nonexistent/tree"], "/nonexistent/tree"),  # data
+])
+def test_every_refused_start_leaves_no_folder(tmp_path, args, words):
+    out = tmp_path / "run"
+    code, err = run_cli("cnn", "--config", _method_cfg(tmp_path, TOY), "--output-dir", out, *args)
+    assert code == 2 and words in err, err
+    assert not out.exists()
+    code, err = run_cli("cnn", "--config", _method_cfg(tmp_path, TOY), "--output-dir", out, "--epochs", "1")
+    assert code == 0, err  # the same --output-dir is free for the corrected command
+
+
+def test_a_resume_refuses_a_method_file_changed_since_the_run_started(tmp_path):
+    from src.distillation.config import load_config
+    from src.utils.errors import UserError
+    cfg_path = _method_cfg(tmp_path, TOY)
+    run = tmp_path / "run"
+    run_chain(load_config(cfg_path), run, progress=False)
+    info = json.loads((run / "student" / "stage.json").read_text())
+    import hashlib
+    assert info["method_file"] == str(tmp_path / "m.py")
+    assert info["method_sha256"] == hashlib.sha256((tmp_path / "m.py").read_bytes()).hexdigest()
+    assert json.loads((run / "env.json").read_text())["methods"]["student"]["sha256"] == info["method_sha256"]
+    run_chain(load_config(cfg_path), run, resume=True, progress=False)  # unchanged: resumes (nothing left to do)
+    (tmp_path / "m.py").write_text(TOY.replace("* T * T", "* T"))
+    with pytest.raises(UserError, match="m.py changed since this run started"):
+        run_chain(load_config(cfg_path), run, resume=True, progress=False)

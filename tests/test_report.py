@@ -40,7 +40,8 @@ def test_report_rows_methods_and_figures(seeded_run):
                                 ("student_kd", "student", "KD")):
         assert re.search(rf"\| {stage} \| resnet10t \| {role} \| {method} \|", text), stage
     assert "TAKD − KD" in text and "KD − scratch" in text and "Seeds: 0, 1" in text
-    assert "Reporting protocol" in text and "Pipeline check, not a result" in text  # digits: a demo
+    assert "Reporting protocol" in text
+    assert "Pipeline check, not a result" not in text  # digits, but not a demo preset: no demo banner
     figs = sorted((seeded_run / "figures").glob("*.png"))
     names = {p.name for p in figs}
     for expected in ("accuracy_vs_params.png", "accuracy_vs_flops.png", "methods.png", "tiny_curves.png",
@@ -141,3 +142,52 @@ def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run,
     df.to_csv(path, index=False)
     with pytest.raises(ValueError, match="different labels"):
         differences(collect([run]))
+
+
+def test_the_demo_banner_is_for_the_demo_presets_only():
+    from src.distillation.config import load_config
+    from src.report import is_demo
+    from tests.conftest import ROOT
+    for preset in sorted(ROOT.glob("*_distillation/configs/*.yaml")):
+        assert is_demo(load_config(preset)) == preset.stem.startswith("demo"), preset
+    assert not is_demo(tiny_cfg()) and not is_demo(tiny_cfg(name="demolition"))
+
+
+def test_a_broken_run_gets_no_verdict(seeded_run, tmp_path):
+    """A teacher at chance and a student that predicts one class: the report names both and puts
+    "not interpretable" where the verdicts were, in the text and in the figure's title."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(seeded_run, run)
+    for seed in (0, 1):
+        summary = pd.read_csv(run / f"seed_{seed}" / "summary.csv")
+        summary.loc[summary["stage"] == "teacher", "test_accuracy"] = 0.11  # chance is 0.10 on digits
+        summary.to_csv(run / f"seed_{seed}" / "summary.csv", index=False)
+        preds = pd.read_csv(run / f"seed_{seed}" / "student_kd" / "test_predictions.csv")
+        preds["y_pred"] = 3
+        preds.to_csv(run / f"seed_{seed}" / "student_kd" / "test_predictions.csv", index=False)
+    from src.report import sanity, collect
+    reasons = sanity(collect([run]))["tiny"]
+    assert "teacher teaches at 11.0% test accuracy, not clearly above chance (10%)" in reasons
+    assert "student_kd predicts one class for 100% of the test images" in reasons
+    text = write_report([run], tmp_path / "out").read_text()
+    assert "**tiny: not interpretable.**" in text and "predicts one class" in text
+    section = text.split("## Which assistant helps?")[1].split("##")[0]
+    assert "not interpretable: teacher teaches at 11.0%" in section and " beat direct KD at p < 0.05" not in \
+        section.split("(the tests alone")[0]
+    diff_rows = [ln for ln in text.splitlines() if ln.startswith("| tiny | ") and "TAKD − KD" in ln]
+    assert diff_rows and all("not interpretable" in ln for ln in diff_rows)
+
+
+def test_a_stage_still_rising_at_its_last_epoch_is_named(tmp_path):
+    from src.report import _still_rising
+    from src.utils.logger import EpochLogger, REQUIRED_COLUMNS
+    from src.utils.runfolder import StageFolder
+    stage = StageFolder(tmp_path / "s")
+    stage.path.mkdir()
+    log = EpochLogger(stage.epoch_log)
+    for e, v in enumerate([0.30, 0.40, 0.45, 0.50, 0.58], 1):
+        log.log({c: (e if c == "epoch" else v if c == "val_accuracy" else 0.0) for c in REQUIRED_COLUMNS})
+    assert _still_rising(stage) == "+8.0 points over its last 1 of 5 epochs"
+    log.log({c: (6 if c == "epoch" else 0.57 if c == "val_accuracy" else 0.0) for c in REQUIRED_COLUMNS})
+    assert _still_rising(stage) == ""  # the best epoch is not the last one

@@ -182,6 +182,46 @@ def test_clean_removes_run_folders_only(tmp_path, monkeypatch):
     assert main(["--remove", str(run), "--yes"]) == 0 and not run.exists() and link.is_symlink()
 
 
+def test_clean_refuses_a_run_a_live_process_trains_in_and_deletes_nothing(tmp_path, capsys):
+    """The run's own lock (and that of every run inside it: the seeds) is taken before deleting."""
+    from src.utils.clean import main
+    runs = []
+    for name in ("single", "seeds"):
+        run = tmp_path / name
+        run.mkdir()
+        (run / ("seeds.json" if name == "seeds" else "config.yaml")).write_text("{}")
+        (run / "env.json").write_text("{}")
+        runs.append(run)
+    (tmp_path / "seeds" / "seed_1").mkdir()
+    for held in (runs[0], tmp_path / "seeds" / "seed_1"):  # a live trainer: the top folder, or one seed's folder
+        lock = runlock.acquire(held, "training")
+        capsys.readouterr()
+        assert main(["--remove", str(runs[0]), "--remove", str(runs[1]), "--yes"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {os.getpid()}" in err and "nothing deleted" in err and str(held) in err
+        assert all(r.is_dir() for r in runs) and (held / runlock.LOCK_NAME).exists()
+        lock.release()
+    assert main(["--remove", str(runs[0]), "--remove", str(runs[1]), "--yes"]) == 0
+    assert not any(r.exists() for r in runs)
+
+
+def test_a_run_whose_folder_is_deleted_under_it_says_so(tmp_path):
+    import shutil
+    from src.utils.checkpoint import SaveError, atomic_save
+    from src.utils.logger import EpochLogger
+    stage = tmp_path / "run" / "teacher"
+    stage.mkdir(parents=True)
+    log = EpochLogger(stage / "epoch_log.csv")
+    shutil.rmtree(tmp_path / "run")
+    with pytest.raises(SaveError, match="was deleted while this run was writing into it") as err:
+        atomic_save({"x": 1}, stage / "best.pt")
+    assert "--resume" not in str(err.value) and "Free disk space" not in str(err.value)
+    from src.utils.logger import REQUIRED_COLUMNS
+    from src.utils.errors import UserError
+    with pytest.raises(UserError, match="was deleted while this run was writing into it"):
+        log.log({c: 1.0 for c in REQUIRED_COLUMNS})
+
+
 def test_validator_fails_on_a_runs_folder_that_does_not_exist(tmp_path, monkeypatch, capsys):
     code, printed = validate(tmp_path / "nonexistent", monkeypatch, capsys)
     assert code == 1 and "does not exist" in printed and "All validations passed" not in printed

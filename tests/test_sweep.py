@@ -132,3 +132,34 @@ def test_a_sweep_killed_in_its_middle_resumes_to_the_same_results(sweep_run, tmp
         wa, wb = safe_load(full / stage / "best.pt")["model"], safe_load(tmp_path / "cut" / stage / "best.pt")["model"]
         assert all(torch.equal(wa[k], wb[k]) for k in wa), stage
     assert (full / "student_dense" / "schedule.csv").read_text() == (tmp_path / "cut" / "student_dense" / "schedule.csv").read_text()
+
+
+def test_evaluate_and_load_model_on_a_sweep_finished_or_not(sweep_run, tmp_path, capsys):
+    """The default stage is the chain's final student; a miss lists the stages; an interrupted
+    stage is marked unfinished; a stage never started is one line; the report says how to resume."""
+    import shutil
+
+    from src.evaluate import main as evaluate
+    from src.inference import load_model
+    from src.report import main as report
+    cfg, full = sweep_run
+    assert load_model(full).stage == "student_dense" and load_model(full).finished
+    run = tmp_path / "run"
+    shutil.copytree(full, run)
+    assert evaluate([str(run), "--device", "cpu"]) == 0
+    metrics = json.loads((run / "evaluations" / "student_dense-test-digits" / "metrics.json").read_text())
+    assert metrics["stage"] == "student_dense" and metrics["stage_finished"] is True
+    assert evaluate([str(run), "--stage", "student", "--device", "cpu"]) == 2
+    assert "its stages: teacher, ta_cifar_resnet14" in capsys.readouterr().err
+    (run / "student_dense" / "stage.json").unlink()  # interrupted: best.pt of an epoch so far, no stage.json
+    (run / "summary.csv").unlink()
+    assert evaluate([str(run), "--stage", "student_dense", "--device", "cpu"]) == 0
+    assert "UNFINISHED" in capsys.readouterr().out
+    metrics = json.loads((run / "evaluations" / "student_dense-test-digits" / "metrics.json").read_text())
+    assert metrics["stage_finished"] is False and "interrupted" in metrics["note"]
+    (run / "student_kd" / "best.pt").unlink()  # never finished an epoch
+    assert evaluate([str(run), "--stage", "student_kd", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no trained weights yet" in err and f"--resume {run}" in err
+    assert report([str(run)]) == 2
+    assert f"train_cnn.sh --resume {run}" in capsys.readouterr().err

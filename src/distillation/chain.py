@@ -24,7 +24,7 @@ from src.data import build_loaders, load_dataset
 from src.distillation import distributed as dist
 from src.distillation.config import RunConfig, save_config
 from src.distillation.engine import Precision, prepare_teacher
-from src.distillation.methods import method_name, resolve
+from src.distillation.methods import check_methods, method_name, resolve
 from src.distillation.planner import StepSpec, apply_vram_budget, compile_decision, measure_steps, probe_plan
 from src.distillation.recipe import optimizer_factory
 from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
@@ -207,6 +207,34 @@ def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
     return callback
 
 
+def check_stages(cfg: RunConfig) -> dict:
+    """Before any data is read: every stage's model built from its name and settings (on the meta
+    device: shapes only, seconds for the whole chain) and every method checked (check_methods).
+    Returns where each stage's method code is."""
+    for s in cfg.stages:
+        try:
+            with torch.device("meta"):
+                build_stage_model(cfg, _bare(s), 10)
+        except UserError as exc:
+            raise type(exc)(f"stage {s.name!r}: {exc}") from None
+        except Exception:  # noqa: BLE001 (a family the meta device cannot build: built for real later)
+            pass
+    return check_methods(cfg)
+
+
+def check_method_sources(folder: RunFolder, methods: dict) -> None:
+    """A resumed run refuses a method whose source file changed since the run started (the file
+    may be outside the repository, in no commit): its weights would mix two methods."""
+    env = folder.file(RunFolder.ENV)
+    started = json.loads(env.read_text()).get("methods", {}) if env.exists() else {}
+    for stage, now in methods.items():
+        then = started.get(stage)
+        if then and then.get("sha256") and then.get("sha256") != now.get("sha256"):
+            raise UserError(f"stage {stage!r}: the method's source {now.get('file') or then.get('file')} changed since "
+                            f"this run started (SHA-256 {then['sha256'][:12]}... -> {str(now.get('sha256'))[:12]}...); "
+                            f"put the file back as it was to resume, or start a new run with the new method")
+
+
 def preflight(cfg: RunConfig, num_classes: int) -> None:
     """Refuse what would fail hours later before any time is spent (and before anything is written):
     missing checkpoint or weight files, a checkpoint of another architecture or class count, and
@@ -261,6 +289,7 @@ class ChainRun:
     timings: dict
     plans: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
+    methods: dict = field(default_factory=dict)   # stage -> where its method's code is (method_source)
 
 
 def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
@@ -273,19 +302,23 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
     training, evaluation and the rest."""
     t_start = time.perf_counter()
     chain = start_chain(cfg, Path(run_dir), resume)
-    todo = []
-    for idx, stage in enumerate(cfg.stages):
-        folder = chain.folder.stage(stage.name)
-        if resume and folder.finished:
-            log.info(f"✓ {stage.name}: finished earlier, skipped")
-            chain.rows.append(folder.summary())
-            backfill_tensorboard(chain, folder)
-        else:
-            todo.append((idx, stage, stage_plan(chain, stage, resuming=resume and folder.started)))
-    clock = announce_estimate(chain, todo, later_seeds)
-    for idx, stage, plan in todo:
-        chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop, clock))
-    return finish_chain(chain, t_start)
+    try:
+        todo = []
+        for idx, stage in enumerate(cfg.stages):
+            folder = chain.folder.stage(stage.name)
+            if resume and folder.finished:
+                log.info(f"✓ {stage.name}: finished earlier, skipped")
+                chain.rows.append(folder.summary())
+                backfill_tensorboard(chain, folder)
+            else:
+                todo.append((idx, stage, stage_plan(chain, stage, resuming=resume and folder.started)))
+        clock = announce_estimate(chain, todo, later_seeds)
+        for idx, stage, plan in todo:
+            chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop, clock))
+        return finish_chain(chain, t_start)
+    finally:  # a stopped or failed session's wall time counts too (finish_chain wrote it when done)
+        if not chain.timings.get("written"):
+            write_timings(chain, t_start)
 
 
 def backfill_tensorboard(chain: ChainRun, folder) -> None:
@@ -356,6 +389,9 @@ def start_chain(cfg: RunConfig, run_dir: Path, resume: bool) -> ChainRun:
     """Device, threads, seeds and memory cap; the data; the preflight checks; then (only once the
     inputs are known to be good: a typo leaves no half-made run folder) the run's own files."""
     ds = dist.state()
+    methods = check_stages(cfg)  # a bad model name, stem or method is found before any data is decoded
+    if resume:
+        check_method_sources(RunFolder(run_dir), methods)
     if ds.is_main:
         check_writable(run_dir)
     device = resolve_device(cfg.train.device, ds.local_rank if ds.enabled and cfg.train.device != "cpu" else None)
@@ -366,13 +402,14 @@ def start_chain(cfg: RunConfig, run_dir: Path, resume: bool) -> ChainRun:
         dist.barrier()  # rank 0 checks, decodes and caches first; the others read its caches
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)
-    chain = ChainRun(cfg, RunFolder(run_dir), device, data, resume, {"data": time.perf_counter() - t0, "planning": 0.0})
+    chain = ChainRun(cfg, RunFolder(run_dir), device, data, resume, {"data": time.perf_counter() - t0, "planning": 0.0},
+                     methods=methods)
     preflight(cfg, data.num_classes)
     if ds.is_main:
         dist.barrier()
         write_run_files(chain, repro, {"device": str(device), "resumed": resume, "vram_budget": budget,
                                        "world_size": ds.world_size, "distributed_backend": dist.backend(),
-                                       "cpu_threads": threads or torch.get_num_threads()})
+                                       "cpu_threads": threads or torch.get_num_threads(), "methods": methods})
     log.info(f"Data: {data.name}, {len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
              f"{data.num_classes} classes, stored at {data.store_size}px, model input {cfg.data.image_size}px, device {device}")
     if chain.folder.file(RunFolder.PLAN).exists():
@@ -441,7 +478,9 @@ def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: boo
     summary = run_stage(cfg, stage, data, loaders, folder.path, device, plan, teachers=teachers,
                         resume=chain.resume and folder.started, progress=progress, should_stop=should_stop,
                         on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs), clock=clock,
-                        extra={"method": method_label(stage, cfg), "method_label": method_words(stage, cfg)})
+                        extra={"method": method_label(stage, cfg), "method_label": method_words(stage, cfg),
+                               "method_file": chain.methods.get(stage.name, {}).get("file"),
+                               "method_sha256": chain.methods.get(stage.name, {}).get("sha256")})
     dist.barrier()
     frozen = ""
     if teachers:  # checked, not assumed: eval mode and no parameter asking for a gradient
@@ -464,11 +503,28 @@ def finish_chain(chain: ChainRun, t_start: float) -> pd.DataFrame:
     df = pd.DataFrame(chain.rows)
     df = df[[c for c in SUMMARY_COLUMNS if c in df.columns]]
     if dist.is_main():
-        timings = chain.timings
         atomic_write_text(chain.folder.summary_csv, df.to_csv(index=False))
-        for key, col in (("compile", "compile_seconds"), ("training", "train_seconds"), ("evaluation", "eval_seconds")):
-            timings[key] = float(df[col].sum()) if col in df else 0.0
-        timings["wall"] = time.perf_counter() - t_start
-        timings["other"] = timings["wall"] - sum(timings[k] for k in ("data", "planning", "compile", "training", "evaluation"))
-        atomic_write_text(chain.folder.file(RunFolder.TIMINGS), json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
+    write_timings(chain, t_start)
     return df
+
+
+def write_timings(chain: ChainRun, t_start: float) -> None:
+    """timings.json: wall-clock seconds summed over every session of the run (a resume adds its
+    own to what the earlier ones recorded), split into data, planning, compile, training,
+    evaluation and the rest. Training, compile and evaluation come from the finished stages'
+    summaries, which count every session; "other" is what is left, never below 0 (a session
+    killed by SIGKILL cannot record its wall time, while its stages' training time survives)."""
+    if not dist.is_main():
+        return
+    path = chain.folder.file(RunFolder.TIMINGS)
+    before = json.loads(path.read_text()) if chain.resume and path.exists() else {}
+    timings = {"sessions": int(before.get("sessions", 0)) + 1,
+               "wall": before.get("wall", 0.0) + time.perf_counter() - t_start,
+               "data": before.get("data", 0.0) + chain.timings["data"],
+               "planning": before.get("planning", 0.0) + chain.timings["planning"]}
+    for key, col in (("compile", "compile_seconds"), ("training", "train_seconds"), ("evaluation", "eval_seconds")):
+        timings[key] = float(sum(r.get(col, 0.0) or 0.0 for r in chain.rows))
+    timings["other"] = max(0.0, timings["wall"] - sum(timings[k] for k in ("data", "planning", "compile", "training",
+                                                                         "evaluation")))
+    atomic_write_text(path, json.dumps({k: round(v, 2) for k, v in timings.items()}, indent=2))
+    chain.timings["written"] = True

@@ -384,7 +384,7 @@ def exit_code(session: Session, exc: BaseException) -> int:
             if traceback_on_debug and args.debug:
                 traceback.print_exception(exc)
             print(message, file=sys.stderr)
-            if kind is UserError:  # a refused start leaves nothing behind
+            if kind in (UserError, Exception) and not args.resume:  # a refused or failed start leaves nothing behind
                 if session.lock is not None:
                     session.lock.release()
                     session.lock = None
@@ -401,12 +401,14 @@ def _resume_command(chain: str, out, cwd: str) -> str:
 
 
 def _remove_if_unused(out: Path) -> None:
-    """A start refused before any training leaves no folder behind (only seeds.json may be in it)."""
+    """A new run that stopped before any stage saved anything (a refused model, method or data,
+    a failure while planning) leaves no folder behind: only the run's own bookkeeping was there
+    (config.yaml, env.json, plan.json, seeds.json, the lock), so --output-dir can be used again."""
     if not out.is_dir():
         return
-    from src.utils.runlock import is_bookkeeping
-    files = [p for p in out.rglob("*") if p.is_file()]
-    if all(p.name == "seeds.json" or is_bookkeeping(p) for p in files):
+    from src.utils.runfolder import StageFolder
+    trained = {StageFolder.EPOCH_LOG, StageFolder.LAST, StageFolder.BEST, StageFolder.SUMMARY, StageFolder.PREDICTIONS}
+    if not any(p.name in trained for p in out.rglob("*")):
         import shutil
         shutil.rmtree(out, ignore_errors=True)
 

@@ -93,7 +93,8 @@ class StageConfig:
     pretrained: bool = False           # ImageNet weights from the timm / Hugging Face hub
     pretrained_file: Optional[str] = None  # ... or from a local file
     checkpoint: Optional[str] = None   # skip training: load this checkpoint (e.g. a trained teacher)
-    cifar_stem: bool = False           # ResNet: 3x3 stride-1 first conv, no max-pool (32 px from scratch)
+    cifar_stem: Any = False            # ResNet: 3x3 stride-1 first conv, no max-pool (32 px from scratch); true |
+                                       # false | auto (applied where the model has a ResNet stem: model swaps need no edit)
     patch_size: Optional[int] = None   # ViT: override patch size (e.g. 4 for 32 px)
     drop_path: float = 0.0
     grad_checkpointing: bool = False   # force on for this model (always on for ViT-Base)
@@ -173,6 +174,7 @@ _CHOICES = {
     ("train", "optimizer"): ("adamw", "sgd"),
     ("train", "schedule"): ("cosine", "step", "constant"),
     ("stage", "role"): ("teacher", "assistant", "student", None),
+    ("stage", "cifar_stem"): (True, False, "auto"),
     ("run", "guidance"): ("single", "dense"),
 }
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from src.data.sources import MEANS
 from src.models import is_vit
+from src.models.factory import has_cifar_stem
 from src.models.takd_paper import NEEDS_IMG_SIZE
 from src.utils.checkpoint import _atomic_write, atomic_write_text
 from src.utils.runfolder import StageFolder
@@ -32,7 +33,7 @@ def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -
         create_kwargs["patch_size"] = stage.patch_size
     if (is_vit(stage.model) and not stage.model.startswith("hf:")) or stage.model in NEEDS_IMG_SIZE:
         create_kwargs["img_size"] = size
-    timm_ok = not stage.model.startswith("hf:") and not stage.cifar_stem
+    timm_ok = not stage.model.startswith("hf:") and not has_cifar_stem(model)
     info = {
         "model": stage.model, "stage": stage.name, "num_classes": len(classes), "classes": classes, "image_size": size,
         "mean": list(mean), "std": list(std), "weights": "model.safetensors", "create_kwargs": create_kwargs,

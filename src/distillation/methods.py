@@ -275,3 +275,52 @@ def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0) 
         options["drop_teachers"] = cfg.kd.drop_teachers
     return cls(list(teachers), stage.teachers, temperature=cfg.kd.temperature,
                label_smoothing=cfg.label_smoothing(stage), seed=seed, **options)
+
+
+def method_source(stage) -> dict:
+    """Where the stage's method comes from: its spec, source file and that file's SHA-256 (a method
+    file outside the repository is in no git commit: the hash is what ties a run to its code)."""
+    import hashlib
+    import inspect
+    spec = method_name(stage)
+    cls = resolve(spec)
+    try:
+        path = Path(inspect.getsourcefile(cls) or "")
+    except TypeError:
+        path = Path("")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"spec": spec, "class": cls.__name__, "file": str(path) if digest else None, "sha256": digest}
+
+
+def check_methods(cfg, num_classes: int = 10) -> dict:
+    """Every stage's method imported, built with as many teachers as the stage names (options
+    checked) and run once on random logits, backward included, before anything trains: a typo or
+    a missing import in a method file is found now, not when its stage starts hours later.
+    Returns {stage: method_source(stage)}."""
+    import traceback
+    sources = {}
+    for stage in cfg.stages:
+        spec = method_name(stage)
+        try:
+            sources[stage.name] = method_source(stage)
+            method = build_method(cfg, stage, [nn.Identity() for _ in stage.teachers])
+            gen = torch.Generator().manual_seed(0)
+            logits = torch.randn(4, num_classes, generator=gen, requires_grad=True)
+            targets = torch.randint(0, num_classes, (4,), generator=gen)
+            teachers = [torch.randn(4, num_classes, generator=gen) for _ in stage.teachers] or None
+            method.begin_batch()
+            if teachers:
+                teachers = [teachers[i] for i in method.active_teachers()]
+            terms = method.loss(logits, targets, teachers, 0.5)
+            loss = terms["loss"]
+            if loss.ndim != 0 or not torch.isfinite(loss):
+                raise ValueError(f"its loss is {'not a scalar' if loss.ndim else 'not finite'} ({loss})")
+            loss.backward()
+        except ConfigError as exc:
+            raise ConfigError(f"stage {stage.name!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 (a contributor's code: any error is reported the same way)
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            raise ConfigError(f"stage {stage.name!r}: method {spec!r} fails on a test batch of random logits, "
+                              f"before anything trains: {type(exc).__name__}: {exc} "
+                              f"({Path(frame.filename).name}, line {frame.lineno})") from None
+    return sources

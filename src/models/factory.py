@@ -11,7 +11,7 @@ Every model returns logits [B, num_classes] from images [B, 3, S, S].
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -114,16 +114,33 @@ def _create_hf(name: str, num_classes: int, image_size: Optional[int], patch_siz
     return HFImageClassifier(model)
 
 
-def _cifar_stem(model: nn.Module, name: str) -> None:
+def _has_resnet_stem(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "conv1", None), nn.Conv2d) and hasattr(model, "maxpool")
+
+
+def has_cifar_stem(model: nn.Module) -> bool:
+    """Whether the model carries the CIFAR stem (3x3 stride-1 conv1, no max-pool), which timm
+    cannot rebuild by name."""
     conv1 = getattr(model, "conv1", None)
-    if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
-        raise ConfigError(f"cifar_stem applies to ResNet-style models (conv1 + maxpool); {name} has neither")
+    return (isinstance(getattr(model, "maxpool", None), nn.Identity) and isinstance(conv1, nn.Conv2d)
+            and conv1.kernel_size == (3, 3) and conv1.stride == (1, 1))
+
+
+def _cifar_stem(model: nn.Module, name: str, mode) -> None:
+    """cifar_stem: true (a ResNet-style model is required), auto (applied where the model has a
+    ResNet stem, left alone elsewhere: plain CNNs, ViTs), false."""
+    if not _has_resnet_stem(model):
+        if mode == "auto":
+            return
+        raise ConfigError(f"cifar_stem applies to ResNet-style models (conv1 + maxpool); {name} has neither: "
+                          f"set cifar_stem: auto for that stage (applied only where it fits) or false")
+    conv1 = model.conv1
     model.conv1 = nn.Conv2d(3, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
 
 
 def create_model(name: str, num_classes: int, *, image_size: Optional[int] = None, pretrained: bool = False,
-                 pretrained_file: Optional[str] = None, cifar_stem: bool = False, patch_size: Optional[int] = None,
+                 pretrained_file: Optional[str] = None, cifar_stem: Union[bool, str] = False, patch_size: Optional[int] = None,
                  drop_path: float = 0.0, model_kwargs: Optional[dict] = None) -> nn.Module:
     """Build a classifier with `num_classes` outputs. Raises ConfigError for unknown names or
     weights that cannot be had (with the offline alternatives)."""
@@ -153,7 +170,7 @@ def create_model(name: str, num_classes: int, *, image_size: Optional[int] = Non
             raise _offline_hint(f"ImageNet weights for {name}" + (f" from {pretrained_file}" if pretrained_file else ""), exc) from None
         raise
     if cifar_stem:
-        _cifar_stem(model, name)
+        _cifar_stem(model, name, cifar_stem)
     return model
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.utils.errors import CheckpointError, UserError
+from src.utils.errors import CheckpointError, UserError, write_failure
 from src.utils.signals import protected
 
 
@@ -42,8 +42,7 @@ def _atomic_write(path: Path, write) -> None:
             if isinstance(exc, RuntimeError):
                 reason = f"the write stopped part-way, most likely a full disk ({reason})"
             kept = " (the previous version is kept)" if path.exists() else ""
-            raise SaveError(f"could not write {path}: {reason}{kept}. Free disk space or choose "
-                            f"another --output-dir, then --resume") from None
+            raise SaveError(write_failure(path, reason, kept)) from None
 
 
 def atomic_save(obj: dict, path: str | os.PathLike) -> None:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from src.utils.runfolder import RunFolder
+from src.utils.runlock import LOCK_NAME, RunFolderBusy, acquire
 
 OTHERS_WARN_MIB = 256  # the CUDA context of this process itself takes a few hundred MiB at most
 
@@ -104,10 +105,36 @@ def _remove(targets: list, yes: bool) -> int:
         if input("Delete them? [y/N] ").strip().lower() not in ("y", "yes"):
             print("Nothing deleted.")
             return 0
-    for t in targets:
-        shutil.rmtree(t)  # rmtree removes links inside the folder, never what they point to
+    try:
+        locks = claim_all(targets)
+    except RunFolderBusy as exc:
+        print(f"error: {exc}; nothing deleted", file=sys.stderr)
+        return 2
+    try:
+        for t in targets:
+            shutil.rmtree(t)  # rmtree removes links inside the folder, never what they point to
+    finally:
+        for lock in locks:
+            lock.release()
     print(f"Deleted {len(targets)} run folder(s).")
     return 0
+
+
+def claim_all(targets: list) -> list:
+    """The run lock of every target and of every run inside it (the seeds of a --seeds run, each
+    seed of a reproduction), taken before anything is deleted: a folder a live process trains in
+    is refused, naming that process, and nothing at all is deleted. Raises RunFolderBusy."""
+    held = []
+    try:
+        for t in targets:
+            folders = [t, *sorted({p.parent for p in t.rglob(LOCK_NAME)} - {t})]
+            for folder in folders:
+                held.append(acquire(folder, "deleting it"))
+    except RunFolderBusy:
+        for lock in held:
+            lock.release()
+        raise
+    return held
 
 
 def main(argv=None) -> int:

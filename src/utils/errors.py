@@ -21,6 +21,18 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unsafe or does not match the model it is loaded into."""
 
 
+def write_failure(path, reason: str, kept: str = "") -> str:
+    """The one line for a file a run could not write: a folder deleted under the run (clean.sh or
+    by hand) is said to be gone, with nothing to resume; anything else is a disk or permission
+    problem the user can fix and then resume."""
+    from pathlib import Path
+    folder = Path(path).parent
+    if not folder.exists():
+        return (f"could not write {path}: its folder {folder} was deleted while this run was writing into it "
+                f"(by clean.sh or by hand); what it held is gone, so there is nothing to resume: start a new run")
+    return f"could not write {path}: {reason}{kept}. Free disk space or choose another --output-dir, then --resume"
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; carries where it happened."""
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from src.utils.errors import UserError
+from src.utils.errors import UserError, write_failure
 from src.utils.signals import protected
 
 REQUIRED_COLUMNS = [
@@ -226,8 +226,7 @@ def _disk_errors(path: Path):
     try:
         yield
     except OSError as exc:
-        raise UserError(f"could not write {path}: {exc.strerror or exc}. Free disk space or choose another "
-                        f"--output-dir, then --resume") from None
+        raise UserError(write_failure(path, exc.strerror or str(exc))) from None
 
 
 def _fmt(value: float) -> str:
