@@ -70,3 +70,20 @@ def test_the_chain_says_how_long_it_will_take_before_its_first_step(tmp_path, ca
 def test_durations_read_as_people_say_them():
     from src.distillation.clock import duration
     assert [duration(s) for s in (40, 14 * 60, 130 * 60)] == ["40 s", "14 min", "2 h 10 min"]
+
+
+def test_swapping_the_chains_models_needs_no_other_flag_and_names_the_run_after_them():
+    from src.distillation.cli import named_after_its_chain
+    from src.distillation.config import load_config
+    from src.models import create_model
+    from src.models.factory import has_cifar_stem
+    preset = ROOT / "cnn_distillation" / "configs" / "cifar10.yaml"
+    swap = [f"stages.{s}.model={m}" for s, m in (("teacher", "plain_cnn10"), ("assistant", "plain_cnn4"),
+                                                 ("student", "plain_cnn2"))]
+    cfg = named_after_its_chain(load_config(preset, swap), load_config(preset))
+    assert cfg.name == "cnn_cifar10-plain_cnn10-plain_cnn4-plain_cnn2"
+    assert named_after_its_chain(load_config(preset), load_config(preset)).name == "cnn_cifar10"
+    assert all(s.cifar_stem == "auto" for s in cfg.stages)  # the preset's stem follows the model
+    assert not has_cifar_stem(create_model("plain_cnn4", 10, image_size=32, cifar_stem="auto"))
+    assert has_cifar_stem(create_model("resnet18", 10, cifar_stem="auto"))
+    assert not has_cifar_stem(create_model("resnet18", 10))

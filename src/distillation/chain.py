@@ -333,8 +333,9 @@ def backfill_tensorboard(chain: ChainRun, folder) -> None:
 
 
 def stage_epoch_seconds(chain: ChainRun, stage, plan: StagePlan) -> float:
-    """One epoch of the stage (training and validation), from the planner's measured speed or a
-    few timed steps at a small batch (random weights and data; every frozen teacher in memory)."""
+    """One epoch of the stage (training and validation), from the planner's measured speed or two
+    timed steps at the stage's real batch size after a warm-up one (random weights and data; every
+    frozen teacher in memory unless its logits are cached)."""
     cfg, data, device = chain.cfg, chain.data, chain.device
     img_s = plan.probe_compiled_img_per_s if plan.compile and plan.probe_compiled_img_per_s else plan.probe_img_per_s
     if not img_s:
@@ -348,10 +349,10 @@ def stage_epoch_seconds(chain: ChainRun, stage, plan: StagePlan) -> float:
             prepare_teacher(build_stage_model(cfg, _bare(cfg.stage(n)), data.num_classes), device, precision, cl)
             for n in stage.teachers]
         try:
-            micro = min(plan.micro_batch or plan.batch_size, 16)
+            micro = plan.micro_batch or plan.batch_size  # the real batch: small batches understate a CPU's speed
             method = stage_method(cfg, stage, teachers).to(device) if teachers or not stage.teachers else None
             img_s = measure_steps(model, teachers, micro, cfg.data.image_size, data.num_classes, precision, cl,
-                                  steps=1, warmup=1, method=method,
+                                  steps=2, warmup=1, method=method,
                                   optimizer_factory=optimizer_factory(cfg.train, device))["img_per_s"]
         finally:
             for m in [model, *teachers]:

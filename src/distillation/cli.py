@@ -296,7 +296,10 @@ def _resolve_new(session: Session) -> None:
     from src.distillation.config import load_config
     from src.utils import runlock
     args, ds = session.args, session.ds
-    cfg = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    cfg = load_config(args.config, overrides)
+    if any(item.split("=", 1)[0].strip().endswith(".model") for item in overrides):
+        cfg = named_after_its_chain(cfg, load_config(args.config))
     session.cfg = with_baselines(cfg) if args.baselines else cfg
     session.seeds = _parse_seeds(args.seeds) if args.seeds else None
     if session.out is None:
@@ -305,6 +308,16 @@ def _resolve_new(session: Session) -> None:
         session.out_existed = session.out.exists()
     if ds.is_main:  # claimed first: a second start a second later is refused here, naming this one
         session.lock = runlock.acquire(session.out, "starting a run")
+
+
+def named_after_its_chain(cfg, preset):
+    """A chain whose models were swapped on the command line is not the preset any more: its run
+    (folder, report, figure titles) is named after its models, e.g. cnn_cifar10-plain_cnn10-plain_cnn4-plain_cnn2."""
+    models = [s.model for s in cfg.stages]
+    if models == [s.model for s in preset.stages]:
+        return cfg
+    short = "-".join(m.removeprefix("hf:").split("/")[-1] for m in models)
+    return replace(cfg, name=f"{preset.name}-{short}")
 
 
 def check_output_folder(session: Session) -> None:
