@@ -237,3 +237,17 @@ def test_validator_tells_a_run_being_written_from_a_dead_one(tmp_path):
         check_run_folder(run)
     with runlock.claim(run):
         assert f"pid {os.getpid()}" in check_run_folder(run)
+
+
+def test_clean_shows_and_on_request_deletes_the_data_cache(tmp_path, monkeypatch, capsys):
+    from src.utils import clean
+    monkeypatch.setattr(clean, "REPO_ROOT", tmp_path)
+    cache = tmp_path / ".data_cache" / "tree"
+    cache.mkdir(parents=True)
+    (cache / "x.bin").write_bytes(b"0" * (3 * 2**20))
+    assert clean.main([]) == 0
+    assert "Data cache" in capsys.readouterr().out and cache.exists()  # shown, kept
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert clean.main(["--data-cache"]) == 2 and cache.exists()         # no terminal, no --yes: refused
+    assert clean.main(["--data-cache", "--yes"]) == 0
+    assert not (tmp_path / ".data_cache").exists() and "Deleted" in capsys.readouterr().out

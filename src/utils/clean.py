@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     p.add_argument("--remove-all", action="store_true",
                    help="delete every run folder under runs/ (both chains, wherever the README's commands put them: "
                         "runs/cnn, runs/demo, runs/takd, ...); lists them and asks first unless --yes")
+    p.add_argument("--data-cache", action="store_true",
+                   help="also delete .data_cache/ in the project (image trees unpacked from a .tar.gz data root and "
+                        "their decoded tensors: rebuilt on the next run that needs them); its size is always shown")
     p.add_argument("--yes", action="store_true", help="do not ask before deleting")
     args = p.parse_args(argv)
     info = gpu_report()
@@ -167,6 +170,19 @@ def main(argv=None) -> int:
                 print(f"     {line}")
     if warn:
         print("  Stop those processes (or wait for them) before the next run to have the whole budget.")
+    cache = REPO_ROOT / ".data_cache"
+    if cache.is_dir():
+        size = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file() and not f.is_symlink())
+        print(f"Data cache {cache}: {size / 2**20:,.0f} MB" + ("" if args.data_cache else " (--data-cache deletes it)"))
+    if args.data_cache and cache.is_dir():
+        if not args.yes and not sys.stdin.isatty():
+            print("error: not a terminal, pass --yes to confirm deletion", file=sys.stderr)
+            return 2
+        if args.yes or input(f"Delete {cache}? [y/N] ").strip().lower() in ("y", "yes"):
+            shutil.rmtree(cache)
+            print(f"Deleted {cache}.")
+        else:
+            print("Data cache kept.")
     targets = [Path(os.path.abspath(t.expanduser())) for t in args.remove]  # absolute, links not resolved
     if args.remove_all:
         if args.runs is None or not args.runs.is_dir():
