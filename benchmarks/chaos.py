@@ -134,7 +134,8 @@ def verify(run: Path, ref: Path, epochs: int = 3) -> None:
         assert last["epoch"] == epochs and best["epoch"] == info["best_epoch"] == last["best_epoch"], stage
         for key, ck in (("best", best), ("last", last)):
             ref_ck = safe_load(r / (StageFolder.BEST if key == "best" else StageFolder.LAST))
-            for k, v in ck["model"].items():
+            assert (ck["model"] is None) == (ref_ck["model"] is None), f"{stage}/{key}.pt: slimmed in one run only"
+            for k, v in (ck["model"] or {}).items():
                 assert torch.equal(v, ref_ck["model"][k]), f"{stage}/{key}.pt: {k} differs from the uninterrupted run"
     assert RunFolder(run).finished and (run / "report.md").exists()
 

@@ -251,3 +251,16 @@ def test_clean_shows_and_on_request_deletes_the_data_cache(tmp_path, monkeypatch
     assert clean.main(["--data-cache"]) == 2 and cache.exists()         # no terminal, no --yes: refused
     assert clean.main(["--data-cache", "--yes"]) == 0
     assert not (tmp_path / ".data_cache").exists() and "Deleted" in capsys.readouterr().out
+
+
+def test_a_finished_stage_keeps_its_weights_in_best_pt_and_the_export_only(tmp_path):
+    from src.distillation.chain import run_chain
+    from src.utils.checkpoint import safe_load
+    from tests.conftest import tiny_cfg
+    run_chain(tiny_cfg(train__epochs=1), tmp_path / "run", progress=False)
+    for stage in ("teacher", "student"):
+        d = tmp_path / "run" / stage
+        last, best = safe_load(d / "last.pt"), safe_load(d / "best.pt")
+        assert last["model"] is None and last["optimizer"] is None and last["epoch"] == 1 and last["best_epoch"] == 1
+        assert best["model"] and (d / "model.safetensors").exists()
+        assert (d / "last.pt").stat().st_size < 0.05 * (d / "best.pt").stat().st_size

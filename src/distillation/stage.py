@@ -299,6 +299,9 @@ def restore(run: StageRun) -> None:
     """Resume from last.pt: weights, method state, optimizer, schedule, scaler, RNG and the
     best-so-far; a new --resume --lr applies from the next step on the same schedule."""
     ck = safe_load(run.folder.last, map_location=run.device)
+    if ck.get("model") is None:  # a finished stage's slimmed last.pt: its bookkeeping only
+        raise CheckpointError(f"{run.folder.last} belongs to a finished stage ({ck['epoch']} epochs) and keeps no "
+                              f"training state: it cannot train further. Start a new run for a longer schedule")
     check_state_dict(run.model, ck["model"], f"resume {run.folder.last}")
     run.model.load_state_dict(ck["model"])
     if ck.get("method") is not None:
@@ -566,7 +569,7 @@ def summarise(run: StageRun, data, loaders: dict, test: dict, checksums: list, e
     }
     if dist.is_main():
         atomic_write_text(folder.summary_file, json.dumps(summary, indent=2))
-        slim_checkpoint(folder.last)  # the stage is done: resuming it needs nothing more; its weights stay
+        slim_checkpoint(folder.last)  # the stage is done: resuming it needs nothing more (its weights: best.pt)
     return summary
 
 

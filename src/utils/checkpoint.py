@@ -50,9 +50,11 @@ def atomic_save(obj: dict, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
 
 
-def slim_checkpoint(path: str | os.PathLike, drop=("optimizer", "scheduler", "scaler")) -> int:
-    """Rewrite a finished stage's last.pt without what only resuming it needed (the optimizer's
-    moments are twice the model's size under AdamW); returns the bytes saved."""
+def slim_checkpoint(path: str | os.PathLike, drop=("model", "method", "optimizer", "scheduler", "scaler")) -> int:
+    """Rewrite a finished stage's last.pt without what only resuming it needed: the last epoch's
+    weights and the optimizer's state (twice the model's size under AdamW). A finished stage keeps
+    its weights once at full size in best.pt and once exported (model.safetensors); last.pt keeps
+    its bookkeeping (epoch, best epoch, the last CSV rows). Returns the bytes saved."""
     path = Path(path)
     if not path.exists():
         return 0
