@@ -253,11 +253,16 @@ def test_clean_shows_and_on_request_deletes_the_data_cache(tmp_path, monkeypatch
     assert not (tmp_path / ".data_cache").exists() and "Deleted" in capsys.readouterr().out
 
 
-def test_a_finished_stage_keeps_its_weights_in_best_pt_and_the_export_only(tmp_path):
+def test_a_finished_stage_keeps_its_weights_in_best_pt_and_the_export_only(tmp_path, monkeypatch):
+    from src.distillation import stage as stage_mod
     from src.distillation.chain import run_chain
     from src.utils.checkpoint import safe_load
     from tests.conftest import tiny_cfg
-    run_chain(tiny_cfg(train__epochs=1), tmp_path / "run", progress=False)
+    with monkeypatch.context() as m:  # killed between each stage's stage.json and its slimming
+        m.setattr(stage_mod, "slim_checkpoint", lambda path: 0)
+        run_chain(tiny_cfg(train__epochs=1), tmp_path / "run", progress=False)
+    assert safe_load(tmp_path / "run" / "teacher" / "last.pt")["model"] is not None
+    run_chain(tiny_cfg(train__epochs=1), tmp_path / "run", resume=True, progress=False)  # slimmed on resume
     for stage in ("teacher", "student"):
         d = tmp_path / "run" / stage
         last, best = safe_load(d / "last.pt"), safe_load(d / "best.pt")

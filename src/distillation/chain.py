@@ -30,7 +30,7 @@ from src.distillation.recipe import optimizer_factory
 from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
                                    use_channels_last)
 from src.models import count_params, is_vit, shape_only
-from src.utils.checkpoint import atomic_write_text
+from src.utils.checkpoint import atomic_write_text, slim_checkpoint
 from src.utils.devices import resolve_device, set_cpu_threads
 from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
@@ -308,6 +308,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
             folder = chain.folder.stage(stage.name)
             if resume and folder.finished:
                 log.info(f"✓ {stage.name}: finished earlier, skipped")
+                if dist.is_main():
+                    slim_checkpoint(folder.last)  # a kill between its stage.json and its slimming: done now
                 chain.rows.append(folder.summary())
                 backfill_tensorboard(chain, folder)
             else:
