@@ -131,10 +131,9 @@ def summarise(comparisons: list, incomparable: Optional[str] = None) -> list:
     out = []
     for c, (mean, lo, hi) in zip(comparisons, intervals):
         adj = [next(adjusted) for _ in c.p_values]
-        v = verdict(None if incomparable else c.paper_gap, lo, hi)
-        if incomparable and v != "undecided":
-            v = f"{v} ({incomparable})"
-        words = VERDICT_WORDS[v.split(" (")[0]] + (f"; {incomparable}" if incomparable else "")
+        base = verdict(None if incomparable else c.paper_gap, lo, hi)
+        v = f"{base} ({incomparable})" if incomparable and base != "undecided" else base
+        words = VERDICT_WORDS[base] + (f"; {incomparable}" if incomparable else "")
         out.append({"comparison": c.name, "paper_gap": c.paper_gap, "mean": mean, "lo": lo, "hi": hi,
                     "level": 1 - alpha, "seeds": len(c.diffs), "diffs": list(c.diffs), "p": list(c.p_values),
                     "p_holm": adj, "significant_seeds": int(sum(p < ALPHA for p in adj)), "verdict": v,

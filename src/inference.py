@@ -17,7 +17,6 @@ as model.json says.)
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
 from typing import Optional
 
 import torch
