@@ -45,6 +45,20 @@ def test_image_folder_with_mixed_sizes_and_modes(image_tree):
     assert list((image_tree.parent / "cache").glob("decoded-*.pt"))
 
 
+def test_the_test_split_is_decoded_once_whatever_the_train_subset(image_tree, monkeypatch):
+    """Another data.max_train_samples decodes the train images it needs and reuses the test split."""
+    import src.data.sources as sources
+    decoded = []
+    real = sources.decode_images
+    monkeypatch.setattr(sources, "decode_images", lambda files, *a, **k: decoded.append(len(files)) or real(files, *a, **k))
+    kw = dict(source="imagefolder", root=str(image_tree), image_size=12, cache_dir=str(image_tree.parent / "cache"))
+    first = load_dataset(DataConfig(**kw))
+    assert decoded == [20, 6]
+    second = load_dataset(DataConfig(max_train_samples=10, **kw))
+    assert decoded == [20, 6, 10]  # the 6 test images came from the cache
+    assert torch.equal(first.test.images, second.test.images) and len(second.train) + len(second.val) == 10
+
+
 def test_image_folder_from_a_tarball(image_tree, tmp_path, monkeypatch):
     import src.data.sources as sources
     archive = tmp_path / "tree.tar.gz"

@@ -335,25 +335,31 @@ def _imagefolder_splits(d, store_size_hint: int):
         return (Split(torch.tensor(train_labels), files=train_files), Split(torch.tensor(test_labels), files=test_files),
                 classes, size, [], root, test_files)
     cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else root / ".cache"
-    key = _cache_key(train_files + test_files, size)
-    cache = cache_dir / f"decoded-{size}px-{key}.pt"
+    # one cache per split: another train subset (data.max_train_samples) reuses the decoded test split
+    train, skipped_tr = _decoded_split(train_files, train_labels, size, d.skip_bad_images, cache_dir, "train")
+    test, skipped_te = _decoded_split(test_files, test_labels, size, d.skip_bad_images, cache_dir, "test")
+    return train, test, classes, size, skipped_tr + skipped_te, root, test_files
+
+
+def _decoded_split(files: list, labels: list, size: int, skip_bad: bool, cache_dir: Path, name: str
+                   ) -> tuple[Split, list]:
+    """One split's images decoded once and cached on disk, keyed by its file list (paths, sizes,
+    modification times) and the stored size; a read-only dataset folder decodes again next time."""
+    cache = cache_dir / f"decoded-{name}-{size}px-{_cache_key(files, size)}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
-        return (Split(blob["train_labels"], blob["train_images"]), Split(blob["test_labels"], blob["test_images"]),
-                classes, size, blob.get("skipped", []), root, test_files)
-    get_console().info(f"Decoding {len(train_files) + len(test_files):,} images from {root} at {size}px (cached afterwards)")
-    train, skipped_tr = decode_images(train_files, train_labels, size, d.skip_bad_images, "decode train")
-    test, skipped_te = decode_images(test_files, test_labels, size, d.skip_bad_images, "decode test")
-    skipped = skipped_tr + skipped_te
+        return Split(blob["labels"], blob["images"]), blob.get("skipped", [])
+    get_console().info(f"Decoding {len(files):,} {name} images from {Path(files[0]).parents[1]} at {size}px "
+                       f"(cached afterwards)")
+    split, skipped = decode_images(files, labels, size, skip_bad, f"decode {name}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"train_images": train.images, "train_labels": train.labels, "test_images": test.images,
-                    "test_labels": test.labels, "skipped": skipped}, tmp)
+        torch.save({"images": split.images, "labels": split.labels, "skipped": skipped}, tmp)
         os.replace(tmp, cache)
-    except OSError as exc:  # a read-only dataset folder: decode again next time
+    except OSError as exc:
         get_console().warning(f"could not write the decode cache {cache}: {exc}")
-    return train, test, classes, size, skipped, root, test_files
+    return split, skipped
 
 
 def load_dataset(d) -> DatasetSplits:
