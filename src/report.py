@@ -148,6 +148,26 @@ def sanity(rows: pd.DataFrame) -> dict:
     return problems
 
 
+BRIEF = [(re.compile(r"^(\S+) teaches at .* not clearly above chance"), "near chance"),
+         (re.compile(r"^(\S+) predicts one class"), "one class"),
+         (re.compile(r"^(\S+): validation accuracy still rising"), "still improving")]
+
+
+def brief(reasons: list) -> str:
+    """sanity()'s reasons in a few words, for a figure title: 'near chance: teacher, ta_x; one
+    class: student_kd; still improving: ta_x'."""
+    groups: dict = {}
+    for reason in reasons:
+        for pattern, words in BRIEF:
+            m = pattern.match(reason)
+            if m:
+                groups.setdefault(words, []).append(m.group(1))
+                break
+        else:
+            groups.setdefault(reason, [])
+    return "; ".join(f"{w}: {', '.join(names)}" if names else w for w, names in groups.items())
+
+
 def _still_rising(stage) -> str:
     """'+3.1 points over its last 2 of 10 epochs' when the last epoch is the best one and the
     curve rose over the last fifth of the epochs; '' otherwise (or when the stage was not trained)."""
@@ -175,8 +195,23 @@ def collect(runs: list[Path]) -> pd.DataFrame:
             env = folder.env()
             df["seed"], df["run"], df["run_dir"] = seed, label, str(path.resolve())
             df["device"], df["demo"] = str(env.get("device", "")), is_demo(cfg)
+            df["dataset"] = dataset_label(cfg.data)
             frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+DATASET_NAMES = {"digits": "digits (scikit-learn)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+def dataset_label(d) -> str:
+    """The data a run trained on, for titles: 'CIFAR-10', or an image folder's (or tarball's)
+    name, with the train subset when there is one."""
+    name = DATASET_NAMES.get(d.source)
+    if name is None:
+        name = Path(str(d.root)).name
+        for suffix in (".tar.gz", ".tgz", ".tar"):
+            name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name + (f" ({d.max_train_samples:,} train images)" if d.max_train_samples else "")
 
 
 def with_stream_and_recipe(df: pd.DataFrame, folder: RunFolder) -> pd.DataFrame:
@@ -378,10 +413,22 @@ def _recomputed_schedule(cfg, st, lr: float, first: pd.DataFrame):
     return lr_series, alpha
 
 
-def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Path]:
-    made = []
+def figure_title(rows: pd.DataFrame, problems: dict) -> str:
+    """'run on dataset' (or the runs and datasets of a comparison), and 'not interpretable' with
+    its reasons where a run is broken."""
+    runs = list(dict.fromkeys(rows["run"]))
+    sets = list(dict.fromkeys(rows["dataset"])) if "dataset" in rows else []
+    title = f"{', '.join(runs)} on {', '.join(sets)}" if sets else ", ".join(runs)
+    broken = [f"{run}: " + brief(problems[run]) if len(runs) > 1 else brief(problems[run])
+              for run in runs if problems.get(run)]
+    return title + (f" (not interpretable: {' | '.join(broken)})" if broken else "")
+
+
+def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, problems: Optional[dict] = None) -> list[Path]:
+    made, problems = [], problems or {}
     for run, sub in rows.groupby("run", sort=False):
         safe = "".join(ch if ch.isalnum() else "_" for ch in run)
+        title = figure_title(sub, problems)
         curves, lr, alpha = {}, {}, {}
         first_dir = Path(sub.iloc[0]["run_dir"])
         first_seed = sub.iloc[0]["seed"]
@@ -405,9 +452,9 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
                 lr[stage], alpha[stage] = _recomputed_schedule(cfg, cfg.stage(stage), float(srow["lr"]), first)
         if curves:
             n_classes = len(RunFolder(first_dir).classes() or [])
-            made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png", n_classes))
+            made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png", n_classes, title=title))
             made.append(plots.schedules({k: v for k, v in lr.items() if v is not None}, alpha,
-                                        fig_dir / f"{safe}_schedules.png"))
+                                        fig_dir / f"{safe}_schedules.png", title=title))
         classes = json.loads((first_dir / "classes.json").read_text()) if (first_dir / "classes.json").exists() else None
         for stage in sub["stage"].unique():
             pred = RunFolder(first_dir).stage(stage).predictions
@@ -425,16 +472,17 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path) -> list[Pat
                 gallery[stage] = pngs[-1]
         if gallery:
             made.append(plots.image_gallery(gallery, fig_dir / f"{safe}_attention_gallery.png"))
+    title = figure_title(rows, problems)
     made.append(plots.accuracy_vs_size(table, "params", "parameters (millions, log scale)",
-                                       fig_dir / "accuracy_vs_params.png", scale=1e6))
+                                       fig_dir / "accuracy_vs_params.png", scale=1e6, title=title))
     made.append(plots.accuracy_vs_size(table, "flops", "forward GFLOPs per image (log scale)",
-                                       fig_dir / "accuracy_vs_flops.png", scale=1e9))
+                                       fig_dir / "accuracy_vs_flops.png", scale=1e9, title=title))
     compared = {st for run, sub in rows.groupby("run", sort=False)
                 for _, a, b in comparisons(sub[sub["seed"] == sub["seed"].iloc[0]]) for st in (a, b)}
     students = table[table["stage"].isin(compared)]
     if len(students):
         missing = "" if {"scratch", "kd"} <= set(students["method"]) else "scratch and KD students: run with --baselines"
-        made.append(plots.method_points(students, fig_dir / "methods.png", note=missing))
+        made.append(plots.method_points(students, fig_dir / "methods.png", note=missing, title=title))
     return made
 
 
@@ -529,13 +577,14 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     rows = collect(runs)
     table = aggregate(rows)
     diffs = differences(rows)
-    figs = _figures(rows, table, out / "figures")
     problems = sanity(rows)
+    figs = _figures(rows, table, out / "figures", problems)
     answers = sweep_answer(rows, table, diffs, problems)
     for run, pts, refs, verdict in answers:
         safe = "".join(ch if ch.isalnum() else "_" for ch in run)
         figs.insert(0, plots.assistant_sweep(pts, refs, out / "figures" / f"{safe}_accuracy_vs_assistant.png",
-                                             f"{run}: {verdict}"))
+                                             figure_title(rows[rows["run"] == run], problems)
+                                             + ("" if problems.get(run) else f": {verdict}")))
     seeds = sorted(rows["seed"].unique())
     lines = ["# Distillation report", ""]
     if rows["demo"].any():

@@ -26,9 +26,76 @@ def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.08)  # nothing outside the axes is cut off
     plt.close(fig)
     return path
+
+
+def wrap_title(text: str, width: int) -> str:
+    """A title over as many lines as it needs, so that it never runs off the figure."""
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width)) if text else ""
+
+
+def _renderer(fig):
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def fit_log_ticks(ax, values, pad_px: float = 4.0) -> list:
+    """A tick at each model size on a log x axis, dropping those whose labels would touch a label
+    already kept (sizes a few percent apart, such as 0.15 and 0.167, would print as '0.150.167')."""
+    ticks = sorted(set(float(f"{v:.3g}") for v in values))
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    r = _renderer(ax.figure)
+    kept, last = [], None
+    for t, label in zip(ticks, ax.get_xticklabels()):
+        box = label.get_window_extent(r)
+        if last is None or box.x0 >= last.x1 + pad_px:
+            kept.append(t)
+            last = box
+    ax.set_xticks(kept, [f"{t:g}" for t in kept], fontsize=8)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    return kept
+
+
+def fit_log_xlim(ax, values, left: float = 1.3, right: float = 1.3) -> None:
+    """The x range of a log axis fitted to the data: a fixed factor of margin on each side."""
+    lo, hi = min(values), max(values)
+    ax.set_xlim(lo / left, hi * right)
+
+
+def declutter(ax, annotations: list, pad_px: float = 1.5, steps: int = 60) -> None:
+    """Move point labels (annotations in offset points) so that none overlaps another, a label
+    never leaves the axes on the right (it flips to the left of its point), and one that had to
+    move away from its point is tied to it by a thin line."""
+    if not annotations:
+        return
+    fig = ax.figure
+    r = _renderer(fig)
+    axbox = ax.get_window_extent(r)
+    to_pt = 72.0 / fig.dpi
+    placed = []
+    for a in sorted(annotations, key=lambda a: -a.get_window_extent(r).y1):  # from the top down
+        start = tuple(a.xyann)
+        for _ in range(steps):
+            box = a.get_window_extent(r)
+            if box.x1 > axbox.x1 and a.get_horizontalalignment() != "right":
+                a.set_horizontalalignment("right")
+                a.xyann = (-abs(a.xyann[0]), a.xyann[1])
+                continue
+            hit = [p for p in placed if box.x0 < p.x1 + pad_px and p.x0 < box.x1 + pad_px
+                   and box.y0 < p.y1 + pad_px and p.y0 < box.y1 + pad_px]
+            if not hit:
+                break
+            below = min(p.y0 for p in hit) - pad_px - box.y1  # pixels to move down, under every label it hits
+            a.xyann = (a.xyann[0], a.xyann[1] + below * to_pt)
+        placed.append(a.get_window_extent(r))
+        if abs(a.xyann[1] - start[1]) > 6:  # moved away from its point: a thin line back to it
+            ax.annotate("", xy=a.xy, xycoords=a.xycoords, xytext=a.xyann, textcoords="offset points",
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="#999999", shrinkA=0, shrinkB=3))
+    fig.canvas.draw()
 
 
 def _epoch_axis(ax, n_epochs: int) -> None:
@@ -52,7 +119,7 @@ PANELS = [("val_accuracy", 100, "validation accuracy (%)"), ("train_accuracy", 1
           ("train_kd", 1, "train KD term T²·KL (nats, stages with a teacher; log scale)")]
 
 
-def training_curves(curves: dict, path: Path, num_classes: int = 0) -> Path:
+def training_curves(curves: dict, path: Path, num_classes: int = 0, title: str = "") -> Path:
     """curves: {stage label: DataFrame of epoch_log rows joined with epoch_terms (several seeds stacked,
     column 'seed')}. One panel per quantity against epoch, every stage a line in the same colour in
     every panel, on shared axes (so that stages are compared on one scale): validation and train
@@ -70,8 +137,8 @@ def training_curves(curves: dict, path: Path, num_classes: int = 0) -> Path:
         for ax, (col, scale, _) in zip(axes, PANELS):
             if col in df and df[col].notna().any():
                 _band(ax, g, col, scale, style, label, n_seeds, color)
-    for ax, (col, _, title) in zip(axes, PANELS):
-        ax.set_title(title, fontsize=9)
+    for ax, (col, _, panel) in zip(axes, PANELS):
+        ax.set_title(panel, fontsize=9)
         _epoch_axis(ax, n_epochs)
         if col.endswith("accuracy") and num_classes:
             ax.axhline(100 / num_classes, color="#999999", lw=1, ls=":", label=None)
@@ -87,6 +154,8 @@ def training_curves(curves: dict, path: Path, num_classes: int = 0) -> Path:
     what = f" (mean of {n_seeds} seeds, shaded ±1 std)" if n_seeds > 1 else ""
     legend.legend(handles, labels, loc="center", fontsize=8, title=f"stage (model){what}", title_fontsize=8,
                   frameon=False)
+    if title:
+        fig.suptitle(wrap_title(title, 140), fontsize=10)
     return _save(fig, path)
 
 
@@ -128,43 +197,47 @@ def _kind(r) -> tuple[str, str]:
     return f"student: {method.upper()}", METHOD_COLORS.get(method, "#55a868")
 
 
-def accuracy_vs_size(table: pd.DataFrame, x: str, xlabel: str, path: Path, scale: float = 1.0) -> Path:
+def accuracy_vs_size(table: pd.DataFrame, x: str, xlabel: str, path: Path, scale: float = 1.0,
+                     title: str = "") -> Path:
     """Test accuracy against parameters or FLOPs (divided by `scale`), log x axis with a tick at
-    every model's size. Teachers and assistants are coloured by their role, students by their
-    method; one marker shape per run; points of one size sit side by side; error bars are the 95%
-    interval (t over seeds, or the binomial interval of the test set for one seed)."""
+    every model size whose label has room. Teachers and assistants are coloured by their role,
+    students by their method; one marker shape per run; models of one size share one x position
+    (their labels are moved apart, never their points); error bars are the 95% interval (t over
+    seeds, or the binomial interval of the test set for one seed)."""
     fig, ax = plt.subplots(figsize=(7.4, 4.8))
     runs = list(dict.fromkeys(table["run"]))
-    seen_labels = set()
+    seen_labels, notes = set(), []
     sizes = table[x].to_numpy(float) / scale
-    nth = table.groupby(["run", x]).cumcount().to_numpy()
-    xs = sizes * (1.05 ** nth)
     for i, (_, r) in enumerate(table.iterrows()):
         label, color = _kind(r)
         marker = STYLES[runs.index(r["run"]) % len(STYLES)][1]
         label = label if len(runs) == 1 else f"{r['run']}: {label}"
         y = r["test_accuracy_mean"] * 100
-        ax.errorbar([xs[i]], [y], yerr=[[max(0, y - r["ci_low"] * 100)], [max(0, r["ci_high"] * 100 - y)]], fmt=marker,
-                    color=color, capsize=0, elinewidth=1.2, ms=6, label=None if label in seen_labels else label)
+        ax.errorbar([sizes[i]], [y], yerr=[[max(0, y - r["ci_low"] * 100)], [max(0, r["ci_high"] * 100 - y)]],
+                    fmt=marker, color=color, capsize=0, elinewidth=1.2, ms=6, alpha=0.9,
+                    label=None if label in seen_labels else label)
         seen_labels.add(label)
         if len(runs) == 1:  # one run: name the stages beside their points
-            ax.annotate(r["stage"], (xs[i], y), fontsize=7, xytext=(5, -10), textcoords="offset points")
+            notes.append(ax.annotate(r["stage"], (sizes[i], y), fontsize=7, xytext=(6, 0), textcoords="offset points",
+                                     va="center"))
     ax.set_xscale("log")
-    ticks = sorted(set(float(f"{v:.3g}") for v in sizes))
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=8)
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlim(min(sizes) / 1.3, max(xs) * 1.8)
+    fit_log_xlim(ax, sizes)
     ax.set_ylim(*_acc_limits(float((table["ci_low"] * 100).min()), float((table["ci_high"] * 100).max())))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3, which="major")
+    if title:
+        ax.set_title(wrap_title(title, 80), fontsize=9)
     n_seeds = int(table["seeds"].max())
     what = f"95% t interval over {n_seeds} seeds" if n_seeds > 1 else "95% binomial interval of the test set"
     ax.legend(fontsize=8, title=f"bars: {what}", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fit_log_ticks(ax, sizes)
+    declutter(ax, notes)
     return _save(fig, path)
 
 
-def method_points(table: pd.DataFrame, path: Path, note: str = "") -> Path:
+def method_points(table: pd.DataFrame, path: Path, note: str = "", title: str = "") -> Path:
     """Student test accuracy by method (scratch / KD / TAKD) per run: points with 95% intervals
     (t over seeds; one seed: the binomial interval of the test set), on an axis of at least
     MIN_ACC_SPAN points, individual seeds as small dots."""
@@ -188,7 +261,8 @@ def method_points(table: pd.DataFrame, path: Path, note: str = "") -> Path:
     ax.set_ylabel("student test accuracy (%)")
     n_seeds = int(table["seeds"].max())
     what = f"95% t interval over {n_seeds} seeds (dots: seeds)" if n_seeds > 1 else "95% binomial interval (test-set size)"
-    ax.set_title(f"bars: {what}" + (f"\n{note}" if note else ""), fontsize=8)
+    ax.set_title((wrap_title(title, 70) + "\n" if title else "") + f"bars: {what}" + (f"\n{note}" if note else ""),
+                 fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -215,7 +289,7 @@ def _names(names: list) -> str:
     return "\n".join(textwrap.wrap(text, 70))
 
 
-def schedules(lr: dict, alpha: dict, path: Path) -> Path:
+def schedules(lr: dict, alpha: dict, path: Path, title: str = "") -> Path:
     """lr: {stage: Series of the LR of every optimizer step, index = epochs completed at that step
     (fractional, from 0)}; alpha: {stage: Series per epoch, index 1..N}, drawn as a step over each
     epoch. Both panels share one axis of epochs completed, 0..N. Identical schedules are drawn
@@ -244,6 +318,8 @@ def schedules(lr: dict, alpha: dict, path: Path) -> Path:
         ax.set_xlim(0, n)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True, nbins=8))
+    if title:
+        fig.suptitle(wrap_title(title, 140), fontsize=10)
     return _save(fig, path)
 
 
@@ -268,36 +344,37 @@ def image_gallery(images: dict, path: Path) -> Path:
 
 def assistant_sweep(points: pd.DataFrame, refs: dict, path: Path, title: str) -> Path:
     """Student test accuracy against the size of the assistant that taught it (one point per
-    path, 95% interval bars), with the teacher, the scratch student and the directly distilled
-    student as reference lines (the direct-KD interval shaded).
+    path, 95% interval bars; paths whose last assistants have one size share its x position and
+    their labels are moved apart), with the teacher, the scratch student and the directly
+    distilled student as reference lines; the direct-KD interval is a bar at the left edge, so it
+    covers no point.
 
     points: path, assistant_params, acc, lo, hi (accuracies in %); refs: {name: (acc, lo, hi)}."""
     fig, ax = plt.subplots(figsize=(7.2, 4.6))
     colors = {"teacher": "#2ca02c", "scratch": METHOD_COLORS["scratch"], "direct KD": METHOD_COLORS["kd"]}
-    for name, (acc, lo, hi) in refs.items():
-        ax.axhline(acc, color=colors.get(name, "#555555"), ls="--" if name != "direct KD" else "-", lw=1.2,
-                   label=f"{name}: {acc:.2f}" + (" (band: its 95% interval)" if name == "direct KD" else ""))
-        if name == "direct KD":
-            ax.axhspan(lo, hi, color=colors[name], alpha=0.12, lw=0)
     sizes = points["assistant_params"].to_numpy(float) / 1e6
-    # paths whose last assistants have the same size are drawn side by side, not on top of each other
-    nth = points.groupby("assistant_params").cumcount().to_numpy()
-    xs = sizes * (1.06 ** nth)
-    yerr = np.vstack([points["acc"] - points["lo"], points["hi"] - points["acc"]]).clip(min=0)
-    ax.errorbar(xs, points["acc"], yerr=yerr, fmt="o", color=METHOD_COLORS["takd"],
-                capsize=3, elinewidth=1.5, ms=7, label="student via assistant (95% interval)")
-    for x, (_, r) in zip(xs, points.iterrows()):
-        ax.annotate(r["path"], (x, r["acc"]), fontsize=7, xytext=(6, 4), textcoords="offset points")
     ax.set_xscale("log")
-    ticks = sorted(set(np.round(sizes, 3)))
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlim(min(sizes) / 1.5, max(xs) * 2.2)  # room for the labels on the right
+    fit_log_xlim(ax, sizes, left=1.6, right=1.4)
+    for name, (acc, lo, hi) in refs.items():
+        color = colors.get(name, "#555555")
+        ax.axhline(acc, color=color, ls="--" if name != "direct KD" else "-", lw=1.2,
+                   label=f"{name}: {acc:.2f}" + (" (bar at the left: its 95% interval)" if name == "direct KD" else ""))
+        if name == "direct KD":
+            ax.errorbar([ax.get_xlim()[0] * 1.12], [acc], yerr=[[acc - lo], [hi - acc]], fmt="none", color=color,
+                        capsize=3, elinewidth=1.5)
+    yerr = np.vstack([points["acc"] - points["lo"], points["hi"] - points["acc"]]).clip(min=0)
+    ax.errorbar(sizes, points["acc"], yerr=yerr, fmt="o", color=METHOD_COLORS["takd"],
+                capsize=3, elinewidth=1.5, ms=7, alpha=0.9, label="student via assistant (95% interval)")
+    notes = [ax.annotate(r["path"], (x, r["acc"]), fontsize=7, xytext=(7, 0), textcoords="offset points", va="center")
+             for x, (_, r) in zip(sizes, points.iterrows())]
     values = [*points["lo"], *points["hi"], *[v for ref in refs.values() for v in ref]]
     ax.set_ylim(*_acc_limits(min(values), max(values)))
     ax.set_xlabel("assistant parameters (millions, log scale; the last assistant of each path)")
     ax.set_ylabel("student test accuracy (%)")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(wrap_title(title, 80), fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fit_log_ticks(ax, sizes)
+    declutter(ax, notes)
     return _save(fig, path)
