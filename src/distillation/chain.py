@@ -290,6 +290,7 @@ class ChainRun:
     plans: dict = field(default_factory=dict)
     rows: list = field(default_factory=list)
     methods: dict = field(default_factory=dict)   # stage -> where its method's code is (method_source)
+    write_bytes_per_s: float = float("inf")       # measured before the estimate (write_speed)
 
 
 def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
@@ -334,8 +335,35 @@ def backfill_tensorboard(chain: ChainRun, folder) -> None:
         log.info(f"  {folder.name}: {n} logged epoch(s) written to TensorBoard from its CSVs")
 
 
-def stage_epoch_seconds(chain: ChainRun, stage, plan: StagePlan) -> float:
-    """One epoch of the stage (training and validation), from the planner's measured speed or two
+def write_speed(folder: Path, size: int = 32 * 2**20) -> float:
+    """Bytes per second this disk takes a checkpoint at (written and fsynced as one is), measured
+    on a scratch file in the run folder."""
+    scratch = folder / ".write_probe.tmp"
+    t0 = time.perf_counter()
+    try:
+        with open(scratch, "wb") as f:
+            f.write(os.urandom(size))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        return float("inf")  # the real writes will say what is wrong
+    finally:
+        scratch.unlink(missing_ok=True)
+    return size / max(time.perf_counter() - t0, 1e-6)
+
+
+def checkpoint_bytes(cfg: RunConfig, stage, num_classes: int) -> tuple[int, int]:
+    """(bytes one epoch writes: last.pt with the weights and the optimizer's state, two more copies
+    under AdamW, one under SGD with momentum, and best.pt; bytes of the export: the weights once), at fp32."""
+    with torch.device("meta"):
+        weights = 4 * sum(p.numel() for p in build_stage_model(cfg, _bare(stage), num_classes).parameters())
+    states = 2 if cfg.train.optimizer == "adamw" else (1 if cfg.train.momentum else 0)
+    return weights * (2 + states), weights
+
+
+def stage_seconds(chain: ChainRun, stage, plan: StagePlan) -> tuple[float, float]:
+    """(one epoch of the stage: training, validation and its checkpoints; what follows its last
+    epoch: the test scoring and the export), from the planner's measured speed or two
     timed steps at the stage's real batch size after a warm-up one (random weights and data; every
     frozen teacher in memory unless its logits are cached)."""
     cfg, data, device = chain.cfg, chain.data, chain.device
@@ -360,7 +388,13 @@ def stage_epoch_seconds(chain: ChainRun, stage, plan: StagePlan) -> float:
             for m in [model, *teachers]:
                 cleanup_training_state(model=m, verbose=False, device=device)
     per_rank = len(data.train) / dist.state().world_size
-    return per_rank / img_s + len(data.val) / (3 * img_s)  # evaluation: a forward pass, about a third of a step
+    forward = 3 * img_s  # evaluation: a forward pass, about a third of a training step
+    try:
+        per_epoch, export = checkpoint_bytes(cfg, stage, data.num_classes) if dist.is_main() else (0, 0)
+    except Exception:  # noqa: BLE001 (a family the meta device cannot build: its checkpoints go uncounted)
+        per_epoch, export = 0, 0
+    disk = chain.write_bytes_per_s
+    return per_rank / img_s + len(data.val) / forward + per_epoch / disk, len(data.test) / forward + export / disk
 
 
 def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0) -> ChainClock:
@@ -368,20 +402,22 @@ def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0) -> Chai
     that the preset is meant for a GPU and name the presets that fit a CPU."""
     from src.distillation.clock import CPU_PRESETS, SLOW_ON_CPU_S, ChainClock, StageWork, duration
     work = []
+    chain.write_bytes_per_s = write_speed(chain.folder.path) if todo and dist.is_main() else float("inf")
     for _, stage, plan in todo:
         folder = chain.folder.stage(stage.name)
         done = len(read_epoch_csv(folder.epoch_log)) if chain.resume and folder.epoch_log.exists() else 0
         epochs_left = 0 if stage.checkpoint else max(0, plan.epochs - done)
-        seconds = stage_epoch_seconds(chain, stage, plan) if epochs_left else 0.0
-        work.append(StageWork(stage.name, epochs_left, seconds))
-    full = sum(w.epoch_seconds * (chain.cfg.stage(w.name).epochs or chain.cfg.train.epochs) for w in work)
+        seconds, test = stage_seconds(chain, stage, plan) if epochs_left else (0.0, 0.0)
+        work.append(StageWork(stage.name, epochs_left, seconds, test, ended=not epochs_left))
+    full = sum(w.epoch_seconds * (chain.cfg.stage(w.name).epochs or chain.cfg.train.epochs) + w.test_seconds
+               for w in work)
     clock = ChainClock(work, full, later_seeds)
     total = clock.left()
     if dist.is_main() and total > 0:
-        parts = ", ".join(f"{w.name} {duration(w.epochs_left * w.epoch_seconds)}" for w in work if w.epochs_left)
+        parts = ", ".join(f"{w.name} {duration(w.seconds_left())}" for w in work if w.epochs_left)
         seeds = f", and {later_seeds} more seed{'s' if later_seeds > 1 else ''}" if later_seeds else ""
-        log.info(f"Estimated training time: about {duration(total)} ({parts}{seeds}); measured over a few steps, "
-                 f"updated after every epoch")
+        log.info(f"Estimated training time: about {duration(total)} ({parts}{seeds}; training, validation and "
+                 f"test scoring, measured over a few steps at the real batch size), updated after every epoch")
         if chain.device.type == "cpu" and total > SLOW_ON_CPU_S:
             log.warning(f"⚠️  This preset is meant for a GPU: on this CPU it would take about {duration(total)}. "
                         f"Presets that fit a CPU: {CPU_PRESETS}. Ctrl-C stops it; --resume continues it")

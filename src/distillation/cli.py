@@ -316,7 +316,7 @@ def named_after_its_chain(cfg, preset):
     models = [s.model for s in cfg.stages]
     if models == [s.model for s in preset.stages]:
         return cfg
-    short = "-".join(m.removeprefix("hf:").split("/")[-1] for m in models)
+    short = "-".join(dict.fromkeys(m.removeprefix("hf:").split("/")[-1] for m in models))  # a sweep repeats its student
     return replace(cfg, name=f"{preset.name}-{short}")
 
 

@@ -1,9 +1,11 @@
 """How long the chain will take, said before its first step and kept up to date after every epoch.
 
 Before training, each stage still to run is timed for a few steps (its model, every frozen
-teacher, its method and optimizer, a small batch, random data: `measure_steps`, the planner's
-probe) unless the planner already measured it; the estimate covers every stage and every seed.
-After each epoch the stage's own measured epoch time replaces the probe's.
+teacher, its method and optimizer, the stage's real batch, random data: `measure_steps`, the
+planner's probe) unless the planner already measured it; validation and the test scoring after the
+last epoch count as a forward pass per image, a third of a training step. The estimate covers
+every stage and every seed. After each epoch the stage's own measured epoch time replaces the
+probe's. Start-up (imports, data) and the report after the chain are not in it.
 """
 from __future__ import annotations
 
@@ -30,10 +32,15 @@ class StageWork:
     name: str
     epochs_left: int
     epoch_seconds: float      # estimated (probe) until the stage has run an epoch, then measured
+    test_seconds: float = 0.0  # scoring the test split after the last epoch (a forward pass per image)
+    ended: bool = False
+
+    def seconds_left(self) -> float:
+        return 0.0 if self.ended else self.epochs_left * self.epoch_seconds + self.test_seconds
 
 
 class ChainClock:
-    """Seconds of training left: this seed's stages, plus `later_seeds` more runs of the whole chain."""
+    """Seconds left (training, validation and the final test scoring): this seed's stages, plus `later_seeds` more runs of the whole chain."""
 
     def __init__(self, work: list, full_chain_seconds: float, later_seeds: int = 0):
         self.work = {w.name: w for w in work}
@@ -41,12 +48,12 @@ class ChainClock:
         self.later_seeds = later_seeds
 
     def left(self) -> float:
-        return sum(w.epochs_left * w.epoch_seconds for w in self.work.values()) + self.later_seeds * self.full_chain_seconds
+        return sum(w.seconds_left() for w in self.work.values()) + self.later_seeds * self.full_chain_seconds
 
     def stage_ended(self, stage: str) -> None:
         """The stage is over (its last epoch, or an early stop): nothing of it is left."""
         if stage in self.work:
-            self.work[stage].epochs_left = 0
+            self.work[stage].epochs_left, self.work[stage].ended = 0, True
 
     def epoch_done(self, stage: str, seconds: float) -> str:
         """After an epoch of `stage` that took `seconds`: the chain's time left, as text."""

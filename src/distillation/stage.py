@@ -472,6 +472,7 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
     run.epochs_done = run.start_epoch - 1
     with protected():
         for epoch in range(run.start_epoch, run.plan.epochs + 1):
+            t_epoch = time.perf_counter()  # the clock counts the whole epoch: training, validation, checkpoints
             if early_stop_due(run, epoch - 1):  # stopped before a kill that came ahead of stage.json
                 run.stopped_early = epoch - 1
                 break
@@ -491,7 +492,7 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
             logs.write(epoch, row, terms, tr, alpha)
             run.epochs_done = epoch
             kd_note = f"alpha {alpha:.2f}  " if run.method.teachers else ""
-            left = f"  {clock.epoch_done(run.stage.name, row['epoch_time_sec'])}" if clock is not None else ""
+            left = f"  {clock.epoch_done(run.stage.name, time.perf_counter() - t_epoch)}" if clock is not None else ""
             log.info(f"  {run.stage.name:<15} epoch {epoch:>3}/{run.plan.epochs}  loss {tr['loss']:.4f}  "
                      f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  {kd_note}"
                      f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s{left}")
