@@ -14,9 +14,9 @@ from src.utils.errors import ConfigError
 from tests.conftest import ROOT, run_cli, tiny_cfg
 
 def readme_method() -> str:
-    """The README's "A method of your own" example, as a reader would paste it."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## A method of your own"):]
+    """The documented "A method of your own" example (docs/methods.md), as a reader would paste it."""
+    text = (ROOT / "docs" / "methods.md").read_text()
+    section = text[text.index("# A method of your own"):]
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 

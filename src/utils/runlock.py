@@ -25,7 +25,7 @@ PROBE_PREFIX = ".write_test"  # the writability probe's files (check_writable): 
 
 try:
     import fcntl
-except ImportError:  # not POSIX: no lock (the README says so)
+except ImportError:  # not POSIX: no lock (docs/robustness.md says so)
     fcntl = None
 
 
