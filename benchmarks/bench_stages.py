@@ -74,7 +74,7 @@ def stage_step_context(cfg, stage, model, teachers, precision, plan, device) -> 
     its recipe: optimizer, label smoothing, gradient clipping, mixup / cutmix, micro-batch), on a
     possibly compiled model."""
     train_model = torch.compile(model) if plan.compile else model
-    method = stage_method(cfg, stage, teachers).to(device)
+    method = stage_method(cfg, stage, teachers, model).to(device)
     opt = stage_optimizer([model, method], 1e-4, cfg.train, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda") if precision.needs_scaler else None
@@ -153,7 +153,7 @@ def plan_stage(cfg, stage, builder, tbuilder, device, precision, channels_last: 
     """The planner's choice for the stage, as the chain makes it (micro-batch, checkpointing, compile)."""
     plan = StagePlan(epochs=1, batch_size=batch or cfg.train.batch_size,
                      grad_checkpointing=requires_gradient_checkpointing(stage.model) and not tiny)
-    spec = StepSpec(method_builder=lambda ts: stage_method(cfg, stage, ts), optimizer_factory=optimizer_factory(cfg.train, device))
+    spec = StepSpec(method_builder=lambda ts, student: stage_method(cfg, stage, ts, student), optimizer_factory=optimizer_factory(cfg.train, device))
     return probe_plan(plan, model_builder=builder, teacher_builder=tbuilder, spec=spec, model_name=stage.model,
                       image_size=cfg.data.image_size, num_classes=10, device=device, precision=precision,
                       channels_last=channels_last, budget_gb=budget_gb, compile_mode="false" if no_compile else "auto")

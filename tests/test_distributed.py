@@ -33,3 +33,19 @@ def test_single_process_run_reports_world_size_one(tmp_path):
     run_chain(tiny_cfg(train__epochs=1), tmp_path / "run", progress=False)
     info = json.loads((tmp_path / "run" / "student" / "stage.json").read_text())
     assert info["world_size"] == 1 and len(info["rank_weight_checksums"]) == 1
+
+
+def test_fitnet_regressor_is_averaged_across_ranks(tmp_path):
+    """A method with its own trainable modules (the FitNets regressor) trains in one module with
+    the student under DDP: both ranks end with the same student and regressor (hashed together)."""
+    stages = [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+              {"name": "student", "model": "resnet10t", "role": "student", "teacher": "teacher", "method": "fitnet"}]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=1, stages=stages))))
+    out = tmp_path / "run"
+    res = run_entry("cnn", "--config", cfg_path, "--output-dir", out, "--gpus", 2, "--device", "cpu")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    info = json.loads((out / "student" / "stage.json").read_text())
+    assert info["world_size"] == 2 and info["method"] == "fitnet"
+    sums = info["rank_weight_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]

@@ -170,7 +170,7 @@ def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
     if heaviest is not None:
         teacher_builder = lambda: [build_stage_model(cfg, _bare(cfg.stage(n)), num_classes)  # noqa: E731
                                    for n in heaviest.teachers]
-    spec = StepSpec(method_builder=lambda ts: stage_method(cfg, heaviest or stage, ts),
+    spec = StepSpec(method_builder=lambda ts, student: stage_method(cfg, heaviest or stage, ts, student),
                     optimizer_factory=optimizer_factory(cfg.train, device))
     plan = probe_plan(plan, model_builder=lambda: build_stage_model(cfg, _bare(stage), num_classes),
                       teacher_builder=teacher_builder, spec=spec, model_name=stage.model, image_size=cfg.data.image_size,
@@ -219,7 +219,7 @@ def check_stages(cfg: RunConfig) -> dict:
             raise type(exc)(f"stage {s.name!r}: {exc}") from None
         except Exception:  # noqa: BLE001 (a family the meta device cannot build: built for real later)
             pass
-    return check_methods(cfg)
+    return check_methods(cfg, build_model=lambda s: build_stage_model(cfg, _bare(s), 10))
 
 
 def check_method_sources(folder: RunFolder, methods: dict) -> None:
@@ -380,7 +380,7 @@ def stage_seconds(chain: ChainRun, stage, plan: StagePlan) -> tuple[float, float
             for n in stage.teachers]
         try:
             micro = plan.micro_batch or plan.batch_size  # the real batch: small batches understate a CPU's speed
-            method = stage_method(cfg, stage, teachers).to(device) if teachers or not stage.teachers else None
+            method = stage_method(cfg, stage, teachers, model).to(device) if teachers or not stage.teachers else None
             img_s = measure_steps(model, teachers, micro, cfg.data.image_size, data.num_classes, precision, cl,
                                   steps=2, warmup=1, method=method,
                                   optimizer_factory=optimizer_factory(cfg.train, device))["img_per_s"]

@@ -133,15 +133,16 @@ def _frozen(teacher_builder, device, precision, channels_last, compile_model: bo
 
 
 class StepSpec:
-    """What the probe's steps compute: the stage's method (built around the frozen models) and its
-    optimizer; defaults: kd / dense / scratch by the number of teachers, fused AdamW."""
+    """What the probe's steps compute: the stage's method (`method_builder(teachers, student)`, built
+    around the frozen models and the student) and its optimizer; defaults: kd / dense / scratch by
+    the number of teachers, fused AdamW."""
 
     def __init__(self, method_builder: Optional[Callable] = None, optimizer_factory: Optional[Callable] = None):
         self.method_builder, self.optimizer_factory = method_builder, optimizer_factory
 
     def measure(self, model, teachers: list, micro: int, image_size: int, num_classes: int, precision, channels_last,
                 **kw) -> dict:
-        method = self.method_builder(teachers) if self.method_builder is not None else None
+        method = self.method_builder(teachers, model) if self.method_builder is not None else None
         if method is not None:
             method = method.to(next(model.parameters()).device)
         return measure_steps(model, teachers, micro, image_size, num_classes, precision, channels_last,

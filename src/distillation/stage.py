@@ -29,7 +29,7 @@ from torch import nn
 from src.distillation import distributed as dist
 from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
                                      evaluate, train_one_epoch)
-from src.distillation.methods import Method, build_method
+from src.distillation.methods import Method, StudentWithMethod, build_method
 from src.distillation.recipe import make_scheduler, set_base_lr, stage_optimizer
 from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn, shape_only
@@ -125,9 +125,11 @@ def _mixup(cfg, num_classes: int, label_smoothing: float):
     return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
-def stage_method(cfg, stage, teachers: Sequence[nn.Module] = ()) -> Method:
-    """The stage's method (what a step computes) with its frozen teachers, seeded from its stream."""
-    return build_method(cfg, stage, teachers, seed=stage_seeds(cfg, stage)["method"])
+def stage_method(cfg, stage, teachers: Sequence[nn.Module] = (), student: Optional[nn.Module] = None) -> Method:
+    """The stage's method (what a step computes) with its frozen teachers and the student it
+    trains (a method sizes its own modules from it), seeded from its stream. Every caller (the
+    stage, the estimate, the planner's probe, the benchmarks) builds it here."""
+    return build_method(cfg, stage, teachers, seed=stage_seeds(cfg, stage)["method"], student=student)
 
 
 def step_context(cfg, stage, train_model: nn.Module, optimizer, scheduler, precision: Precision, plan: StagePlan,
@@ -253,7 +255,7 @@ def build(cfg, stage, num_classes: int, stage_dir: Path, device: torch.device, p
     init_checksum = dist.weights_checksum(model)
     if use_channels_last(cfg, stage, device):
         model = model.to(memory_format=torch.channels_last)
-    method = stage_method(cfg, stage, teachers).to(device)
+    method = stage_method(cfg, stage, teachers, student=model).to(device)
     return StageRun(cfg=cfg, stage=stage, folder=StageFolder(stage_dir), device=device, plan=plan,
                     num_classes=num_classes, model=model, method=method,
                     precision=Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype), seeds=seeds,
@@ -282,11 +284,16 @@ def prepare_training(run: StageRun, steps_per_epoch: int, should_stop: Callable[
     run.scheduler = make_scheduler(run.optimizer, cfg.train, steps_per_epoch, plan.epochs)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision.needs_scaler else None
     train_model = run.model
+    if any(p.requires_grad for p in run.method.parameters()):  # one module: DDP averages both gradients
+        train_model = StudentWithMethod(run.model, run.method)
     if dist.state().enabled:  # one replica per rank; each rank runs its own frozen teachers' forwards
         if cfg.train.sync_bn and is_cnn(run.model):
             train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if plan.compile and run.method.features:  # feature hooks stay on eager modules
+        log.info(f"  {stage.name}: torch.compile off: method {run.method.name!r} reads features through hooks")
+        plan.compile = False
     train_model = torch.compile(train_model) if plan.compile else train_model
     run.ctx = step_context(cfg, stage, train_model, run.optimizer, run.scheduler, run.precision, plan,
                            run.num_classes, run.method, scaler=run.scaler, should_stop=should_stop)
@@ -411,7 +418,10 @@ def train_epoch(run: StageRun, train_loader, epoch: int, progress: bool) -> tupl
     """One training epoch at this epoch's alpha; a non-finite loss or gradient stops the stage
     (StageFailed names stage, epoch and step, and what is kept). Returns (metrics, alpha)."""
     stage, plan = run.stage, run.plan
+    run.method.begin_epoch(epoch, plan.epochs)
     alpha = schedule_kd_alpha(epoch, plan.epochs, run.cfg.kd.alpha_start, run.cfg.kd.alpha_end) if run.method.teachers else 0.0
+    if run.method.own_weights and run.method.teachers:  # the method's own KD weight (e.g. DKD's warm-up) is logged
+        alpha = float(run.method.weights()[1])
     reset_peak_memory_stats(run.device)
     retries_before = alloc_retries(run.device)
     train_loader.set_epoch(epoch)
@@ -477,7 +487,7 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
                 run.stopped_early = epoch - 1
                 break
             tr, alpha = train_epoch(run, loaders["train"], epoch, progress)
-            dist.sync_buffers(run.model)
+            dist.sync_buffers(trained_modules(run))  # batch-norm statistics: rank 0's on every rank
             t_eval = time.perf_counter()
             val = evaluate(run.model, loaders["val"], run.precision, run.num_classes)
             eval_seconds = time.perf_counter() - t_eval
@@ -512,9 +522,17 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
     logs.close()
 
 
+def trained_modules(run: StageRun) -> nn.Module:
+    """The student, with the method's own modules when it has any (a FitNets regressor and its
+    batch norm): what the ranks must agree on."""
+    has_state = any(True for _ in run.method.parameters()) or any(True for _ in run.method.buffers())
+    return StudentWithMethod(run.model, run.method) if has_state else run.model
+
+
 def check_ranks_agree(run: StageRun) -> list:
-    """DDP keeps replicas identical; proven before rank 0's checkpoint is trusted."""
-    checksums = dist.all_checksums(run.model)
+    """DDP keeps replicas identical; proven before rank 0's checkpoint is trusted (the method's
+    own modules too, e.g. a FitNets regressor, when it has any)."""
+    checksums = dist.all_checksums(trained_modules(run))
     if len(set(checksums)) != 1:
         raise RuntimeError(f"stage {run.stage.name}: ranks hold different weights at the end of training: {checksums}")
     dist.barrier()  # rank 0 has written best.pt

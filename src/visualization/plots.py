@@ -309,7 +309,8 @@ def schedules(lr: dict, alpha: dict, path: Path, title: str = "") -> Path:
         b.step(x, y, where="post", linestyle=ls, lw=1.6, label=label)
         b.plot(x[:-1] + 0.5, s.values, marker, ms=4, color=b.lines[-1].get_color())
     b.set_ylabel("alpha (weight of the KD term)")
-    b.set_ylim(-0.02, 1.02)
+    top = max([float(np.nanmax(np.asarray(v.values, float))) for v in alpha.values() if len(v)] + [1.0])
+    b.set_ylim(-0.02 * top, 1.02 * top)  # a method with its own weights (FitNets: 100) keeps its scale
     b.set_title("KD alpha, one value per epoch (0: no teacher)", fontsize=9)
     n = max([len(s) for s in alpha.values()] + [1])
     for ax in (a, b):

@@ -21,7 +21,19 @@ Adding a method is one file:
 
 and a stage that names it: `method: mean_kd`, `teacher: [a, b]`.
 
-Built in:
+A method sees more than logits when it asks (the seam, not the method, does the plumbing):
+    features = {"student": ["layer2"], "teacher": ["layer3"]}   # module names; "auto": the stage outputs
+        -> distill(..., features={"student": [tensor], "teacher": [[tensor] per active teacher]})
+    distill(self, student_logits, teacher_logits, targets)       # the batch's labels, when declared
+    begin_epoch(epoch, epochs)                                    # self.epoch / self.epochs
+    own_weights = True + weights() -> (ce weight, kd weight)      # instead of the chain's alpha schedule
+Its trainable modules may be built from the student's shapes: `student` and `image_size` reach the
+constructor, and `feature_shapes(student, names)` gives the shapes a forward produces. The seam
+hooks the bare modules (under DistributedDataParallel and torch.compile), wraps student and
+method in one module before DistributedDataParallel so their gradients are averaged together,
+and turns the teacher-logit cache off when teacher features are needed.
+
+Built in (more in this package, one file each, found by name: dkd, dist, fitnet, at):
     scratch   no teacher: the task cross-entropy alone
     kd        Hinton et al. 2015, one teacher: (1 - a) CE + a T^2 KL(p_t || p_s)
     dense     DGKD (Son et al. 2021), several teachers: (1 - a) CE + a sum_i w_i T^2 KL(p_ti || p_s),
@@ -32,6 +44,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -62,6 +75,8 @@ class Method(nn.Module):
     name = "base"                    # set by @register, else the class name
     terms: tuple = ("ce", "kd")      # reported beside "loss"; epoch_terms.csv: train_<term>
     min_teachers, max_teachers = 0, None
+    features: dict = {}              # {"student": [names] | "auto", "teacher": [names] | "auto"}: hooked outputs
+    own_weights = False              # True: loss = ce_w * ce + kd_w * kd from weights(), not the chain's alpha
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -69,7 +84,8 @@ class Method(nn.Module):
             cls.name = cls.__name__
 
     def __init__(self, teachers: Sequence[nn.Module] = (), teacher_names: Sequence[str] = (), *,
-                 temperature: float = 4.0, label_smoothing: float = 0.0, seed: int = 0, **options):
+                 temperature: float = 4.0, label_smoothing: float = 0.0, seed: int = 0,
+                 student: Optional[nn.Module] = None, image_size: int = 32, **options):
         super().__init__()
         if options:
             raise ConfigError(f"method {self.name!r}: unknown option(s) {sorted(options)}")
@@ -83,6 +99,12 @@ class Method(nn.Module):
         self.teacher_names = list(teacher_names) or [f"teacher{i}" for i in range(n)]
         self.temperature, self.label_smoothing, self.seed = temperature, label_smoothing, seed
         self.cached: Optional[list] = None  # per teacher [N, C] logits of every training image (see cache_teacher_logits)
+        self.image_size, self.epoch, self.epochs = image_size, 1, 1
+        self._hooks: dict = {}             # id(bare module) -> (handles, {name: output})
+        self._batch_features: Optional[dict] = None
+        sig = inspect.signature(self.distill).parameters
+        self._distill_kw = {k for k in ("targets", "features") if k in sig or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values())}
 
     # ---- what a contributor overrides
     def distill(self, student_logits: torch.Tensor, teacher_logits: list) -> torch.Tensor:
@@ -91,6 +113,14 @@ class Method(nn.Module):
 
     def begin_batch(self) -> None:
         """Called once per optimizer batch, before its (micro-)steps: draw per-batch randomness here."""
+
+    def begin_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before every epoch (1-based) of `epochs`: schedules that follow the epoch read them."""
+        self.epoch, self.epochs = epoch, epochs
+
+    def weights(self) -> tuple:
+        """(CE weight, KD weight) of this epoch, for a method with `own_weights = True`."""
+        return 1.0, 1.0
 
     def active_teachers(self) -> list:
         """Indices of the teachers this batch learns from (all of them unless a method drops some)."""
@@ -112,22 +142,79 @@ class Method(nn.Module):
 
     def loss(self, student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[list],
              alpha: float) -> dict:
-        """{"loss", *terms}: `loss` = (1 - alpha) * ce + alpha * kd, the one to back-propagate. A
-        term not computed in a step (kd without a teacher) is left out: the epoch reports it as NaN."""
+        """{"loss", *terms}: `loss` = (1 - alpha) * ce + alpha * kd, the one to back-propagate (a
+        method with own_weights: ce_w * ce + kd_w * kd from weights()). A term not computed in a
+        step (kd without a teacher) is left out: the epoch reports it as NaN."""
         ce = task_ce(student_logits, targets, self.label_smoothing)
-        if not teacher_logits or alpha == 0.0:
+        if not teacher_logits or (alpha == 0.0 and not self.own_weights):
             return {"loss": ce, "ce": ce}
-        kd = self.distill(student_logits.float(), [t.float() for t in teacher_logits])
-        return {"loss": (1.0 - alpha) * ce + alpha * kd, "ce": ce, "kd": kd}
+        kw = {}
+        if "targets" in self._distill_kw:
+            kw["targets"] = targets if targets.ndim == 1 else targets.argmax(1)  # mixup: the larger share
+        if "features" in self._distill_kw:
+            kw["features"] = self._batch_features
+        kd = self.distill(student_logits.float(), [t.float() for t in teacher_logits], **kw)
+        ce_w, kd_w = self.weights() if self.own_weights else (1.0 - alpha, alpha)
+        return {"loss": ce_w * ce + kd_w * kd, "ce": ce, "kd": kd}
+
+    def uses_teacher_features(self) -> bool:
+        return bool(self.features.get("teacher"))
 
     def step(self, student: nn.Module, x: torch.Tensor, targets: torch.Tensor, alpha: float, precision,
              index: Optional[torch.Tensor] = None) -> tuple:
         """One forward of a (micro-)batch: the frozen teachers, then the student, then the terms.
-        Returns (student logits, terms); the caller back-propagates terms["loss"]."""
-        t = self.teacher_logits(x, precision, index) if self.uses_teachers(alpha) else None
+        Returns (student logits, terms); the caller back-propagates terms["loss"]. The features a
+        method asks for are collected by hooks on the bare modules during these forwards."""
+        wanted = self.uses_teachers(alpha) or (self.own_weights and bool(self.teachers))
+        t_out = self._hooked(self.teachers, "teacher") if wanted and self.uses_teacher_features() else None
+        t = self.teacher_logits(x, precision, None if t_out else index) if wanted else None
+        s_out = self._hooked([student], "student") if self.features.get("student") else None
         with precision.autocast():
             logits = student(x)
-        return logits, self.loss(logits, targets, t, alpha)
+        if s_out is not None or t_out is not None:
+            active = self.active_teachers()
+            self._batch_features = {"student": self._collect(s_out[0], "student") if s_out else [],
+                                    "teacher": [self._collect(t_out[i], "teacher") for i in active] if t_out else []}
+        try:
+            return logits, self.loss(logits, targets, t, alpha)
+        finally:
+            self._batch_features = None
+
+    # ---- features: hooks on the bare modules
+    def _hooked(self, modules: list, role: str) -> list:
+        """The output stores of `modules` (bare: unwrapped from DDP, torch.compile and the
+        student-with-method wrapper), hooks registered once per module."""
+        stores = []
+        for m in modules:
+            m = bare_module(m)
+            key = id(m)
+            if key not in self._hooks:
+                names = self.feature_names(m, role)
+                store: dict = {}
+                mods = dict(m.named_modules())
+                missing = [n for n in names if n not in mods]
+                if missing:
+                    raise ConfigError(f"method {self.name!r}: {role} has no module {missing[0]!r} "
+                                      f"(stage outputs: {', '.join(stage_outputs(m, self.image_size)) or 'none'})")
+                handles = [mods[n].register_forward_hook(_store_output(store, n)) for n in names]
+                self._hooks[key] = (handles, store, names)
+            stores.append(self._hooks[key])
+        return stores
+
+    @staticmethod
+    def _collect(entry, role: str) -> list:
+        _, store, names = entry
+        return [store.pop(n) for n in names]
+
+    def feature_names(self, module: nn.Module, role: str) -> list:
+        """The module names whose outputs `features[role]` asks for ("auto": the stage outputs)."""
+        names = self.features.get(role) or []
+        return stage_outputs(module, self.image_size) if names == "auto" else list(names)
+
+    def __getstate__(self):  # hooks and their stores are not part of a copy
+        state = self.__dict__.copy()
+        state["_hooks"] = {}
+        return state
 
     # ---- bookkeeping the stage uses
     def eval_teachers(self) -> None:
@@ -141,8 +228,8 @@ class Method(nn.Module):
         keep its logits [N, C], in dataset order: the same inputs, precision and eval mode as the
         online forward. False (nothing cached) when that does not hold or the tables would pass
         `max_bytes`."""
-        if not self.teachers or not getattr(loader, "same_inputs_every_epoch", False):
-            return False
+        if not self.teachers or not getattr(loader, "same_inputs_every_epoch", False) or self.uses_teacher_features():
+            return False  # a method that reads the teachers' features needs their forwards
         n = len(loader.labels)
         tables = [None] * len(self.teachers)
         self.eval_teachers()
@@ -227,12 +314,94 @@ class Dense(Method):
         return f"dense from {' + '.join(self.teacher_names)}{drop}"
 
 
+def bare_module(m: nn.Module) -> nn.Module:
+    """The module under DistributedDataParallel (.module), torch.compile (._orig_mod) and
+    StudentWithMethod (.student): where hooks go and whose names a method refers to."""
+    while True:
+        if isinstance(m, StudentWithMethod):
+            m = m.student
+        elif hasattr(m, "_orig_mod"):
+            m = m._orig_mod
+        elif isinstance(m, nn.parallel.DistributedDataParallel):
+            m = m.module
+        else:
+            return m
+
+
+class StudentWithMethod(nn.Module):
+    """The student and the method's trainable modules as one module, so that DistributedDataParallel
+    averages the gradients of both (and broadcasts both from rank 0 at the start). Its forward is
+    the student's; the method's modules act on features after it."""
+
+    def __init__(self, student: nn.Module, method: "Method"):
+        super().__init__()
+        self.student, self.method = student, method
+
+    def forward(self, x):
+        return self.student(x)
+
+
+def _store_output(store: dict, name: str):
+    def hook(module, inputs, output):
+        store[name] = output
+    return hook
+
+
+def stage_outputs(model: nn.Module, image_size: int) -> list:
+    """The names of the modules that end each spatial stage of a CNN (for every feature-map size
+    in forward order, the last module to produce a 4-D output of that size), found by one forward
+    of a zero image; [] for a model without 4-D feature maps (a ViT)."""
+    model = bare_module(model)
+    order, handles = [], []
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_hook(
+                lambda mod, i, o, name=name: order.append((name, tuple(o.shape[-2:]))) if torch.is_tensor(o) and o.ndim == 4 else None))
+    was = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    last: dict = {}
+    for name, size in order:
+        last[size] = name  # the last module of each size; sizes keep their first-seen order
+    return list(last.values())
+
+
+def feature_shapes(model: nn.Module, names: Sequence[str], image_size: int) -> list:
+    """[C, H, W] of each named module's output for one image (a method sizes its modules with it)."""
+    model = bare_module(model)
+    mods, shapes, handles = dict(model.named_modules()), {}, []
+    for n in names:
+        handles.append(mods[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, list(o.shape[1:]))))
+    was = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return [shapes[n] for n in names]
+
+
 def resolve(spec: str):
     """A method class from `name` (registered), `package.module:Class` or `path/file.py:Class`."""
     if spec in METHODS:
         return METHODS[spec]
+    if ":" not in spec and spec.isidentifier() and (Path(__file__).parent / f"{spec}.py").is_file():
+        importlib.import_module(f"{__name__}.{spec}")  # one file per method in this package
+        if spec in METHODS:
+            return METHODS[spec]
     if ":" not in spec:
-        raise ConfigError(f"method {spec!r} is not known (have {', '.join(sorted(METHODS))}); a method of your own: "
+        raise ConfigError(f"method {spec!r} is not known (have {', '.join(available())}); a method of your own: "
                           f"`method: path/to/file.py:ClassName` or `package.module:ClassName`")
     where, cls_name = spec.rsplit(":", 1)
     try:
@@ -265,8 +434,15 @@ def method_name(stage) -> str:
     return "scratch" if n == 0 else "kd" if n == 1 else "dense"
 
 
-def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0) -> Method:
-    """The stage's method with its frozen `teachers` (in the order the stage names them)."""
+def available() -> list:
+    """Every method name: registered ones and the files of this package."""
+    return sorted(set(METHODS) | {p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_")})
+
+
+def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0,
+                 student: Optional[nn.Module] = None) -> Method:
+    """The stage's method with its frozen `teachers` (in the order the stage names them) and, for
+    a method that sizes modules from it, the `student`."""
     cls = resolve(method_name(stage))
     options = dict(stage.method_args)
     if cfg.kd.weights is not None and "weights" not in options and len(stage.teachers) > 1:
@@ -274,7 +450,8 @@ def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0) 
     if cfg.kd.drop_teachers and "drop_teachers" not in options and len(stage.teachers) > 1:
         options["drop_teachers"] = cfg.kd.drop_teachers
     return cls(list(teachers), stage.teachers, temperature=cfg.kd.temperature,
-               label_smoothing=cfg.label_smoothing(stage), seed=seed, **options)
+               label_smoothing=cfg.label_smoothing(stage), seed=seed, student=student,
+               image_size=cfg.data.image_size, **options)
 
 
 def method_source(stage) -> dict:
@@ -292,35 +469,67 @@ def method_source(stage) -> dict:
     return {"spec": spec, "class": cls.__name__, "file": str(path) if digest else None, "sha256": digest}
 
 
-def check_methods(cfg, num_classes: int = 10) -> dict:
+def check_methods(cfg, num_classes: int = 10, build_model=None) -> dict:
     """Every stage's method imported, built with as many teachers as the stage names (options
-    checked) and run once on random logits, backward included, before anything trains: a typo or
-    a missing import in a method file is found now, not when its stage starts hours later.
-    Returns {stage: method_source(stage)}."""
+    checked) and run once, backward included, before anything trains: on random logits, or, for a
+    method that reads features, on two random images through the stage's real student and teachers
+    (`build_model(stage)`, untrained). A typo or a missing import in a method file is found now,
+    not when its stage starts hours later. Returns {stage: method_source(stage)}."""
     import traceback
     sources = {}
     for stage in cfg.stages:
         spec = method_name(stage)
         try:
             sources[stage.name] = method_source(stage)
-            method = build_method(cfg, stage, [nn.Identity() for _ in stage.teachers])
-            gen = torch.Generator().manual_seed(0)
-            logits = torch.randn(4, num_classes, generator=gen, requires_grad=True)
-            targets = torch.randint(0, num_classes, (4,), generator=gen)
-            teachers = [torch.randn(4, num_classes, generator=gen) for _ in stage.teachers] or None
-            method.begin_batch()
-            if teachers:
-                teachers = [teachers[i] for i in method.active_teachers()]
-            terms = method.loss(logits, targets, teachers, 0.5)
-            loss = terms["loss"]
-            if loss.ndim != 0 or not torch.isfinite(loss):
-                raise ValueError(f"its loss is {'not a scalar' if loss.ndim else 'not finite'} ({loss})")
-            loss.backward()
+            if resolve(spec).features and build_model is not None:
+                _try_on_images(cfg, stage, num_classes, build_model)
+            else:
+                _try_on_logits(cfg, stage, num_classes)
         except ConfigError as exc:
             raise ConfigError(f"stage {stage.name!r}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 (a contributor's code: any error is reported the same way)
             frame = traceback.extract_tb(exc.__traceback__)[-1]
-            raise ConfigError(f"stage {stage.name!r}: method {spec!r} fails on a test batch of random logits, "
+            raise ConfigError(f"stage {stage.name!r}: method {spec!r} fails on a test batch, "
                               f"before anything trains: {type(exc).__name__}: {exc} "
                               f"({Path(frame.filename).name}, line {frame.lineno})") from None
     return sources
+
+
+def _check_loss(terms: dict) -> None:
+    loss = terms["loss"]
+    if loss.ndim != 0 or not torch.isfinite(loss):
+        raise ValueError(f"its loss is {'not a scalar' if loss.ndim else 'not finite'} ({loss})")
+    loss.backward()
+
+
+def _try_on_logits(cfg, stage, num_classes: int) -> None:
+    method = build_method(cfg, stage, [nn.Identity() for _ in stage.teachers])
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, num_classes, generator=gen, requires_grad=True)
+    targets = torch.randint(0, num_classes, (4,), generator=gen)
+    teachers = [torch.randn(4, num_classes, generator=gen) for _ in stage.teachers] or None
+    method.begin_epoch(1, 1)
+    method.begin_batch()
+    if teachers:
+        teachers = [teachers[i] for i in method.active_teachers()]
+    _check_loss(method.loss(logits, targets, teachers, 0.5))
+
+
+def _try_on_images(cfg, stage, num_classes: int, build_model) -> None:
+    from src.utils.training_guards import freeze_teacher
+    student = build_model(stage)
+    teachers = [freeze_teacher(build_model(cfg.stage(n)), verbose=False) for n in stage.teachers]
+    method = build_method(cfg, stage, teachers, student=student)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, cfg.data.image_size, cfg.data.image_size, generator=gen)
+    y = torch.randint(0, num_classes, (2,), generator=gen)
+
+    class _Eager:  # the step's precision on a CPU: no autocast
+        @staticmethod
+        def autocast():
+            import contextlib
+            return contextlib.nullcontext()
+    method.begin_epoch(1, 1)
+    method.begin_batch()
+    student.train()
+    _check_loss(method.step(student, x, y, 0.5, _Eager)[1])

@@ -1,0 +1,203 @@
+"""The methods a distillation researcher compares against (DKD, DIST, FitNets, AT), each term
+checked against an independent float64 computation of its published formula, and the seam that
+lets them see labels, epochs and features."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from src.distillation.chain import run_chain
+from src.distillation.methods import available, resolve, stage_outputs
+from src.utils.errors import ConfigError
+from tests.conftest import tiny_cfg
+
+T = 4.0
+
+
+def _fixed(b=6, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, c, generator=g) * 3, torch.randn(b, c, generator=g) * 3, torch.randint(0, c, (b,), generator=g))
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _kl(p, q):  # KL(p || q) per row
+    return (p * (np.log(p) - np.log(q))).sum(1)
+
+
+def test_dkd_matches_its_formula_in_float64():
+    s, t, y = _fixed()
+    zs, zt, yy = s.double().numpy(), t.double().numpy(), y.numpy()
+    ps, pt = _softmax(zs / T), _softmax(zt / T)
+    rows = np.arange(len(yy))
+    bs = np.stack([ps[rows, yy], 1 - ps[rows, yy]], 1)
+    bt = np.stack([pt[rows, yy], 1 - pt[rows, yy]], 1)
+    tckd = _kl(bt, bs).mean() * T * T
+    keep = np.ones_like(zs, bool)
+    keep[rows, yy] = False
+    qs = np.stack([_softmax(zs[i][keep[i]][None] / T)[0] for i in rows])
+    qt = np.stack([_softmax(zt[i][keep[i]][None] / T)[0] for i in rows])
+    nckd = _kl(qt, qs).mean() * T * T
+    method = resolve("dkd")([nn.Identity()], ["teacher"], temperature=T)
+    method.begin_epoch(5, 100)
+    out = method.loss(s, y, [t], alpha=0.123)  # the chain's alpha is not DKD's
+    ce = -np.log(_softmax(zs)[rows, yy]).mean()
+    assert out["tckd"].item() == pytest.approx(tckd, rel=1e-5)
+    assert out["nckd"].item() == pytest.approx(nckd, rel=1e-5)
+    assert out["kd"].item() == pytest.approx(1.0 * tckd + 8.0 * nckd, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(ce + (5 / 20) * (tckd + 8 * nckd), rel=1e-5)  # warm-up 5 of 20
+
+
+def test_dkd_warm_up_follows_the_epoch():
+    method = resolve("dkd")([nn.Identity()], ["teacher"], warmup=20)
+    weights = []
+    for epoch in (1, 10, 20, 40):
+        method.begin_epoch(epoch, 40)
+        weights.append(method.weights())
+    assert weights == [(1.0, 0.05), (1.0, 0.5), (1.0, 1.0), (1.0, 1.0)]
+
+
+def test_dist_matches_its_formula_in_float64():
+    s, t, y = _fixed(b=7, c=6, seed=1)
+    ys, yt = _softmax(s.double().numpy() / T), _softmax(t.double().numpy() / T)
+    inter = 1 - np.mean([np.corrcoef(ys[i], yt[i])[0, 1] for i in range(len(ys))])
+    intra = 1 - np.mean([np.corrcoef(ys[:, c], yt[:, c])[0, 1] for c in range(ys.shape[1])])
+    method = resolve("dist")([nn.Identity()], ["teacher"], temperature=T)
+    out = method.loss(s, y, [t], alpha=0.5)
+    assert out["inter"].item() == pytest.approx(inter * T * T, rel=1e-4)
+    assert out["intra"].item() == pytest.approx(intra * T * T, rel=1e-4)
+    ce = -np.log(_softmax(s.double().numpy())[np.arange(len(y)), y.numpy()]).mean()
+    assert out["loss"].item() == pytest.approx(ce + (inter + intra) * T * T, rel=1e-4)
+
+
+class _TwoStages(nn.Module):
+    """A small CNN with two named stages (16 px -> 8 px -> 4 px)."""
+
+    def __init__(self, width=4, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.stage1 = nn.Sequential(nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        return self.head(self.stage2(self.stage1(self.stem(x))).mean((2, 3)))
+
+
+class _Eager:
+    @staticmethod
+    def autocast():
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def test_stage_outputs_are_the_last_module_of_each_size():
+    assert stage_outputs(_TwoStages(), 16) == ["stem", "stage1", "stage2"]
+
+
+def test_attention_transfer_matches_its_formula_in_float64():
+    torch.manual_seed(0)
+    student, teacher = _TwoStages(4).double(), _TwoStages(6).double().eval()
+    method = resolve("at")([teacher], ["teacher"], student=student, image_size=16).double()
+    assert method.features == {"student": ["stem", "stage1", "stage2"], "teacher": ["stem", "stage1", "stage2"]}
+    x, y = torch.randn(3, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2])
+    logits, out = method.step(student, x, y, 0.5, _Eager)
+    with torch.no_grad():
+        fs = [student.stem(x)]
+        fs += [student.stage1(fs[-1])]
+        fs += [student.stage2(fs[-1])]
+        ft = [teacher.stem(x)]
+        ft += [teacher.stage1(ft[-1])]
+        ft += [teacher.stage2(ft[-1])]
+
+    def at(f):
+        a = (f.numpy() ** 2).mean(1).reshape(len(f), -1)
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+    expected = sum(((at(a) - at(b)) ** 2).mean() for a, b in zip(fs, ft))
+    assert out["kd"].item() == pytest.approx(expected, rel=1e-5)
+    ce = nn.functional.cross_entropy(logits, y).item()
+    assert out["loss"].item() == pytest.approx(ce + 1000 * expected, rel=1e-5)
+
+
+def test_fitnet_hint_matches_its_formula_in_float64():
+    torch.manual_seed(0)
+    student, teacher = _TwoStages(4).double(), _TwoStages(6).double().eval()
+    method = resolve("fitnet")([teacher], ["teacher"], student=student, image_size=16).double()
+    assert method.features == {"student": ["stage1"], "teacher": ["stage1"]}  # the middle stage
+    assert method.regressor[0].weight.shape == (6, 4, 1, 1)  # sized from the student's and teacher's channels
+    x, y = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    _, out = method.step(student, x, y, 0.5, _Eager)
+    with torch.no_grad():
+        fs = student.stage1(student.stem(x)).numpy()
+        ft = teacher.stage1(teacher.stem(x)).numpy()
+    w = method.regressor[0].weight.detach().numpy()[:, :, 0, 0]
+    r = np.einsum("oc,bchw->bohw", w, fs)
+    mu, var = r.mean((0, 2, 3), keepdims=True), r.var((0, 2, 3), keepdims=True)  # batch norm in training mode
+    bn = method.regressor[1]
+    r = (r - mu) / np.sqrt(var + bn.eps) * bn.weight.detach().numpy()[None, :, None, None] \
+        + bn.bias.detach().numpy()[None, :, None, None]
+    r = np.maximum(r, 0)
+    assert out["kd"].item() == pytest.approx(((r - ft) ** 2).mean(), rel=1e-6)
+
+
+def test_methods_are_found_by_name_from_their_package():
+    assert {"dkd", "dist", "fitnet", "at", "kd", "dense", "scratch"} <= set(available())
+    with pytest.raises(ConfigError, match="have .*dkd"):
+        resolve("dkdd")
+
+
+@pytest.mark.parametrize("method", ["dkd", "dist", "fitnet", "at"])
+def test_each_method_trains_a_chain_and_says_what_it_did(method, tmp_path):
+    cfg = tiny_cfg(train__epochs=2, data__augment="none",
+                   stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+                           {"name": "student", "model": "resnet10t", "role": "student", "teacher": "teacher",
+                            "method": method, "method_args": {"warmup": 1} if method == "dkd" else {}}])
+    run_chain(cfg, tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "student" / "stage.json").read_text())
+    assert info["method"] == method and info["method_label"].startswith(method)
+    assert info["method_file"].endswith(f"methods/{method}.py") and len(info["method_sha256"]) == 64
+    terms = pd.read_csv(tmp_path / "run" / "student" / "epoch_terms.csv")
+    assert terms["train_kd"].notna().all() and np.isfinite(terms["train_loss"] if "train_loss" in terms else 0).all()
+    if method in ("fitnet", "at"):  # the teachers' features are needed: no logit cache
+        assert not info.get("teacher_cache_seconds")
+
+
+def test_fitnet_resumes_mid_epoch_to_the_same_weights_and_regressor(tmp_path):
+    from src.distillation.engine import StopRequested
+    stages = [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+              {"name": "student", "model": "resnet10t", "role": "student", "teacher": "teacher", "method": "fitnet"}]
+    cfg = tiny_cfg(train__epochs=2, data__max_train_samples=480, stages=stages)
+    run_chain(cfg, tmp_path / "full", progress=False)
+    calls = {"n": 0}
+
+    def stop_mid_student_epoch_1():
+        if (tmp_path / "cut" / "teacher" / "stage.json").exists():
+            calls["n"] += 1
+        return calls["n"] > 5
+    with pytest.raises(StopRequested):
+        run_chain(cfg, tmp_path / "cut", progress=False, should_stop=stop_mid_student_epoch_1)
+    run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
+    a = torch.load(tmp_path / "full" / "student" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "student" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sums = [json.loads((tmp_path / r / "student" / "stage.json").read_text())["rank_weight_checksums"] for r in ("full", "cut")]
+    assert sums[0] == sums[1]  # student and regressor at the end of training, hashed together
+    assert (tmp_path / "cut" / "student" / "epoch_log.csv").read_text().split("\n")[1].split(",")[:3] == \
+        (tmp_path / "full" / "student" / "epoch_log.csv").read_text().split("\n")[1].split(",")[:3]
+
+
+def test_a_feature_method_on_a_vit_is_refused_before_anything_trains(tmp_path):
+    cfg = tiny_cfg(stages=[{"name": "teacher", "model": "vit_tiny_patch16_224", "role": "teacher", "patch_size": 4,
+                            "model_kwargs": {"depth": 1, "embed_dim": 24, "num_heads": 2}},
+                           {"name": "student", "model": "vit_tiny_patch16_224", "role": "student", "teacher": "teacher",
+                            "patch_size": 4, "model_kwargs": {"depth": 1, "embed_dim": 24, "num_heads": 2},
+                            "method": "fitnet"}])
+    with pytest.raises(ConfigError, match="needs feature maps"):
+        run_chain(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "teacher").exists()
