@@ -50,6 +50,10 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
                    help="assistant sweep: one teacher, one assistant per candidate (distilled from the teacher), one "
                         "student per assistant, plus the scratch and direct-KD students; comma-separated models, "
                         "'a>b' for a two-step path, e.g. --assistants 'resnet34,resnet26,resnet34>resnet26'")
+    p.add_argument("--methods", default=None, metavar="METHODS",
+                   help="compare methods: beside the KD student(s), one student per method from the same teacher "
+                        "(and via each assistant), same seed stream, plus the scratch and direct-KD students; "
+                        "comma-separated, e.g. --methods dkd,dist,fitnet,at")
     p.add_argument("--guidance", choices=("single", "dense"), default=None,
                    help="dense: every taught stage learns from all the stages above it (DGKD); default single")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -76,7 +80,7 @@ def _abs(path):
 # Command-line shortcut -> the config key it sets.
 _SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "data_root": "data.root",
               "data_source": "data.source", "device": "train.device", "seed": "seed", "assistants": "sweep.assistants",
-              "guidance": "guidance"}
+              "guidance": "guidance", "methods": "sweep.methods"}
 
 
 def _overrides(args) -> list:
@@ -96,6 +100,8 @@ def _overrides(args) -> list:
 
             from src.distillation.sweep import parse_assistants
             value = yaml.safe_dump(parse_assistants(value), default_flow_style=True).strip()
+        if opt == "methods":
+            value = "[" + ",".join(m.strip() for m in value.split(",") if m.strip()) + "]"
         overrides.append(f"{key}={value}")
     if args.tensorboard:
         overrides.append("logging.tensorboard=true")

@@ -132,6 +132,7 @@ class LoggingConfig:
 class SweepConfig:
     assistants: list = field(default_factory=list)  # one path per entry: a model, {model:, ...}, or a list (several steps)
     baselines: bool = True             # also the student from scratch and distilled directly from the teacher
+    methods: list = field(default_factory=list)  # e.g. [dkd, dist, fitnet, at]: one student per method, direct and via each assistant
 
 
 @dataclass
@@ -322,9 +323,9 @@ def validate(cfg: RunConfig) -> RunConfig:
 def from_dict(raw: dict) -> RunConfig:
     """The typed, checked config, with its sweep expanded into stages and dense guidance applied
     (src/distillation/sweep.py): the resolved chain is what a run saves and resumes."""
-    from src.distillation.sweep import apply_guidance, expand_sweep
+    from src.distillation.sweep import apply_guidance, expand_methods, expand_sweep
     cfg = validate(_build(RunConfig, raw, ""))
-    return validate(apply_guidance(expand_sweep(cfg)))
+    return validate(expand_methods(apply_guidance(expand_sweep(cfg))))
 
 
 def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:

@@ -16,6 +16,11 @@ A path entry is a model name, a mapping of stage keys ({model: vit_small_patch16
 model_kwargs: {embed_dim: 288}, name: vit_s288, pretrained: false}) or a list of those (a
 multi-step path: teacher -> A1 -> A2 -> student).
 
+`sweep.methods` (or `--methods dkd,dist,fitnet,at`): beside every student taught by KD, the same
+student taught by each method, from the same teacher, on the same seed stream: `student_<m>`
+from the teacher directly and `student_<m>_via_<assistant>` through each assistant (the direct-KD
+and scratch students are added when the chain has none).
+
 `guidance: dense` (DGKD, Son et al. 2021): every stage that has a teacher learns from all the
 stages above it on its path (its teacher, that one's teacher, ...), earlier ones first.
 """
@@ -113,3 +118,40 @@ def apply_guidance(cfg):
     stages = [replace(s, teacher=sorted(ancestors[s.name], key=order.get)) if len(ancestors[s.name]) > 1 else s
               for s in cfg.stages]
     return replace(cfg, stages=stages)
+
+
+def expand_methods(cfg):
+    """sweep.methods -> one student per method beside every KD-taught student (direct and via each
+    assistant), same teacher and seed stream; the direct-KD and scratch students are added when
+    missing (idempotent: the resolved chain keeps no methods list)."""
+    from src.distillation.methods import method_name, resolve
+    methods = [m for m in cfg.sweep.methods if m not in ("kd", "scratch")]
+    if not cfg.sweep.methods:
+        return cfg
+    if len(cfg.stages) < 2:
+        raise ConfigError("sweep.methods: the chain needs a teacher (its first stage) and a student (its last stage)")
+    for m in methods:
+        resolve(m)  # an unknown name is refused now, listing the known ones
+    teacher, student = cfg.stages[0], cfg.stages[-1]
+    stages = list(cfg.stages)
+    names = {s.name for s in stages}
+    stream = student.seed_stream or student.name
+    plain = dict(checkpoint=None, method=None, method_args={}, seed_stream=stream, role=student.role or "student")
+    if not any(s.teachers == [teacher.name] and s.role == "student" for s in stages) and "student_kd" not in names:
+        stages.append(replace(student, **plain, name="student_kd", teacher=teacher.name))
+    if "student_scratch" not in names:
+        stages.append(replace(student, **plain, name="student_scratch", teacher=None))
+    taught = [s for s in stages if s.role == "student" and len(s.teachers) == 1 and method_name(s) == "kd"]
+    variants = []
+    for s in taught:
+        via = s.teachers[0]
+        for m in methods:
+            if via == teacher.name:
+                name = f"student_{m}"
+            else:
+                name = f"student_{m}_via_{s.name.removeprefix('student_via_') if s.name.startswith('student_via_') else via}"
+            if name not in names:
+                variants.append(replace(s, name=name, method=m, method_args={}, checkpoint=None,
+                                        seed_stream=s.seed_stream or s.name))
+                names.add(name)
+    return replace(cfg, stages=[*stages, *variants], sweep=replace(cfg.sweep, methods=[]))

@@ -16,8 +16,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 DPI = 120
-METHOD_ORDER = {"scratch": 0, "kd": 1, "takd": 2}
-METHOD_COLORS = {"scratch": "#7f7f7f", "kd": "#4c72b0", "takd": "#dd8452"}
+METHOD_ORDER = {"scratch": 0, "kd": 1, "takd": 2, "dkd": 3, "dist": 4, "fitnet": 5, "at": 6, "dense": 7}
+METHOD_COLORS = {"scratch": "#7f7f7f", "kd": "#4c72b0", "takd": "#dd8452", "dkd": "#55a868", "dist": "#c44e52",
+                 "fitnet": "#8172b3", "at": "#937860", "dense": "#da8bc3"}
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
 MIN_ACC_SPAN = 10.0  # percentage points: the accuracy axes show at least this range
 
