@@ -483,6 +483,10 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, problems: O
     if len(students):
         missing = "" if {"scratch", "kd"} <= set(students["method"]) else "scratch and KD students: run with --baselines"
         made.append(plots.method_points(students, fig_dir / "methods.png", note=missing, title=title))
+        if set(students["method"]) - {"scratch", "kd", "takd", "dense"} and rows["run"].nunique() == 1:
+            root = str(rows[rows["role"] == "teacher"]["stage"].iloc[0]) if (rows["role"] == "teacher").any() \
+                else str(rows["stage"].iloc[0])
+            made.append(plots.method_comparison(students, fig_dir / "methods_direct_and_via.png", root, title=title))
     return made
 
 
@@ -492,6 +496,9 @@ def _path_of(stage: str, teachers: dict) -> list:
     while teachers.get(path[0]):
         path.insert(0, teachers[path[0]].split("+")[-1])
     return path
+
+
+COMPARED_METHODS = ("dkd", "dist", "fitnet", "at")  # src/distillation/methods/: compared by --methods, not as paths
 
 
 def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame, problems: Optional[dict] = None) -> list:
@@ -505,7 +512,10 @@ def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame, p
         t_run = table[table["run"] == run].set_index("stage")
         for _, group in first.groupby(["model", "seed_stream", "recipe"], sort=False):
             kd = group[group["method"] == "kd"]
-            taught = group[~group["method"].isin(["kd", "scratch"])]
+            # the assistant paths: students taught through an assistant by KD (takd), dense guidance or a
+            # method of one's own; the field's methods (--methods) are compared with each other apart
+            taught = group[~group["method"].isin(["kd", "scratch", *COMPARED_METHODS])
+                           & group["stage"].map(lambda st: len(_path_of(st, teachers)) > 2)]
             if kd.empty or taught.empty:
                 continue
             kd_stage = kd.iloc[0]["stage"]

@@ -89,7 +89,7 @@ def prepare_teacher(model: nn.Module, device: torch.device, precision: Precision
 @dataclass
 class StepContext:
     """Everything a training epoch needs besides the data. What a step computes is `method`'s
-    (src/distillation/methods.py); `teacher` / `temperature` / `label_smoothing` are a shorthand
+    (src/distillation/methods/); `teacher` / `temperature` / `label_smoothing` are a shorthand
     for the plain cases: method = kd from `teacher`, or scratch without one."""
     model: nn.Module
     optimizer: torch.optim.Optimizer

@@ -31,7 +31,7 @@ def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def kd_loss(student_logits: torch.Tensor, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor] = None,
             alpha: float = 0.0, temperature: float = 4.0, label_smoothing: float = 0.0) -> dict:
-    """The single-teacher objective (the `kd` method's, src/distillation/methods.py), as a function.
+    """The single-teacher objective (the `kd` method's, src/distillation/methods/), as a function.
     Args:
         student_logits: [B, C]; teacher_logits: [B, C] or None (computed under no_grad by the caller).
         targets: int64 [B] class indices, or float [B, C] soft targets (mixup / cutmix).

@@ -268,6 +268,49 @@ def method_points(table: pd.DataFrame, path: Path, note: str = "", title: str = 
     return _save(fig, path)
 
 
+def method_comparison(table: pd.DataFrame, path: Path, root: str, title: str = "") -> Path:
+    """Student test accuracy per method (x), distilled from the teacher `root` directly (circles)
+    and via an assistant (squares, one shade per assistant), 95% intervals (t over seeds, or the
+    binomial interval of the test set), individual seeds as dots; scratch as a reference line."""
+    fam = table["method"].replace({"takd": "kd"})
+    order = sorted(set(fam) - {"scratch"}, key=lambda m: METHOD_ORDER.get(m, 99))
+    vias = sorted({t for t in table["teacher"].fillna("") if t and t != root})
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(order) + 3.5), 4.4))
+    shown = set()
+    for (_, r), m in zip(table.iterrows(), fam):
+        y, lo, hi = r["test_accuracy_mean"] * 100, r["ci_low"] * 100, r["ci_high"] * 100
+        if m == "scratch":
+            ax.axhline(y, color=METHOD_COLORS["scratch"], ls="--", lw=1.2, label=f"scratch: {y:.2f}")
+            continue
+        teacher = str(r.get("teacher") or "")
+        k = 0 if teacher == root else 1 + vias.index(teacher) if teacher in vias else 0
+        x = order.index(m) + (k - len(vias) / 2) * 0.22
+        marker = "o" if k == 0 else STYLES[k % len(STYLES)][1] if k > 1 else "s"
+        label = "from the teacher" if k == 0 else f"via {teacher}"
+        ax.errorbar([x], [y], yerr=[[max(0, y - lo)], [max(0, hi - y)]], fmt=marker, ms=7, capsize=0, elinewidth=2,
+                    color=METHOD_COLORS.get(m, "#55a868"), mfc="white" if k else METHOD_COLORS.get(m, "#55a868"),
+                    label=None if label in shown else label)
+        shown.add(label)
+        values = r.get("seed_values", []) or []
+        for v in values if len(values) > 1 else []:
+            ax.plot([x + 0.07], [v * 100], ".", color=METHOD_COLORS.get(m, "#55a868"), alpha=0.6)
+    ax.set_xticks(range(len(order)), [m.upper() for m in order], fontsize=9)
+    ax.set_xlim(-0.7, len(order) - 0.3)
+    ax.set_ylim(*_acc_limits(float((table["ci_low"] * 100).min()), float((table["ci_high"] * 100).max())))
+    ax.set_ylabel("student test accuracy (%)")
+    ax.grid(axis="y", alpha=0.3)
+    n_seeds = int(table["seeds"].max())
+    what = f"95% t interval over {n_seeds} seeds (dots: seeds)" if n_seeds > 1 else "95% binomial interval (test-set size)"
+    ax.set_title((wrap_title(title, 80) + "\n" if title else "") + f"bars: {what}", fontsize=8)
+    from matplotlib.lines import Line2D
+    proxies = [Line2D([], [], ls="", marker="o", color="#555555", label="from the teacher")]
+    proxies += [Line2D([], [], ls="", marker="s" if k == 0 else STYLES[(k + 1) % len(STYLES)][1], color="#555555",
+                       mfc="white", label=f"via {v}") for k, v in enumerate(vias)]
+    proxies += [h for h, lab in zip(*ax.get_legend_handles_labels()) if lab.startswith("scratch")]
+    ax.legend(handles=proxies, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+
+
 def _wrap_name(name: str, width: int = 16) -> str:
     """A long stage name over several lines, broken after its underscores."""
     import textwrap
