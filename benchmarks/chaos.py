@@ -137,6 +137,8 @@ def verify(run: Path, ref: Path, epochs: int = 3) -> None:
             assert (ck["model"] is None) == (ref_ck["model"] is None), f"{stage}/{key}.pt: slimmed in one run only"
             for k, v in (ck["model"] or {}).items():
                 assert torch.equal(v, ref_ck["model"][k]), f"{stage}/{key}.pt: {k} differs from the uninterrupted run"
+        ours, ref_w = StageFolder(d).state_dict(), StageFolder(r).state_dict()  # the best weights, wherever kept
+        assert all(torch.equal(ours[k], ref_w[k]) for k in ref_w), f"{stage}: best weights differ from the uninterrupted run"
     assert RunFolder(run).finished and (run / "report.md").exists()
 
 

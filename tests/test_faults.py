@@ -14,6 +14,7 @@ import yaml
 from src.distillation.chain import run_chain
 from src.distillation.config import to_dict
 from src.distillation.engine import StopRequested
+from src.utils.checkpoint import read_weights
 from src.utils.logger import read_epoch_csv
 from tests.conftest import ROOT, run_cli, tiny_cfg, validate
 
@@ -446,8 +447,8 @@ def test_a_stop_inside_an_epoch_saves_it_part_way_and_resumes_to_the_same_weight
     run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
     for stage in ("teacher", "student"):
         assert _rows(tmp_path / "cut", stage) == _rows(tmp_path / "full", stage)
-        a = torch.load(tmp_path / "full" / stage / "best.pt", weights_only=True)["model"]
-        b = torch.load(tmp_path / "cut" / stage / "best.pt", weights_only=True)["model"]
+        a = read_weights(tmp_path / "full" / stage / "best.pt")
+        b = read_weights(tmp_path / "cut" / stage / "best.pt")
         assert all(torch.equal(a[k], b[k]) for k in a), stage
     assert (tmp_path / "cut" / "student" / "schedule.csv").read_text() == \
         (tmp_path / "full" / "student" / "schedule.csv").read_text()

@@ -11,6 +11,7 @@ import yaml
 
 from src.distillation.config import to_dict
 from src.utils import runlock
+from src.utils.runfolder import StageFolder
 from tests.conftest import ROOT, run_cli, tiny_cfg, validate
 
 
@@ -267,5 +268,7 @@ def test_a_finished_stage_keeps_its_weights_in_best_pt_and_the_export_only(tmp_p
         d = tmp_path / "run" / stage
         last, best = safe_load(d / "last.pt"), safe_load(d / "best.pt")
         assert last["model"] is None and last["optimizer"] is None and last["epoch"] == 1 and last["best_epoch"] == 1
-        assert best["model"] and (d / "model.safetensors").exists()
-        assert (d / "last.pt").stat().st_size < 0.05 * (d / "best.pt").stat().st_size
+        assert best["model"] is None and best["weights"] == "model.safetensors" and best["epoch"] == 1
+        assert StageFolder(d).state_dict()  # the weights, once at full size, in the export
+        for small in ("last.pt", "best.pt"):
+            assert (d / small).stat().st_size < 0.05 * (d / "model.safetensors").stat().st_size

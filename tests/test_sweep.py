@@ -9,7 +9,7 @@ from src.distillation.chain import run_chain
 from src.distillation.engine import StopRequested
 from src.distillation.sweep import parse_assistants
 from src.report import write_report
-from src.utils.checkpoint import safe_load
+from src.utils.checkpoint import read_weights
 from src.utils.errors import ConfigError
 from tests.conftest import tiny_cfg
 
@@ -129,7 +129,7 @@ def test_a_sweep_killed_in_its_middle_resumes_to_the_same_results(sweep_run, tmp
     b = pd.read_csv(tmp_path / "cut" / "summary.csv").set_index("stage")
     pd.testing.assert_series_equal(a["test_accuracy"], b["test_accuracy"])
     for stage in a.index:
-        wa, wb = safe_load(full / stage / "best.pt")["model"], safe_load(tmp_path / "cut" / stage / "best.pt")["model"]
+        wa, wb = read_weights(full / stage / "best.pt"), read_weights(tmp_path / "cut" / stage / "best.pt")
         assert all(torch.equal(wa[k], wb[k]) for k in wa), stage
     assert (full / "student_dense" / "schedule.csv").read_text() == (tmp_path / "cut" / "student_dense" / "schedule.csv").read_text()
 

@@ -30,14 +30,14 @@ from src.distillation.recipe import optimizer_factory
 from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
                                    use_channels_last)
 from src.models import count_params, is_vit, shape_only
-from src.utils.checkpoint import atomic_write_text, slim_checkpoint
+from src.utils.checkpoint import atomic_write_text, point_to_export, slim_checkpoint
 from src.utils.devices import resolve_device, set_cpu_threads
 from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
 from src.distillation.clock import ChainClock
 from src.utils.logger import get_console, is_verbose, read_epoch_csv
 from src.utils.reproducibility import setup_reproducibility
-from src.utils.runfolder import RunFolder
+from src.utils.runfolder import RunFolder, StageFolder
 from src.utils.runlock import PROBE_PREFIX
 from src.utils.tb import require_tensorboard
 from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
@@ -311,6 +311,8 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
                 log.info(f"✓ {stage.name}: finished earlier, skipped")
                 if dist.is_main():
                     slim_checkpoint(folder.last)  # a kill between its stage.json and its slimming: done now
+                    if folder.weights.exists():
+                        point_to_export(folder.best, StageFolder.WEIGHTS)
                 chain.rows.append(folder.summary())
                 backfill_tensorboard(chain, folder)
             else:
@@ -504,6 +506,12 @@ def stage_plan(chain: ChainRun, stage, resuming: bool) -> StagePlan:
     return plan
 
 
+def _chain_words(stage, cfg: RunConfig) -> dict:
+    """The chain's words for what taught a scratch / KD / TAKD stage ("KD via assistant ta"); any
+    other method keeps its own label (its describe(): options, layers) in stage.json."""
+    return {"method_label": method_words(stage, cfg)} if method_label(stage, cfg) in ("scratch", "kd", "takd") else {}
+
+
 def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: bool, should_stop, clock=None) -> dict:
     """Load the stage's frozen teachers, build its loaders, run it, check the teachers stayed frozen."""
     cfg, data, device, ds = chain.cfg, chain.data, chain.device, dist.state()
@@ -517,7 +525,7 @@ def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: boo
     summary = run_stage(cfg, stage, data, loaders, folder.path, device, plan, teachers=teachers,
                         resume=chain.resume and folder.started, progress=progress, should_stop=should_stop,
                         on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs), clock=clock,
-                        extra={"method": method_label(stage, cfg), "method_label": method_words(stage, cfg),
+                        extra={"method": method_label(stage, cfg), **_chain_words(stage, cfg),
                                "method_file": chain.methods.get(stage.name, {}).get("file"),
                                "method_sha256": chain.methods.get(stage.name, {}).get("sha256")})
     dist.barrier()

@@ -376,8 +376,8 @@ def train(session: Session) -> None:
     if session.ds.is_main:
         _report(out, session.log, tensorboard=cfg.logging.tensorboard)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
-    session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage best.pt and "
-                     f"model.safetensors, each about the model's size, plus logs and the report)")
+    session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage its weights once, "
+                     f"in model.safetensors, plus logs and the report)")
 
 
 def exit_code(session: Session, exc: BaseException) -> int:

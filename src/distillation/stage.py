@@ -34,7 +34,8 @@ from src.distillation.recipe import make_scheduler, set_base_lr, stage_optimizer
 from src.distillation.export import export_stage
 from src.models import count_flops, count_params, create_model, is_cnn, shape_only
 from src.models.factory import check_state_dict
-from src.utils.checkpoint import (atomic_save, atomic_write_text, extract_state_dict, rng_state, safe_load, set_rng_state,
+from src.utils.checkpoint import (atomic_save, atomic_write_text, point_to_export, read_weights, rng_state, safe_load,
+                                  set_rng_state,
                                   slim_checkpoint)
 from src.utils.devices import alloc_retries
 from src.utils.errors import CheckpointError, NonFiniteLossError
@@ -79,7 +80,7 @@ def build_stage_model(cfg, stage, num_classes: int) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path, source: str) -> None:
-    state = extract_state_dict(safe_load(path))
+    state = read_weights(path)
     check_state_dict(model, state, source)
     model.load_state_dict(state)
 
@@ -588,7 +589,10 @@ def summarise(run: StageRun, data, loaders: dict, test: dict, checksums: list, e
     }
     if dist.is_main():
         atomic_write_text(folder.summary_file, json.dumps(summary, indent=2))
-        slim_checkpoint(folder.last)  # the stage is done: resuming it needs nothing more (its weights: best.pt)
+        # the stage is done: its weights once at full size, in the export (every rank read best.pt before
+        # the test's gathered metrics); last.pt keeps only bookkeeping, best.pt names the export
+        slim_checkpoint(folder.last)
+        point_to_export(folder.best, StageFolder.WEIGHTS)
     return summary
 
 

@@ -86,6 +86,33 @@ def safe_load(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:160]})") from None
 
 
+def point_to_export(path: str | os.PathLike, export_name: str) -> int:
+    """A finished stage's best.pt without its weights, which the export beside it (`export_name`,
+    written and checked first) holds once at full size: best.pt keeps its bookkeeping (epoch,
+    validation accuracy) and names the export. Returns the bytes saved."""
+    path = Path(path)
+    ck = safe_load(path)
+    if ck.get("model") is None:
+        return 0
+    before = path.stat().st_size
+    atomic_save({**ck, "model": None, "weights": export_name}, path)
+    return before - path.stat().st_size
+
+
+def read_weights(path: str | os.PathLike) -> dict:
+    """The state dict a checkpoint holds: its own weights, or, for a finished stage's best.pt,
+    those of the export it names (model.safetensors beside it)."""
+    path = Path(path)
+    ck = safe_load(path)
+    if isinstance(ck, dict) and ck.get("model") is None and ck.get("weights"):
+        export = path.parent / ck["weights"]
+        if not export.is_file():
+            raise CheckpointError(f"{path} keeps its weights in {export}, which is missing")
+        from safetensors.torch import load_file
+        return load_file(str(export))
+    return extract_state_dict(ck)
+
+
 def extract_state_dict(obj: dict) -> dict:
     """Model weights from one of our checkpoints, a {'state_dict': ...} file or a bare state_dict."""
     for key in ("model", "state_dict", "model_state_dict"):

@@ -32,7 +32,7 @@ class StageFolder:
     TERMS = "epoch_terms.csv"            # the objective's terms, alpha, first/last LR, time split
     SCHEDULE = "schedule.csv"            # the LR, alpha and loss of every optimizer step, as applied
     LAST = "last.pt"                     # full training state after the last completed epoch (resume)
-    BEST = "best.pt"                     # weights of the best-validation epoch
+    BEST = "best.pt"                     # weights of the best-validation epoch (finished: names the export instead)
     PREDICTIONS = "test_predictions.csv"  # per test image: file id, label, prediction, top-5, logits
     SUMMARY = "stage.json"               # the stage's summary row, written last: present = stage done
     WEIGHTS = "model.safetensors"        # exported weights (+ model.json)
@@ -40,6 +40,12 @@ class StageFolder:
 
     epoch_log, terms, schedule = _file(EPOCH_LOG), _file(TERMS), _file(SCHEDULE)
     last, best, predictions, summary_file = _file(LAST), _file(BEST), _file(PREDICTIONS), _file(SUMMARY)
+    weights = _file(WEIGHTS)
+
+    def state_dict(self) -> dict:
+        """The stage's best-validation weights: from best.pt, or (a finished stage) from the export it names."""
+        from src.utils.checkpoint import read_weights
+        return read_weights(self.best)
 
     @property
     def name(self) -> str:
