@@ -87,7 +87,7 @@ def test_every_student_starts_from_the_same_weights_and_sees_the_same_batches(sw
     assert len({i["recipe"] for i in infos}) == 1
     dense = _info(run, "student_dense")
     assert dense["teachers"] == ["teacher", "ta_cifar_resnet14"] and dense["method"] == "dense"
-    assert dense["method_label"] == "dense from teacher + ta_cifar_resnet14"
+    assert dense["method_label"] == "dense from teacher + ta_cifar_resnet14, 1 dropped per batch"  # its own words
     trained = pd.read_csv(run / "summary.csv")
     assert (trained["model"] == "cifar_resnet20").sum() == 1  # the teacher is trained once, for every path
 

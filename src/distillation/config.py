@@ -18,7 +18,6 @@ import yaml
 
 from src.utils.checkpoint import atomic_write_text
 from src.utils.errors import ConfigError
-from src.utils.runfolder import RunFolder
 
 
 @dataclass
@@ -395,7 +394,7 @@ def to_dict(cfg: RunConfig) -> dict:
     return asdict(cfg)
 
 
-DIGEST_NAME = RunFolder.DIGEST
+DIGEST_NAME = "config.digest.json"  # beside config.yaml (RunFolder.DIGEST takes its name from here)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

@@ -31,9 +31,6 @@ from dataclasses import fields, replace
 
 from src.utils.errors import ConfigError
 
-_STEP_KEYS = None
-
-
 def parse_assistants(text: str) -> list:
     """`resnet34,resnet26` (two one-step paths) or `resnet34>resnet26,resnet26` (a two-step path and
     a one-step one) -> the sweep.assistants list."""
@@ -46,19 +43,15 @@ def parse_assistants(text: str) -> list:
     return paths
 
 
-def _step(entry, where: str) -> dict:
-    from src.distillation.config import StageConfig
-    global _STEP_KEYS
-    if _STEP_KEYS is None:
-        _STEP_KEYS = {f.name for f in fields(StageConfig)} - {"teacher", "role", "checkpoint", "seed_stream", "method",
-                                                             "method_args"}
+def _step(entry, where: str, stage_keys: set) -> dict:
+    keys = stage_keys - {"teacher", "role", "checkpoint", "seed_stream", "method", "method_args"}
     if isinstance(entry, str):
         entry = {"model": entry}
     if not isinstance(entry, dict) or not entry.get("model"):
         raise ConfigError(f"{where}: each assistant is a model name or a mapping with a model, got {entry!r}")
-    unknown = sorted(set(entry) - _STEP_KEYS)
+    unknown = sorted(set(entry) - keys)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(sorted(_STEP_KEYS))}")
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(sorted(keys))}")
     return dict(entry)
 
 
@@ -79,7 +72,8 @@ def expand_sweep(cfg):
     stream = student.seed_stream or student.name
     stages, made, students = [teacher], set(), []
     for i, path in enumerate(sweep.assistants):
-        steps = [_step(e, f"sweep.assistants[{i}]") for e in (path if isinstance(path, list) else [path])]
+        keys = {f.name for f in fields(teacher)}  # a stage's keys (StageConfig), from the stage itself
+        steps = [_step(e, f"sweep.assistants[{i}]", keys) for e in (path if isinstance(path, list) else [path])]
         if not steps:
             raise ConfigError(f"sweep.assistants[{i}]: an empty path")
         parent, key = teacher.name, []
@@ -124,14 +118,11 @@ def expand_methods(cfg):
     """sweep.methods -> one student per method beside every KD-taught student (direct and via each
     assistant), same teacher and seed stream; the direct-KD and scratch students are added when
     missing (idempotent: the resolved chain keeps no methods list)."""
-    from src.distillation.methods import method_name, resolve
-    methods = [m for m in cfg.sweep.methods if m not in ("kd", "scratch")]
+    methods = [m for m in cfg.sweep.methods if m not in ("kd", "scratch")]  # names are checked with the stages' methods
     if not cfg.sweep.methods:
         return cfg
     if len(cfg.stages) < 2:
         raise ConfigError("sweep.methods: the chain needs a teacher (its first stage) and a student (its last stage)")
-    for m in methods:
-        resolve(m)  # an unknown name is refused now, listing the known ones
     teacher, student = cfg.stages[0], cfg.stages[-1]
     stages = list(cfg.stages)
     names = {s.name for s in stages}
@@ -141,7 +132,7 @@ def expand_methods(cfg):
         stages.append(replace(student, **plain, name="student_kd", teacher=teacher.name))
     if "student_scratch" not in names:
         stages.append(replace(student, **plain, name="student_scratch", teacher=None))
-    taught = [s for s in stages if s.role == "student" and len(s.teachers) == 1 and method_name(s) == "kd"]
+    taught = [s for s in stages if s.role == "student" and len(s.teachers) == 1 and (s.method or "kd") == "kd"]
     variants = []
     for s in taught:
         via = s.teachers[0]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from src.distillation.config import DIGEST_NAME, load_config
+
 
 def _file(name: str) -> property:
     """A property: the path of the artefact `name` inside the folder."""
@@ -72,7 +74,7 @@ class RunFolder:
     path: Path
 
     CONFIG = "config.yaml"
-    DIGEST = "config.digest.json"
+    DIGEST = DIGEST_NAME
     SEEDS = "seeds.json"
     SUMMARY = "summary.csv"
     PLAN = "plan.json"
@@ -125,7 +127,6 @@ class RunFolder:
 
     # ---- contents
     def config(self):
-        from src.distillation.config import load_config
         return load_config(self.first_seed().config_path)
 
     def stage(self, name: str) -> StageFolder:
