@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from src.data.sources import source_names
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
                    "student, or in a sweep the last path's student_via_...)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="split of the run's dataset, or of --data-root's tree (test/ or val/ for 'test')")
-    p.add_argument("--data-source", choices=("cifar10", "cifar100", "imagefolder", "digits"), default=None,
+    p.add_argument("--data-source", choices=source_names(), default=None,
                    help="evaluate on other data than the run's")
     p.add_argument("--data-root", default=None, help="image tree (root/test/<class>/*) or its .tar.gz")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/evaluations/<stage>-<split>-<data>)")

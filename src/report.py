@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import re
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from src.data.sources import SOURCES
 from src.distillation.recipe import lr_schedule
 from src.models import is_vit
 from src.utils.logger import read_epoch_csv, terms_columns_of
@@ -81,7 +81,7 @@ def seed_runs(run: Path) -> list[tuple[int, Path]]:
     if folder.finished:
         return [(folder.config().seed, folder.path)]
     if folder.is_run:  # started, not finished: say how to finish it
-        chain = "vit" if any(is_vit(s.model) or s.model.startswith("hf:") for s in folder.config().stages) else "cnn"
+        chain = "vit" if any(is_vit(s.model) for s in folder.config().stages) else "cnn"
         raise FileNotFoundError(f"{run} is not finished (no summary.csv yet): finish it with "
                                 f"bash {chain}_distillation/train_{chain}.sh --resume {run}, then build the report")
     raise FileNotFoundError(f"{run}: no summary.csv (and no seeds.json): not a finished run folder")
@@ -200,13 +200,10 @@ def collect(runs: list[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-DATASET_NAMES = {"digits": "digits (scikit-learn)", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-
-
 def dataset_label(d) -> str:
     """The data a run trained on, for titles: 'CIFAR-10', or an image folder's (or tarball's)
     name, with the train subset when there is one."""
-    name = DATASET_NAMES.get(d.source)
+    name = SOURCES[d.source].title if d.source in SOURCES and d.source != "imagefolder" else None
     if name is None:
         name = Path(str(d.root)).name
         for suffix in (".tar.gz", ".tgz", ".tar"):
@@ -455,7 +452,7 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, problems: O
             made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png", n_classes, title=title))
             made.append(plots.schedules({k: v for k, v in lr.items() if v is not None}, alpha,
                                         fig_dir / f"{safe}_schedules.png", title=title))
-        classes = json.loads((first_dir / "classes.json").read_text()) if (first_dir / "classes.json").exists() else None
+        classes = RunFolder(first_dir).classes()
         for stage in sub["stage"].unique():
             pred = RunFolder(first_dir).stage(stage).predictions
             if pred.exists():
@@ -626,11 +623,11 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
         lines += ["Run with `--baselines` to add the scratch and direct-KD students and the paired tests.", ""]
     lines += [PROTOCOL, "## Figures", ""]
     lines += [f"![{p.stem}](figures/{p.name})" if p.parent == out / "figures" else f"![{p.stem}]({p})" for p in figs]
-    path = out / "report.md"
+    path = out / RunFolder.REPORT
     path.write_text("\n".join(lines) + "\n")
-    table.drop(columns=["seed_values"]).to_csv(out / "report_table.csv", index=False)
+    table.drop(columns=["seed_values"]).to_csv(out / RunFolder.REPORT_TABLE, index=False)
     if len(diffs):
-        diffs.to_csv(out / "report_differences.csv", index=False)
+        diffs.to_csv(out / RunFolder.REPORT_DIFFS, index=False)
     return path
 
 

@@ -10,7 +10,7 @@ from src.models import count_params, create_model
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, safe_load
 from src.utils.errors import CheckpointError, ConfigError, DataError
-from tests.conftest import write_image
+from tests.conftest import ROOT, write_image
 
 
 class PickledThing:
@@ -348,3 +348,38 @@ def test_shape_only_models_have_the_real_layers_and_flops_without_weights(tmp_pa
         model.load_state_dict(torch.load(tmp_path / "missing.pt", weights_only=True))
         return model
     assert shape_only(reads_a_file) is None
+
+
+def test_data_sources_come_from_one_registry(tmp_path):
+    """A source is one registered function: the config's choices, the CLI's --data-source and
+    src.evaluate's take their list from the registry (SVHN was added that way), and a torchvision
+    source offline fails in one line with the offline alternative, leaving no folder behind."""
+    from src.data.sources import SOURCES, source_names
+    from src.distillation.cli import build_parser
+    from src.distillation.config import _CHOICES
+    assert {"digits", "cifar10", "cifar100", "imagefolder", "svhn"} <= set(source_names())
+    assert tuple(_CHOICES[("data", "source")]) == source_names()
+    parser = build_parser("cnn", ROOT / "cnn_distillation" / "configs" / "cifar10.yaml")
+    choices = next(a.choices for a in parser._actions if "--data-source" in a.option_strings)
+    assert tuple(choices) == source_names()
+    assert SOURCES["svhn"].title == "SVHN"
+    root = tmp_path / "svhn"
+    with pytest.raises(DataError, match="svhn is not in .* could not be downloaded.*imagefolder"):
+        load_dataset(DataConfig(source="svhn", root=str(root)))
+    assert not root.exists()
+
+
+def test_model_family_traits_come_from_one_table():
+    """is_vit, the factory's img_size / patch_size, the export's timm naming and the attention maps
+    read one table (src/models/families.py); a new family is one register_family call."""
+    from src.models.factory import is_vit
+    from src.models.families import FAMILIES, Family, family_of, register_family
+    assert family_of("vit_tiny_patch16_224").vit and family_of("deit_small_patch16_224").vit and is_vit("hf:vit")
+    assert family_of("hf:google/vit-base-patch16-224").hugging_face and not family_of("vit_base_patch16_224").hugging_face
+    assert family_of("plain_cnn10").img_size_arg and not family_of("plain_cnn10").vit
+    assert family_of("resnet18").name == "timm CNN" and not is_vit("resnet18")
+    try:
+        register_family(Family("my ViT-like", prefixes=("myformer",), vit=True))
+        assert is_vit("myformer_tiny") and family_of("myformer_tiny").name == "my ViT-like"
+    finally:
+        FAMILIES.pop()

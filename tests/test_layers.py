@@ -2,7 +2,6 @@
 top of a file or inside a function, goes from a layer to the same layer or one below it, and no
 modules import each other in a circle."""
 import ast
-from pathlib import Path
 
 from tests.conftest import ROOT
 

@@ -17,7 +17,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -66,6 +66,33 @@ class DatasetSplits:
     @property
     def in_memory(self) -> bool:
         return self.train.images is not None
+
+
+# ----------------------------------------------------------------------------- the registry of sources
+@dataclass(frozen=True)
+class Source:
+    """A data source: `load(data_config)` -> (train Split, test Split, classes, stored size, skipped files)."""
+    name: str
+    title: str                     # for reports and figure titles
+    load: Callable
+    help: str = ""
+
+
+SOURCES: dict = {}
+
+
+def register_source(name: str, title: str, help: str = ""):
+    """Decorator: a function (data config -> train, test, classes, size, skipped) becomes
+    `data.source: <name>`; the config's choices, the CLI's --data-source and src.evaluate take
+    their list from here."""
+    def deco(fn):
+        SOURCES[name] = Source(name, title, fn, help)
+        return fn
+    return deco
+
+
+def source_names() -> tuple:
+    return tuple(SOURCES)
 
 
 def _stratified_take(labels: np.ndarray, n: Optional[int], seed: int) -> np.ndarray:
@@ -128,27 +155,33 @@ def _digits(store_size: int, seed: int) -> tuple[Split, Split, list]:
 OFFLINE_EXAMPLE = "--data-source imagefolder --data-root ../shared/data/cifar10-jpeg.tar.gz"
 
 
+def _torchvision_or_offline(source: str, root: Path, make):
+    """`make(download)` -> a torchvision dataset: the files in `root`, else a download; offline, one
+    DataError with the offline alternatives, and no folder left behind by the failed download."""
+    existed = root.exists()
+    try:
+        return make(False)
+    except RuntimeError:
+        try:
+            return make(True)
+        except Exception as exc:  # URLError, socket errors, ...
+            if not existed:
+                import shutil
+                shutil.rmtree(root, ignore_errors=True)
+            reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+            raise DataError(
+                f"{source} is not in {root} and could not be downloaded ({reason}). Offline, train on an image "
+                f"tree or its .tar.gz as it is, e.g. {OFFLINE_EXAMPLE} (or --data-source digits for a demo); "
+                f"or put the torchvision '{source}' files in --data-root"
+            ) from None
+
+
 def _cifar(source: str, root: Path) -> tuple[Split, Split, list]:
     from torchvision import datasets
     cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
     out = []
-    existed = root.exists()
     for train in (True, False):
-        try:
-            ds = cls(str(root), train=train, download=False)
-        except RuntimeError:
-            try:
-                ds = cls(str(root), train=train, download=True)
-            except Exception as exc:  # URLError, socket errors, ...
-                if not existed:  # leave nothing behind: the folder the failed download made
-                    import shutil
-                    shutil.rmtree(root, ignore_errors=True)
-                reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
-                raise DataError(
-                    f"{source} is not in {root} and could not be downloaded ({reason}). Offline, train on an image "
-                    f"tree or its .tar.gz as it is, e.g. {OFFLINE_EXAMPLE} (or --data-source digits for a demo); "
-                    f"or put the torchvision '{source}' files in --data-root"
-                ) from None
+        ds = _torchvision_or_offline(source, root, lambda download: cls(str(root), train=train, download=download))
         images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         out.append(Split(torch.tensor(ds.targets, dtype=torch.long), images))
     return out[0], out[1], list(ds.classes)
@@ -362,19 +395,43 @@ def _decoded_split(files: list, labels: list, size: int, skip_bad: bool, cache_d
     return split, skipped
 
 
+@register_source("digits", "digits (scikit-learn)", "scikit-learn's bundled 8x8 digits, offline demos and tests")
+def _digits_source(d):
+    size = min(d.image_size, 32)
+    return (*_digits(size, d.split_seed), size, [])
+
+
+@register_source("cifar10", "CIFAR-10", "torchvision's CIFAR-10, downloaded into data.root when online")
+def _cifar10_source(d):
+    return (*_cifar("cifar10", Path(d.root).expanduser()), 32, [])
+
+
+@register_source("cifar100", "CIFAR-100", "torchvision's CIFAR-100, downloaded into data.root when online")
+def _cifar100_source(d):
+    return (*_cifar("cifar100", Path(d.root).expanduser()), 32, [])
+
+
+@register_source("svhn", "SVHN", "torchvision's SVHN (train and test splits), downloaded into data.root when online")
+def _svhn_source(d):
+    from torchvision import datasets
+    root, out = Path(d.root).expanduser(), []
+    for split in ("train", "test"):
+        ds = _torchvision_or_offline("svhn", root, lambda download: datasets.SVHN(str(root), split=split, download=download))
+        out.append(Split(torch.as_tensor(ds.labels, dtype=torch.long), torch.from_numpy(ds.data).contiguous()))
+    return out[0], out[1], [str(i) for i in range(10)], 32, []
+
+
+@register_source("imagefolder", "image folder", "any tree root/train/<class>/* and root/test/<class>/* (or val/), or its .tar.gz")
+def _imagefolder_source(d):
+    return _imagefolder(d, d.image_size)
+
+
 def load_dataset(d) -> DatasetSplits:
     """Build train / val / test from a DataConfig. Raises DataError with a fix on bad input."""
-    skipped: list = []
-    if d.source == "digits":
-        size = min(d.image_size, 32)
-        train, test, classes = _digits(size, d.split_seed)
-    elif d.source in ("cifar10", "cifar100"):
-        size = 32
-        train, test, classes = _cifar(d.source, Path(d.root).expanduser())
-    elif d.source == "imagefolder":
-        train, test, classes, size, skipped = _imagefolder(d, d.image_size)
-    else:
-        raise DataError(f"unknown data.source {d.source!r}")
+    source = SOURCES.get(d.source)
+    if source is None:
+        raise DataError(f"unknown data.source {d.source!r} (have {', '.join(SOURCES)})")
+    train, test, classes, size, skipped = source.load(d)
     if skipped:
         get_console().warning(f"⚠️  skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
     if len(train) < 2 or len(test) < 1:

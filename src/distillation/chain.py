@@ -186,7 +186,7 @@ def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
 
 
 def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
-    if not is_vit(stage.model) and not (stage.model.startswith("hf:")):
+    if not is_vit(stage.model):  # a transformer family (Hugging Face ViTs included): attention maps
         return None
     from src.data.loaders import Normalizer
     from src.visualization.vit_viz import save_attention_maps
@@ -467,7 +467,7 @@ def write_run_files(chain: ChainRun, repro: dict, env_extra: dict) -> None:
     if not chain.resume or not folder.config_path.exists():
         save_config(cfg, folder.config_path)
     env = environment_record(repro, env_extra, device=chain.device)
-    env_name = RunFolder.ENV if not folder.file(RunFolder.ENV).exists() else "env_resume.json"
+    env_name = RunFolder.ENV if not folder.file(RunFolder.ENV).exists() else RunFolder.ENV_RESUME
     atomic_write_text(folder.file(env_name), json.dumps(env, indent=2))
     atomic_write_text(folder.file(RunFolder.CLASSES), json.dumps(chain.data.classes))
 

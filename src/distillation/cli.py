@@ -21,6 +21,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3
 
 
 def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
+    from src.data.sources import source_names  # here, like the CLI's other imports: --help starts fast
     p = argparse.ArgumentParser(
         prog=f"train_{chain}.sh",
         description=f"Teacher -> assistant -> student distillation ({chain.upper()} chain). "
@@ -37,9 +38,9 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=str, default=None,
                    help="dataset folder (imagefolder: root/train/<class>/*, root/test/<class>/*), a .tar.gz of such a "
                         "tree used as is, or the torchvision download folder for cifar10/cifar100")
-    p.add_argument("--data-source", choices=("cifar10", "cifar100", "imagefolder", "digits"), default=None,
-                   help="where the images come from: cifar10 / cifar100 (torchvision, downloaded when online), "
-                        "imagefolder (--data-root), digits (scikit-learn's bundled set, offline demos)")
+    p.add_argument("--data-source", choices=source_names(), default=None,
+                   help="where the images come from: cifar10 / cifar100 / svhn (torchvision, downloaded when "
+                        "online), imagefolder (--data-root), digits (scikit-learn's bundled set, offline demos)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=None,
                    help="run seed: initial weights, data order and augmentation of every stage derive from it "
@@ -121,12 +122,13 @@ def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
     import yaml
 
     from src.distillation.config import apply_override, changed_keys, config_leaves, from_dict, save_config_dict
+    from src.utils.runfolder import RunFolder
     from src.utils.checkpoint import atomic_write_text
     from src.utils.errors import ConfigError
 
     checked = []  # every config is checked before any is written: a refusal changes nothing
     for run_dir in run_dirs:
-        path = run_dir / "config.yaml"
+        path = RunFolder(run_dir).config_path
         raw = yaml.safe_load(path.read_text())
         new = yaml.safe_load(yaml.safe_dump(raw))
         for item in overrides:
@@ -146,7 +148,7 @@ def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
         if changed:
             checked.append((run_dir, path, new, {k: [before_leaves.get(k), after_leaves.get(k)] for k in changed}))
     for run_dir, path, new, changed in checked:
-        history_path = run_dir / "resume_overrides.json"
+        history_path = RunFolder(run_dir).file(RunFolder.RESUME_OVERRIDES)
         history = json.loads(history_path.read_text()) if history_path.exists() else []
         history.append({"time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "overrides": overrides,
                         "changed": changed})

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from src.utils.checkpoint import atomic_write_text
+from src.data.sources import source_names
 from src.utils.errors import ConfigError
 
 
@@ -164,7 +165,7 @@ class RunConfig:
 
 
 _CHOICES = {
-    ("data", "source"): ("cifar10", "cifar100", "imagefolder", "digits"),
+    ("data", "source"): source_names(),  # the registry in src/data/sources.py
     ("data", "augment"): ("crop_flip", "flip", "none"),
     ("data", "normalize"): ("imagenet", "cifar", "cifar100"),
     ("data", "loader"): ("auto", "tensor", "dataloader"),
@@ -394,6 +395,7 @@ def to_dict(cfg: RunConfig) -> dict:
     return asdict(cfg)
 
 
+CONFIG_NAME = "config.yaml"          # a run's resolved config (RunFolder.CONFIG takes its name from here)
 DIGEST_NAME = "config.digest.json"  # beside config.yaml (RunFolder.DIGEST takes its name from here)
 
 
@@ -436,7 +438,7 @@ def check_config_digest(run_dir: str | Path) -> None:
     if not digest.exists():
         return
     saved = json.loads(digest.read_text())
-    text = (run_dir / "config.yaml").read_text()
+    text = (run_dir / CONFIG_NAME).read_text()
     if hashlib.sha256(text.encode()).hexdigest() == saved["sha256"]:
         return
     try:

@@ -11,9 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from src.data.sources import MEANS
-from src.models import is_vit
+from src.models.families import family_of
 from src.models.factory import has_cifar_stem
-from src.models.takd_paper import NEEDS_IMG_SIZE
 from src.utils.checkpoint import _atomic_write, atomic_write_text
 from src.utils.runfolder import StageFolder
 
@@ -31,18 +30,19 @@ def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -
     create_kwargs = {"num_classes": len(classes), **stage.model_kwargs}
     if stage.patch_size:
         create_kwargs["patch_size"] = stage.patch_size
-    if (is_vit(stage.model) and not stage.model.startswith("hf:")) or stage.model in NEEDS_IMG_SIZE:
+    family = family_of(stage.model)
+    if family.img_size_arg:
         create_kwargs["img_size"] = size
-    timm_ok = not stage.model.startswith("hf:") and not has_cifar_stem(model)
+    timm_ok = not family.hugging_face and not has_cifar_stem(model)
     info = {
         "model": stage.model, "stage": stage.name, "num_classes": len(classes), "classes": classes, "image_size": size,
-        "mean": list(mean), "std": list(std), "weights": "model.safetensors", "create_kwargs": create_kwargs,
+        "mean": list(mean), "std": list(std), "weights": StageFolder.WEIGHTS, "create_kwargs": create_kwargs,
         "pretrained_cfg": {"num_classes": len(classes), "input_size": [3, size, size], "mean": list(mean),
                            "std": list(std)},
         "loads_with": ("timm.create_model(model, pretrained=True, **create_kwargs, pretrained_cfg_overlay=dict("
                        "file=<this folder>/model.safetensors, **pretrained_cfg))") if timm_ok else
-                      ("src.load_model(RUN_DIR, stage) (" + ("a Hugging Face model" if stage.model.startswith("hf:")
+                      ("src.load_model(RUN_DIR, stage) (" + ("a Hugging Face model" if family.hugging_face
                        else "CIFAR stem: 3x3 stride-1 conv1, no max-pool, which timm cannot build by name") + ")"),
     }
-    atomic_write_text(stage_dir / "model.json", json.dumps(info, indent=2))
-    return stage_dir / "model.safetensors"
+    atomic_write_text(stage_dir / StageFolder.MODEL_JSON, json.dumps(info, indent=2))
+    return stage_dir / StageFolder.WEIGHTS

@@ -16,14 +16,13 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from src.models.takd_paper import NEEDS_IMG_SIZE  # registers the TAKD paper's models with timm
+from src.models.families import family_of  # its import registers the TAKD paper's models with timm
 from src.utils.errors import CheckpointError, ConfigError
-
-_VIT_PREFIXES = ("vit", "deit", "eva", "beit", "hf:")
 
 
 def is_vit(name: str) -> bool:
-    return name.lower().startswith(_VIT_PREFIXES)
+    """A transformer family (timm's ViT / DeiT / EVA / BEiT, a Hugging Face ViT): src/models/families.py."""
+    return family_of(name).vit
 
 
 def is_cnn(model) -> bool:
@@ -146,7 +145,8 @@ def create_model(name: str, num_classes: int, *, image_size: Optional[int] = Non
     weights that cannot be had (with the offline alternatives)."""
     import timm
     model_kwargs = dict(model_kwargs or {})
-    if name.startswith("hf:"):
+    family = family_of(name)
+    if family.hugging_face:
         return _create_hf(name, num_classes, image_size, patch_size, pretrained, drop_path, model_kwargs)
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
@@ -154,10 +154,10 @@ def create_model(name: str, num_classes: int, *, image_size: Optional[int] = Non
     kwargs = dict(model_kwargs, num_classes=num_classes)
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
-    if is_vit(name) or name in NEEDS_IMG_SIZE:
+    if family.img_size_arg:
         if image_size:
             kwargs["img_size"] = image_size
-        if patch_size and is_vit(name):
+        if patch_size and family.vit:
             kwargs["patch_size"] = patch_size
     if pretrained_file:
         kwargs["pretrained_cfg_overlay"] = dict(file=str(pretrained_file))

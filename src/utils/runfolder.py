@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from src.distillation.config import DIGEST_NAME, load_config
+from src.distillation.config import CONFIG_NAME, DIGEST_NAME, load_config
 
 
 def _file(name: str) -> property:
@@ -38,6 +38,7 @@ class StageFolder:
     PREDICTIONS = "test_predictions.csv"  # per test image: file id, label, prediction, top-5, logits
     SUMMARY = "stage.json"               # the stage's summary row, written last: present = stage done
     WEIGHTS = "model.safetensors"        # exported weights (+ model.json)
+    MODEL_JSON = "model.json"            # how to load the export (timm name, kwargs, classes, normalisation)
     ATTENTION = "attention"              # ViT attention maps
 
     epoch_log, terms, schedule = _file(EPOCH_LOG), _file(TERMS), _file(SCHEDULE)
@@ -73,8 +74,11 @@ class RunFolder:
     """One run folder: a single-seed run, or a --seeds run holding one per seed."""
     path: Path
 
-    CONFIG = "config.yaml"
+    CONFIG = CONFIG_NAME
     DIGEST = DIGEST_NAME
+    ENV_RESUME = "env_resume.json"       # env.json of a resumed session
+    RESUME_OVERRIDES = "resume_overrides.json"  # changes accepted on --resume
+    REPORT, REPORT_TABLE, REPORT_DIFFS = "report.md", "report_table.csv", "report_differences.csv"
     SEEDS = "seeds.json"
     SUMMARY = "summary.csv"
     PLAN = "plan.json"
