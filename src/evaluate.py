@@ -70,7 +70,7 @@ def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", d
     return {**metrics, "out": str(out)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or a --seeds run folder: its first seed)")
     p.add_argument("--stage", default=None, help="which stage's best checkpoint (default: the chain's final student: "
@@ -84,7 +84,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=None,
                    help="a --seeds run: evaluate this seed's model (default: every seed, one output folder each)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from src.utils.errors import UserError
     from src.utils.runlock import claim
     run_dir, out = args.run_dir.expanduser().resolve(), args.out.expanduser().resolve() if args.out else None

@@ -351,16 +351,19 @@ def test_shape_only_models_have_the_real_layers_and_flops_without_weights(tmp_pa
 
 
 def test_data_sources_come_from_one_registry(tmp_path):
-    """A source is one registered function: the config's choices, the CLI's --data-source and
-    src.evaluate's take their list from the registry (SVHN was added that way), and a torchvision
-    source offline fails in one line with the offline alternative, leaving no folder behind."""
+    """A source is one registered function: the config's check (and so the training CLI's
+    --data-source) and src.evaluate's choices take their list from the registry (SVHN was added
+    that way), and a torchvision source offline fails in one line with the offline alternative,
+    leaving no folder behind."""
     from src.data.sources import SOURCES, source_names
-    from src.distillation.cli import build_parser
-    from src.distillation.config import _CHOICES
+    from src.evaluate import build_parser as evaluate_parser
+    from tests.conftest import tiny_cfg
     assert {"digits", "cifar10", "cifar100", "imagefolder", "svhn"} <= set(source_names())
-    assert tuple(_CHOICES[("data", "source")]) == source_names()
-    parser = build_parser("cnn", ROOT / "cnn_distillation" / "configs" / "cifar10.yaml")
-    choices = next(a.choices for a in parser._actions if "--data-source" in a.option_strings)
+    for name in source_names():
+        assert tiny_cfg(data__source=name).data.source == name
+    with pytest.raises(ConfigError, match="data.source: 'svhm' is not one of .*svhn"):
+        tiny_cfg(data__source="svhm")
+    choices = next(a.choices for a in evaluate_parser()._actions if "--data-source" in a.option_strings)
     assert tuple(choices) == source_names()
     assert SOURCES["svhn"].title == "SVHN"
     root = tmp_path / "svhn"

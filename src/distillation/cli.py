@@ -21,7 +21,6 @@ EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3
 
 
 def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
-    from src.data.sources import source_names  # here, like the CLI's other imports: --help starts fast
     p = argparse.ArgumentParser(
         prog=f"train_{chain}.sh",
         description=f"Teacher -> assistant -> student distillation ({chain.upper()} chain). "
@@ -38,9 +37,10 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=str, default=None,
                    help="dataset folder (imagefolder: root/train/<class>/*, root/test/<class>/*), a .tar.gz of such a "
                         "tree used as is, or the torchvision download folder for cifar10/cifar100")
-    p.add_argument("--data-source", choices=source_names(), default=None,
-                   help="where the images come from: cifar10 / cifar100 / svhn (torchvision, downloaded when "
-                        "online), imagefolder (--data-root), digits (scikit-learn's bundled set, offline demos)")
+    p.add_argument("--data-source", default=None, metavar="SOURCE",
+                   help="where the images come from, a source registered in src/data/sources.py (checked with the "
+                        "config): cifar10 / cifar100 / svhn (torchvision, downloaded when online), imagefolder "
+                        "(--data-root), digits (scikit-learn's bundled set, offline demos)")
     p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=None,
                    help="run seed: initial weights, data order and augmentation of every stage derive from it "
@@ -406,11 +406,13 @@ def exit_code(session: Session, exc: BaseException) -> int:
                 traceback.print_exception(exc)
             print(message, file=sys.stderr)
             if kind in (UserError, Exception) and not args.resume:  # a refused or failed start leaves nothing behind
+                # only a folder this process made and claimed, removed while its lock is still held: a start
+                # refused because another process holds the folder never touches that process's files
+                if session.lock is not None and session.out is not None and not session.out_existed and session.ds.is_main:
+                    _remove_if_unused(session.out)
                 if session.lock is not None:
                     session.lock.release()
                     session.lock = None
-                if session.out is not None and not session.out_existed and session.ds.is_main:
-                    _remove_if_unused(session.out)
             return code()
     raise exc  # SystemExit and the like pass through
 

@@ -16,8 +16,6 @@ from typing import Any, Optional
 
 import yaml
 
-from src.utils.checkpoint import atomic_write_text
-from src.data.sources import source_names
 from src.utils.errors import ConfigError
 
 
@@ -165,7 +163,6 @@ class RunConfig:
 
 
 _CHOICES = {
-    ("data", "source"): source_names(),  # the registry in src/data/sources.py
     ("data", "augment"): ("crop_flip", "flip", "none"),
     ("data", "normalize"): ("imagenet", "cifar", "cifar100"),
     ("data", "loader"): ("auto", "tensor", "dataloader"),
@@ -253,7 +250,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not cond:
             raise ConfigError(msg)
 
-    for (section, key), choices in _CHOICES.items():
+    from src.data.sources import source_names  # the registry; here, so that reading a config needs no torch
+    for (section, key), choices in [*_CHOICES.items(), (("data", "source"), source_names())]:
         objs = cfg.stages if section == "stage" else [cfg] if section == "run" else [getattr(cfg, section)]
         for obj in objs:
             value = getattr(obj, key)
@@ -406,6 +404,7 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 def save_config_dict(raw: dict, path: str | Path) -> None:
     """Write a run's config.yaml and, beside it, the digest and values it was written with: a
     later --resume can tell a hand edit from the changes it accepted itself."""
+    from src.utils.checkpoint import atomic_write_text  # here: it brings torch, which reading a config does not need
     text = yaml.safe_dump(raw, sort_keys=False)
     atomic_write_text(path, text)
     atomic_write_text(Path(path).with_name(DIGEST_NAME),
