@@ -10,7 +10,7 @@ from src.models import count_params, create_model
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, safe_load
 from src.utils.errors import CheckpointError, ConfigError, DataError
-from tests.conftest import ROOT, write_image
+from tests.conftest import write_image
 
 
 class PickledThing:

@@ -108,7 +108,8 @@ class Method(nn.Module):
 
     # ---- what a contributor overrides
     def distill(self, student_logits: torch.Tensor, teacher_logits: list) -> torch.Tensor:
-        """The KD term from the student's logits and one [B, C] logits tensor per active teacher."""
+        """The KD term from the student's logits and one [B, C] logits tensor per active teacher
+        (or {"kd": the term, "<name>": a part of it to log, declared in `terms`})."""
         raise NotImplementedError(f"method {self.name!r} has teachers but no distill()")
 
     def begin_batch(self) -> None:
@@ -154,8 +155,12 @@ class Method(nn.Module):
         if "features" in self._distill_kw:
             kw["features"] = self._batch_features
         kd = self.distill(student_logits.float(), [t.float() for t in teacher_logits], **kw)
+        logged = {}
+        if isinstance(kd, dict):  # {"kd": the term, other named parts: logged, not optimised}
+            logged = {k: v.detach() for k, v in kd.items() if k != "kd"}
+            kd = kd["kd"]
         ce_w, kd_w = self.weights() if self.own_weights else (1.0 - alpha, alpha)
-        return {"loss": ce_w * ce + kd_w * kd, "ce": ce, "kd": kd}
+        return {"loss": ce_w * ce + kd_w * kd, "ce": ce, "kd": kd, **logged}
 
     def uses_teacher_features(self) -> bool:
         return bool(self.features.get("teacher"))
@@ -347,16 +352,10 @@ def _store_output(store: dict, name: str):
     return hook
 
 
-def stage_outputs(model: nn.Module, image_size: int) -> list:
-    """The names of the modules that end each spatial stage of a CNN (for every feature-map size
-    in forward order, the last module to produce a 4-D output of that size), found by one forward
-    of a zero image; [] for a model without 4-D feature maps (a ViT)."""
-    model = bare_module(model)
-    order, handles = [], []
-    for name, m in model.named_modules():
-        if name:
-            handles.append(m.register_forward_hook(
-                lambda mod, i, o, name=name: order.append((name, tuple(o.shape[-2:]))) if torch.is_tensor(o) and o.ndim == 4 else None))
+def _probe_forward(model: nn.Module, hooks: dict, image_size: int) -> None:
+    """One eval-mode, no-grad forward of a zero image with `hooks` ({module: hook}) attached, then
+    the model as it was (training mode, no hooks)."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     was = model.training
     try:
         model.eval()
@@ -367,6 +366,17 @@ def stage_outputs(model: nn.Module, image_size: int) -> list:
         model.train(was)
         for h in handles:
             h.remove()
+
+
+def stage_outputs(model: nn.Module, image_size: int) -> list:
+    """The names of the modules that end each spatial stage of a CNN (for every feature-map size
+    in forward order, the last module to produce a 4-D output of that size), found by one forward
+    of a zero image; [] for a model without 4-D feature maps (a ViT)."""
+    model, order = bare_module(model), []
+
+    def record(name):
+        return lambda mod, i, o: order.append((name, tuple(o.shape[-2:]))) if torch.is_tensor(o) and o.ndim == 4 else None
+    _probe_forward(model, {m: record(name) for name, m in model.named_modules() if name}, image_size)
     last: dict = {}
     for name, size in order:
         last[size] = name  # the last module of each size; sizes keep their first-seen order
@@ -375,20 +385,10 @@ def stage_outputs(model: nn.Module, image_size: int) -> list:
 
 def feature_shapes(model: nn.Module, names: Sequence[str], image_size: int) -> list:
     """[C, H, W] of each named module's output for one image (a method sizes its modules with it)."""
-    model = bare_module(model)
-    mods, shapes, handles = dict(model.named_modules()), {}, []
-    for n in names:
-        handles.append(mods[n].register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, list(o.shape[1:]))))
-    was = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size, device=p.device, dtype=p.dtype))
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    model, shapes = bare_module(model), {}
+    mods = dict(model.named_modules())
+    _probe_forward(model, {mods[n]: (lambda m, i, o, n=n: shapes.__setitem__(n, list(o.shape[1:]))) for n in names},
+                   image_size)
     return [shapes[n] for n in names]
 
 

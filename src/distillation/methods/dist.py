@@ -48,21 +48,13 @@ class DIST(Method):
                  ce_weight: float = 1.0, kd_weight: float = 1.0, **kw):
         super().__init__(teachers, teacher_names, **kw)
         self.beta, self.gamma, self.ce_weight, self.kd_weight = float(beta), float(gamma), float(ce_weight), float(kd_weight)
-        self._last: dict = {}
 
     def weights(self) -> tuple:
         return self.ce_weight, self.kd_weight
 
     def distill(self, student_logits, teacher_logits):
         inter, intra = dist_terms(student_logits, teacher_logits[0], self.temperature)
-        self._last = {"inter": inter.detach(), "intra": intra.detach()}
-        return self.beta * inter + self.gamma * intra
-
-    def loss(self, student_logits, targets, teacher_logits, alpha):
-        out = super().loss(student_logits, targets, teacher_logits, alpha)
-        if "kd" in out:
-            out.update(self._last)
-        return out
+        return {"kd": self.beta * inter + self.gamma * intra, "inter": inter, "intra": intra}
 
     def describe(self) -> str:
         return f"dist from {self.teacher_names[0]} (beta {self.beta:g}, gamma {self.gamma:g})"

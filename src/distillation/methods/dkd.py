@@ -50,7 +50,6 @@ class DKD(Method):
         if warmup < 0 or alpha < 0 or beta < 0:
             raise ConfigError(f"method dkd: alpha, beta and warmup must be >= 0 (got {alpha}, {beta}, {warmup})")
         self.alpha, self.beta, self.warmup, self.ce_weight = float(alpha), float(beta), int(warmup), float(ce_weight)
-        self._last: dict = {}
 
     def weights(self) -> tuple:
         ramp = 1.0 if self.warmup == 0 else min(self.epoch / self.warmup, 1.0)
@@ -58,14 +57,7 @@ class DKD(Method):
 
     def distill(self, student_logits, teacher_logits, targets):
         tckd, nckd = dkd_terms(student_logits, teacher_logits[0], targets, self.temperature)
-        self._last = {"tckd": tckd.detach(), "nckd": nckd.detach()}
-        return self.alpha * tckd + self.beta * nckd
-
-    def loss(self, student_logits, targets, teacher_logits, alpha):
-        out = super().loss(student_logits, targets, teacher_logits, alpha)
-        if "kd" in out:
-            out.update(self._last)
-        return out
+        return {"kd": self.alpha * tckd + self.beta * nckd, "tckd": tckd, "nckd": nckd}
 
     def describe(self) -> str:
         return (f"dkd from {self.teacher_names[0]} (alpha {self.alpha:g}, beta {self.beta:g}, "
