@@ -15,7 +15,7 @@ def _cfg(**sections):
 
 def test_every_preset_parses():
     presets = sorted(ROOT.glob("*_distillation/configs/*.yaml"))
-    assert len(presets) == 12
+    assert len(presets) == 13
     for p in presets:
         cfg = load_config(p)
         assert cfg.stages

@@ -244,3 +244,77 @@ def test_an_unknown_method_in_methods_is_refused_before_anything_is_written(tmp_
                         "--methods", "dkd,dsit")
     assert code == 2 and "dsit" in err and "dist" in err
     assert not (tmp_path / "run").exists()
+
+
+def _ce(z, y):  # cross-entropy per row, float64
+    return -np.log(_softmax(z)[np.arange(len(y)), y])
+
+
+@pytest.mark.parametrize("variant", ["hard", "soft"])
+def test_deit_matches_its_formula_in_float64(variant):
+    """Class head against the labels, distillation head against the teacher (its argmax when hard,
+    tau^2 KL at tau 3 when soft), weighted 1/2 + 1/2 (hard) or 0.9 + 0.1 (soft), the paper's defaults."""
+    cls, t, y = _fixed(b=7, c=6, seed=2)
+    dist = torch.randn(7, 6, generator=torch.Generator().manual_seed(3)) * 3
+    zc, zd, zt, yy = cls.double().numpy(), dist.double().numpy(), t.double().numpy(), y.numpy()
+    if variant == "hard":
+        kd, (ce_w, kd_w) = _ce(zd, zt.argmax(1)).mean(), (0.5, 0.5)
+    else:
+        kd, (ce_w, kd_w) = _kl(_softmax(zt / 3.0), _softmax(zd / 3.0)).mean() * 9.0, (0.9, 0.1)
+    ce = _ce(zc, yy).mean()
+    method = resolve("deit")([nn.Identity()], ["teacher"], temperature=T, variant=variant)
+    method._batch_features = {"student": [cls, dist], "teacher": []}  # what the seam's hooks on the two heads give
+    averaged = (cls + dist) / 2
+    out = method.loss(averaged, y, [t], alpha=0.77)  # the chain's alpha is not DeiT's
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert out["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(ce_w * ce + kd_w * kd, rel=1e-5)
+
+
+_DEIT_TINY = {"patch_size": 4, "model_kwargs": {"depth": 1, "embed_dim": 24, "num_heads": 2}}
+
+
+def test_deit_trains_a_distilled_vit_from_a_cnn_teacher_and_tests_on_both_heads(tmp_path):
+    cfg = tiny_cfg(train__epochs=2, data__augment="none",
+                   stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+                           {"name": "student", "model": "deit_tiny_distilled_patch16_224", "role": "student",
+                            "teacher": "teacher", "method": "deit", **_DEIT_TINY}])
+    run_chain(cfg, tmp_path / "run", progress=False)
+    info = json.loads((tmp_path / "run" / "student" / "stage.json").read_text())
+    assert info["method"] == "deit" and info["method_label"] == "deit (hard) from teacher (weight 0.5)"
+    terms = pd.read_csv(tmp_path / "run" / "student" / "epoch_terms.csv")
+    assert np.isfinite(terms["train_kd"]).all() and np.isfinite(terms["train_ce"]).all()
+    # the class head learns from the labels only, the distillation head from the teacher only
+    from src.models.factory import create_model
+    student = create_model("deit_tiny_distilled_patch16_224", 10, image_size=16, patch_size=4,
+                           model_kwargs=_DEIT_TINY["model_kwargs"])
+    teacher = create_model("resnet10t", 10).eval()
+    method = resolve("deit")([teacher], ["teacher"], student=student)
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+
+    class _Eager:
+        @staticmethod
+        def autocast():
+            import contextlib
+            return contextlib.nullcontext()
+    logits, terms = method.step(student.train(), x, y, 0.5, _Eager)
+    heads = [student.head.weight, student.head_dist.weight]
+    ce_grads = torch.autograd.grad(terms["ce"], heads, retain_graph=True, allow_unused=True)
+    kd_grads = torch.autograd.grad(terms["kd"], heads, allow_unused=True)
+    assert ce_grads[0].abs().sum() > 0 and (ce_grads[1] is None or not ce_grads[1].any())
+    assert kd_grads[1].abs().sum() > 0 and (kd_grads[0] is None or not kd_grads[0].any())
+    student.eval()  # tested on the mean of the two heads, as the paper does
+    seen = {}
+    for name in ("head", "head_dist"):
+        getattr(student, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    with torch.no_grad():
+        assert torch.allclose(student(x), (seen["head"] + seen["head_dist"]) / 2, atol=1e-6)
+
+
+def test_deit_on_a_student_without_a_distillation_token_is_refused_before_anything_trains(tmp_path):
+    cfg = tiny_cfg(stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+                           {"name": "student", "model": "vit_tiny_patch16_224", "role": "student", "teacher": "teacher",
+                            "method": "deit", **_DEIT_TINY}])
+    with pytest.raises(ConfigError, match="distillation token"):
+        run_chain(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "teacher").exists()

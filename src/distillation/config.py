@@ -85,7 +85,7 @@ class StageConfig:
     model: str = ""
     role: Optional[str] = None         # teacher | assistant | student (LR factor); default from the model name
     teacher: Any = None                # an earlier stage to distil from, or a list of them; None = plain training
-    method: Optional[str] = None       # what a step computes (src/distillation/methods/): scratch | kd | dense | dkd | dist | fitnet | at |
+    method: Optional[str] = None       # what a step computes (src/distillation/methods/): scratch | kd | dense | dkd | dist | fitnet | at | deit |
                                        # path/file.py:Class; default kd (one teacher), dense (several), scratch
     method_args: dict = field(default_factory=dict)  # options of the method (e.g. weights, drop_teachers)
     pretrained: bool = False           # ImageNet weights from the timm / Hugging Face hub

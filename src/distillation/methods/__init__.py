@@ -33,7 +33,7 @@ hooks the bare modules (under DistributedDataParallel and torch.compile), wraps 
 method in one module before DistributedDataParallel so their gradients are averaged together,
 and turns the teacher-logit cache off when teacher features are needed.
 
-Built in (more in this package, one file each, found by name: dkd, dist, fitnet, at):
+Built in (more in this package, one file each, found by name: dkd, dist, fitnet, at, deit):
     scratch   no teacher: the task cross-entropy alone
     kd        Hinton et al. 2015, one teacher: (1 - a) CE + a T^2 KL(p_t || p_s)
     dense     DGKD (Son et al. 2021), several teachers: (1 - a) CE + a sum_i w_i T^2 KL(p_ti || p_s),
