@@ -5,6 +5,8 @@
     python benchmarks/reproduce_takd.py --data-root cifar10=DIR --data-root cifar100=DIR   # everything, 150 epochs
     python benchmarks/reproduce_takd.py --tables table1 --families resnet --datasets cifar10 --seeds 0,1,2,3,4
     python benchmarks/reproduce_takd.py ... --resume         # after any stop: the same command plus --resume
+    python benchmarks/reproduce_takd.py --slice cpu --methods dkd,dist,fitnet,at --jobs 2 --out runs/methods
+                                                             # the field's methods beside KD, direct and via the assistant
 
 For each family and dataset the teacher and every assistant are trained once (one run), then
 every student (no KD, direct KD from the teacher, TAKD through each assistant) once per seed,
@@ -39,6 +41,7 @@ from src.utils.stats import mcnemar_exact, t_interval  # noqa: E402
 # Declared before any run and used for every row: never chosen by looking at test accuracy.
 # Both are points of the paper's own search grid (T in {1, 2, 5, 10, 15, 20}, lambda in [0.05, 1]).
 TEMPERATURE, KD_WEIGHT = 5.0, 0.5
+DKD_WARMUP = (20, 240)      # DKD's CIFAR warm-up: 20 of its 240 epochs (mdistiller's configs)
 PAPER_EPOCHS = 150          # the paper's text; the authors' config.yml runs 160
 AUTHORS_CONFIG_EPOCHS = 160
 PUBLISHED_TRACKED = ROOT / "benchmarks" / "results" / "takd_reproduction.csv"
@@ -198,7 +201,23 @@ def students_config(family, dataset, tables, epochs, teachers_dir: Path, data, a
             "checkpoint": str(trained.stage(ta_stage(a)).best)} for a in assistants]
         + [{"name": "student_scratch", **stream}, {"name": "student_kd", "teacher": "teacher", **stream}]
         + [{"name": student_stage(family, a), "teacher": ta_stage(a), **stream} for a in assistants])
+    for m in args.methods:  # beside KD: the method from the teacher and via each assistant (not in the paper)
+        extra = method_args(m, epochs)
+        cfg["stages"] += [{"name": method_stage(m), "teacher": "teacher", "method": m, "method_args": extra, **stream}]
+        cfg["stages"] += [{"name": method_stage(m, a), "teacher": ta_stage(a), "method": m, "method_args": extra,
+                           **stream} for a in assistants]
     return cfg
+
+
+def method_stage(method: str, assistant=None) -> str:
+    """The names --methods gives (as the toolkit's own --methods): student_<m>, student_<m>_via_<assistant stage>."""
+    return f"student_{method}" if assistant is None else f"student_{method}_via_{ta_stage(assistant)}"
+
+
+def method_args(method: str, epochs: int) -> dict:
+    """Declared before any run: each method's published defaults, except DKD's warm-up, which keeps
+    its paper's share of training (20 of 240 epochs) so that its KD weight reaches 1 in a short run."""
+    return {"warmup": max(1, round(DKD_WARMUP[0] * epochs / DKD_WARMUP[1]))} if method == "dkd" else {}
 
 
 def finalise(raw: dict, overrides: list) -> dict:
@@ -407,6 +426,84 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     return pd.DataFrame(rows), tests, context
 
 
+def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """--methods: each method's students (from the teacher and via each assistant) over seeds, and
+    two questions per method with their own Bonferroni correction (not the paper's): does the
+    assistant help it (via - direct), and does it beat KD (its direct student - KD's)."""
+    rows, comparisons = [], []
+    for dataset in args.datasets:
+        for family in args.families:
+            seeds = seed_dirs(args.out / f"{family}-{dataset}" / "students", args.seeds)
+            if not args.methods or not seeds:
+                continue
+            _, assistants, _ = group_models(family, args.tables)
+            summaries = {s: pd.read_csv(RunFolder(d).summary_csv).set_index("stage") for s, d in seeds}
+            preds = lambda d, stage: pd.read_csv(RunFolder(d).stage(stage).predictions)  # noqa: E731
+            for m in ["kd", *args.methods]:
+                direct = "student_kd" if m == "kd" else method_stage(m)
+                paths = [(direct, "teacher")] + [(student_stage(family, a) if m == "kd" else method_stage(m, a), a)
+                                                 for a in assistants]
+                for stage, via in paths:
+                    values = [100 * summaries[s]["test_accuracy"][stage] for s, _ in seeds if stage in summaries[s].index]
+                    mean, lo, hi = t_interval(values) if values else (float("nan"),) * 3
+                    rows.append({"family": family, "dataset": dataset, "method": m, "via": via, "stage": stage,
+                                 "ours_mean": mean, "ours_lo": lo, "ours_hi": hi, "seeds": len(values),
+                                 "per_seed": ";".join(f"{v:.2f}" for v in values), "epochs": args.epochs})
+                pairs = [(f"{m.upper()} via {a} - {m.upper()} direct", stage, direct) for stage, a in paths[1:]]
+                if m != "kd":
+                    pairs.append((f"{m.upper()} direct - KD direct", direct, "student_kd"))
+                for name, a_stage, b_stage in pairs:
+                    diffs, ps = [], []
+                    for s, d in seeds:
+                        ca, cb = paired_correct(preds(d, a_stage), preds(d, b_stage))
+                        diffs.append(100 * (ca.mean() - cb.mean()))
+                        ps.append(mcnemar_exact(ca, cb)["p_value"])
+                    comparisons.append((family, dataset, Comparison(name, diffs, ps, None)))
+    summaries = summarise([c for _, _, c in comparisons])
+    tests = pd.DataFrame([{"family": f, "dataset": d, **s} for (f, d, _), s in zip(comparisons, summaries)])
+    return pd.DataFrame(rows), tests
+
+
+def methods_reports(args) -> list:
+    """The toolkit's own report over the seeds of every students run with --methods (its figures:
+    accuracy per method, direct and via the assistant); returns the report paths."""
+    from src.report import write_report
+    out = []
+    for dataset in args.datasets:
+        for family in args.families:
+            students = args.out / f"{family}-{dataset}" / "students"
+            if args.methods and seed_dirs(students, args.seeds):
+                out.append(write_report([students]))
+    return out
+
+
+def methods_markdown(table: pd.DataFrame, tests: pd.DataFrame, args, reports=()) -> list:
+    if table.empty:
+        return []
+    lines = ["## Methods beside KD (not in the paper)", "",
+             f"Each method with its published defaults (DKD's warm-up kept at its paper's share of training: "
+             f"{method_args('dkd', args.epochs)['warmup']} of {args.epochs} epochs), T = {TEMPERATURE:g} where a "
+             f"method uses one, the same teacher, assistants, seeds and initial weights as the rows above. "
+             f"Test accuracy (%), mean and 95% t interval over seeds:", "",
+             "| family | dataset | method | from | ours (%) | per seed |", "|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.family} | {r.dataset} | {r.method} | {r.via} | {_interval(r.ours_mean, r.ours_lo, r.ours_hi)}"
+                     f" | {r.per_seed} |")
+    if not tests.empty:
+        level = f"{100 * tests['level'].iloc[0]:.1f}%"
+        lines += ["", f"| family | dataset | comparison | mean [{level} t, Bonferroni over {len(tests)}] (pp) | "
+                      f"per seed: diff, McNemar p (Holm) | reading |", "|---|---|---|---|---|---|"]
+        for r in tests.itertuples():
+            per = "; ".join(f"{d:+.2f}, p={p:.3g} ({ph:.3g})" for d, p, ph in zip(r.diffs, r.p, r.p_holm))
+            lines.append(f"| {r.family} | {r.dataset} | {r.comparison} | {_interval(r.mean, r.lo, r.hi)} | {per} | "
+                         f"**{r.verdict}** ({r.significant_seeds}/{r.seeds} seeds significant after Holm) |")
+    for report in reports:
+        lines += ["", f"The toolkit's report over these seeds, with every pairwise comparison and the figures "
+                      f"(`figures/methods_direct_and_via.png`: accuracy per method, direct and via the assistant): "
+                      f"`{report}`"]
+    return lines + [""]
+
+
 def _interval(mean, lo, hi) -> str:
     if pd.isna(mean):
         return "-"
@@ -446,6 +543,8 @@ def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall
 def write_results(args, wall_s: float) -> list:
     """The tables (CSV, the tests' CSV, markdown) at every path asked for; returns the markdown paths."""
     table, tests, context = collect(args)
+    m_table, m_tests = collect_methods(args)
+    reports = methods_reports(args) if not m_table.empty else []
     written = []
     for results in args.results:
         results.parent.mkdir(parents=True, exist_ok=True)
@@ -454,8 +553,14 @@ def write_results(args, wall_s: float) -> list:
             flat = tests.assign(**{c: tests[c].map(lambda v: ";".join(f"{float(x):.4g}" for x in v))
                                    for c in ("diffs", "p", "p_holm")})
             flat.to_csv(results.with_name(results.stem + "_tests.csv"), index=False, float_format="%.4g")
+        if not m_table.empty:
+            m_table.to_csv(results.with_name(results.stem + "_methods.csv"), index=False, float_format="%.4f")
+        if not m_tests.empty:
+            flat = m_tests.assign(**{c: m_tests[c].map(lambda v: ";".join(f"{float(x):.4g}" for x in v))
+                                     for c in ("diffs", "p", "p_holm")})
+            flat.to_csv(results.with_name(results.stem + "_methods_tests.csv"), index=False, float_format="%.4g")
         md = results.with_suffix(".md")
-        md.write_text(markdown(table, tests, context, args, wall_s))
+        md.write_text(markdown(table, tests, context, args, wall_s) + "\n".join(["", *methods_markdown(m_table, m_tests, args, reports)]))
         written.append(md)
     return written
 
@@ -483,6 +588,9 @@ def parse_args(argv):
                    help="stop a stage after this many epochs without a better validation accuracy, 0 = off "
                         "(default: " + ", ".join(f"{f} {v['early_stop']}" for f, v in FAMILIES.items()) + ")")
     p.add_argument("--seeds", default=None, help="comma-separated student seeds (default 0,1,2)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods trained beside KD, each from the teacher and via each assistant, "
+                        "e.g. dkd,dist,fitnet,at (not in the paper: a table of their own, no verdicts)")
     p.add_argument("--jobs", type=int, default=None, help="seeds of the students trained at once, as processes with "
                    "a share of the cores each (default 1)")
     p.add_argument("--data-root", action="append", default=[], metavar="[DATASET=]PATH",
@@ -526,6 +634,7 @@ def check_args(args):
         raise UserError(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {args.seeds!r}") from None
     if not args.seeds or min(args.seeds) < 0 or len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds needs distinct seeds >= 0, got {args.seeds}")
+    args.methods = check_method_names(split(args.methods, []))
     given = lambda value, default: default if value is None else value  # noqa: E731
     args.epochs = given(args.epochs, preset.get("epochs", PAPER_EPOCHS))
     args.teacher_epochs = given(args.teacher_epochs, preset.get("teacher_epochs", args.epochs))
@@ -557,11 +666,36 @@ def check_args(args):
     return args
 
 
+def check_method_names(names: list) -> list:
+    from src.distillation.methods import available
+    known = [m for m in available() if m not in ("kd", "scratch", "dense")]
+    bad = [m for m in names if m not in known]
+    if bad:
+        raise UserError(f"--methods: unknown {', '.join(bad)}; choose from {', '.join(known)} (kd and the scratch "
+                        f"student are always trained)")
+    if len(set(names)) != len(names):
+        raise UserError(f"--methods names a method twice: {','.join(names)}")
+    return names
+
+
+def check_methods_before_training(runs) -> None:
+    """Every method of every run built and run once on its real (untrained) models before the
+    teacher trains: a method that cannot work on these models is refused now, not hours later."""
+    from src.distillation.chain import check_stages
+    for label, raw, _, _ in runs:
+        if any(st.get("method") for st in raw["stages"]):
+            try:
+                check_stages(from_dict(raw))
+            except UserError as exc:
+                raise UserError(f"{label}: {exc}") from None
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         runs = plan_runs(args)
         if not args.report_only:
+            check_methods_before_training(runs)
             if args.out.exists() and any(args.out.iterdir()) and not args.resume:
                 raise UserError(f"{args.out} holds a reproduction already: add --resume to continue it, or choose "
                                 f"another --out")

@@ -488,3 +488,46 @@ def test_reproduction_arguments_are_checked_before_anything_is_written(tmp_path,
         err = capsys.readouterr().err
         assert code == 2 and words in err and "--resume" not in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_methods_beside_kd_from_the_teacher_and_via_the_assistant(tmp_path, capsys):
+    """--methods dkd,at: per seed, each method's student from the teacher and via the assistant, the
+    same seed stream as KD's; a table of their own (no verdicts against the paper) with via - direct
+    and method - KD per method, Bonferroni over those comparisons."""
+    from benchmarks import reproduce_takd
+    out, results = tmp_path / "out", tmp_path / "res" / "takd.csv"
+    args = _reproduce_args(out, results, "--methods", "dkd,at")
+    args[args.index("--epochs") + 1] = "1"
+    assert reproduce_takd.main(args) == 0, capsys.readouterr().out[-3000:]
+    methods = pd.read_csv(results.with_name("takd_methods.csv"))
+    assert list(zip(methods["method"], methods["via"])) == [
+        ("kd", "teacher"), ("kd", "plain_cnn4"), ("dkd", "teacher"), ("dkd", "plain_cnn4"), ("at", "teacher"),
+        ("at", "plain_cnn4")]
+    assert list(methods["stage"]) == ["student_kd", "student", "student_dkd", "student_dkd_via_ta_plain_cnn4",
+                                      "student_at", "student_at_via_ta_plain_cnn4"]
+    assert (methods["seeds"] == 2).all()
+    tests = pd.read_csv(results.with_name("takd_methods_tests.csv"))
+    assert list(tests["comparison"]) == ["KD via plain_cnn4 - KD direct", "DKD via plain_cnn4 - DKD direct",
+                                         "DKD direct - KD direct", "AT via plain_cnn4 - AT direct", "AT direct - KD direct"]
+    assert set(tests["verdict"]) <= {"significant", "not significant"}
+    assert tests["level"].round(4).eq(round(1 - 0.05 / 5, 4)).all()  # corrected over the methods' own comparisons
+    seed0 = out / "plain-cifar10" / "students" / "seed_0"
+    info = json.loads((seed0 / "student_dkd" / "stage.json").read_text())
+    assert info["method"] == "dkd" and "warm-up 1 epochs" in info["method_label"]  # 20 of 240 epochs, at 1 epoch
+    summary = pd.read_csv(seed0 / "summary.csv")
+    assert set(summary[summary["role"] == "student"]["seed_stream"]) == {"student"}
+    md = results.with_suffix(".md").read_text()
+    assert "## Methods beside KD (not in the paper)" in md and "| DKD via plain_cnn4 - DKD direct |" in md
+    assert (out / "plain-cifar10" / "students" / "figures" / "methods_direct_and_via.png").exists()  # over the seeds
+    # the TAKD table is untouched by the extra students
+    assert list(pd.read_csv(results)["row"]) == ["NOKD", "BLKD", "TAKD"]
+
+
+def test_a_method_that_cannot_work_on_the_reproductions_models_is_refused_before_anything_trains(tmp_path, capsys):
+    from benchmarks import reproduce_takd
+    out = tmp_path / "out"
+    for methods, words in (("dkd,dsit", "unknown dsit"), ("deit", "distillation token")):
+        code = reproduce_takd.main(_reproduce_args(out, tmp_path / "r.csv", "--methods", methods))
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and err.count("\n") == 1, err
+        assert not out.exists()
