@@ -190,12 +190,32 @@ def bench_stage(cfg, stage, device, args, gpu_name):
         for x in [m, *t]:
             cleanup_training_state(model=x, verbose=False, device=device)
 
-    # ours (the real engine) and bare (the same stage as a plain loop over batches made beforehand
-    # on the device), measured alternately `repeats` times; the medians are reported (on a shared
-    # CPU one epoch's timing varies by 10% and more)
     loader = TensorLoader(split, plan.batch_size, device, True, data_cfg, channels_last=cl)
     sample = torch.randn(micro, 3, size, size, device=device)
     sample = sample.contiguous(memory_format=torch.channels_last) if cl else sample
+    ours, bare_speed, compile_s, peak, per_img = _ours_and_bare(cfg, stage, make, release, loader, precision, plan,
+                                                                sample, device, args)
+    del loader
+    base = None if args.no_baseline else _naive_baseline(cfg, stage, builder, tbuilder, make, release, data_cfg,
+                                                         plan, sample, device, args)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    peak_tf = _peak_tflops(gpu_name, args.peak_tflops)
+    return {"stage": stage.name, "model": stage.model, "teacher": "+".join(cfg.stage(n).model for n in stage.teachers),
+            "image_size": size, "micro_batch": micro, "grad_ckpt": plan.grad_checkpointing, "compile": plan.compile,
+            "compile_seconds": round(compile_s, 1), "peak_reserved_gib": round(peak, 3), "img_per_s": round(ours, 1),
+            "bare_img_per_s": round(bare_speed, 1) if bare_speed else None,
+            "engine_vs_bare": round(ours / bare_speed, 3) if bare_speed else None,
+            "baseline_img_per_s": round(base, 1) if base else None, "speedup": round(ours / base, 2) if base else None,
+            "mfu": round(per_img * ours / (peak_tf * 1e12), 4) if peak_tf and device.type == "cuda" else None}
+
+
+def _ours_and_bare(cfg, stage, make, release, loader, precision, plan, sample, device, args) -> tuple:
+    """Ours (the real engine) and bare (the same stage as a plain loop over batches made beforehand
+    on the device), measured alternately `repeats` times; the medians are reported (on a shared CPU
+    one epoch's timing varies by 10% and more). Returns (ours, bare or None, compile seconds, peak
+    reserved GiB, FLOPs per image)."""
+    size = cfg.data.image_size
     ours_all, bare_all, compile_s, peak = [], [], 0.0, 0.0
     for _ in range(max(1, args.repeats)):
         model, teacher = make()
@@ -215,29 +235,20 @@ def bench_stage(cfg, stage, device, args, gpu_name):
             bare_all.append(bare_img_per_s(cfg, stage, model, teacher, batches, precision, plan))
             release(model, teacher)
             del batches, made
-    ours = statistics.median(ours_all)
-    bare_speed = statistics.median(bare_all) if bare_all else None
-    del loader
+    bare = statistics.median(bare_all) if bare_all else None
+    return statistics.median(ours_all), bare, compile_s, peak, per_img
 
-    # naive baseline: fp32, CPU DataLoader with torchvision transforms, largest batch that fits
-    base = None
-    if not args.no_baseline:
-        base_bs = _largest_fp32_batch(builder, tbuilder, size, device, args) if device.type == "cuda" else plan.batch_size
-        model, teacher = make(fp32=True)
-        bl = StreamLoader(synthetic_split(base_bs * args.steps), base_bs, device, True, data_cfg, from_tensors=True)
-        base, _ = engine_img_per_s(cfg, stage, model, teacher, bl, Precision(device.type, None),
-                                   StagePlan(epochs=1, batch_size=base_bs), sample)
-        release(model, teacher)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    peak_tf = _peak_tflops(gpu_name, args.peak_tflops)
-    return {"stage": stage.name, "model": stage.model, "teacher": "+".join(cfg.stage(n).model for n in stage.teachers),
-            "image_size": size, "micro_batch": micro, "grad_ckpt": plan.grad_checkpointing, "compile": plan.compile,
-            "compile_seconds": round(compile_s, 1), "peak_reserved_gib": round(peak, 3), "img_per_s": round(ours, 1),
-            "bare_img_per_s": round(bare_speed, 1) if bare_speed else None,
-            "engine_vs_bare": round(ours / bare_speed, 3) if bare_speed else None,
-            "baseline_img_per_s": round(base, 1) if base else None, "speedup": round(ours / base, 2) if base else None,
-            "mfu": round(per_img * ours / (peak_tf * 1e12), 4) if peak_tf and device.type == "cuda" else None}
+
+def _naive_baseline(cfg, stage, builder, tbuilder, make, release, data_cfg, plan, sample, device, args) -> float:
+    """fp32, a CPU DataLoader with torchvision transforms, the largest batch that fits."""
+    size = cfg.data.image_size
+    base_bs = _largest_fp32_batch(builder, tbuilder, size, device, args) if device.type == "cuda" else plan.batch_size
+    model, teacher = make(fp32=True)
+    bl = StreamLoader(synthetic_split(base_bs * args.steps), base_bs, device, True, data_cfg, from_tensors=True)
+    base, _ = engine_img_per_s(cfg, stage, model, teacher, bl, Precision(device.type, None),
+                               StagePlan(epochs=1, batch_size=base_bs), sample)
+    release(model, teacher)
+    return base
 
 
 def _largest_fp32_batch(builder, tbuilder, size, device, args) -> int:

@@ -129,7 +129,7 @@ def presets_224(out: Path, args) -> list:
     return rows
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--data-root", type=Path, default=ROOT / ".gpu_carry" / "cifar10-jpeg.tar.gz")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_smoke")
@@ -137,17 +137,28 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=330.0, help="steps not started by then are reported as not run")
     p.add_argument("--record", type=Path, default=None, help="write the table into this RESULTS.md")
     p.add_argument("--cpu", action="store_true", help="the plumbing on a CPU with tiny data (for the test suite)")
-    args = p.parse_args(argv)
-    import torch
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch  # after the arguments: --help needs no torch
     if not args.cpu and not torch.cuda.is_available():
         print("error: no CUDA device visible; gpu_smoke.py checks the GPU path (use --cpu for the plumbing)", file=sys.stderr)
         return 2
     if not args.cpu and not args.data_root.exists():
         print(f"error: {args.data_root} not found: copy ../shared/data/cifar10-jpeg.tar.gz there", file=sys.stderr)
         return 2
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    rows = run_steps(smoke_steps(args.out, args), args, t_start)
+    if not args.cpu:
+        rows.extend(fp16_check(args.out))
+    return write_table(rows, args, time.perf_counter() - t_start)
+
+
+def smoke_steps(out: Path, args) -> dict:
+    """{step name: a callable returning its table rows}."""
     small = small_chain_config(out, args)
     # On a CPU (the suite's plumbing check) a slow or busy machine must not fail it: ten times the GPU's limits,
     # and no overall budget. On the GPU the limits keep the smoke inside its few minutes.
@@ -156,7 +167,7 @@ def main(argv=None) -> int:
         args.budget_s = float("inf")
     tiny_cnn = ["--config", "cnn_distillation/configs/demo.yaml", "--set", "data.image_size=16"] if args.cpu else []
     tiny_vit = ["--config", "vit_distillation/configs/demo.yaml"] if args.cpu else []
-    steps = {
+    return {
         "tests": lambda: test_step(out, args),
         "cnn": lambda: chain_step("cnn", "cnn", out, args, tiny_cnn + data_args(args) + ["--epochs", "1"], 200 * slack),
         "vit": lambda: chain_step("vit", "vit", out, args, tiny_vit + data_args(args) +
@@ -167,6 +178,10 @@ def main(argv=None) -> int:
                                    + data_args(args), 120 * slack),
         "clean": lambda: clean_step(out),
     }
+
+
+def run_steps(steps: dict, args, t_start: float) -> list:
+    """The asked-for steps in order; those not started within the time budget are rows saying so."""
     rows = []
     for name in args.steps.split(","):
         if time.perf_counter() - t_start > args.budget_s:
@@ -174,19 +189,22 @@ def main(argv=None) -> int:
             continue
         print(f"[{time.perf_counter() - t_start:5.0f}s] {name} ...", flush=True)
         rows.extend(steps[name]())
-    if not args.cpu:
-        rows.extend(fp16_check(out))
+    return rows
+
+
+def write_table(rows: list, args, total: float) -> int:
+    """Print the table, write it to OUT/smoke.md (and --record); 1 when any row failed."""
+    import torch
     df = pd.DataFrame(rows).reindex(columns=TABLE)
     for col in ("micro_batch", "img_per_s", "seconds"):
         df[col] = pd.to_numeric(df[col]).round().astype("Int64")
     failed = ~df["result"].astype(str).str.startswith("ok")
-    total = time.perf_counter() - t_start
     header = (f"GPU smoke {_dt.date.today().isoformat()}: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}, "
               f"torch {torch.__version__}, total {total:.0f}s, {'FAILED: ' + str(int(failed.sum())) + ' row(s)' if failed.any() else 'all ok'}")
     shown = df.astype(object).where(df.notna(), "")
     table = shown.to_string(index=False)
     print(f"\n{header}\n{table}")
-    (out / "smoke.md").write_text(f"{header}\n\n```\n{table}\n```\n")
+    (args.out / "smoke.md").write_text(f"{header}\n\n```\n{table}\n```\n")
     if args.record:
         from benchmarks.bench_stages import write_results_md
         write_results_md(shown, args.record, marker="smoke", columns=TABLE)

@@ -422,68 +422,90 @@ def figure_title(rows: pd.DataFrame, problems: dict) -> str:
 
 
 def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, problems: Optional[dict] = None) -> list[Path]:
+    """Every figure of the report: per run its curves, schedules, confusion matrices and attention
+    gallery; then accuracy against size, and the students' methods over every run."""
     made, problems = [], problems or {}
     for run, sub in rows.groupby("run", sort=False):
-        safe = "".join(ch if ch.isalnum() else "_" for ch in run)
-        title = figure_title(sub, problems)
-        curves, lr, alpha = {}, {}, {}
-        first_dir = Path(sub.iloc[0]["run_dir"])
-        first_seed = sub.iloc[0]["seed"]
-        cfg = RunFolder(first_dir).config()
-        for stage in sub["stage"].unique():
-            parts = []
-            for _, r in sub[sub["stage"] == stage].iterrows():
-                df = _stage_logs(Path(r["run_dir"]), stage)
-                if df is not None:
-                    parts.append(df.assign(seed=r["seed"]))
-            if not parts:
-                continue
-            df = pd.concat(parts)
-            srow = sub[sub["stage"] == stage].iloc[0]
-            curves[f"{stage} ({srow['model']})"] = df
-            logged = _logged_schedule(first_dir, stage)
-            if logged is not None:
-                lr[stage], alpha[stage] = logged
-            else:  # a run from before schedule.csv: the schedule recomputed from its config
-                first = df[df["seed"] == first_seed].set_index("epoch")
-                lr[stage], alpha[stage] = _recomputed_schedule(cfg, cfg.stage(stage), float(srow["lr"]), first)
-        if curves:
-            n_classes = len(RunFolder(first_dir).classes() or [])
-            made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png", n_classes, title=title))
-            made.append(plots.schedules({k: v for k, v in lr.items() if v is not None}, alpha,
-                                        fig_dir / f"{safe}_schedules.png", title=title))
-        classes = RunFolder(first_dir).classes()
-        for stage in sub["stage"].unique():
-            pred = RunFolder(first_dir).stage(stage).predictions
-            if pred.exists():
-                yp = pd.read_csv(pred, usecols=["y_true", "y_pred"]).to_numpy()
-                names = classes or [str(i) for i in range(int(max(yp.max() + 1, 2)))]
-                m = normalized_confusion(yp[:, 0], yp[:, 1], len(names))
-                seeds_note = f", seed {first_seed}" + (f" of {sub['seed'].nunique()}" if sub["seed"].nunique() > 1 else "")
-                made.append(plots.confusion_matrix_plot(m, names, f"{run}: {stage} (test, best checkpoint{seeds_note})",
-                                                        fig_dir / f"{safe}_confusion_{stage}.png"))
-        gallery = {}
-        for stage in sub["stage"].unique():
-            pngs = sorted((first_dir / stage / "attention").glob("epoch_*.png"))
-            if pngs:
-                gallery[stage] = pngs[-1]
-        if gallery:
-            made.append(plots.image_gallery(gallery, fig_dir / f"{safe}_attention_gallery.png"))
+        made += _run_figures(run, sub, fig_dir, figure_title(sub, problems))
     title = figure_title(rows, problems)
     made.append(plots.accuracy_vs_size(table, "params", "parameters (millions, log scale)",
                                        fig_dir / "accuracy_vs_params.png", scale=1e6, title=title))
     made.append(plots.accuracy_vs_size(table, "flops", "forward GFLOPs per image (log scale)",
                                        fig_dir / "accuracy_vs_flops.png", scale=1e9, title=title))
+    return made + _method_figures(rows, table, fig_dir, title)
+
+
+def _run_figures(run: str, sub: pd.DataFrame, fig_dir: Path, title: str) -> list[Path]:
+    """One run's curves and schedules (every seed), confusion matrices and attention gallery (its
+    first seed's folder)."""
+    made = []
+    safe = "".join(ch if ch.isalnum() else "_" for ch in run)
+    first_dir, first_seed = Path(sub.iloc[0]["run_dir"]), sub.iloc[0]["seed"]
+    folder = RunFolder(first_dir)
+    curves, lr, alpha = _curves_and_schedules(sub, first_dir, first_seed)
+    if curves:
+        n_classes = len(folder.classes() or [])
+        made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png", n_classes, title=title))
+        made.append(plots.schedules({k: v for k, v in lr.items() if v is not None}, alpha,
+                                    fig_dir / f"{safe}_schedules.png", title=title))
+    classes = folder.classes()
+    for stage in sub["stage"].unique():
+        pred = folder.stage(stage).predictions
+        if pred.exists():
+            yp = pd.read_csv(pred, usecols=["y_true", "y_pred"]).to_numpy()
+            names = classes or [str(i) for i in range(int(max(yp.max() + 1, 2)))]
+            m = normalized_confusion(yp[:, 0], yp[:, 1], len(names))
+            seeds_note = f", seed {first_seed}" + (f" of {sub['seed'].nunique()}" if sub["seed"].nunique() > 1 else "")
+            made.append(plots.confusion_matrix_plot(m, names, f"{run}: {stage} (test, best checkpoint{seeds_note})",
+                                                    fig_dir / f"{safe}_confusion_{stage}.png"))
+    gallery = {}
+    for stage in sub["stage"].unique():
+        pngs = sorted((first_dir / stage / "attention").glob("epoch_*.png"))
+        if pngs:
+            gallery[stage] = pngs[-1]
+    if gallery:
+        made.append(plots.image_gallery(gallery, fig_dir / f"{safe}_attention_gallery.png"))
+    return made
+
+
+def _curves_and_schedules(sub: pd.DataFrame, first_dir: Path, first_seed) -> tuple[dict, dict, dict]:
+    """Per stage its epoch logs over seeds ({"stage (model)": frame}) and its LR and alpha per
+    step (logged, or recomputed from the config for a run from before schedule.csv)."""
+    curves, lr, alpha = {}, {}, {}
+    cfg = RunFolder(first_dir).config()
+    for stage in sub["stage"].unique():
+        parts = []
+        for _, r in sub[sub["stage"] == stage].iterrows():
+            df = _stage_logs(Path(r["run_dir"]), stage)
+            if df is not None:
+                parts.append(df.assign(seed=r["seed"]))
+        if not parts:
+            continue
+        df = pd.concat(parts)
+        srow = sub[sub["stage"] == stage].iloc[0]
+        curves[f"{stage} ({srow['model']})"] = df
+        logged = _logged_schedule(first_dir, stage)
+        if logged is not None:
+            lr[stage], alpha[stage] = logged
+        else:
+            first = df[df["seed"] == first_seed].set_index("epoch")
+            lr[stage], alpha[stage] = _recomputed_schedule(cfg, cfg.stage(stage), float(srow["lr"]), first)
+    return curves, lr, alpha
+
+
+def _method_figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, title: str) -> list[Path]:
+    """The compared students by method, and (one run with methods beyond KD) direct against via."""
     compared = {st for run, sub in rows.groupby("run", sort=False)
                 for _, a, b in comparisons(sub[sub["seed"] == sub["seed"].iloc[0]]) for st in (a, b)}
     students = table[table["stage"].isin(compared)]
-    if len(students):
-        missing = "" if {"scratch", "kd"} <= set(students["method"]) else "scratch and KD students: run with --baselines"
-        made.append(plots.method_points(students, fig_dir / "methods.png", note=missing, title=title))
-        if set(students["method"]) - {"scratch", "kd", "takd", "dense"} and rows["run"].nunique() == 1:
-            root = str(rows[rows["role"] == "teacher"]["stage"].iloc[0]) if (rows["role"] == "teacher").any() \
-                else str(rows["stage"].iloc[0])
-            made.append(plots.method_comparison(students, fig_dir / "methods_direct_and_via.png", root, title=title))
+    if not len(students):
+        return []
+    missing = "" if {"scratch", "kd"} <= set(students["method"]) else "scratch and KD students: run with --baselines"
+    made = [plots.method_points(students, fig_dir / "methods.png", note=missing, title=title)]
+    if set(students["method"]) - {"scratch", "kd", "takd", "dense"} and rows["run"].nunique() == 1:
+        root = str(rows[rows["role"] == "teacher"]["stage"].iloc[0]) if (rows["role"] == "teacher").any() \
+            else str(rows["stage"].iloc[0])
+        made.append(plots.method_comparison(students, fig_dir / "methods_direct_and_via.png", root, title=title))
     return made
 
 
@@ -507,6 +529,7 @@ def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame, p
         first = sub[sub["seed"] == sub["seed"].iloc[0]]
         teachers = dict(zip(first["stage"], first["teacher"].fillna("")))
         t_run = table[table["run"] == run].set_index("stage")
+        run_diffs = diffs[diffs["run"] == run] if len(diffs) else diffs
         for _, group in first.groupby(["model", "seed_stream", "recipe"], sort=False):
             kd = group[group["method"] == "kd"]
             # the assistant paths: students taught through an assistant by KD (takd), dense guidance or a
@@ -516,51 +539,60 @@ def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame, p
             if kd.empty or taught.empty:
                 continue
             kd_stage = kd.iloc[0]["stage"]
-            root = teachers[kd_stage]
-            points = []
-            for st in taught["stage"]:
-                path = _path_of(st, teachers)
-                assistant = path[-2]
-                several = teachers[st].split("+")
-                model = lambda stage: t_run.loc[stage, "model"] if stage in t_run.index else stage  # noqa: E731
-                label = (" → ".join(model(a) for a in path[1:-1]) if len(several) == 1
-                         else f"{taught.set_index('stage').loc[st, 'method']}: {' + '.join(several)}")
-                r = t_run.loc[st]
-                d = diffs[(diffs["run"] == run) & (diffs["a"] == st) & (diffs["b"] == kd_stage)] if len(diffs) else diffs
-                per_seed = d[d["p_value"].notna()] if len(d) else d
-                over = d[d["p_value"].isna()] if len(d) else d
-                beats = bool(len(per_seed)) and bool((per_seed["significant"] & (per_seed["mean"] > 0)).all()) and (
-                    over.empty or bool((over["low"] > 0).all()))
-                worse = bool(len(per_seed)) and bool((per_seed["significant"] & (per_seed["mean"] < 0)).all())
-                mean = float(over["mean"].iloc[0]) if len(over) else float(per_seed["mean"].mean()) if len(per_seed) else np.nan
-                p_holm = float(per_seed["p_holm"].max()) if len(per_seed) else np.nan
-                points.append({"path": label, "stage": st, "assistant": assistant,
-                               "assistant_params": float(t_run.loc[assistant, "params"]),
-                               "acc": r["test_accuracy_mean"] * 100, "lo": r["ci_low"] * 100, "hi": r["ci_high"] * 100,
-                               "delta_pp": mean * 100, "p_holm_max": p_holm,
-                               "verdict": "beats direct KD" if beats else "worse than direct KD" if worse
-                               else "not distinguishable from direct KD"})
-            refs = {}
-            for name, stage in (("teacher", root), ("direct KD", kd_stage),
-                                ("scratch", next(iter(group[group["method"] == "scratch"]["stage"]), None))):
-                if stage in t_run.index:
-                    r = t_run.loc[stage]
-                    refs[name] = (r["test_accuracy_mean"] * 100, r["ci_low"] * 100, r["ci_high"] * 100)
-            pts = pd.DataFrame(points).sort_values("assistant_params")
+            pts = pd.DataFrame([_sweep_point(st, taught, teachers, t_run, run_diffs, kd_stage)
+                                for st in taught["stage"]]).sort_values("assistant_params")
             clash = pts["path"].duplicated(keep=False)  # one model with other settings (a narrower ViT): name the stages
             pts.loc[clash, "path"] = [" → ".join(a.removeprefix("ta_") for a in _path_of(st, teachers)[1:-1])
                                       for st in pts.loc[clash, "stage"]]
-            winners = pts[pts["verdict"] == "beats direct KD"]
-            if len(winners):
-                verdict = ("assistant path(s) " + ", ".join(winners["path"]) + " beat direct KD at p < 0.05 after "
-                           "Holm's correction" + (" in every seed" if sub["seed"].nunique() > 1 else ""))
-            else:
-                verdict = "no assistant beats direct KD at p < 0.05 after Holm's correction"
+            verdict = _sweep_verdict(pts, sub["seed"].nunique() > 1)
             if (problems or {}).get(run):  # a broken run gets no verdict, whatever its tests say
                 verdict = f"not interpretable: {'; '.join(problems[run])} (the tests alone: {verdict})"
                 pts["verdict"] = "not interpretable"
-            answers.append((run, pts, refs, verdict))
+            answers.append((run, pts, _sweep_refs(group, t_run, teachers[kd_stage], kd_stage), verdict))
     return answers
+
+
+def _sweep_point(st: str, taught: pd.DataFrame, teachers: dict, t_run: pd.DataFrame, run_diffs: pd.DataFrame,
+                 kd_stage: str) -> dict:
+    """One assistant path: its label, assistant size, accuracy and its test against direct KD."""
+    path = _path_of(st, teachers)
+    several = teachers[st].split("+")
+    model = lambda stage: t_run.loc[stage, "model"] if stage in t_run.index else stage  # noqa: E731
+    label = (" → ".join(model(a) for a in path[1:-1]) if len(several) == 1
+             else f"{taught.set_index('stage').loc[st, 'method']}: {' + '.join(several)}")
+    r = t_run.loc[st]
+    d = run_diffs[(run_diffs["a"] == st) & (run_diffs["b"] == kd_stage)] if len(run_diffs) else run_diffs
+    per_seed = d[d["p_value"].notna()] if len(d) else d
+    over = d[d["p_value"].isna()] if len(d) else d
+    beats = bool(len(per_seed)) and bool((per_seed["significant"] & (per_seed["mean"] > 0)).all()) and (
+        over.empty or bool((over["low"] > 0).all()))
+    worse = bool(len(per_seed)) and bool((per_seed["significant"] & (per_seed["mean"] < 0)).all())
+    mean = float(over["mean"].iloc[0]) if len(over) else float(per_seed["mean"].mean()) if len(per_seed) else np.nan
+    return {"path": label, "stage": st, "assistant": path[-2],
+            "assistant_params": float(t_run.loc[path[-2], "params"]),
+            "acc": r["test_accuracy_mean"] * 100, "lo": r["ci_low"] * 100, "hi": r["ci_high"] * 100,
+            "delta_pp": mean * 100, "p_holm_max": float(per_seed["p_holm"].max()) if len(per_seed) else np.nan,
+            "verdict": "beats direct KD" if beats else "worse than direct KD" if worse
+            else "not distinguishable from direct KD"}
+
+
+def _sweep_refs(group: pd.DataFrame, t_run: pd.DataFrame, root: str, kd_stage: str) -> dict:
+    """The reference lines of the sweep figure: teacher, direct KD and scratch (mean, low, high in %)."""
+    refs = {}
+    for name, stage in (("teacher", root), ("direct KD", kd_stage),
+                        ("scratch", next(iter(group[group["method"] == "scratch"]["stage"]), None))):
+        if stage in t_run.index:
+            r = t_run.loc[stage]
+            refs[name] = (r["test_accuracy_mean"] * 100, r["ci_low"] * 100, r["ci_high"] * 100)
+    return refs
+
+
+def _sweep_verdict(pts: pd.DataFrame, several_seeds: bool) -> str:
+    winners = pts[pts["verdict"] == "beats direct KD"]
+    if len(winners):
+        return ("assistant path(s) " + ", ".join(winners["path"]) + " beat direct KD at p < 0.05 after "
+                "Holm's correction" + (" in every seed" if several_seeds else ""))
+    return "no assistant beats direct KD at p < 0.05 after Holm's correction"
 
 
 def _sweep_md(answers: list) -> list:

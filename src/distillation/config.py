@@ -244,78 +244,103 @@ def _build(cls, raw: Any, path: str):
     return cls(**kwargs)
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and cross-field checks; raises ConfigError naming the key and the allowed values."""
-    def need(cond: bool, msg: str):
-        if not cond:
-            raise ConfigError(msg)
+    _check_choices(cfg)
+    _need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _check_data(cfg.data)
+    _check_train(cfg.train)
+    _check_kd(cfg.kd)
+    _check_viz(cfg.viz)
+    _check_stages(cfg.stages)
+    return cfg
 
+
+def _check_choices(cfg: RunConfig) -> None:
+    """Every key with a fixed set of values (data sources: the registry's)."""
     from src.data.sources import source_names  # the registry; here, so that reading a config needs no torch
     for (section, key), choices in [*_CHOICES.items(), (("data", "source"), source_names())]:
         objs = cfg.stages if section == "stage" else [cfg] if section == "run" else [getattr(cfg, section)]
         for obj in objs:
             value = getattr(obj, key)
-            need(value in choices, f"{section}.{key}: {value!r} is not one of {[c for c in choices if c]}")
-    d, t, k = cfg.data, cfg.train, cfg.kd
-    need(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
-    need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
-    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+            _need(value in choices, f"{section}.{key}: {value!r} is not one of {[c for c in choices if c]}")
+
+
+def _check_data(d: DataConfig) -> None:
+    _need(d.image_size >= 8, f"data.image_size must be >= 8, got {d.image_size}")
+    _need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     for key in ("max_train_samples", "max_test_samples"):
         v = getattr(d, key)
-        need(v is None or v > 0, f"data.{key} must be positive, got {v}")
-    need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+        _need(v is None or v > 0, f"data.{key} must be positive, got {v}")
+    _need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     for key in ("mixup", "cutmix"):
-        need(getattr(d, key) >= 0, f"data.{key} must be >= 0, got {getattr(d, key)}")
-    need(0.0 <= d.random_erasing <= 1.0, f"data.random_erasing must be in [0, 1], got {d.random_erasing}")
-    need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    need(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
-    need(all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in t.lr_milestones)
+        _need(getattr(d, key) >= 0, f"data.{key} must be >= 0, got {getattr(d, key)}")
+    _need(0.0 <= d.random_erasing <= 1.0, f"data.random_erasing must be in [0, 1], got {d.random_erasing}")
+
+
+def _check_train(t: TrainConfig) -> None:
+    _need(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _need(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _need(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
+    _need(all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in t.lr_milestones)
          and list(t.lr_milestones) == sorted(set(t.lr_milestones)),
          f"train.lr_milestones must be increasing whole epochs >= 1, got {t.lr_milestones}")
-    need(t.schedule != "step" or bool(t.lr_milestones), "train.schedule: step needs train.lr_milestones, e.g. [80, 120]")
-    need(0 < t.lr_gamma <= 1, f"train.lr_gamma must be in (0, 1], got {t.lr_gamma}")
-    need(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
-    need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
-    need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
-    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+    _need(t.schedule != "step" or bool(t.lr_milestones), "train.schedule: step needs train.lr_milestones, e.g. [80, 120]")
+    _need(0 < t.lr_gamma <= 1, f"train.lr_gamma must be in (0, 1], got {t.lr_gamma}")
+    _need(t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}")
+    _need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    _need(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    _need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-    need(t.vram_budget_gb >= 0, f"train.vram_budget_gb must be >= 0, got {t.vram_budget_gb}")
-    need(t.early_stop >= 0, f"train.early_stop must be >= 0 epochs (0: off), got {t.early_stop}")
-    need(t.checkpoint_every_min >= 0, f"train.checkpoint_every_min must be >= 0, got {t.checkpoint_every_min}")
-    need(k.temperature > 0, f"kd.temperature must be > 0, got {k.temperature}")
-    need(k.drop_teachers >= 0, f"kd.drop_teachers must be >= 0, got {k.drop_teachers}")
-    need(k.weights is None or all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in k.weights),
+    _need(t.vram_budget_gb >= 0, f"train.vram_budget_gb must be >= 0, got {t.vram_budget_gb}")
+    _need(t.early_stop >= 0, f"train.early_stop must be >= 0 epochs (0: off), got {t.early_stop}")
+    _need(t.checkpoint_every_min >= 0, f"train.checkpoint_every_min must be >= 0, got {t.checkpoint_every_min}")
+
+
+def _check_kd(k: KDConfig) -> None:
+    _need(k.temperature > 0, f"kd.temperature must be > 0, got {k.temperature}")
+    _need(k.drop_teachers >= 0, f"kd.drop_teachers must be >= 0, got {k.drop_teachers}")
+    _need(k.weights is None or all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in k.weights),
          f"kd.weights must be a list of numbers >= 0, got {k.weights}")
     for key in ("alpha_start", "alpha_end"):
         v = getattr(k, key)
-        need(0.0 <= v <= 1.0, f"kd.{key} must be in [0, 1], got {v}")
-    need(cfg.viz.attention_every >= 1, f"viz.attention_every must be >= 1, got {cfg.viz.attention_every}")
-    need(1 <= cfg.viz.attention_heads <= 2, "viz.attention_heads must be 1 or 2 (attention maps are O(N^2) in memory)")
-    need(1 <= cfg.viz.attention_images <= 8, "viz.attention_images must be 1..8 (one small batch only)")
-    need(bool(cfg.stages), "stages: at least one stage is needed")
+        _need(0.0 <= v <= 1.0, f"kd.{key} must be in [0, 1], got {v}")
+
+
+def _check_viz(viz: VizConfig) -> None:
+    _need(viz.attention_every >= 1, f"viz.attention_every must be >= 1, got {viz.attention_every}")
+    _need(1 <= viz.attention_heads <= 2, "viz.attention_heads must be 1 or 2 (attention maps are O(N^2) in memory)")
+    _need(1 <= viz.attention_images <= 8, "viz.attention_images must be 1..8 (one small batch only)")
+
+
+def _check_stages(stages: list) -> None:
+    _need(bool(stages), "stages: at least one stage is needed")
     seen = set()
-    for s in cfg.stages:
-        need(bool(s.name) and bool(s.model), f"every stage needs a name and a model, got name={s.name!r} model={s.model!r}")
-        need(s.name not in seen, f"stage names must be unique: {s.name!r} appears twice")
-        need(s.teacher is None or isinstance(s.teacher, str) or (
+    for s in stages:
+        _need(bool(s.name) and bool(s.model), f"every stage needs a name and a model, got name={s.name!r} model={s.model!r}")
+        _need(s.name not in seen, f"stage names must be unique: {s.name!r} appears twice")
+        _need(s.teacher is None or isinstance(s.teacher, str) or (
             isinstance(s.teacher, list) and s.teacher and all(isinstance(t, str) for t in s.teacher)),
              f"stage {s.name!r}: teacher must be a stage name or a list of them, got {s.teacher!r}")
         for t in s.teachers:
-            need(t in seen, f"stage {s.name!r}: teacher {t!r} must name an earlier stage (have {sorted(seen)})")
-        need(len(set(s.teachers)) == len(s.teachers), f"stage {s.name!r}: a teacher is named twice: {s.teacher}")
-        need(s.epochs is None or s.epochs >= 1, f"stage {s.name!r}: epochs must be >= 1, got {s.epochs}")
-        need(s.lr is None or s.lr > 0, f"stage {s.name!r}: lr must be > 0, got {s.lr}")
-        need(s.batch_size is None or s.batch_size >= 1, f"stage {s.name!r}: batch_size must be >= 1")
-        need(0 <= s.drop_path < 1, f"stage {s.name!r}: drop_path must be in [0, 1), got {s.drop_path}")
-        need(not (s.pretrained and s.checkpoint), f"stage {s.name!r}: use pretrained or checkpoint, not both")
-        need(s.label_smoothing is None or 0 <= s.label_smoothing < 1,
+            _need(t in seen, f"stage {s.name!r}: teacher {t!r} must name an earlier stage (have {sorted(seen)})")
+        _need(len(set(s.teachers)) == len(s.teachers), f"stage {s.name!r}: a teacher is named twice: {s.teacher}")
+        _need(s.epochs is None or s.epochs >= 1, f"stage {s.name!r}: epochs must be >= 1, got {s.epochs}")
+        _need(s.lr is None or s.lr > 0, f"stage {s.name!r}: lr must be > 0, got {s.lr}")
+        _need(s.batch_size is None or s.batch_size >= 1, f"stage {s.name!r}: batch_size must be >= 1")
+        _need(0 <= s.drop_path < 1, f"stage {s.name!r}: drop_path must be in [0, 1), got {s.drop_path}")
+        _need(not (s.pretrained and s.checkpoint), f"stage {s.name!r}: use pretrained or checkpoint, not both")
+        _need(s.label_smoothing is None or 0 <= s.label_smoothing < 1,
              f"stage {s.name!r}: label_smoothing must be in [0, 1), got {s.label_smoothing}")
         seen.add(s.name)
-    return cfg
 
 
 def from_dict(raw: dict) -> RunConfig:

@@ -223,20 +223,11 @@ def cleanup_training_state(model: Optional[nn.Module] = None, optimizer=None, sc
         device = next((t.device for t in model.parameters()), None)
     cuda = torch.cuda.is_available() and device is not None and is_cuda(device)
     before = memory_now(device if cuda else "cpu")
-    released = 0
-    done = []
+
+    # ---- empty what the stage held, counting the bytes
+    released, done = 0, []
     if model is not None:
-        for module in model.modules():
-            for name, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                released += _tensor_bytes(p.data) + _tensor_bytes(p.grad)
-                p.grad = None
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-            for name, b in list(module._buffers.items()):
-                if b is not None:
-                    released += _tensor_bytes(b)
-                    module._buffers[name] = torch.empty(0, dtype=b.dtype, device=b.device)
+        released += _empty_model(model)
         done.append("model")
     if optimizer is not None:
         released += _tensor_bytes(list(optimizer.state.values()))
@@ -251,31 +242,53 @@ def cleanup_training_state(model: Optional[nn.Module] = None, optimizer=None, sc
             if hasattr(scaler, attr):
                 setattr(scaler, attr, None if attr != "_per_optimizer_states" else {})
         done.append("scaler")
+
+    # ---- return the memory to the device and measure it
     gc.collect()
     if cuda:
         synchronize(device)
         torch.cuda.empty_cache()
     after = memory_now(device if cuda else "cpu")
-    alloc_before, reserved_before = before["allocated_mib"], before["reserved_mib"]
-    alloc_after, reserved_after = after["allocated_mib"], after["reserved_mib"]
     report = {
         "released_mb": released / MB,
         "cuda": cuda,
-        "allocated_mb_before": alloc_before, "allocated_mb_after": alloc_after,
-        "reserved_mb_before": reserved_before, "reserved_mb_after": reserved_after,
+        "allocated_mb_before": before["allocated_mib"], "allocated_mb_after": after["allocated_mib"],
+        "reserved_mb_before": before["reserved_mib"], "reserved_mb_after": after["reserved_mib"],
     }
     if verbose:
-        lines = ["🧹 Cleaning up training state..."]
-        lines += [f"   ✓ Deleted {what}" for what in done]
-        lines.append(f"   ✓ Released {report['released_mb']:.1f} MB of tensors (measured)")
-        if cuda:
-            lines.append("   ✓ CUDA cache cleared")
-            lines.append(f"   Current memory: {alloc_after:.1f} MB allocated, {reserved_after:.1f} MB reserved "
-                         f"(was {alloc_before:.1f} / {reserved_before:.1f})")
-        else:
-            lines.append("   No CUDA device: nothing to clear on a GPU")
-        _log.info("\n".join(lines))
+        _log.info(_cleanup_message(report, done))
     return report
+
+
+def _empty_model(model: nn.Module) -> int:
+    """Replace every parameter, gradient and buffer by an empty tensor; the bytes they held."""
+    released = 0
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is None:
+                continue
+            released += _tensor_bytes(p.data) + _tensor_bytes(p.grad)
+            p.grad = None
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                released += _tensor_bytes(b)
+                module._buffers[name] = torch.empty(0, dtype=b.dtype, device=b.device)
+    return released
+
+
+def _cleanup_message(report: dict, done: list) -> str:
+    lines = ["🧹 Cleaning up training state..."]
+    lines += [f"   ✓ Deleted {what}" for what in done]
+    lines.append(f"   ✓ Released {report['released_mb']:.1f} MB of tensors (measured)")
+    if report["cuda"]:
+        lines.append("   ✓ CUDA cache cleared")
+        lines.append(f"   Current memory: {report['allocated_mb_after']:.1f} MB allocated, "
+                     f"{report['reserved_mb_after']:.1f} MB reserved "
+                     f"(was {report['allocated_mb_before']:.1f} / {report['reserved_mb_before']:.1f})")
+    else:
+        lines.append("   No CUDA device: nothing to clear on a GPU")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- fix 7

@@ -86,50 +86,12 @@ def save_attention_maps(model: nn.Module, images: torch.Tensor, raw_images: torc
 
     images: normalised model input [B, 3, S, S]; raw_images: uint8 [B, 3, H, W] for display.
     """
-    import matplotlib
+    import matplotlib  # heavy at start-up: imported when a figure is drawn, not with the module
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = min(MAX_IMAGES, images.shape[0])
-    heads = max(1, min(MAX_HEADS, heads))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            layers = attention_weights(model, images[:n], all_layers=rollout)
-            prefix = int(getattr(model, "num_prefix_tokens", 1))
-            last = layers[-1]
-            maps = [_cls_to_patches(last[:, h], prefix) for h in range(min(heads, last.shape[1]))]
-            names = [f"head {h}" for h in range(len(maps))]
-            if rollout:
-                maps.append(_cls_to_patches(attention_rollout(layers), prefix))
-                names.append("rollout")
-            maps = [m.float().cpu() for m in maps]  # token grids [B, g, g], shown as they are (no smoothing)
-            del layers, last
-    finally:
-        model.train(was_training)
-    shown = raw_images[:n].permute(0, 2, 3, 1).cpu().numpy()
-    size = shown.shape[1]
-    vmax = max(float(m.max()) for m in maps) if maps else 1.0
-    cols = 1 + len(maps)
-    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols + 0.8, 2.0 * n + 0.6), squeeze=False)
-    im = None
-    for i in range(n):
-        axes[i, 0].imshow(shown[i])
-        for j, m in enumerate(maps, start=1):
-            axes[i, j].imshow(shown[i])
-            grid = m[i].numpy()
-            # one cell per token: nearest, over the image's extent, so a 3x3 grid looks like 3x3
-            im = axes[i, j].imshow(grid, cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0.0, vmax=vmax,
-                                   extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-        for j in range(cols):
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title("input" if j == 0 else names[j - 1], fontsize=10)
-    if im is not None:
-        g = maps[0].shape[-1]
-        fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.8,
-                     label=f"CLS attention weight ({g}x{g} patch tokens)")
+    maps, names = _cls_maps(model, images[:n], max(1, min(MAX_HEADS, heads)), rollout)
+    fig = _attention_grid(plt, raw_images[:n].permute(0, 2, 3, 1).cpu().numpy(), maps, names)
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
@@ -141,3 +103,50 @@ def save_attention_maps(model: nn.Module, images: torch.Tensor, raw_images: torc
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return path
+
+
+def _cls_maps(model: nn.Module, images: torch.Tensor, heads: int, rollout: bool) -> tuple[list, list]:
+    """CLS attention of the last block's first `heads` heads (and the rollout) as token grids
+    [B, g, g] on the CPU, in eval mode and without gradients; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            layers = attention_weights(model, images, all_layers=rollout)
+            prefix = int(getattr(model, "num_prefix_tokens", 1))
+            last = layers[-1]
+            maps = [_cls_to_patches(last[:, h], prefix) for h in range(min(heads, last.shape[1]))]
+            names = [f"head {h}" for h in range(len(maps))]
+            if rollout:
+                maps.append(_cls_to_patches(attention_rollout(layers), prefix))
+                names.append("rollout")
+            del layers, last
+    finally:
+        model.train(was_training)
+    return [m.float().cpu() for m in maps], names  # shown as they are (no smoothing)
+
+
+def _attention_grid(plt, shown, maps: list, names: list):
+    """One row per image: the image, then each map over it (one cell per token), one colour scale."""
+    n, size = shown.shape[0], shown.shape[1]
+    vmax = max(float(m.max()) for m in maps) if maps else 1.0
+    cols = 1 + len(maps)
+    fig, axes = plt.subplots(n, cols, figsize=(2.0 * cols + 0.8, 2.0 * n + 0.6), squeeze=False)
+    im = None
+    for i in range(n):
+        axes[i, 0].imshow(shown[i])
+        for j, m in enumerate(maps, start=1):
+            axes[i, j].imshow(shown[i])
+            # one cell per token: nearest, over the image's extent, so a 3x3 grid looks like 3x3
+            im = axes[i, j].imshow(m[i].numpy(), cmap="inferno", alpha=0.6, interpolation="nearest", vmin=0.0,
+                                   vmax=vmax, extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        for j in range(cols):
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if i == 0:
+                axes[i, j].set_title("input" if j == 0 else names[j - 1], fontsize=10)
+    if im is not None:
+        g = maps[0].shape[-1]
+        fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.8,
+                     label=f"CLS attention weight ({g}x{g} patch tokens)")
+    return fig
