@@ -56,9 +56,9 @@ def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", d
     precision = Precision.choose(dev, cfg.train.amp, cfg.train.amp_dtype)
     result = evaluate(loaded.model, loader, precision, len(loaded.classes), return_predictions=True)
     data_name = dcfg.source + (f"-{Path(dcfg.root).name}" if dcfg.source == "imagefolder" else "")
-    out = Path(out) if out else Path(run_dir) / "evaluations" / f"{stage}-{split}-{data_name}"
+    out = Path(out) if out else RunFolder(run_dir).evaluation(stage, split, data_name)
     out.mkdir(parents=True, exist_ok=True)
-    save_predictions(out / "predictions.csv", result, chosen.ids)
+    save_predictions(out / RunFolder.EVAL_PREDICTIONS, result, chosen.ids)
     metrics = {k: result[k] for k in ("accuracy", "precision", "recall", "f1_score", "loss")}
     metrics.update(images=len(result["y_true"]), stage=stage, model=loaded.model_name, split=split,
                    data_source=dcfg.source, data_root=str(dcfg.root), averaging="macro",
@@ -66,7 +66,7 @@ def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", d
     if not loaded.finished:
         metrics["note"] = ("the stage's training was interrupted: these are the weights of its best epoch so far, "
                            "not of the finished stage")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / RunFolder.EVAL_METRICS).write_text(json.dumps(metrics, indent=2))
     return {**metrics, "out": str(out)}
 
 

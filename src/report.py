@@ -429,9 +429,9 @@ def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, problems: O
         made += _run_figures(run, sub, fig_dir, figure_title(sub, problems))
     title = figure_title(rows, problems)
     made.append(plots.accuracy_vs_size(table, "params", "parameters (millions, log scale)",
-                                       fig_dir / "accuracy_vs_params.png", scale=1e6, title=title))
+                                       fig_dir / RunFolder.FIG_PARAMS, scale=1e6, title=title))
     made.append(plots.accuracy_vs_size(table, "flops", "forward GFLOPs per image (log scale)",
-                                       fig_dir / "accuracy_vs_flops.png", scale=1e9, title=title))
+                                       fig_dir / RunFolder.FIG_FLOPS, scale=1e9, title=title))
     return made + _method_figures(rows, table, fig_dir, title)
 
 
@@ -445,9 +445,9 @@ def _run_figures(run: str, sub: pd.DataFrame, fig_dir: Path, title: str) -> list
     curves, lr, alpha = _curves_and_schedules(sub, first_dir, first_seed)
     if curves:
         n_classes = len(folder.classes() or [])
-        made.append(plots.training_curves(curves, fig_dir / f"{safe}_curves.png", n_classes, title=title))
+        made.append(plots.training_curves(curves, fig_dir / RunFolder.FIG_CURVES.format(run=safe), n_classes, title=title))
         made.append(plots.schedules({k: v for k, v in lr.items() if v is not None}, alpha,
-                                    fig_dir / f"{safe}_schedules.png", title=title))
+                                    fig_dir / RunFolder.FIG_SCHEDULES.format(run=safe), title=title))
     classes = folder.classes()
     for stage in sub["stage"].unique():
         pred = folder.stage(stage).predictions
@@ -457,14 +457,14 @@ def _run_figures(run: str, sub: pd.DataFrame, fig_dir: Path, title: str) -> list
             m = normalized_confusion(yp[:, 0], yp[:, 1], len(names))
             seeds_note = f", seed {first_seed}" + (f" of {sub['seed'].nunique()}" if sub["seed"].nunique() > 1 else "")
             made.append(plots.confusion_matrix_plot(m, names, f"{run}: {stage} (test, best checkpoint{seeds_note})",
-                                                    fig_dir / f"{safe}_confusion_{stage}.png"))
+                                                    fig_dir / RunFolder.FIG_CONFUSION.format(run=safe, stage=stage)))
     gallery = {}
     for stage in sub["stage"].unique():
-        pngs = sorted((first_dir / stage / "attention").glob("epoch_*.png"))
+        pngs = sorted(folder.stage(stage).attention.glob("epoch_*.png"))
         if pngs:
             gallery[stage] = pngs[-1]
     if gallery:
-        made.append(plots.image_gallery(gallery, fig_dir / f"{safe}_attention_gallery.png"))
+        made.append(plots.image_gallery(gallery, fig_dir / RunFolder.FIG_GALLERY.format(run=safe)))
     return made
 
 
@@ -501,11 +501,11 @@ def _method_figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, titl
     if not len(students):
         return []
     missing = "" if {"scratch", "kd"} <= set(students["method"]) else "scratch and KD students: run with --baselines"
-    made = [plots.method_points(students, fig_dir / "methods.png", note=missing, title=title)]
+    made = [plots.method_points(students, fig_dir / RunFolder.FIG_METHODS, note=missing, title=title)]
     if set(students["method"]) - {"scratch", "kd", "takd", "dense"} and rows["run"].nunique() == 1:
         root = str(rows[rows["role"] == "teacher"]["stage"].iloc[0]) if (rows["role"] == "teacher").any() \
             else str(rows["stage"].iloc[0])
-        made.append(plots.method_comparison(students, fig_dir / "methods_direct_and_via.png", root, title=title))
+        made.append(plots.method_comparison(students, fig_dir / RunFolder.FIG_METHODS_VIA, root, title=title))
     return made
 
 
@@ -617,11 +617,11 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     table = aggregate(rows)
     diffs = differences(rows)
     problems = sanity(rows)
-    figs = _figures(rows, table, out / "figures", problems)
+    figs = _figures(rows, table, out / RunFolder.FIGURES, problems)
     answers = sweep_answer(rows, table, diffs, problems)
     for run, pts, refs, verdict in answers:
         safe = "".join(ch if ch.isalnum() else "_" for ch in run)
-        figs.insert(0, plots.assistant_sweep(pts, refs, out / "figures" / f"{safe}_accuracy_vs_assistant.png",
+        figs.insert(0, plots.assistant_sweep(pts, refs, out / RunFolder.FIGURES / RunFolder.FIG_SWEEP.format(run=safe),
                                              figure_title(rows[rows["run"] == run], problems)
                                              + ("" if problems.get(run) else f": {verdict}")))
     seeds = sorted(rows["seed"].unique())
@@ -654,7 +654,7 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
     else:
         lines += ["Run with `--baselines` to add the scratch and direct-KD students and the paired tests.", ""]
     lines += [PROTOCOL, "## Figures", ""]
-    lines += [f"![{p.stem}](figures/{p.name})" if p.parent == out / "figures" else f"![{p.stem}]({p})" for p in figs]
+    lines += [f"![{p.stem}]({RunFolder.FIGURES}/{p.name})" if p.parent == out / RunFolder.FIGURES else f"![{p.stem}]({p})" for p in figs]
     path = out / RunFolder.REPORT
     path.write_text("\n".join(lines) + "\n")
     table.drop(columns=["seed_values"]).to_csv(out / RunFolder.REPORT_TABLE, index=False)

@@ -7,7 +7,7 @@ from tests.conftest import ROOT
 
 # From the top (what to run) down to the ground floor; a module may import its own layer and those below.
 LAYERS = [
-    ("experiment", ["src", "src.distillation.cli", "src.evaluate", "src.inference"]),
+    ("experiment", ["src", "src.distillation.cli", "src.distillation.session", "src.evaluate", "src.inference"]),
     ("analysis", ["src.report"]),
     ("training", ["src.distillation", "src.distillation.chain", "src.distillation.stage", "src.distillation.engine",
                   "src.distillation.planner", "src.distillation.clock", "src.distillation.recipe",

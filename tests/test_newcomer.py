@@ -73,7 +73,7 @@ def test_durations_read_as_people_say_them():
 
 
 def test_swapping_the_chains_models_needs_no_other_flag_and_names_the_run_after_them():
-    from src.distillation.cli import named_after_its_chain
+    from src.distillation.session import named_after_its_chain
     from src.distillation.config import load_config
     from src.models import create_model
     from src.models.factory import has_cifar_stem

@@ -22,7 +22,7 @@ import torch
 
 from src.data import build_loaders, load_dataset
 from src.distillation import distributed as dist
-from src.distillation.config import RunConfig, save_config
+from src.distillation.config import RunConfig, to_dict
 from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.methods import check_methods, method_name, resolve
 from src.distillation.planner import StepSpec, apply_vram_budget, compile_decision, measure_steps, probe_plan
@@ -201,7 +201,7 @@ def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
         if epoch % cfg.viz.attention_every and epoch != epochs:
             return
         x = norm(raw.to(device).float() / 255)
-        save_attention_maps(model, x, raw, stage_dir / "attention" / f"epoch_{epoch:03d}.png",
+        save_attention_maps(model, x, raw, StageFolder(stage_dir).attention_map(epoch),
                             heads=cfg.viz.attention_heads, rollout=cfg.viz.attention_rollout,
                             title=f"{stage.name} ({stage.model}) epoch {epoch}")
     return callback
@@ -329,7 +329,7 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
 def backfill_tensorboard(chain: ChainRun, folder) -> None:
     """--resume --tensorboard on a run begun without it: a finished stage's epochs from its CSVs."""
     from src.utils import tb as tensorboard
-    tb_dir = chain.folder.path / "tb" / folder.name
+    tb_dir = chain.folder.tensorboard / folder.name
     if chain.cfg.logging.tensorboard and dist.is_main() and not tensorboard.has_events(tb_dir):
         writer = tensorboard.open_writer(tb_dir)
         n = tensorboard.backfill(writer, folder)
@@ -465,7 +465,7 @@ def write_run_files(chain: ChainRun, repro: dict, env_extra: dict) -> None:
     for stale in folder.path.rglob("*.tmp") if chain.resume else []:  # a killed process's unfinished write
         stale.unlink(missing_ok=True)
     if not chain.resume or not folder.config_path.exists():
-        save_config(cfg, folder.config_path)
+        folder.save_config(to_dict(cfg))
     env = environment_record(repro, env_extra, device=chain.device)
     env_name = RunFolder.ENV if not folder.file(RunFolder.ENV).exists() else RunFolder.ENV_RESUME
     atomic_write_text(folder.file(env_name), json.dumps(env, indent=2))

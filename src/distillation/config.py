@@ -418,22 +418,25 @@ def to_dict(cfg: RunConfig) -> dict:
     return asdict(cfg)
 
 
-CONFIG_NAME = "config.yaml"          # a run's resolved config (RunFolder.CONFIG takes its name from here)
-DIGEST_NAME = "config.digest.json"  # beside config.yaml (RunFolder.DIGEST takes its name from here)
-
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    save_config_dict(to_dict(cfg), path)
-
-
-def save_config_dict(raw: dict, path: str | Path) -> None:
-    """Write a run's config.yaml and, beside it, the digest and values it was written with: a
-    later --resume can tell a hand edit from the changes it accepted itself."""
-    from src.utils.checkpoint import atomic_write_text  # here: it brings torch, which reading a config does not need
+def config_record(raw: dict) -> tuple[str, str]:
+    """(config.yaml's text, its digest's text) for a run's resolved config: the digest holds the
+    text's SHA-256 and the values it was written with, so that a later --resume can tell a hand
+    edit from the changes it accepted itself (RunFolder.save_config writes both)."""
     text = yaml.safe_dump(raw, sort_keys=False)
-    atomic_write_text(path, text)
-    atomic_write_text(Path(path).with_name(DIGEST_NAME),
-                      json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "config": raw}, indent=1))
+    return text, json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "config": raw}, indent=1)
+
+
+def edited_keys(text: str, digest_text: str) -> list:
+    """The keys whose values differ between a config.yaml's `text` and the values its digest was
+    written with ([] when unchanged or only comments and layout changed)."""
+    saved = json.loads(digest_text)
+    if hashlib.sha256(text.encode()).hexdigest() == saved["sha256"]:
+        return []
+    try:
+        now = yaml.safe_load(text)
+    except yaml.YAMLError:
+        now = None
+    return changed_keys(saved["config"], now) if isinstance(now, dict) else ["(the file no longer parses)"]
 
 
 def config_leaves(d: Any, prefix: str = ""):
@@ -451,27 +454,3 @@ def config_leaves(d: Any, prefix: str = ""):
 def changed_keys(before: dict, after: dict) -> list:
     a, b = dict(config_leaves(before)), dict(config_leaves(after))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-
-def check_config_digest(run_dir: str | Path) -> None:
-    """Refuse a run whose config.yaml was changed by hand since the toolkit wrote it (naming the
-    keys): its weights and logs belong to the settings it was written with. Edits that change no
-    value (comments, layout) pass; runs begun before digests existed are not checked."""
-    run_dir = Path(run_dir)
-    digest = run_dir / DIGEST_NAME
-    if not digest.exists():
-        return
-    saved = json.loads(digest.read_text())
-    text = (run_dir / CONFIG_NAME).read_text()
-    if hashlib.sha256(text.encode()).hexdigest() == saved["sha256"]:
-        return
-    try:
-        now = yaml.safe_load(text)
-    except yaml.YAMLError:
-        now = None
-    keys = changed_keys(saved["config"], now) if isinstance(now, dict) else ["(the file no longer parses)"]
-    if keys:
-        raise ConfigError(f"{run_dir / 'config.yaml'} was edited after the run wrote it ({', '.join(keys[:8])}): its "
-                          f"checkpoints belong to the settings it was trained with. Undo the edit (the written values "
-                          f"are in {DIGEST_NAME}), change learning rates or epochs with --resume's own options, or "
-                          f"start a new run for other changes")

@@ -41,7 +41,7 @@ from src.utils.devices import alloc_retries
 from src.utils.errors import CheckpointError, NonFiniteLossError
 from src.utils.logger import (REQUIRED_COLUMNS, EpochLogger, StepLogger, get_console, is_verbose, read_epoch_csv,
                               terms_columns, terms_columns_of)
-from src.utils.runfolder import StageFolder
+from src.utils.runfolder import RunFolder, StageFolder
 from src.utils.reproducibility import derive_seed, setup_reproducibility
 from src.utils.signals import protected
 from src.utils import tb as tensorboard
@@ -347,7 +347,7 @@ class _Logs:
             return
         cfg, folder, done = run.cfg, run.folder, run.start_epoch - 1
         if cfg.logging.tensorboard:
-            tb_dir = folder.path.parent / "tb" / run.stage.name
+            tb_dir = RunFolder(folder.path.parent).tensorboard / run.stage.name
             fresh = not tensorboard.has_events(tb_dir)
             self.tb = tensorboard.open_writer(tb_dir)
             if fresh and run.start_epoch > 1:  # --resume --tensorboard on a run begun without it

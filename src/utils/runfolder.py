@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from src.distillation.config import CONFIG_NAME, DIGEST_NAME, load_config
+from src.distillation.config import config_record, edited_keys, load_config
+from src.utils.errors import ConfigError
 
 
 def _file(name: str) -> property:
@@ -43,7 +44,10 @@ class StageFolder:
 
     epoch_log, terms, schedule = _file(EPOCH_LOG), _file(TERMS), _file(SCHEDULE)
     last, best, predictions, summary_file = _file(LAST), _file(BEST), _file(PREDICTIONS), _file(SUMMARY)
-    weights = _file(WEIGHTS)
+    weights, attention = _file(WEIGHTS), _file(ATTENTION)
+
+    def attention_map(self, epoch: int) -> Path:
+        return self.attention / f"epoch_{epoch:03d}.png"
 
     def state_dict(self) -> dict:
         """The stage's best-validation weights: from best.pt, or (a finished stage) from the export it names."""
@@ -74,8 +78,8 @@ class RunFolder:
     """One run folder: a single-seed run, or a --seeds run holding one per seed."""
     path: Path
 
-    CONFIG = CONFIG_NAME
-    DIGEST = DIGEST_NAME
+    CONFIG = "config.yaml"               # the run's resolved config
+    DIGEST = "config.digest.json"        # beside it: its SHA-256 and the values it was written with
     ENV_RESUME = "env_resume.json"       # env.json of a resumed session
     RESUME_OVERRIDES = "resume_overrides.json"  # changes accepted on --resume
     REPORT, REPORT_TABLE, REPORT_DIFFS = "report.md", "report_table.csv", "report_differences.csv"
@@ -85,11 +89,26 @@ class RunFolder:
     CLASSES = "classes.json"
     ENV = "env.json"
     TIMINGS = "timings.json"
+    TENSORBOARD = "tb"                   # RUN/tb/<stage>/ with --tensorboard
+    FIGURES = "figures"                  # the report's figures
+    EVALUATIONS = "evaluations"          # RUN/evaluations/<stage>-<split>-<data>/ from src.evaluate
+    EVAL_PREDICTIONS, EVAL_METRICS = "predictions.csv", "metrics.json"
+    # the report's figure names; {run}: the run's name made file-safe
+    FIG_CURVES, FIG_SCHEDULES = "{run}_curves.png", "{run}_schedules.png"
+    FIG_CONFUSION, FIG_GALLERY = "{run}_confusion_{stage}.png", "{run}_attention_gallery.png"
+    FIG_SWEEP = "{run}_accuracy_vs_assistant.png"
+    FIG_PARAMS, FIG_FLOPS = "accuracy_vs_params.png", "accuracy_vs_flops.png"
+    FIG_METHODS, FIG_METHODS_VIA = "methods.png", "methods_direct_and_via.png"
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
     config_path, seeds_file, summary_csv = _file(CONFIG), _file(SEEDS), _file(SUMMARY)
+    figures, tensorboard = _file(FIGURES), _file(TENSORBOARD)
+
+    def evaluation(self, stage: str, split: str, data: str) -> Path:
+        """Where src.evaluate writes one stage's scoring on one split of one dataset."""
+        return self.path / self.EVALUATIONS / f"{stage}-{split}-{data}"
 
     # ---- what kind of folder
     @property
@@ -106,6 +125,28 @@ class RunFolder:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    # ---- the config
+    def save_config(self, raw: dict) -> None:
+        """config.yaml and, beside it, the digest and values it was written with."""
+        from src.utils.checkpoint import atomic_write_text  # brings torch, which reading a run folder does not need
+        text, digest = config_record(raw)
+        atomic_write_text(self.config_path, text)
+        atomic_write_text(self.file(self.DIGEST), digest)
+
+    def check_config_digest(self) -> None:
+        """Refuse a run whose config.yaml was changed by hand since the toolkit wrote it (naming the
+        keys): its weights and logs belong to the settings it was written with. Edits that change no
+        value (comments, layout) pass; runs begun before digests existed are not checked."""
+        digest = self.file(self.DIGEST)
+        if not digest.exists():
+            return
+        keys = edited_keys(self.config_path.read_text(), digest.read_text())
+        if keys:
+            raise ConfigError(f"{self.config_path} was edited after the run wrote it ({', '.join(keys[:8])}): its "
+                              f"checkpoints belong to the settings it was trained with. Undo the edit (the written "
+                              f"values are in {self.DIGEST}), change learning rates or epochs with --resume's own "
+                              f"options, or start a new run for other changes")
 
     # ---- seeds
     def seed_list(self) -> list:

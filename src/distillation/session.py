@@ -1,0 +1,354 @@
+"""One invocation of a chain's command line, from its parsed arguments to its exit code.
+
+cli.py parses the arguments and imports this module only then (so that --help and a typo answer
+at once, without torch); everything here imports the toolkit at the top. Library code raises;
+`exit_code` is the one place that turns exceptions into one-line errors and exit codes: 0 done,
+1 unexpected error, 2 bad input, 3 non-finite loss, 130 Ctrl-C, 143 SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from src.distillation import distributed as dist
+from src.distillation.chain import check_writable, run_chain, with_baselines
+from src.distillation.config import apply_override, changed_keys, config_leaves, from_dict, load_config
+from src.distillation.engine import StopRequested
+from src.distillation.stage import StageFailed
+from src.distillation.sweep import parse_assistants
+from src import report
+from src.utils import runlock, signals
+from src.utils.checkpoint import atomic_write_text
+from src.utils.devices import freeze_import_heap
+from src.utils.errors import ConfigError, UserError
+from src.utils.logger import get_console, set_verbose
+from src.utils.runfolder import RunFolder, StageFolder
+from src.utils.tb import log_figures
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
+
+
+# Command-line shortcut -> the config key it sets.
+_SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "data_root": "data.root",
+              "data_source": "data.source", "device": "train.device", "seed": "seed", "assistants": "sweep.assistants",
+              "guidance": "guidance", "methods": "sweep.methods"}
+
+
+def _abs(path):
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+def _overrides(args) -> list:
+    """--set items plus the shortcut options, as key=value. A key set both ways is refused: the
+    order on the command line would otherwise decide silently."""
+    given = {item.split("=", 1)[0].strip() for item in args.overrides}
+    overrides = list(args.overrides)
+    for opt, key in _SHORTCUTS.items():
+        value = getattr(args, opt)
+        if value is None:
+            continue
+        if key in given:
+            raise ConfigError(f"--{opt.replace('_', '-')} and --set {key}=... both set {key}: give only one")
+        if opt == "assistants":
+            value = yaml.safe_dump(parse_assistants(value), default_flow_style=True).strip()
+        if opt == "methods":
+            value = "[" + ",".join(m.strip() for m in value.split(",") if m.strip()) + "]"
+        overrides.append(f"{key}={value}")
+    if args.tensorboard:
+        overrides.append("logging.tensorboard=true")
+    return overrides
+
+
+# What --resume may change, and how: anything else would make the run's parts disagree.
+RESUMABLE = ("lr", "epochs", "device", "tensorboard")
+
+
+def _apply_resume_overrides(run_dirs: list, overrides: list, log) -> None:
+    """Apply the overrides that are safe on resume to every config.yaml of the run, or refuse them.
+
+    Safe: learning rates (the stages not finished yet train with the new one; the interrupted stage
+    from its next epoch), epochs upwards (the cosine schedule is recomputed for the new length),
+    the device and TensorBoard logging. Each change is recorded in resume_overrides.json."""
+    checked = []  # every config is checked before any is written: a refusal changes nothing
+    for run_dir in run_dirs:
+        path = RunFolder(run_dir).config_path
+        raw = yaml.safe_load(path.read_text())
+        new = yaml.safe_load(yaml.safe_dump(raw))
+        for item in overrides:
+            apply_override(new, item)
+        old_cfg, new_cfg = from_dict(raw), from_dict(new)
+        before_leaves, after_leaves = dict(config_leaves(raw)), dict(config_leaves(new))
+        changed = changed_keys(raw, new)
+        refused = [k for k in changed if k.split(".")[-1] not in RESUMABLE]
+        if refused:
+            raise ConfigError(f"--resume keeps the run's settings: {', '.join(refused)} cannot change on resume "
+                              f"(allowed: learning rates, epochs upwards, device, tensorboard); start a new run "
+                              f"with --output-dir for other changes")
+        for a, b in zip(old_cfg.stages, new_cfg.stages):
+            before, after = a.epochs or old_cfg.train.epochs, b.epochs or new_cfg.train.epochs
+            if after < before:
+                raise ConfigError(f"--resume: stage {a.name!r} epochs can only grow ({before} -> {after})")
+        if changed:
+            checked.append((run_dir, path, new, {k: [before_leaves.get(k), after_leaves.get(k)] for k in changed}))
+    for run_dir, path, new, changed in checked:
+        history_path = RunFolder(run_dir).file(RunFolder.RESUME_OVERRIDES)
+        history = json.loads(history_path.read_text()) if history_path.exists() else []
+        history.append({"time": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "overrides": overrides,
+                        "changed": changed})
+        RunFolder(run_dir).save_config(new)
+        atomic_write_text(history_path, json.dumps(history, indent=2))
+        log.info(f"↻ resume with {', '.join(changed)} changed (recorded in {history_path.name})")
+
+
+def _parse_seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds needs distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+@dataclass
+class Session:
+    """One invocation: its arguments, the run it works on, and what must be undone at the end."""
+    args: argparse.Namespace
+    chain: str
+    user_cwd: str
+    log: object = None
+    ds: object = None
+    cfg: object = None
+    seeds: Optional[list] = None
+    out: Optional[Path] = None
+    out_existed: bool = False
+    lock: object = None
+    previous_handlers: object = None
+    own_process: bool = False  # the entry point's process (not a caller's): its import heap may be frozen
+
+
+def run_session(args: argparse.Namespace, chain: str, own_process: bool = False) -> int:
+    """The command line's phases: resolve the target (a new run or the one to resume), check its
+    output folder, train; every exception becomes one line and an exit code (exit_code)."""
+    session = open_session(args, chain)
+    session.own_process = own_process
+    try:
+        resolve_target(session)
+        check_output_folder(session)
+        train(session)
+        return EXIT_OK
+    except BaseException as exc:  # noqa: B902 (KeyboardInterrupt included: it gets its own line and code)
+        return exit_code(session, exc)
+    finally:
+        close_session(session)
+
+
+def open_session(args, chain: str) -> Session:
+    """Command-line paths are the user's (current folder); config paths are the repository's.
+    Signal handlers, the distributed state and the console are set up here."""
+    args.config, args.output_dir, args.resume = _abs(args.config), _abs(args.output_dir), _abs(args.resume)
+    if args.data_root is not None:
+        args.data_root = str(_abs(args.data_root))
+    session = Session(args=args, chain=chain, user_cwd=os.getcwd())
+    os.chdir(REPO_ROOT)
+    session.previous_handlers = signals.install_handlers(StopRequested)
+    session.log = get_console()
+    set_verbose(args.verbose)
+    session.out = args.resume or args.output_dir
+    session.out_existed = session.out is not None and session.out.exists()
+    session.ds = dist.init_from_env(args.device or "auto")
+    if not session.ds.is_main:
+        session.log.setLevel(logging.WARNING)  # one voice: rank 0 reports
+        args.no_progress = True
+    return session
+
+
+def close_session(session: Session) -> None:
+    if session.lock is not None:
+        session.lock.release()
+    dist.shutdown()
+    signals.restore_handlers(session.previous_handlers)
+
+
+def resolve_target(session: Session) -> None:
+    """session.cfg, .seeds and .out: from the run folder for --resume, else from the preset."""
+    if session.args.resume:
+        _resolve_resume(session)
+    else:
+        _resolve_new(session)
+
+
+def _resolve_resume(session: Session) -> None:
+    """Claim the run folder, refuse a hand-edited config, apply the overrides --resume allows."""
+    args, ds = session.args, session.ds
+    folder = RunFolder(args.resume)
+    if ds.is_main and args.resume.is_dir():  # claimed before anything is read or changed
+        session.lock = runlock.acquire(args.resume, "resuming it")
+    if not folder.is_run:
+        unfinished = args.resume.is_dir() and any(p.suffix == ".tmp" or p.name.startswith(runlock.PROBE_PREFIX)
+                                                  for p in args.resume.rglob("*"))
+        raise UserError(f"--resume {args.resume}: not a run folder (no {RunFolder.CONFIG} or {RunFolder.SEEDS})" + (
+            "; it was stopped before anything was saved: start it again with the same command" if unfinished else ""))
+    dirs = [r.path for _, r in folder.seed_runs()]
+    if ds.is_main:
+        for d in dirs:  # a config.yaml edited by hand would make the run claim what its weights are not
+            RunFolder(d).check_config_digest()
+        if args.tensorboard and folder.tensorboard.exists() and not folder.tensorboard.is_dir():
+            raise UserError(f"--tensorboard writes into {folder.tensorboard}, which is a file; move it away")
+    overrides = _overrides(args)
+    if overrides and ds.is_main:
+        _apply_resume_overrides(dirs, overrides, session.log)
+    dist.barrier()
+    if folder.is_multi_seed:
+        first = folder.first_seed().config_path  # resolved, baselines included
+        session.seeds = folder.seed_list()
+        session.cfg = load_config(first if first.exists() else Path(json.loads(folder.seeds_file.read_text())["config"]))
+    else:
+        session.cfg = load_config(folder.config_path)
+
+
+def _resolve_new(session: Session) -> None:
+    """The preset with the overrides (and the baselines), the seeds, the output folder claimed."""
+    args, ds = session.args, session.ds
+    overrides = _overrides(args)
+    cfg = load_config(args.config, overrides)
+    if any(item.split("=", 1)[0].strip().endswith(".model") for item in overrides):
+        cfg = named_after_its_chain(cfg, load_config(args.config))
+    session.cfg = with_baselines(cfg) if args.baselines else cfg
+    session.seeds = _parse_seeds(args.seeds) if args.seeds else None
+    if session.out is None:
+        stamp = dist.broadcast(_dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        session.out = REPO_ROOT / "runs" / session.chain / f"{session.cfg.name}-{stamp}"
+        session.out_existed = session.out.exists()
+    if ds.is_main:  # claimed first: a second start a second later is refused here, naming this one
+        session.lock = runlock.acquire(session.out, "starting a run")
+
+
+def named_after_its_chain(cfg, preset):
+    """A chain whose models were swapped on the command line is not the preset any more: its run
+    (folder, report, figure titles) is named after its models, e.g. cnn_cifar10-plain_cnn10-plain_cnn4-plain_cnn2."""
+    models = [s.model for s in cfg.stages]
+    if models == [s.model for s in preset.stages]:
+        return cfg
+    short = "-".join(dict.fromkeys(m.removeprefix("hf:").split("/")[-1] for m in models))  # a sweep repeats its student
+    return replace(cfg, name=f"{preset.name}-{short}")
+
+
+def check_output_folder(session: Session) -> None:
+    """A new run's folder must hold no files; any run's folder must be writable. Every rank stops
+    when rank 0 finds a problem."""
+    out, problem = session.out, None
+    if session.ds.is_main:
+        try:
+            if not session.args.resume and any(p.is_file() and p.suffix != ".tmp" and not runlock.is_bookkeeping(p)
+                                               for p in out.rglob("*")):
+                problem = (f"output folder {out} already holds files; choose a new --output-dir, "
+                           f"or continue that run with --resume {out}")
+            else:
+                check_writable(out)
+        except UserError as exc:
+            problem = str(exc)
+    problem = dist.broadcast(problem)
+    if problem:
+        raise UserError(problem)
+
+
+def train(session: Session) -> None:
+    """The chain once, or once per seed (seed_<n>/, listed in seeds.json); then the report."""
+    args, out, cfg = session.args, session.out, session.cfg
+    resume, progress = args.resume is not None, not args.no_progress
+    stop = lambda: signals.stop_requested() is not None  # noqa: E731
+    folder = RunFolder(out)
+    if session.own_process:
+        freeze_import_heap()
+    if session.seeds and session.ds.is_main and not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
+    if session.seeds:
+        for i, s in enumerate(session.seeds):
+            session.log.info(f"\n════ seed {s} ════")
+            rd = folder.seed_folder(s).path
+            run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop,
+                      later_seeds=len(session.seeds) - 1 - i)
+    else:
+        run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
+    if session.ds.is_main:
+        _report(out, session.log, tensorboard=cfg.logging.tensorboard)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
+    session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage its weights once, "
+                     f"in model.safetensors, plus logs and the report)")
+
+
+def exit_code(session: Session, exc: BaseException) -> int:
+    """One table from exception to message and exit code; the first matching row wins."""
+    args = session.args
+    resume = f"continue with:\n  {_resume_command(session.chain, session.out, session.user_cwd)}"
+    saved = getattr(exc, "saved", "") or "finished stages and completed epochs are saved"
+    table = [
+        (StopRequested, lambda: EXIT_SIGTERM if signals.stop_requested() == signal.SIGTERM else EXIT_SIGINT,
+         f"Stopped. {saved}; {resume}", False),
+        (KeyboardInterrupt, lambda: EXIT_SIGINT, f"Aborted. The last checkpoint of each stage is kept; {resume}", False),
+        (StageFailed, lambda: EXIT_NAN, f"error: {exc}", True),
+        (UserError, lambda: EXIT_USER, f"error: {exc}", True),
+        (Exception, lambda: EXIT_ERROR, f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                                        f"(run again with --debug for the traceback)", True),
+    ]
+    for kind, code, message, traceback_on_debug in table:
+        if isinstance(exc, kind):
+            if traceback_on_debug and args.debug:
+                traceback.print_exception(exc)
+            print(message, file=sys.stderr)
+            if kind in (UserError, Exception) and not args.resume:  # a refused or failed start leaves nothing behind
+                # only a folder this process made and claimed, removed while its lock is still held: a start
+                # refused because another process holds the folder never touches that process's files
+                if session.lock is not None and session.out is not None and not session.out_existed and session.ds.is_main:
+                    _remove_if_unused(session.out)
+                if session.lock is not None:
+                    session.lock.release()
+                    session.lock = None
+            return code()
+    raise exc  # SystemExit and the like pass through
+
+
+def _resume_command(chain: str, out, cwd: str) -> str:
+    """The command that continues this run, as typed from the folder the user started in."""
+    script = os.path.relpath(REPO_ROOT / f"{chain}_distillation" / f"train_{chain}.sh", cwd)
+    return f"bash {script} --resume {out}"
+
+
+def _remove_if_unused(out: Path) -> None:
+    """A new run that stopped before any stage saved anything (a refused model, method or data,
+    a failure while planning) leaves no folder behind: only the run's own bookkeeping was there
+    (config.yaml, env.json, plan.json, seeds.json, the lock), so --output-dir can be used again."""
+    if not out.is_dir():
+        return
+    trained = {StageFolder.EPOCH_LOG, StageFolder.LAST, StageFolder.BEST, StageFolder.SUMMARY, StageFolder.PREDICTIONS}
+    if not any(p.name in trained for p in out.rglob("*")):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _report(out: Path, log, tensorboard: bool = False) -> None:
+    try:
+        path = report.write_report([out])
+        if tensorboard:
+            folder = RunFolder(out)
+            log_figures(folder.tensorboard, sorted(folder.figures.glob("*.png")))
+    except Exception as exc:  # the results are on disk already; a figure problem must not fail the run
+        if isinstance(exc, StopRequested):
+            raise
+        log.warning(f"⚠️  report not written ({type(exc).__name__}: {exc}); rebuild it with: python -m src.report {out}")
+        return
+    log.info(f"Report: {path}")
