@@ -19,20 +19,21 @@ from pathlib import Path
 
 import torch
 
+from src.data import build_loaders, load_dataset
 from src.data.sources import source_names
+from src.distillation.engine import Precision, evaluate
+from src.distillation.stage import save_predictions
+from src.inference import load_model
+from src.utils.devices import resolve_device
+from src.utils.errors import DataError, UserError
+from src.utils.runfolder import RunFolder
+from src.utils.runlock import claim
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", data_source: str | None = None,
                  data_root: str | None = None, out: Path | None = None, device: str = "auto") -> dict:
-    from src.data import build_loaders, load_dataset
-    from src.distillation.engine import Precision, evaluate
-    from src.distillation.stage import save_predictions
-    from src.inference import load_model
-    from src.utils.devices import resolve_device
-    from src.utils.errors import DataError
-    from src.utils.runfolder import RunFolder
 
     dev = resolve_device(device)
     loaded = load_model(run_dir, stage, device=dev)
@@ -89,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from src.utils.errors import UserError
-    from src.utils.runlock import claim
     run_dir, out = args.run_dir.expanduser().resolve(), args.out.expanduser().resolve() if args.out else None
     data_root = str(Path(args.data_root).expanduser().resolve()) if args.data_root else None
     cwd = os.getcwd()
@@ -117,8 +116,6 @@ def main(argv=None) -> int:
 def seed_targets(run_dir: Path, seed, out):
     """[(label, run folder, output folder)]: the run itself, or for a --seeds run the chosen seed or
     every seed (each with its own output folder, said once)."""
-    from src.utils.errors import UserError
-    from src.utils.runfolder import RunFolder
     folder = RunFolder(run_dir)
     if not folder.is_multi_seed:
         if seed is not None:

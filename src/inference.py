@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from src.data.loaders import Normalizer
 from src.data.sources import MEANS
 from src.distillation.config import load_config
 from src.distillation.stage import build_stage_model, load_weights
@@ -42,7 +43,6 @@ class LoadedModel:
 
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float [B, 3, S, S], resized and normalised as in training."""
-        from src.data.loaders import Normalizer
         x = images_uint8.float().div(255)
         return Normalizer((self.mean, self.std), x.device, self.image_size, False)(x)
 

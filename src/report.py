@@ -22,9 +22,11 @@ import pandas as pd
 from src.data.sources import SOURCES
 from src.distillation.recipe import lr_schedule
 from src.models import is_vit
+from src.utils.errors import UserError
 from src.utils.logger import read_epoch_csv, terms_columns_of
 from src.utils.runfolder import RunFolder
 from src.utils.metrics import normalized_confusion
+from src.utils.runlock import claim
 from src.utils.stats import (ALPHA, bootstrap_diff_ci, holm, mcnemar_exact, paired_correct, simultaneous_t_intervals,
                              t_interval, wilson_interval)
 from src.utils.training_guards import schedule_kd_alpha
@@ -674,8 +676,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="where to write (default: the run folder itself for one run, ./report for several)")
     args = p.parse_args(argv)
-    from src.utils.errors import UserError
-    from src.utils.runlock import claim
     runs = [Path(r).resolve() for r in args.runs]
     target = args.out.resolve() if args.out else (runs[0] if len(runs) == 1 else Path("report").resolve())
     try:  # the folder written (a run's own, by default) is claimed: never while its training writes it

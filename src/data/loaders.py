@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from src.data.sources import MEANS, DatasetSplits, Split, open_rgb
 from src.utils.reproducibility import epoch_seed
+from src.utils.reproducibility import seed_worker
 
 
 def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator, device: torch.device) -> tuple:
@@ -219,8 +220,7 @@ class StreamLoader:
     def __init__(self, split: Split, batch_size: int, device: torch.device, train: bool, data_cfg,
                  channels_last: bool = False, seed: int = 0, from_tensors: bool = False, rank: int = 0,
                  world_size: int = 1):
-        from torchvision import transforms as T
-        from src.utils.reproducibility import seed_worker
+        from torchvision import transforms as T  # torchvision's transforms only for the streaming loader
         mean, std = MEANS[data_cfg.normalize]
         size = data_cfg.image_size
         aug = []

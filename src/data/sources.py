@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
+import tarfile
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -22,7 +27,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
 from src.utils.devices import GiB
 from src.utils.errors import DataError
@@ -139,7 +146,7 @@ def _subset(split: Split, idx: np.ndarray) -> Split:
 
 # ----------------------------------------------------------------------------- digits
 def _digits(store_size: int, seed: int) -> tuple[Split, Split, list]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn's datasets only when digits are read
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # [N, 1, 8, 8] in [0, 1]
     x = F.interpolate(x, size=(store_size, store_size), mode="bilinear", align_corners=False)
@@ -166,7 +173,6 @@ def _torchvision_or_offline(source: str, root: Path, make):
             return make(True)
         except Exception as exc:  # URLError, socket errors, ...
             if not existed:
-                import shutil
                 shutil.rmtree(root, ignore_errors=True)
             reason = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
             raise DataError(
@@ -177,7 +183,7 @@ def _torchvision_or_offline(source: str, root: Path, make):
 
 
 def _cifar(source: str, root: Path) -> tuple[Split, Split, list]:
-    from torchvision import datasets
+    from torchvision import datasets  # torchvision's datasets only for its own sources (slow to import)
     cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
     out = []
     for train in (True, False):
@@ -210,7 +216,6 @@ def scan_image_folder(split_dir: Path, classes: Optional[list] = None) -> tuple[
 
 def open_rgb(path: str):
     """Open any image as RGB (grey, RGBA, CMYK, palette, 16-bit converted); DataError naming the file."""
-    from PIL import Image
     try:
         with Image.open(path) as im:
             im.load()
@@ -231,7 +236,6 @@ def open_rgb(path: str):
 
 def _square(im, size: int):
     """Resize the shorter side to `size` and centre-crop to size x size."""
-    from PIL import Image
     w, h = im.size
     if (w, h) == (size, size):
         return im
@@ -244,10 +248,7 @@ def _square(im, size: int):
 
 def _progress_iter(items: list, desc: str, every_s: float = 30.0):
     """A tqdm bar on a terminal; elsewhere a line with rate and time left every `every_s` seconds."""
-    import sys
-    import time
     if sys.stdout.isatty():
-        from tqdm import tqdm
         yield from tqdm(items, desc=desc, unit="img", leave=False, mininterval=1.0)
         return
     t0 = last = time.perf_counter()
@@ -287,7 +288,6 @@ def _cache_key(files: list, size: int) -> str:
 
 
 def _first_image_size(path: str) -> int:
-    from PIL import Image
     try:
         with Image.open(path) as im:
             return max(im.size)
@@ -301,7 +301,6 @@ EXTRACT_DIR = Path(__file__).resolve().parents[2] / ".data_cache"
 
 def extract_archive(archive: Path, dest_root: Path = EXTRACT_DIR) -> Path:
     """Unpack an ImageFolder tree shipped as a tarball once; return the folder holding train/."""
-    import tarfile
     name = archive.name
     for suffix in ARCHIVE_SUFFIXES:
         if name.endswith(suffix):
@@ -310,8 +309,6 @@ def extract_archive(archive: Path, dest_root: Path = EXTRACT_DIR) -> Path:
     marker = dest / ".complete"
     if not marker.exists():
         get_console().info(f"Extracting {archive} to {dest} (once)")
-        import shutil
-        import zlib
         tmp = dest.with_name(dest.name + ".partial")
         try:
             with tarfile.open(archive) as tar:
@@ -413,7 +410,7 @@ def _cifar100_source(d):
 
 @register_source("svhn", "SVHN", "torchvision's SVHN (train and test splits), downloaded into data.root when online")
 def _svhn_source(d):
-    from torchvision import datasets
+    from torchvision import datasets  # torchvision's datasets only for its own sources (slow to import)
     root, out = Path(d.root).expanduser(), []
     for split in ("train", "test"):
         ds = _torchvision_or_offline("svhn", root, lambda download: datasets.SVHN(str(root), split=split, download=download))

@@ -21,7 +21,10 @@ import pandas as pd
 import torch
 
 from src.data import build_loaders, load_dataset
+from src.data.loaders import Normalizer
+from src.data.sources import decode_images
 from src.distillation import distributed as dist
+from src.distillation.clock import CPU_PRESETS, SLOW_ON_CPU_S, ChainClock, StageWork, duration
 from src.distillation.config import RunConfig, to_dict
 from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.methods import check_methods, method_name, resolve
@@ -30,17 +33,18 @@ from src.distillation.recipe import optimizer_factory
 from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
                                    use_channels_last)
 from src.models import count_params, is_vit, shape_only
+from src.utils import tb as tensorboard
 from src.utils.checkpoint import atomic_write_text, point_to_export, slim_checkpoint
 from src.utils.devices import resolve_device, set_cpu_threads
 from src.utils.environment import environment_record
 from src.utils.errors import CheckpointError, UserError
-from src.distillation.clock import ChainClock
 from src.utils.logger import get_console, is_verbose, read_epoch_csv
 from src.utils.reproducibility import setup_reproducibility
 from src.utils.runfolder import RunFolder, StageFolder
 from src.utils.runlock import PROBE_PREFIX
 from src.utils.tb import require_tensorboard
 from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
+from src.visualization.vit_viz import save_attention_maps
 
 log = get_console()
 SUMMARY_COLUMNS = ["stage", "model", "role", "teacher", "params", "flops", "epochs", "best_epoch", "planned_epochs",
@@ -188,12 +192,9 @@ def plan_stage(cfg: RunConfig, stage, device: torch.device, num_classes: int,
 def _attention_callback(cfg: RunConfig, stage, data, device, epochs: int):
     if not is_vit(stage.model):  # a transformer family (Hugging Face ViTs included): attention maps
         return None
-    from src.data.loaders import Normalizer
-    from src.visualization.vit_viz import save_attention_maps
     n = cfg.viz.attention_images
     raw = data.val.images[:n] if data.val.images is not None else None
     if raw is None:  # streamed dataset: decode the few images shown
-        from src.data.sources import decode_images
         raw = decode_images(data.val.files[:n], data.val.labels[:n].tolist(), data.store_size, True)[0].images
     norm = Normalizer(cfg.data.normalize, device, cfg.data.image_size, False)
 
@@ -328,7 +329,6 @@ def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: 
 
 def backfill_tensorboard(chain: ChainRun, folder) -> None:
     """--resume --tensorboard on a run begun without it: a finished stage's epochs from its CSVs."""
-    from src.utils import tb as tensorboard
     tb_dir = chain.folder.tensorboard / folder.name
     if chain.cfg.logging.tensorboard and dist.is_main() and not tensorboard.has_events(tb_dir):
         writer = tensorboard.open_writer(tb_dir)
@@ -402,7 +402,6 @@ def stage_seconds(chain: ChainRun, stage, plan: StagePlan) -> tuple[float, float
 def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0) -> ChainClock:
     """Say before the first step how long the chain will take; on a CPU, when that is long, say
     that the preset is meant for a GPU and name the presets that fit a CPU."""
-    from src.distillation.clock import CPU_PRESETS, SLOW_ON_CPU_S, ChainClock, StageWork, duration
     work = []
     chain.write_bytes_per_s = write_speed(chain.folder.path) if todo and dist.is_main() else float("inf")
     for _, stage, plan in todo:

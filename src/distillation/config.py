@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from src.distillation.sweep import apply_guidance, expand_methods, expand_sweep
 from src.utils.errors import ConfigError
 
 
@@ -346,7 +347,6 @@ def _check_stages(stages: list) -> None:
 def from_dict(raw: dict) -> RunConfig:
     """The typed, checked config, with its sweep expanded into stages and dense guidance applied
     (src/distillation/sweep.py): the resolved chain is what a run saves and resumes."""
-    from src.distillation.sweep import apply_guidance, expand_methods, expand_sweep
     cfg = validate(_build(RunConfig, raw, ""))
     return validate(expand_methods(apply_guidance(expand_sweep(cfg))))
 

@@ -8,6 +8,7 @@ rounding, and a config never has to change with the number of GPUs.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -126,7 +127,6 @@ def broadcast(obj):
 
 def weights_checksum(model: torch.nn.Module) -> str:
     """A checksum of the model's parameters and buffers, to prove the ranks hold the same weights."""
-    import hashlib
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())

@@ -17,11 +17,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from src.distillation import distributed as dist
 from src.distillation.methods import KD, Method, Scratch
+from src.utils.checkpoint import rng_state, set_rng_state
 from src.utils.devices import GiB, synchronize
 from src.utils.errors import NonFiniteLossError
 from src.utils.logger import get_console, is_verbose
@@ -140,7 +143,6 @@ class Progress:
         self.bar = None
         self.lines = enabled and not sys.stdout.isatty()
         if enabled and not self.lines:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
         self.t0 = self.last = time.perf_counter()
 
@@ -249,14 +251,12 @@ class _StepUndo:
     (and other buffers), the random streams and the method's own state."""
 
     def __init__(self, model: nn.Module, method, n_preds: int):
-        from src.utils.checkpoint import rng_state
         self.model, self.method, self.n_preds = model, method, n_preds
         self.buffers = [b.detach().clone() for b in model.buffers()]
         self.rng, self.method_state = rng_state(), {k: v.clone() if torch.is_tensor(v) else v
                                                       for k, v in method.state_dict().items()}
 
     def restore(self, tally) -> None:
-        from src.utils.checkpoint import set_rng_state
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), self.buffers):
                 b.copy_(saved)
@@ -434,7 +434,6 @@ def evaluate(model: nn.Module, loader, precision: Precision, num_classes: int = 
 
 def in_dataset_order(index, *arrays) -> tuple:
     """(index, *arrays) sorted by the dataset index, each image once (its first occurrence)."""
-    import numpy as np
     index = np.asarray(index)
     _, first = np.unique(index, return_index=True)  # sorted by index, first occurrence of each
     return (index[first], *(np.asarray(a)[first] for a in arrays))

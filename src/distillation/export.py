@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors.torch import save
 from torch import nn
 
 from src.data.sources import MEANS
@@ -19,7 +20,6 @@ from src.utils.runfolder import StageFolder
 
 def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -> Path:
     """Write model.safetensors and model.json beside the stage's checkpoints."""
-    from safetensors.torch import save
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state, metadata={"model": stage.model, "num_classes": str(len(classes))})
     # through the atomic writer: a plain open(), so the file gets the user's umask (readable by the group

@@ -29,6 +29,7 @@ from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.methods import KD, Dense, Method, Scratch
 from src.distillation.recipe import make_optimizer
 from src.models import has_batchnorm
+from src.models import count_flops, shape_only
 from src.utils.devices import GiB, cuda_index, peak_reserved_bytes, reset_peak_reserved, synchronize
 from src.utils.errors import ConfigError
 from src.utils.logger import get_console
@@ -286,7 +287,6 @@ def _probe_cpu(plan, model_builder, teacher_builder, model_name, image_size, num
 def _forward_flops(model_builder, image_size: int, device: torch.device) -> int:
     """FLOPs of one image's forward pass: counted on the meta device (shapes only, no weights
     initialised), or on a real model where the meta device cannot run it."""
-    from src.models import count_flops, shape_only
     model = shape_only(model_builder)
     if model is not None:
         try:

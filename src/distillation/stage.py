@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+import pandas as pd
 import torch
+from timm.data import Mixup
 from torch import nn
 
 from src.distillation import distributed as dist
@@ -122,7 +125,6 @@ def _mixup(cfg, num_classes: int, label_smoothing: float):
     d = cfg.data
     if d.mixup <= 0 and d.cutmix <= 0:
         return None
-    from timm.data import Mixup
     return Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
 
 
@@ -210,8 +212,6 @@ def warn_memory_tight(stage_name: str, epoch: int, retries: int, budget_gb: floa
 
 def save_predictions(path: Path, test: dict, file_ids: Optional[list]) -> None:
     """Per test image: id, label, prediction, top-5 classes and the logits."""
-    import numpy as np
-    import pandas as pd
     logits = test["logits"]
     top5 = np.argsort(-logits, axis=1)[:, :5]
     df = pd.DataFrame({"file": file_ids if file_ids is not None and len(file_ids) == len(logits) else range(len(logits)),

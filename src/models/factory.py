@@ -15,6 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from src.models.families import family_of  # its import registers the TAKD paper's models with timm
 from src.utils.errors import CheckpointError, ConfigError
@@ -88,7 +89,7 @@ def _offline_hint(what: str, exc: Exception) -> ConfigError:
 
 def _create_hf(name: str, num_classes: int, image_size: Optional[int], patch_size: Optional[int],
                pretrained: bool, drop_path: float, model_kwargs: dict) -> nn.Module:
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTConfig, ViTForImageClassification  # transformers only for `hf:` models (seconds to import)
     hub_id = name[3:]
     extra = dict(model_kwargs)
     if image_size:
@@ -143,7 +144,7 @@ def create_model(name: str, num_classes: int, *, image_size: Optional[int] = Non
                  drop_path: float = 0.0, model_kwargs: Optional[dict] = None) -> nn.Module:
     """Build a classifier with `num_classes` outputs. Raises ConfigError for unknown names or
     weights that cannot be had (with the offline alternatives)."""
-    import timm
+    import timm  # timm takes about a second and registers every model: only when a model is built
     model_kwargs = dict(model_kwargs or {})
     family = family_of(name)
     if family.hugging_face:
@@ -191,7 +192,6 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, image_size: int, device: Optional[torch.device] = None) -> int:
     """Forward FLOPs for one image (torch.utils.flop_counter: a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()

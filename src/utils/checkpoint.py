@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from src.utils.errors import CheckpointError, UserError, write_failure
 from src.utils.signals import protected
@@ -108,7 +109,6 @@ def read_weights(path: str | os.PathLike) -> dict:
         export = path.parent / ck["weights"]
         if not export.is_file():
             raise CheckpointError(f"{path} keeps its weights in {export}, which is missing")
-        from safetensors.torch import load_file
         return load_file(str(export))
     return extract_state_dict(ck)
 

@@ -24,7 +24,7 @@ OTHERS_WARN_MIB = 256  # the CUDA context of this process itself takes a few hun
 
 def gpu_report() -> dict:
     """Per visible GPU: name, free / total MiB from the driver, and the processes holding memory."""
-    import torch
+    import torch  # clean.sh lists and removes runs without torch; only this report needs it
     if not torch.cuda.is_available():
         return {"cuda": False, "devices": []}
     out = {"cuda": True, "devices": []}

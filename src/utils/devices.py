@@ -11,6 +11,8 @@ live tensors.
 """
 from __future__ import annotations
 
+import gc
+import os
 from typing import Optional, Union
 
 import torch
@@ -125,7 +127,6 @@ def set_cpu_threads(device: torch.device, local_world_size: int = 1) -> Optional
     which a container or `taskset` limits), shared out between the ranks of this machine so that
     gloo runs do not oversubscribe them. An explicit OMP_NUM_THREADS wins. Returns the count set
     (None when nothing was changed)."""
-    import os
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
@@ -143,6 +144,5 @@ def freeze_import_heap() -> None:
     the collector's sight, so that every later full collection (cleanup_training_state between
     stages, after each figure) scans only what training allocated: about 0.3 s less per collection
     on a CPU, several per stage. Not for library callers: what they hold would never be collected."""
-    import gc
     gc.collect()
     gc.freeze()

@@ -3,6 +3,7 @@
 Entry points turn a UserError into a one-line message and exit code 2; anything
 else is a bug or an environment failure and keeps its traceback under --debug.
 """
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -25,7 +26,6 @@ def write_failure(path, reason: str, kept: str = "") -> str:
     """The one line for a file a run could not write: a folder deleted under the run (clean.sh or
     by hand) is said to be gone, with nothing to resume; anything else is a disk or permission
     problem the user can fix and then resume."""
-    from pathlib import Path
     folder = Path(path).parent
     if not folder.exists():
         return (f"could not write {path}: its folder {folder} was deleted while this run was writing into it "

@@ -51,7 +51,7 @@ class StageFolder:
 
     def state_dict(self) -> dict:
         """The stage's best-validation weights: from best.pt, or (a finished stage) from the export it names."""
-        from src.utils.checkpoint import read_weights
+        from src.utils.checkpoint import read_weights  # brings torch, which reading a run folder's files does not need
         return read_weights(self.best)
 
     @property

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 ALPHA = 0.05
@@ -94,7 +95,6 @@ def holm(p_values) -> list:
 def paired_correct(pred_a, pred_b) -> tuple[np.ndarray, np.ndarray]:
     """Correctness of two students on the same test images, joined on the file id; rows whose
     labels differ are refused (they are not the same image)."""
-    import pandas as pd
     merged = pd.merge(pred_a[["file", "y_true", "y_pred"]], pred_b[["file", "y_true", "y_pred"]], on="file",
                       suffixes=("_a", "_b"), validate="one_to_one")
     if len(merged) != len(pred_a) or len(merged) != len(pred_b):

@@ -8,7 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+import pandas as pd
+from PIL import Image
+
 from src.utils.errors import ConfigError
+from src.utils.logger import read_epoch_csv, terms_columns_of
 
 INSTALL = "python -m pip install tensorboard"
 
@@ -16,7 +21,7 @@ INSTALL = "python -m pip install tensorboard"
 def require_tensorboard():
     """SummaryWriter, or a one-line ConfigError naming the install command."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is optional: needed only with --tensorboard
     except ImportError:
         raise ConfigError(f"logging.tensorboard needs the tensorboard package: {INSTALL} "
                           f"(or run without --tensorboard)") from None
@@ -50,9 +55,7 @@ def has_events(folder: Path) -> bool:
 def backfill(writer, stage_folder, upto_epoch: Optional[int] = None) -> int:
     """Write the epochs a stage already logged to its CSVs (epoch_log, epoch_terms, schedule) into
     `writer`, as they would have been logged live; returns the number of epochs written."""
-    import pandas as pd
 
-    from src.utils.logger import read_epoch_csv, terms_columns_of
     rows = read_epoch_csv(stage_folder.epoch_log)
     terms = read_epoch_csv(stage_folder.terms, terms_columns_of(stage_folder.terms)) if stage_folder.terms.exists() else []
     steps = pd.read_csv(stage_folder.schedule) if stage_folder.schedule.exists() else None
@@ -71,8 +74,6 @@ def backfill(writer, stage_folder, upto_epoch: Optional[int] = None) -> int:
 
 def log_figures(folder: Path, figures: list) -> None:
     """The report's PNGs as images (one writer for the whole run)."""
-    import numpy as np
-    from PIL import Image
     writer = open_writer(folder)
     for png in figures:
         img = np.asarray(Image.open(png).convert("RGB"))

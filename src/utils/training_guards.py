@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 import types
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 if __package__ in (None, ""):  # run as a script: make `src` importable
-    import sys
-    from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from src.utils.devices import MiB, cuda_index, is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize

@@ -5,6 +5,7 @@ says what it is, and axes never zoom so far that a handful of test images looks 
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D
 
 DPI = 120
 METHOD_ORDER = {"scratch": 0, "kd": 1, "takd": 2, "dkd": 3, "dist": 4, "fitnet": 5, "at": 6, "dense": 7}
@@ -34,7 +36,6 @@ def _save(fig, path: Path) -> Path:
 
 def wrap_title(text: str, width: int) -> str:
     """A title over as many lines as it needs, so that it never runs off the figure."""
-    import textwrap
     return "\n".join(textwrap.wrap(text, width)) if text else ""
 
 
@@ -302,7 +303,6 @@ def method_comparison(table: pd.DataFrame, path: Path, root: str, title: str = "
     n_seeds = int(table["seeds"].max())
     what = f"95% t interval over {n_seeds} seeds (dots: seeds)" if n_seeds > 1 else "95% binomial interval (test-set size)"
     ax.set_title((wrap_title(title, 80) + "\n" if title else "") + f"bars: {what}", fontsize=8)
-    from matplotlib.lines import Line2D
     proxies = [Line2D([], [], ls="", marker="o", color="#555555", label="from the teacher")]
     proxies += [Line2D([], [], ls="", marker="s" if k == 0 else STYLES[(k + 1) % len(STYLES)][1], color="#555555",
                        mfc="white", label=f"via {v}") for k, v in enumerate(vias)]
@@ -313,7 +313,6 @@ def method_comparison(table: pd.DataFrame, path: Path, root: str, title: str = "
 
 def _wrap_name(name: str, width: int = 16) -> str:
     """A long stage name over several lines, broken after its underscores."""
-    import textwrap
     return "\n".join(textwrap.wrap(name.replace("_", "_ "), width)).replace("_ ", "_").replace(" ", "")
 
 
@@ -328,7 +327,6 @@ def _grouped(series: dict) -> list:
 
 def _names(names: list) -> str:
     """'a = b', or for many stages '5 stages: a, b, c, ...' wrapped to fit a legend."""
-    import textwrap
     text = " = ".join(names) if len(names) <= 2 else f"{len(names)} stages: " + ", ".join(names)
     return "\n".join(textwrap.wrap(text, 70))
 

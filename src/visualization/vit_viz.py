@@ -88,7 +88,7 @@ def save_attention_maps(model: nn.Module, images: torch.Tensor, raw_images: torc
     """
     import matplotlib  # heavy at start-up: imported when a figure is drawn, not with the module
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # with matplotlib above
     n = min(MAX_IMAGES, images.shape[0])
     maps, names = _cls_maps(model, images[:n], max(1, min(MAX_HEADS, heads)), rollout)
     fig = _attention_grid(plt, raw_images[:n].permute(0, 2, 3, 1).cpu().numpy(), maps, names)

@@ -42,10 +42,13 @@ Built in (more in this package, one file each, found by name: dkd, dist, fitnet,
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -54,6 +57,7 @@ from torch import nn
 
 from src.distillation.losses import kd_term, task_ce
 from src.utils.errors import ConfigError
+from src.utils.training_guards import freeze_teacher
 
 METHODS: dict = {}
 
@@ -457,8 +461,6 @@ def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0,
 def method_source(stage) -> dict:
     """Where the stage's method comes from: its spec, source file and that file's SHA-256 (a method
     file outside the repository is in no git commit: the hash is what ties a run to its code)."""
-    import hashlib
-    import inspect
     spec = method_name(stage)
     cls = resolve(spec)
     try:
@@ -475,7 +477,6 @@ def check_methods(cfg, num_classes: int = 10, build_model=None) -> dict:
     method that reads features, on two random images through the stage's real student and teachers
     (`build_model(stage)`, untrained). A typo or a missing import in a method file is found now,
     not when its stage starts hours later. Returns {stage: method_source(stage)}."""
-    import traceback
     sources = {}
     for stage in cfg.stages:
         spec = method_name(stage)
@@ -516,7 +517,6 @@ def _try_on_logits(cfg, stage, num_classes: int) -> None:
 
 
 def _try_on_images(cfg, stage, num_classes: int, build_model) -> None:
-    from src.utils.training_guards import freeze_teacher
     student = build_model(stage)
     teachers = [freeze_teacher(build_model(cfg.stage(n)), verbose=False) for n in stage.teachers]
     method = build_method(cfg, stage, teachers, student=student)
@@ -527,7 +527,6 @@ def _try_on_images(cfg, stage, num_classes: int, build_model) -> None:
     class _Eager:  # the step's precision on a CPU: no autocast
         @staticmethod
         def autocast():
-            import contextlib
             return contextlib.nullcontext()
     method.begin_epoch(1, 1)
     method.begin_batch()
