@@ -79,3 +79,17 @@ def test_the_checks_see_an_upward_import(tmp_path):
     """The layer map does put the CLI above the ground: an import from src.utils of the CLI would be caught."""
     assert layer_of("src.utils.errors") > layer_of("src.distillation.cli")
     assert layer_of("src.utils.runfolder") < layer_of("src.utils.errors")  # the most specific entry wins
+
+
+def test_an_import_inside_a_function_says_why():
+    """Imports sit at the top of a file; one inside a function (an optional package, a slow import
+    only some paths need) carries a comment on its line or the line above saying why."""
+    silent = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        lines = path.read_text().split("\n")
+        functions = [f for f in ast.walk(ast.parse("\n".join(lines))) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for node in {n for f in functions for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}:
+            here, above = lines[node.lineno - 1], lines[node.lineno - 2].strip()
+            if "#" not in here and not above.startswith("#") and not above.startswith(("import ", "from ")):
+                silent.append(f"{path.relative_to(ROOT)}:{node.lineno}: {here.strip()}")
+    assert not silent, "\n".join(sorted(silent))
