@@ -258,12 +258,12 @@ def preflight(cfg: RunConfig, num_classes: int) -> None:
             del model
 
 
-def load_teacher(cfg: RunConfig, run_dir: Path, name: str, num_classes: int, device: torch.device,
+def load_teacher(cfg: RunConfig, folder: RunFolder, name: str, num_classes: int, device: torch.device,
                  compile_model: bool = False):
     """The frozen best-validation checkpoint of stage `name`, prepared as the student's steps use it."""
     tstage = cfg.stage(name)
     model = build_stage_model(cfg, replace(tstage, pretrained=False, pretrained_file=None), num_classes)
-    load_weights(model, RunFolder(run_dir).stage(name).best, f"teacher {name}")
+    load_weights(model, folder.stage(name).best, f"teacher {name}")
     return prepare_teacher(model, device, Precision.choose(device, cfg.train.amp, cfg.train.amp_dtype),
                            use_channels_last(cfg, tstage, device), compile_model=compile_model, verbose=is_verbose())
 
@@ -294,16 +294,16 @@ class ChainRun:
     write_bytes_per_s: float = float("inf")       # measured before the estimate (write_speed)
 
 
-def run_chain(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
+def run_chain(cfg: RunConfig, run: RunFolder | Path, *, resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False, later_seeds: int = 0) -> pd.DataFrame:
-    """Run every stage of `cfg` into `run_dir`; finished stages are skipped on resume.
+    """Run every stage of `cfg` into the run folder `run` (or its path); finished stages are skipped on resume.
 
     Every stage still to run is planned first, and the time the chain will take (this run and
     `later_seeds` more of it) is said before the first step. Besides the stage folders it writes
     timings.json: wall-clock seconds of the whole chain split into data, planning, compile,
     training, evaluation and the rest."""
     t_start = time.perf_counter()
-    chain = start_chain(cfg, Path(run_dir), resume)
+    chain = start_chain(cfg, RunFolder.of(run), resume)
     try:
         todo = []
         for idx, stage in enumerate(cfg.stages):
@@ -425,15 +425,15 @@ def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0) -> Chai
     return clock
 
 
-def start_chain(cfg: RunConfig, run_dir: Path, resume: bool) -> ChainRun:
+def start_chain(cfg: RunConfig, folder: RunFolder, resume: bool) -> ChainRun:
     """Device, threads, seeds and memory cap; the data; the preflight checks; then (only once the
     inputs are known to be good: a typo leaves no half-made run folder) the run's own files."""
     ds = dist.state()
     methods = check_stages(cfg)  # a bad model name, stem or method is found before any data is decoded
     if resume:
-        check_method_sources(RunFolder(run_dir), methods)
+        check_method_sources(folder, methods)
     if ds.is_main:
-        check_writable(run_dir)
+        check_writable(folder.path)
     device = resolve_device(cfg.train.device, ds.local_rank if ds.enabled and cfg.train.device != "cpu" else None)
     threads = set_cpu_threads(device, int(os.environ.get("LOCAL_WORLD_SIZE", ds.world_size if ds.enabled else 1)))
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
@@ -442,7 +442,7 @@ def start_chain(cfg: RunConfig, run_dir: Path, resume: bool) -> ChainRun:
         dist.barrier()  # rank 0 checks, decodes and caches first; the others read its caches
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)
-    chain = ChainRun(cfg, RunFolder(run_dir), device, data, resume, {"data": time.perf_counter() - t0, "planning": 0.0},
+    chain = ChainRun(cfg, folder, device, data, resume, {"data": time.perf_counter() - t0, "planning": 0.0},
                      methods=methods)
     preflight(cfg, data.num_classes)
     if ds.is_main:
@@ -516,7 +516,7 @@ def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: boo
     cfg, data, device, ds = chain.cfg, chain.data, chain.device, dist.state()
     teacher_note = f" <- {' + '.join(stage.teachers)}" if stage.teachers else ""
     log.info(f"\n━━ Stage {idx + 1}/{len(cfg.stages)}: {stage.name} ({stage.model}){teacher_note}  {_plan_line(plan)}")
-    teachers = [load_teacher(cfg, chain.folder.path, n, data.num_classes, device, compile_model=plan.compile)
+    teachers = [load_teacher(cfg, chain.folder, n, data.num_classes, device, compile_model=plan.compile)
                 for n in stage.teachers]
     loaders = build_loaders(data, plan.batch_size, device, cfg.data, use_channels_last(cfg, stage, device),
                             seed=stage_seeds(cfg, stage)["data"], rank=ds.rank, world_size=ds.world_size)

@@ -280,11 +280,11 @@ def train(session: Session) -> None:
     if session.seeds:
         for i, s in enumerate(session.seeds):
             session.log.info(f"\n════ seed {s} ════")
-            rd = folder.seed_folder(s).path
-            run_chain(replace(cfg, seed=s), rd, resume=resume and rd.exists(), progress=progress, should_stop=stop,
-                      later_seeds=len(session.seeds) - 1 - i)
+            seed_folder = folder.seed_folder(s)
+            run_chain(replace(cfg, seed=s), seed_folder, resume=resume and seed_folder.path.exists(), progress=progress,
+                      should_stop=stop, later_seeds=len(session.seeds) - 1 - i)
     else:
-        run_chain(cfg, out, resume=resume, progress=progress, should_stop=stop)
+        run_chain(cfg, folder, resume=resume, progress=progress, should_stop=stop)
     if session.ds.is_main:
         _report(out, session.log, tensorboard=cfg.logging.tensorboard)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0

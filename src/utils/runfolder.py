@@ -103,6 +103,11 @@ class RunFolder:
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
 
+    @classmethod
+    def of(cls, where) -> "RunFolder":
+        """The folder itself, or the folder at a path."""
+        return where if isinstance(where, RunFolder) else cls(where)
+
     config_path, seeds_file, summary_csv = _file(CONFIG), _file(SEEDS), _file(SUMMARY)
     figures, tensorboard = _file(FIGURES), _file(TENSORBOARD)
 
