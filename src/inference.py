@@ -27,7 +27,7 @@ from src.data.sources import MEANS
 from src.distillation.config import load_config
 from src.distillation.stage import build_stage_model, load_weights
 from src.utils.errors import CheckpointError
-from src.utils.runfolder import RunFolder
+from src.utils.runfolder import RunFolder, StageFolder
 
 
 @dataclass
@@ -58,7 +58,7 @@ def final_student(cfg) -> str:
     return students[-1] if students else names[-1]
 
 
-def load_model(run_dir, stage: Optional[str] = None, device="cpu", checkpoint: str = "best.pt") -> LoadedModel:
+def load_model(run_dir, stage: Optional[str] = None, device="cpu", checkpoint: str = StageFolder.BEST) -> LoadedModel:
     """The stage's model of a finished (or interrupted) run, with its best-validation weights, in
     eval mode; `stage` defaults to the chain's final student (final_student). `finished` says
     whether the stage completed its training (an interrupted one's best.pt is part-way)."""
