@@ -93,3 +93,13 @@ def test_an_import_inside_a_function_says_why():
             if "#" not in here and not above.startswith("#") and not above.startswith(("import ", "from ")):
                 silent.append(f"{path.relative_to(ROOT)}:{node.lineno}: {here.strip()}")
     assert not silent, "\n".join(sorted(silent))
+
+
+def test_no_function_in_src_is_over_60_lines():
+    """A long function reads as named phases instead: each phase its own function."""
+    long = []
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "\n".join(long)
