@@ -75,18 +75,18 @@ DEMO_NOTE = ("> **Pipeline check, not a result.** This run uses a demo preset (s
              "how well distillation works. For research numbers use the CIFAR presets (see the README).")
 
 
-def seed_runs(run: Path) -> list[tuple[int, Path]]:
+def seed_runs(run: RunFolder | Path) -> list[tuple[int, RunFolder]]:
     """[(seed, run folder)] of the finished seeds of a --seeds run, or [(seed, run)] for a single run."""
-    folder = RunFolder(run)
+    folder = RunFolder.of(run)
     if folder.is_multi_seed:
-        return [(s, r.path) for s, r in folder.seed_runs(finished_only=True)]
+        return list(folder.seed_runs(finished_only=True))
     if folder.finished:
-        return [(folder.config().seed, folder.path)]
+        return [(folder.config().seed, folder)]
     if folder.is_run:  # started, not finished: say how to finish it
         chain = "vit" if any(is_vit(s.model) for s in folder.config().stages) else "cnn"
-        raise FileNotFoundError(f"{run} is not finished (no summary.csv yet): finish it with "
-                                f"bash {chain}_distillation/train_{chain}.sh --resume {run}, then build the report")
-    raise FileNotFoundError(f"{run}: no summary.csv (and no seeds.json): not a finished run folder")
+        raise FileNotFoundError(f"{folder.path} is not finished (no summary.csv yet): finish it with "
+                                f"bash {chain}_distillation/train_{chain}.sh --resume {folder.path}, then build the report")
+    raise FileNotFoundError(f"{folder.path}: no summary.csv (and no seeds.json): not a finished run folder")
 
 
 def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
@@ -96,8 +96,8 @@ def fmt(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def _correct(run_dir: Path, stage: str) -> np.ndarray | None:
-    path = RunFolder(run_dir).stage(stage).predictions
+def _correct(folder: RunFolder, stage: str) -> np.ndarray | None:
+    path = folder.stage(stage).predictions
     if not path.exists():
         return None
     df = pd.read_csv(path, usecols=["y_true", "y_pred"])
@@ -129,7 +129,7 @@ def sanity(rows: pd.DataFrame) -> dict:
         reasons = []
         teaching = {t for ts in sub["teacher"].fillna("") for t in str(ts).split("+") if t}
         for stage, st in sub.groupby("stage", sort=False):
-            folder = RunFolder(st.iloc[0]["run_dir"])
+            folder = st.iloc[0]["folder"]
             classes = len(folder.classes() or []) or 10
             acc = float(st["test_accuracy"].mean())
             if stage in teaching and acc < _chance_bar(classes):
@@ -137,7 +137,7 @@ def sanity(rows: pd.DataFrame) -> dict:
                                f"({100 / classes:.0f}%)")
             shares = []
             for _, r in st.iterrows():
-                path = RunFolder(r["run_dir"]).stage(stage).predictions
+                path = r["folder"].stage(stage).predictions
                 if path.exists():
                     shares.append(float(pd.read_csv(path, usecols=["y_pred"])["y_pred"].value_counts(normalize=True).iloc[0]))
             if shares and max(shares) >= ONE_CLASS_SHARE:
@@ -183,19 +183,21 @@ def _still_rising(stage) -> str:
     return f"+{100 * rise:.1f} points over its last {k} of {len(val)} epochs" if rise > RISING_POINTS else ""
 
 
-def collect(runs: list[Path]) -> pd.DataFrame:
+def collect(runs: list) -> pd.DataFrame:
+    """One row per stage and seed of every run (RunFolder or path), with its folder (`folder`:
+    the RunFolder every later reader takes its files from; `run_dir`: its path, for the tables)."""
     frames = []
     labels = {}
-    for run in runs:
+    for run in map(RunFolder.of, runs):
         pairs = seed_runs(run)
-        cfg = RunFolder(pairs[0][1]).config()
-        label = cfg.name if cfg.name not in labels.values() else f"{cfg.name} ({run.name})"
-        labels[run] = label
-        for seed, path in pairs:
-            folder = RunFolder(path)
+        cfg = pairs[0][1].config()
+        label = cfg.name if cfg.name not in labels.values() else f"{cfg.name} ({run.path.name})"
+        labels[run.path] = label
+        for seed, folder in pairs:
             df = with_stream_and_recipe(pd.read_csv(folder.summary_csv), folder)
             env = folder.env()
-            df["seed"], df["run"], df["run_dir"] = seed, label, str(path.resolve())
+            df["seed"], df["run"], df["run_dir"] = seed, label, str(folder.path.resolve())
+            df["folder"] = [folder] * len(df)
             df["device"], df["demo"] = str(env.get("device", "")), is_demo(cfg)
             df["dataset"] = dataset_label(cfg.data)
             frames.append(df)
@@ -277,7 +279,7 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
             _, lo, hi = t_interval(accs)
             lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy stays in [0, 1]
         else:
-            correct = _correct(sub.iloc[0]["run_dir"], r["stage"])
+            correct = _correct(sub.iloc[0]["folder"], r["stage"])
             n = len(correct) if correct is not None else 0
             lo, hi = wilson_interval(int(round(accs[0] * n)), n) if n else (accs[0], accs[0])
         lows.append(lo)
@@ -298,8 +300,7 @@ def differences(rows: pd.DataFrame) -> pd.DataFrame:
                 stages = set(ss["stage"])
                 if a not in stages or b not in stages:
                     continue
-                run_dir = RunFolder(ss.iloc[0]["run_dir"])
-                files = [run_dir.stage(st).predictions for st in (a, b)]
+                files = [ss.iloc[0]["folder"].stage(st).predictions for st in (a, b)]
                 if not all(f.exists() for f in files):
                     continue
                 # the same images, joined on the file id (rows of another image or label are refused)
@@ -371,8 +372,8 @@ def _table_md(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _stage_logs(run_dir: Path, stage: str) -> pd.DataFrame | None:
-    folder = RunFolder(run_dir).stage(stage)
+def _stage_logs(run: RunFolder, stage: str) -> pd.DataFrame | None:
+    folder = run.stage(stage)
     logs = read_epoch_csv(folder.epoch_log)
     if not logs:
         return None
@@ -384,10 +385,10 @@ def _stage_logs(run_dir: Path, stage: str) -> pd.DataFrame | None:
     return df
 
 
-def _logged_schedule(run_dir: Path, stage: str):
+def _logged_schedule(run: RunFolder, stage: str):
     """(LR per optimizer step indexed by fractional epoch, alpha per epoch) as the run applied and
     logged them (schedule.csv), or None for a run from before that file."""
-    path = RunFolder(run_dir).stage(stage).schedule
+    path = run.stage(stage).schedule
     if not path.exists():
         return None
     df = pd.read_csv(path)
@@ -442,9 +443,8 @@ def _run_figures(run: str, sub: pd.DataFrame, fig_dir: Path, title: str) -> list
     first seed's folder)."""
     made = []
     safe = "".join(ch if ch.isalnum() else "_" for ch in run)
-    first_dir, first_seed = Path(sub.iloc[0]["run_dir"]), sub.iloc[0]["seed"]
-    folder = RunFolder(first_dir)
-    curves, lr, alpha = _curves_and_schedules(sub, first_dir, first_seed)
+    folder, first_seed = sub.iloc[0]["folder"], sub.iloc[0]["seed"]
+    curves, lr, alpha = _curves_and_schedules(sub, folder, first_seed)
     if curves:
         n_classes = len(folder.classes() or [])
         made.append(plots.training_curves(curves, fig_dir / RunFolder.FIG_CURVES.format(run=safe), n_classes, title=title))
@@ -470,15 +470,15 @@ def _run_figures(run: str, sub: pd.DataFrame, fig_dir: Path, title: str) -> list
     return made
 
 
-def _curves_and_schedules(sub: pd.DataFrame, first_dir: Path, first_seed) -> tuple[dict, dict, dict]:
+def _curves_and_schedules(sub: pd.DataFrame, first: RunFolder, first_seed) -> tuple[dict, dict, dict]:
     """Per stage its epoch logs over seeds ({"stage (model)": frame}) and its LR and alpha per
     step (logged, or recomputed from the config for a run from before schedule.csv)."""
     curves, lr, alpha = {}, {}, {}
-    cfg = RunFolder(first_dir).config()
+    cfg = first.config()
     for stage in sub["stage"].unique():
         parts = []
         for _, r in sub[sub["stage"] == stage].iterrows():
-            df = _stage_logs(Path(r["run_dir"]), stage)
+            df = _stage_logs(r["folder"], stage)
             if df is not None:
                 parts.append(df.assign(seed=r["seed"]))
         if not parts:
@@ -486,12 +486,12 @@ def _curves_and_schedules(sub: pd.DataFrame, first_dir: Path, first_seed) -> tup
         df = pd.concat(parts)
         srow = sub[sub["stage"] == stage].iloc[0]
         curves[f"{stage} ({srow['model']})"] = df
-        logged = _logged_schedule(first_dir, stage)
+        logged = _logged_schedule(first, stage)
         if logged is not None:
             lr[stage], alpha[stage] = logged
         else:
-            first = df[df["seed"] == first_seed].set_index("epoch")
-            lr[stage], alpha[stage] = _recomputed_schedule(cfg, cfg.stage(stage), float(srow["lr"]), first)
+            first_log = df[df["seed"] == first_seed].set_index("epoch")
+            lr[stage], alpha[stage] = _recomputed_schedule(cfg, cfg.stage(stage), float(srow["lr"]), first_log)
     return curves, lr, alpha
 
 
@@ -611,9 +611,11 @@ def _sweep_md(answers: list) -> list:
     return lines
 
 
-def write_report(runs: list[Path], out: Path | None = None) -> Path:
-    runs = [Path(r).resolve() for r in runs]
-    out = Path(out) if out else (runs[0] if len(runs) == 1 else Path("report"))
+def write_report(runs: list, out: Path | None = None) -> Path:
+    """report.md, its tables and figures for finished run folders (RunFolder or path), in `out`
+    (default: the one run's folder, or ./report for several)."""
+    runs = [RunFolder(RunFolder.of(r).path.resolve()) for r in runs]
+    out = Path(out) if out else (runs[0].path if len(runs) == 1 else Path("report"))
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(runs)
     table = aggregate(rows)
@@ -634,7 +636,7 @@ def write_report(runs: list[Path], out: Path | None = None) -> Path:
         lines += [f"> **{run}: not interpretable.** Its comparisons say nothing about distillation, whatever "
                   f"their p-values: " + "; ".join(reasons) + ". Train longer (or fix the recipe) before "
                   "reading any verdict below.", ""]
-    lines += [f"Runs: {', '.join(str(r) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
+    lines += [f"Runs: {', '.join(str(r.path) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
               "## Results per model and method", "",
               "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "
               "95% t interval over seeds (one seed: the binomial interval of the test set). img/s is over the whole "

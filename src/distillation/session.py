@@ -286,7 +286,7 @@ def train(session: Session) -> None:
     else:
         run_chain(cfg, folder, resume=resume, progress=progress, should_stop=stop)
     if session.ds.is_main:
-        _report(out, session.log, tensorboard=cfg.logging.tensorboard)
+        _report(folder, session.log, tensorboard=cfg.logging.tensorboard)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage its weights once, "
                      f"in model.safetensors, plus logs and the report)")
@@ -340,15 +340,14 @@ def _remove_if_unused(out: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _report(out: Path, log, tensorboard: bool = False) -> None:
+def _report(folder: RunFolder, log, tensorboard: bool = False) -> None:
     try:
-        path = report.write_report([out])
+        path = report.write_report([folder])
         if tensorboard:
-            folder = RunFolder(out)
             log_figures(folder.tensorboard, sorted(folder.figures.glob("*.png")))
     except Exception as exc:  # the results are on disk already; a figure problem must not fail the run
         if isinstance(exc, StopRequested):
             raise
-        log.warning(f"⚠️  report not written ({type(exc).__name__}: {exc}); rebuild it with: python -m src.report {out}")
+        log.warning(f"⚠️  report not written ({type(exc).__name__}: {exc}); rebuild it with: python -m src.report {folder.path}")
         return
     log.info(f"Report: {path}")
