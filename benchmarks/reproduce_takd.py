@@ -33,7 +33,10 @@ import yaml  # noqa: E402
 
 from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable, paired_correct, published,  # noqa: E402
                                     summarise)
+from src.distillation.chain import check_stages  # noqa: E402
 from src.distillation.config import apply_override, from_dict  # noqa: E402
+from src.distillation.methods import available  # noqa: E402
+from src.report import write_report  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
 from src.utils.runfolder import RunFolder  # noqa: E402
 from src.utils.stats import mcnemar_exact, t_interval  # noqa: E402
@@ -368,6 +371,17 @@ def _stops(summary: pd.DataFrame, stage: str) -> str:
     return f"all {int(r['epochs'])} (best {int(r['best_epoch'])})"
 
 
+def paired_per_seed(seeds: list, a_stage: str, b_stage: str) -> tuple[list, list]:
+    """Per seed (of [(seed, run folder)]): accuracy(A) - accuracy(B) in points on the same test
+    images, and the exact McNemar p-value."""
+    diffs, ps = [], []
+    for _, d in seeds:
+        ca, cb = paired_correct(*(pd.read_csv(RunFolder(d).stage(st).predictions) for st in (a_stage, b_stage)))
+        diffs.append(100 * (ca.mean() - cb.mean()))
+        ps.append(mcnemar_exact(ca, cb)["p_value"])
+    return diffs, ps
+
+
 def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """Rows of the tables (ours next to the paper's) and the paired comparisons, from the run folders."""
     rows, comparisons, context = [], [], []
@@ -390,7 +404,6 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
                 continue
             summaries = {s: pd.read_csv(RunFolder(d).summary_csv).set_index("stage") for s, d in seeds}
             acc = {s: summ["test_accuracy"] * 100 for s, summ in summaries.items()}
-            preds = lambda d, stage: pd.read_csv(RunFolder(d).stage(stage).predictions)  # noqa: E731
             entries = [("NOKD", "student_scratch", None), ("BLKD", "student_kd", None)]
             entries += [("TAKD" if a == t1 else f"TAKD, assistant {a}", student_stage(family, a), a) for a in assistants]
             for table in args.tables:
@@ -412,11 +425,7 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
                       a) for a in assistants if "assistants" in args.tables or a == t1]
             pairs.append(("BLKD - NOKD", "student_kd", "student_scratch", None))
             for name, a_stage, b_stage, assistant in pairs:
-                diffs, ps = [], []
-                for s, d in seeds:
-                    ca, cb = paired_correct(preds(d, a_stage), preds(d, b_stage))
-                    diffs.append(100 * (ca.mean() - cb.mean()))
-                    ps.append(mcnemar_exact(ca, cb)["p_value"])
+                diffs, ps = paired_per_seed(seeds, a_stage, b_stage)
                 pa = published(family, dataset, "TAKD" if assistant else "BLKD", assistant)
                 pb = published(family, dataset, "BLKD" if assistant else "NOKD")
                 gap = None if pa is None or pb is None else round(pa - pb, 2)
@@ -438,7 +447,6 @@ def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
                 continue
             _, assistants, _ = group_models(family, args.tables)
             summaries = {s: pd.read_csv(RunFolder(d).summary_csv).set_index("stage") for s, d in seeds}
-            preds = lambda d, stage: pd.read_csv(RunFolder(d).stage(stage).predictions)  # noqa: E731
             for m in ["kd", *args.methods]:
                 direct = "student_kd" if m == "kd" else method_stage(m)
                 paths = [(direct, "teacher")] + [(student_stage(family, a) if m == "kd" else method_stage(m, a), a)
@@ -453,11 +461,7 @@ def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
                 if m != "kd":
                     pairs.append((f"{m.upper()} direct - KD direct", direct, "student_kd"))
                 for name, a_stage, b_stage in pairs:
-                    diffs, ps = [], []
-                    for s, d in seeds:
-                        ca, cb = paired_correct(preds(d, a_stage), preds(d, b_stage))
-                        diffs.append(100 * (ca.mean() - cb.mean()))
-                        ps.append(mcnemar_exact(ca, cb)["p_value"])
+                    diffs, ps = paired_per_seed(seeds, a_stage, b_stage)
                     comparisons.append((family, dataset, Comparison(name, diffs, ps, None)))
     summaries = summarise([c for _, _, c in comparisons])
     tests = pd.DataFrame([{"family": f, "dataset": d, **s} for (f, d, _), s in zip(comparisons, summaries)])
@@ -467,7 +471,6 @@ def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
 def methods_reports(args) -> list:
     """The toolkit's own report over the seeds of every students run with --methods (its figures:
     accuracy per method, direct and via the assistant); returns the report paths."""
-    from src.report import write_report
     out = []
     for dataset in args.datasets:
         for family in args.families:
@@ -540,6 +543,14 @@ def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall
     return "\n".join(lines) + "\n"
 
 
+def _write_tests(tests: pd.DataFrame, path: Path) -> None:
+    """The comparisons as CSV, per-seed lists joined with ';' (nothing when there are none)."""
+    if tests.empty:
+        return
+    flat = tests.assign(**{c: tests[c].map(lambda v: ";".join(f"{float(x):.4g}" for x in v)) for c in ("diffs", "p", "p_holm")})
+    flat.to_csv(path, index=False, float_format="%.4g")
+
+
 def write_results(args, wall_s: float) -> list:
     """The tables (CSV, the tests' CSV, markdown) at every path asked for; returns the markdown paths."""
     table, tests, context = collect(args)
@@ -549,16 +560,10 @@ def write_results(args, wall_s: float) -> list:
     for results in args.results:
         results.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(results, index=False, float_format="%.4f")
-        if not tests.empty:
-            flat = tests.assign(**{c: tests[c].map(lambda v: ";".join(f"{float(x):.4g}" for x in v))
-                                   for c in ("diffs", "p", "p_holm")})
-            flat.to_csv(results.with_name(results.stem + "_tests.csv"), index=False, float_format="%.4g")
+        _write_tests(tests, results.with_name(results.stem + "_tests.csv"))
         if not m_table.empty:
             m_table.to_csv(results.with_name(results.stem + "_methods.csv"), index=False, float_format="%.4f")
-        if not m_tests.empty:
-            flat = m_tests.assign(**{c: m_tests[c].map(lambda v: ";".join(f"{float(x):.4g}" for x in v))
-                                     for c in ("diffs", "p", "p_holm")})
-            flat.to_csv(results.with_name(results.stem + "_methods_tests.csv"), index=False, float_format="%.4g")
+        _write_tests(m_tests, results.with_name(results.stem + "_methods_tests.csv"))
         md = results.with_suffix(".md")
         md.write_text(markdown(table, tests, context, args, wall_s) + "\n".join(["", *methods_markdown(m_table, m_tests, args, reports)]))
         written.append(md)
@@ -667,7 +672,6 @@ def check_args(args):
 
 
 def check_method_names(names: list) -> list:
-    from src.distillation.methods import available
     known = [m for m in available() if m not in ("kd", "scratch", "dense")]
     bad = [m for m in names if m not in known]
     if bad:
@@ -681,7 +685,6 @@ def check_method_names(names: list) -> list:
 def check_methods_before_training(runs) -> None:
     """Every method of every run built and run once on its real (untrained) models before the
     teacher trains: a method that cannot work on these models is refused now, not hours later."""
-    from src.distillation.chain import check_stages
     for label, raw, _, _ in runs:
         if any(st.get("method") for st in raw["stages"]):
             try:

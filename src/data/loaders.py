@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from src.data.sources import MEANS, DatasetSplits, Split, open_rgb
-from src.utils.reproducibility import epoch_seed
-from src.utils.reproducibility import seed_worker
+from src.utils.reproducibility import epoch_seed, seed_worker
 
 
 def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator, device: torch.device) -> tuple:

@@ -264,7 +264,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def _check_choices(cfg: RunConfig) -> None:
     """Every key with a fixed set of values (data sources: the registry's)."""
-    from src.data.sources import source_names  # the registry; here, so that reading a config needs no torch
+    from src.data.sources import source_names  # the registry (torch): here, so that importing this module needs none
     for (section, key), choices in [*_CHOICES.items(), (("data", "source"), source_names())]:
         objs = cfg.stages if section == "stage" else [cfg] if section == "run" else [getattr(cfg, section)]
         for obj in objs:

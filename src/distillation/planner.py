@@ -28,8 +28,7 @@ import torch
 from src.distillation.engine import Precision, prepare_teacher
 from src.distillation.methods import KD, Dense, Method, Scratch
 from src.distillation.recipe import make_optimizer
-from src.models import has_batchnorm
-from src.models import count_flops, shape_only
+from src.models import count_flops, has_batchnorm, shape_only
 from src.utils.devices import GiB, cuda_index, peak_reserved_bytes, reset_peak_reserved, synchronize
 from src.utils.errors import ConfigError
 from src.utils.logger import get_console

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
+import timm
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -144,7 +145,6 @@ def create_model(name: str, num_classes: int, *, image_size: Optional[int] = Non
                  drop_path: float = 0.0, model_kwargs: Optional[dict] = None) -> nn.Module:
     """Build a classifier with `num_classes` outputs. Raises ConfigError for unknown names or
     weights that cannot be had (with the offline alternatives)."""
-    import timm  # timm takes about a second and registers every model: only when a model is built
     model_kwargs = dict(model_kwargs or {})
     family = family_of(name)
     if family.hugging_face:

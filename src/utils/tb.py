@@ -55,7 +55,6 @@ def has_events(folder: Path) -> bool:
 def backfill(writer, stage_folder, upto_epoch: Optional[int] = None) -> int:
     """Write the epochs a stage already logged to its CSVs (epoch_log, epoch_terms, schedule) into
     `writer`, as they would have been logged live; returns the number of epochs written."""
-
     rows = read_epoch_csv(stage_folder.epoch_log)
     terms = read_epoch_csv(stage_folder.terms, terms_columns_of(stage_folder.terms)) if stage_folder.terms.exists() else []
     steps = pd.read_csv(stage_folder.schedule) if stage_folder.schedule.exists() else None

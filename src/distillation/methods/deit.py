@@ -31,8 +31,7 @@ from src.utils.errors import ConfigError
 DEFAULTS = {"hard": {"alpha": 0.5, "tau": 1.0}, "soft": {"alpha": 0.1, "tau": 3.0}}
 
 
-def deit_terms(cls_logits: torch.Tensor, dist_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               variant: str, tau: float) -> torch.Tensor:
+def deit_term(dist_logits: torch.Tensor, teacher_logits: torch.Tensor, variant: str, tau: float) -> torch.Tensor:
     """The distillation head's term: CE to the teacher's argmax (hard) or tau^2 KL at tau (soft)."""
     if variant == "hard":
         return F.cross_entropy(dist_logits, teacher_logits.argmax(1))
@@ -76,7 +75,7 @@ class DeiT(Method):
         ce = task_ce(cls_logits, targets, self.label_smoothing)
         if not teacher_logits:
             return {"loss": ce, "ce": ce}
-        kd = deit_terms(cls_logits, dist_logits, teacher_logits[0].float(), self.variant, self.tau)
+        kd = deit_term(dist_logits, teacher_logits[0].float(), self.variant, self.tau)
         ce_w, kd_w = self.weights()
         return {"loss": ce_w * ce + kd_w * kd, "ce": ce, "kd": kd}
 
