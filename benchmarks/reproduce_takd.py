@@ -101,7 +101,8 @@ PROTOCOL = f"""Protocol (the same for every row, fixed before any run; sources i
     report. Over seeds, the mean difference with a Student-t interval at Bonferroni's level
     1 - 0.05 / m (m: the comparisons of the report), so that all of them hold together at 95%;
     the verdicts read these corrected intervals (Holm corrects tests, not intervals, and a verdict
-    also asks whether the interval holds the paper's gap). A run of another length than the
+    also asks whether the interval holds the paper's gap); the same difference on every seed
+    gives no interval and reads undecided. A run of another length than the
     paper's gets no verdict against the paper: "not comparable" and its own significance."""
 
 
@@ -510,7 +511,7 @@ def methods_markdown(table: pd.DataFrame, tests: pd.DataFrame, args, reports=())
 def _interval(mean, lo, hi) -> str:
     if pd.isna(mean):
         return "-"
-    return f"{mean:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else " (one seed)")
+    return f"{mean:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) else " (no interval)")
 
 
 def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall_s: float) -> str:

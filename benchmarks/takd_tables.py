@@ -61,7 +61,7 @@ def verdict(paper_gap: Optional[float], lo: float, hi: float) -> str:
     - reversed: it excludes 0 on the other side;
     - not reproduced: it holds 0 but not the paper's gap;
     - within noise: it holds both 0 and the paper's gap (too wide to tell);
-    - undecided: no interval (one seed).
+    - undecided: no interval (one seed, or the same difference on every seed: no spread).
     A published gap of exactly 0: "differs from a published 0" or "consistent with a published 0".
     No published gap: only whether ours is significant."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -90,7 +90,8 @@ VERDICT_WORDS = {
     "reversed": "reversed: our interval excludes 0 on the other side from the paper",
     "not reproduced": "not reproduced: our interval holds 0 but not the paper's gap",
     "within noise": "within noise: our interval holds both 0 and the paper's gap",
-    "undecided": "undecided: one seed gives no interval",
+    "undecided": "undecided: no interval (one seed, or the same difference on every seed, which leaves "
+                 "no spread to estimate the noise from)",
     "significant": "significant: our interval excludes 0 (no published gap to compare)",
     "not significant": "not significant: our interval holds 0 (no published gap to compare)",
     "differs from a published 0": "differs from a published 0: the paper reports no difference, our interval "
@@ -132,7 +133,7 @@ def summarise(comparisons: list, incomparable: Optional[str] = None) -> list:
     for c, (mean, lo, hi) in zip(comparisons, intervals):
         adj = [next(adjusted) for _ in c.p_values]
         base = verdict(None if incomparable else c.paper_gap, lo, hi)
-        v = f"{base} ({incomparable})" if incomparable and base != "undecided" else base
+        v = f"{base} ({incomparable})" if incomparable else base
         words = VERDICT_WORDS[base] + (f"; {incomparable}" if incomparable else "")
         out.append({"comparison": c.name, "paper_gap": c.paper_gap, "mean": mean, "lo": lo, "hi": hi,
                     "level": 1 - alpha, "seeds": len(c.diffs), "diffs": list(c.diffs), "p": list(c.p_values),

@@ -67,7 +67,9 @@ PROTOCOL = """## Reporting protocol
   tested together, so their p-values are adjusted with Holm's method across all of them; the
   over-seed intervals of a report are read together too, so each is drawn at Bonferroni's level
   1 - 0.05 / m (m such intervals: all hold at once with 95%). A difference is called significant
-  only when the adjusted p < 0.05 (per seed) or the corrected interval excludes 0 (over seeds).
+  only when the adjusted p < 0.05 (per seed) or the corrected interval excludes 0 (over seeds);
+  the same difference on every seed gives no interval (no spread to estimate the noise from) and
+  reads undecided.
   Predictions are paired on the test file id.
 """
 DEMO_NOTE = ("> **Pipeline check, not a result.** This run uses a demo preset (scikit-learn's 8×8 digits, a few "
@@ -342,6 +344,8 @@ def _diff_md(diffs: pd.DataFrame, problems: Optional[dict] = None) -> list[str]:
         verdict = ("**significant**" if d["significant"] else "not significant") + (
             f" ({100 * d['level']:.1f}% t interval, Bonferroni)" if over
             else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
+        if over and pd.isna(d["low"]):
+            verdict = "undecided (the same difference on every seed: no spread to estimate the noise from)"
         if (problems or {}).get(d["run"]):
             verdict = f"not interpretable (see above; the test alone: {verdict.replace('**', '')})"
         lines.append(f"| {d['run']} | {d['difference']} | {d['seed']} | {_pp(d['mean'])} | "

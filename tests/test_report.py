@@ -191,3 +191,18 @@ def test_a_stage_still_rising_at_its_last_epoch_is_named(tmp_path):
     assert _still_rising(stage) == "+8.0 points over its last 1 of 5 epochs"
     log.log({c: (6 if c == "epoch" else 0.57 if c == "val_accuracy" else 0.0) for c in REQUIRED_COLUMNS})
     assert _still_rising(stage) == ""  # the best epoch is not the last one
+
+
+def test_an_over_seed_difference_without_spread_reads_undecided():
+    """The same difference on every seed: no interval (not a zero-width one that "excludes 0"),
+    and the report's row says undecided rather than significant."""
+    from src.report import _diff_md
+    from src.utils.stats import simultaneous_t_intervals
+    (same, spread), alpha = simultaneous_t_intervals([[0.02, 0.02, 0.02], [0.01, 0.02, 0.04]])
+    assert same[0] == pytest.approx(0.02) and np.isnan(same[1]) and np.isnan(same[2])
+    assert alpha == pytest.approx(0.025) and spread[1] < spread[0] < spread[2]
+    row = {"run": "tiny", "difference": "TAKD − KD", "seed": "mean of 3", "mean": same[0], "low": same[1],
+           "high": same[2], "only_a": np.nan, "only_b": np.nan, "p_value": np.nan, "p_holm": np.nan,
+           "significant": False, "level": 1 - alpha}
+    line = _diff_md(pd.DataFrame([row]))[-1]
+    assert "undecided" in line and "significant" not in line

@@ -312,6 +312,17 @@ def test_a_corrected_interval_that_holds_the_gap_is_not_reproduced_when_uncorrec
     assert (three[0]["lo"], three[0]["hi"]) == pytest.approx((mean - half_corr, mean + half_corr))
 
 
+def test_the_same_difference_on_every_seed_is_undecided_not_significant():
+    """Identical per-seed differences give a zero-width t interval that "excludes 0" on no
+    evidence of the noise: it reads undecided, yet still counts in the Bonferroni level."""
+    out = summarise([Comparison("TAKD - BLKD", [0.5, 0.5, 0.5], [0.6] * 3, 0.94),
+                     Comparison("b", [1, 2, 3], [0.5] * 3, None)])
+    assert out[0]["verdict"] == "undecided" and out[0]["mean"] == pytest.approx(0.5)
+    assert math.isnan(out[0]["lo"]) and math.isnan(out[0]["hi"])
+    assert out[1]["level"] == pytest.approx(1 - 0.05 / 2)
+    assert summarise([Comparison("a", [0.5, 0.5, 0.5], [0.6] * 3, None)])[0]["verdict"] == "undecided"
+
+
 def test_a_run_of_another_length_gets_no_verdict_against_the_paper():
     from benchmarks.takd_tables import not_comparable
     reason = not_comparable(15, 15, 150)
@@ -509,7 +520,7 @@ def test_methods_beside_kd_from_the_teacher_and_via_the_assistant(tmp_path, caps
     tests = pd.read_csv(results.with_name("takd_methods_tests.csv"))
     assert list(tests["comparison"]) == ["KD via plain_cnn4 - KD direct", "DKD via plain_cnn4 - DKD direct",
                                          "DKD direct - KD direct", "AT via plain_cnn4 - AT direct", "AT direct - KD direct"]
-    assert set(tests["verdict"]) <= {"significant", "not significant"}
+    assert set(tests["verdict"]) <= {"significant", "not significant", "undecided"}
     assert tests["level"].round(4).eq(round(1 - 0.05 / 5, 4)).all()  # corrected over the methods' own comparisons
     seed0 = out / "plain-cifar10" / "students" / "seed_0"
     info = json.loads((seed0 / "student_dkd" / "stage.json").read_text())

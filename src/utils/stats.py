@@ -59,11 +59,16 @@ def simultaneous_t_intervals(groups) -> tuple[list, float]:
     the number of intervals (groups of fewer than 2 values give NaN bounds and do not count).
     Returns ([(mean, low, high)], the per-interval alpha). Holm's step-down procedure corrects
     tests, not intervals (it has no matching simultaneous intervals), so intervals that are read
-    for more than "is it 0?" (does it hold a published gap?) take Bonferroni's level."""
+    for more than "is it 0?" (does it hold a published gap?) take Bonferroni's level.
+    A group whose values are all equal (the same difference on every seed) has no spread to
+    estimate the noise from: its t interval would have zero width and "exclude 0" on no evidence,
+    so its bounds are NaN too (read as undecided), though it still counts in m."""
     groups = [list(g) for g in groups]
     m = max(1, sum(len(g) > 1 for g in groups))
     alpha = ALPHA / m
-    return [t_interval(g, alpha) if g else (float("nan"),) * 3 for g in groups], alpha
+    nan3 = (float("nan"),) * 3
+    return [(float(np.mean(g)),) + nan3[1:] if len(g) > 1 and np.ptp(np.asarray(g, float)) == 0
+            else t_interval(g, alpha) if g else nan3 for g in groups], alpha
 
 
 def wilson_interval(correct: int, n: int) -> tuple[float, float]:
