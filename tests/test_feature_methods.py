@@ -154,12 +154,16 @@ def test_methods_are_found_by_name_from_their_package():
 
 
 @pytest.mark.parametrize("method", ["dkd", "dist", "fitnet", "at"])
-def test_each_method_trains_a_chain_and_says_what_it_did(method, tmp_path):
+def test_each_method_trains_a_chain_and_says_what_it_did(method, tmp_path, capsys):
     cfg = tiny_cfg(train__epochs=2, data__augment="none",
                    stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"},
                            {"name": "student", "model": "resnet10t", "role": "student", "teacher": "teacher",
                             "method": method, "method_args": {"warmup": 1} if method == "dkd" else {}}])
     run_chain(cfg, tmp_path / "run", progress=False)
+    epoch_lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("student ")]
+    kd_w = {"dkd": 1, "dist": 1, "fitnet": 100, "at": 1000}[method]  # the published weights
+    assert len(epoch_lines) == 2 and all(f"ce 1 + {method} {kd_w:g} " in ln and "alpha" not in ln
+                                         for ln in epoch_lines), epoch_lines  # the method's own mix, not alpha
     info = json.loads((tmp_path / "run" / "student" / "stage.json").read_text())
     assert info["method"] == method and info["method_label"].startswith(method)
     if method == "dkd":  # the method's own words reach stage.json, not the chain's

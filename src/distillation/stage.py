@@ -474,6 +474,16 @@ def early_stop_due(run: StageRun, epochs_done: int) -> bool:
     return patience > 0 and run.best_epoch > 0 and epochs_done - run.best_epoch >= patience
 
 
+def _weights_note(method, alpha: float) -> str:
+    """The console's word for this epoch's loss mix: the chain's alpha, or a method's own weights."""
+    if not method.teachers:
+        return ""
+    if method.own_weights:
+        ce_w, kd_w = method.weights()
+        return f"ce {float(ce_w):g} + {method.name} {float(kd_w):g}  "
+    return f"alpha {alpha:.2f}  "
+
+
 def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) -> None:
     """Epochs: train, validate, checkpoint, log (a signal stops after the current step); early
     stopping ends the stage when train.early_stop asks."""
@@ -502,7 +512,7 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
             save_epoch(run, epoch, val, row, terms)
             logs.write(epoch, row, terms, tr, alpha)
             run.epochs_done = epoch
-            kd_note = f"alpha {alpha:.2f}  " if run.method.teachers else ""
+            kd_note = _weights_note(run.method, alpha)
             left = f"  {clock.epoch_done(run.stage.name, time.perf_counter() - t_epoch)}" if clock is not None else ""
             log.info(f"  {run.stage.name:<15} epoch {epoch:>3}/{run.plan.epochs}  loss {tr['loss']:.4f}  "
                      f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  {kd_note}"
