@@ -322,3 +322,23 @@ def test_deit_on_a_student_without_a_distillation_token_is_refused_before_anythi
     with pytest.raises(ConfigError, match="distillation token"):
         run_chain(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_the_estimate_times_each_student_as_it_will_train(tmp_path, monkeypatch):
+    """Inputs the same every epoch: a logit method's probe reads cached logits (the run caches
+    them), a feature method's probe runs the teacher's forward at every step (the run cannot cache
+    it), and each probe times the stage's own method, not a scratch student."""
+    import src.distillation.chain as chain
+    probed = {}
+
+    def fake_measure(model, teachers, micro, *a, method=None, **k):
+        probed[method.describe().split(" ")[0]] = (method.cached is not None, len(method.teachers))
+        return {"img_per_s": 1e4, "peak_reserved_gib": 0.0}
+    monkeypatch.setattr(chain, "measure_steps", fake_measure)
+    cfg = tiny_cfg(train__epochs=1, data__augment="none",
+                   stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+                           {"name": "kd", "model": "resnet10t", "role": "student", "teacher": "teacher"},
+                           {"name": "fit", "model": "resnet10t", "role": "student", "teacher": "teacher",
+                            "method": "fitnet"}])
+    run_chain(cfg, tmp_path / "run", progress=False)
+    assert probed == {"scratch": (False, 0), "kd": (True, 1), "fitnet": (False, 1)}

@@ -367,8 +367,10 @@ def checkpoint_bytes(cfg: RunConfig, stage, num_classes: int) -> tuple[int, int]
 def stage_seconds(chain: ChainRun, stage, plan: StagePlan) -> tuple[float, float]:
     """(one epoch of the stage: training, validation and its checkpoints; what follows its last
     epoch: the test scoring and the export), from the planner's measured speed or two
-    timed steps at the stage's real batch size after a warm-up one (random weights and data; every
-    frozen teacher in memory unless its logits are cached)."""
+    timed steps at the stage's real batch size after a warm-up one (random weights and data; the
+    stage's own method; every frozen teacher's forward at each step unless the run will cache its
+    logits, as it does when the inputs are the same every epoch and the method reads no teacher
+    features)."""
     cfg, data, device = chain.cfg, chain.data, chain.device
     img_s = plan.probe_compiled_img_per_s if plan.compile and plan.probe_compiled_img_per_s else plan.probe_img_per_s
     if not img_s:
@@ -376,14 +378,15 @@ def stage_seconds(chain: ChainRun, stage, plan: StagePlan) -> tuple[float, float
         cl = use_channels_last(cfg, stage, device)
         model = build_stage_model(cfg, _bare(stage), data.num_classes).to(device)
         model = model.to(memory_format=torch.channels_last) if cl else model
-        d = cfg.data  # inputs the same every epoch: the teachers' logits are computed once, not per step
-        cached = d.augment == "none" and d.random_erasing == 0 and d.mixup <= 0 and d.cutmix <= 0
-        teachers = [] if cached else [
-            prepare_teacher(build_stage_model(cfg, _bare(cfg.stage(n)), data.num_classes), device, precision, cl)
-            for n in stage.teachers]
+        teachers = [prepare_teacher(build_stage_model(cfg, _bare(cfg.stage(n)), data.num_classes), device, precision, cl)
+                    for n in stage.teachers]
         try:
             micro = plan.micro_batch or plan.batch_size  # the real batch: small batches understate a CPU's speed
-            method = stage_method(cfg, stage, teachers, model).to(device) if teachers or not stage.teachers else None
+            method = stage_method(cfg, stage, teachers, model).to(device)
+            d = cfg.data  # inputs the same every epoch: the run computes the teachers' logits once, not per step,
+            fixed = d.augment == "none" and d.random_erasing == 0 and d.mixup <= 0 and d.cutmix <= 0
+            if fixed and method.teachers and not method.uses_teacher_features():  # unless the method reads features
+                method.cached = [torch.randn(micro, data.num_classes, device=device) for _ in teachers]
             img_s = measure_steps(model, teachers, micro, cfg.data.image_size, data.num_classes, precision, cl,
                                   steps=2, warmup=1, method=method,
                                   optimizer_factory=optimizer_factory(cfg.train, device))["img_per_s"]

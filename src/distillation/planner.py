@@ -84,11 +84,13 @@ def measure_steps(model, teachers, micro: int, image_size: int, num_classes: int
     y = torch.randint(0, num_classes, (micro,), device=device)
     model.train()
 
+    index = torch.arange(micro, device=device) if method.cached is not None else None  # cached logits: no teacher forward
+
     def step():
         opt.zero_grad(set_to_none=True)
         method.begin_batch()
         for _ in range(n_micro):
-            method.step(model, x, y, 0.5, precision)[1]["loss"].backward()
+            method.step(model, x, y, 0.5, precision, index)[1]["loss"].backward()
         opt.step()
 
     try:
