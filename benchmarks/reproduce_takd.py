@@ -220,8 +220,10 @@ def method_stage(method: str, assistant=None) -> str:
 
 def method_args(method: str, epochs: int) -> dict:
     """Declared before any run: each method's published defaults, except DKD's warm-up, which keeps
-    its paper's share of training (20 of 240 epochs) so that its KD weight reaches 1 in a short run."""
-    return {"warmup": max(1, round(DKD_WARMUP[0] * epochs / DKD_WARMUP[1]))} if method == "dkd" else {}
+    its paper's share of training (20 of 240 epochs: 1.25 of 15, rising with every batch) so that
+    its KD weight reaches 1 in a short run. (Rounded to whole epochs, 1 of 15 was no warm-up at
+    all: the full weight from the first batch, where the paper starts at 1/20.)"""
+    return {"warmup": DKD_WARMUP[0] * epochs / DKD_WARMUP[1]} if method == "dkd" else {}
 
 
 def finalise(raw: dict, overrides: list) -> dict:
@@ -486,7 +488,7 @@ def methods_markdown(table: pd.DataFrame, tests: pd.DataFrame, args, reports=())
         return []
     lines = ["## Methods beside KD (not in the paper)", "",
              f"Each method with its published defaults (DKD's warm-up kept at its paper's share of training: "
-             f"{method_args('dkd', args.epochs)['warmup']} of {args.epochs} epochs), T = {TEMPERATURE:g} where a "
+             f"{method_args('dkd', args.epochs)['warmup']:.3g} of {args.epochs} epochs), T = {TEMPERATURE:g} where a "
              f"method uses one, the same teacher, assistants, seeds and initial weights as the rows above. "
              f"Test accuracy (%), mean and 95% t interval over seeds:", "",
              "| family | dataset | method | from | ours (%) | per seed |", "|---|---|---|---|---|---|"]

@@ -61,7 +61,22 @@ def test_dkd_warm_up_follows_the_epoch():
     for epoch in (1, 10, 20, 40):
         method.begin_epoch(epoch, 40)
         weights.append(method.weights())
-    assert weights == [(1.0, 0.05), (1.0, 0.5), (1.0, 1.0), (1.0, 1.0)]
+    assert weights == [(1.0, 0.05), (1.0, 0.5), (1.0, 1.0), (1.0, 1.0)]  # mdistiller's epoch / 20 at each epoch's end
+
+
+def test_dkd_warm_up_of_a_fraction_of_an_epoch_rises_with_every_batch():
+    """1.25 epochs of 15 (the paper's 20 of 240): the weight starts near 0, not at 1, and reaches
+    1 a quarter into the second epoch; the trainer's begin_step drives it."""
+    method = resolve("dkd")([nn.Identity()], ["teacher"], warmup=1.25)
+    kd = {}
+    for epoch, batch in ((1, 0), (1, 99), (2, 24), (2, 25), (3, 0)):
+        method.begin_epoch(epoch, 15)
+        method.begin_step(batch, 100)
+        kd[epoch, batch] = method.weights()[1]
+    assert kd[1, 0] == pytest.approx(0.01 / 1.25) and kd[1, 99] == pytest.approx(1 / 1.25)
+    assert kd[2, 24] == pytest.approx(1.0) and kd[2, 25] == kd[3, 0] == 1.0
+    method.begin_epoch(1, 15)  # between epochs (the logged value): the epoch's end
+    assert method.weights()[1] == pytest.approx(0.8)
 
 
 def test_dist_matches_its_formula_in_float64():
@@ -342,3 +357,22 @@ def test_the_estimate_times_each_student_as_it_will_train(tmp_path, monkeypatch)
                             "method": "fitnet"}])
     run_chain(cfg, tmp_path / "run", progress=False)
     assert probed == {"scratch": (False, 0), "kd": (True, 1), "fitnet": (False, 1)}
+
+
+def test_the_trainer_tells_the_method_each_batch_of_the_epoch(tmp_path, monkeypatch):
+    from src.distillation.methods import Method
+    seen = []
+    original = Method.begin_step
+
+    def spy(self, batch, batches):
+        seen.append((self.epoch, batch, batches))
+        original(self, batch, batches)
+    monkeypatch.setattr(Method, "begin_step", spy)
+    cfg = tiny_cfg(train__epochs=2, stages=[{"name": "teacher", "model": "resnet10t", "role": "teacher"},
+                                            {"name": "student", "model": "resnet10t", "role": "student",
+                                             "teacher": "teacher", "method": "dkd", "method_args": {"warmup": 0.5}}])
+    run_chain(cfg, tmp_path / "run", progress=False)
+    n = seen[-1][2]
+    assert n > 1 and seen[-n:] == [(2, b, n) for b in range(n)]  # the student's last epoch, batch by batch
+    terms = pd.read_csv(tmp_path / "run" / "student" / "epoch_terms.csv")
+    assert list(terms["alpha"]) == [1.0, 1.0]  # warm-up of half an epoch: full weight by each epoch's end

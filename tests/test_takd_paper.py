@@ -524,7 +524,7 @@ def test_methods_beside_kd_from_the_teacher_and_via_the_assistant(tmp_path, caps
     assert tests["level"].round(4).eq(round(1 - 0.05 / 5, 4)).all()  # corrected over the methods' own comparisons
     seed0 = out / "plain-cifar10" / "students" / "seed_0"
     info = json.loads((seed0 / "student_dkd" / "stage.json").read_text())
-    assert info["method"] == "dkd" and "warm-up 1 epochs" in info["method_label"]  # 20 of 240 epochs, at 1 epoch
+    assert info["method"] == "dkd" and "warm-up 0.0833 epochs" in info["method_label"]  # 20 of 240 x 1 epoch, unrounded
     summary = pd.read_csv(seed0 / "summary.csv")
     assert set(summary[summary["role"] == "student"]["seed_stream"]) == {"student"}
     md = results.with_suffix(".md").read_text()

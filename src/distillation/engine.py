@@ -321,6 +321,7 @@ def train_step(ctx: StepContext, loader, x: torch.Tensor, y: torch.Tensor, step:
     method = ctx.method
     undo = _StepUndo(ctx.model, method, len(tally.preds)) if save is not None and ctx.micro_batch else None
     ctx.optimizer.zero_grad(set_to_none=True)
+    method.begin_step(step, len(loader))
     method.begin_batch()
     targets = y
     if ctx.mixup is not None:

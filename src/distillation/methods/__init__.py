@@ -26,6 +26,7 @@ A method sees more than logits when it asks (the seam, not the method, does the 
         -> distill(..., features={"student": [tensor], "teacher": [[tensor] per active teacher]})
     distill(self, student_logits, teacher_logits, targets)       # the batch's labels, when declared
     begin_epoch(epoch, epochs)                                    # self.epoch / self.epochs
+    progress()                                                    # epochs done after this batch (float)
     own_weights = True + weights() -> (ce weight, kd weight)      # instead of the chain's alpha schedule
 Its trainable modules may be built from the student's shapes: `student` and `image_size` reach the
 constructor, and `feature_shapes(student, names)` gives the shapes a forward produces. The seam
@@ -104,6 +105,7 @@ class Method(nn.Module):
         self.temperature, self.label_smoothing, self.seed = temperature, label_smoothing, seed
         self.cached: Optional[list] = None  # per teacher [N, C] logits of every training image (see cache_teacher_logits)
         self.image_size, self.epoch, self.epochs = image_size, 1, 1
+        self.batch, self.batches = None, None  # the optimizer batch within the epoch (begin_step), None between epochs
         self._hooks: dict = {}             # id(bare module) -> (handles, {name: output})
         self._batch_features: Optional[dict] = None
         sig = inspect.signature(self.distill).parameters
@@ -122,6 +124,19 @@ class Method(nn.Module):
     def begin_epoch(self, epoch: int, epochs: int) -> None:
         """Called before every epoch (1-based) of `epochs`: schedules that follow the epoch read them."""
         self.epoch, self.epochs = epoch, epochs
+        self.batch, self.batches = None, None
+
+    def begin_step(self, batch: int, batches: int) -> None:
+        """Called by the trainer before optimizer batch `batch` (0-based) of the epoch's `batches`
+        (before begin_batch; a resumed epoch continues at its batch): per-step schedules read it."""
+        self.batch, self.batches = batch, batches
+
+    def progress(self) -> float:
+        """Epochs of training done once the current batch is taken, as a float (epoch 3, batch 49
+        of 100: 2.5); between epochs (before the first batch), the end of the epoch begun: `epoch`."""
+        if self.batch is None or not self.batches:
+            return float(self.epoch)
+        return self.epoch - 1 + (self.batch + 1) / self.batches
 
     def weights(self) -> tuple:
         """(CE weight, KD weight) of this epoch, for a method with `own_weights = True`."""
