@@ -14,7 +14,7 @@ import contextlib
 import re
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -122,15 +122,15 @@ ONE_CLASS_SHARE = 0.8    # a model that gives one class to this share of the tes
 RISING_POINTS = 0.01     # validation accuracy up by more than this over the last fifth of the epochs: still rising
 
 
-def sanity(rows: pd.DataFrame) -> dict:
-    """{run: [reasons]} that make a run's comparisons meaningless, checked before any verdict: a
-    stage that teaches another one not clearly above chance, a model that predicts (nearly) one
-    class, a stage whose validation accuracy was still rising at its last epoch."""
+def stage_problems(rows: pd.DataFrame) -> dict:
+    """{run: {stage: [reasons]}}: what makes a stage's results meaningless, checked before any
+    verdict: a stage that teaches another one not clearly above chance, a model that predicts
+    (nearly) one class, a stage whose validation accuracy was still rising at its last epoch."""
     problems = {}
     for run, sub in rows.groupby("run", sort=False):
-        reasons = []
         teaching = {t for ts in sub["teacher"].fillna("") for t in str(ts).split("+") if t}
         for stage, st in sub.groupby("stage", sort=False):
+            reasons = []
             folder = st.iloc[0]["folder"]
             classes = len(folder.classes() or []) or 10
             acc = float(st["test_accuracy"].mean())
@@ -147,9 +147,45 @@ def sanity(rows: pd.DataFrame) -> dict:
             rising = _still_rising(folder.stage(stage))
             if rising:
                 reasons.append(f"{stage}: validation accuracy still rising at its last epoch ({rising})")
-        if reasons:
-            problems[run] = reasons
+            if reasons:
+                problems.setdefault(run, {})[stage] = reasons
     return problems
+
+
+def sanity(rows: pd.DataFrame) -> dict:
+    """{run: [reasons]}: stage_problems of every stage of a run, in one list."""
+    return {run: [r for reasons in stages.values() for r in reasons] for run, stages in stage_problems(rows).items()}
+
+
+def affected(rows: pd.DataFrame, problems: Optional[dict] = None) -> dict:
+    """{run: {stage: [reasons]}}: the problems a stage's results inherit, its own and those of
+    every stage that taught it or its teachers (a teacher at chance spoils all it taught, and
+    what those taught); a stage missing here is sound. `problems`: stage_problems(rows)."""
+    problems = stage_problems(rows) if problems is None else problems
+    out = {}
+    for run, sub in rows.groupby("run", sort=False):
+        own = problems.get(run, {})
+        teachers = {st: [t for t in str(ts).split("+") if t] for st, ts in zip(sub["stage"], sub["teacher"].fillna(""))}
+
+        def inherited(stage, seen=()):  # the teachers' reasons first, root first, then the stage's own
+            found = []
+            for t in teachers.get(stage, []):
+                if t not in seen:
+                    found += [r for r in inherited(t, (*seen, stage)) if r not in found]
+            return found + [r for r in own.get(stage, []) if r not in found]
+        spoiled = {st: inherited(st) for st in teachers}
+        spoiled = {st: r for st, r in spoiled.items() if r}
+        if spoiled:
+            out[run] = spoiled
+    return out
+
+
+def spoiled_everywhere(rows: pd.DataFrame, spoiled: dict, run: str) -> bool:
+    """Every distilled stage of `run` is affected (so is every comparison, each of which has one):
+    the run as a whole says nothing about distillation."""
+    sub = rows[rows["run"] == run]
+    distilled = set(sub[sub["teacher"].fillna("") != ""]["stage"])
+    return not distilled or distilled <= set(spoiled.get(run, {}))
 
 
 BRIEF = [(re.compile(r"^(\S+) teaches at .* not clearly above chance"), "near chance"),
@@ -335,6 +371,7 @@ def _pp(v: float) -> str:
 
 
 def _diff_md(diffs: pd.DataFrame, problems: Optional[dict] = None) -> list[str]:
+    """The differences table; `problems`: affected(), whose stages' rows read "not interpretable"."""
     lines = ["| run | difference | seed | Δ test acc (pp) | 95% interval (pp) | only A right / only B right | "
              "McNemar p (Holm) | verdict |", "|" + "---|" * 8]
     for _, d in diffs.iterrows():
@@ -346,7 +383,8 @@ def _diff_md(diffs: pd.DataFrame, problems: Optional[dict] = None) -> list[str]:
             else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
         if over and pd.isna(d["low"]):
             verdict = "undecided (the same difference on every seed: no spread to estimate the noise from)"
-        if (problems or {}).get(d["run"]):
+        spoiled = (problems or {}).get(d["run"], {})
+        if d["a"] in spoiled or d["b"] in spoiled:  # a broken stage in the pair, or in the chain that taught it
             verdict = f"not interpretable (see above; the test alone: {verdict.replace('**', '')})"
         lines.append(f"| {d['run']} | {d['difference']} | {d['seed']} | {_pp(d['mean'])} | "
                      f"[{_pp(d['low'])}, {_pp(d['high'])}] | {counts} | {p} | {verdict} |")
@@ -417,24 +455,27 @@ def _recomputed_schedule(cfg, st, lr: float, first: pd.DataFrame):
     return lr_series, alpha
 
 
-def figure_title(rows: pd.DataFrame, problems: dict) -> str:
+def figure_title(rows: pd.DataFrame, problems: dict, partly: Sequence = ()) -> str:
     """'run on dataset' (or the runs and datasets of a comparison), and 'not interpretable' with
-    its reasons where a run is broken."""
+    its reasons where a run is broken ('partly not interpretable' where only some of its stages
+    are: the runs in `partly`)."""
     runs = list(dict.fromkeys(rows["run"]))
     sets = list(dict.fromkeys(rows["dataset"])) if "dataset" in rows else []
     title = f"{', '.join(runs)} on {', '.join(sets)}" if sets else ", ".join(runs)
-    broken = [f"{run}: " + brief(problems[run]) if len(runs) > 1 else brief(problems[run])
+    words = {run: "partly not interpretable" if run in partly else "not interpretable" for run in runs}
+    broken = [f"{run} {words[run]}: " + brief(problems[run]) if len(runs) > 1 else f"{words[run]}: " + brief(problems[run])
               for run in runs if problems.get(run)]
-    return title + (f" (not interpretable: {' | '.join(broken)})" if broken else "")
+    return title + (f" ({' | '.join(broken)})" if broken else "")
 
 
-def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, problems: Optional[dict] = None) -> list[Path]:
+def _figures(rows: pd.DataFrame, table: pd.DataFrame, fig_dir: Path, problems: Optional[dict] = None,
+             partly: Sequence = ()) -> list[Path]:
     """Every figure of the report: per run its curves, schedules, confusion matrices and attention
     gallery; then accuracy against size, and the students' methods over every run."""
     made, problems = [], problems or {}
     for run, sub in rows.groupby("run", sort=False):
-        made += _run_figures(run, sub, fig_dir, figure_title(sub, problems))
-    title = figure_title(rows, problems)
+        made += _run_figures(run, sub, fig_dir, figure_title(sub, problems, partly))
+    title = figure_title(rows, problems, partly)
     made.append(plots.accuracy_vs_size(table, "params", "parameters (millions, log scale)",
                                        fig_dir / RunFolder.FIG_PARAMS, scale=1e6, title=title))
     made.append(plots.accuracy_vs_size(table, "flops", "forward GFLOPs per image (log scale)",
@@ -529,7 +570,7 @@ COMPARED_METHODS = ("dkd", "dist", "fitnet", "at")  # src/distillation/methods/:
 def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame, problems: Optional[dict] = None) -> list:
     """Per run with a directly distilled student and at least one taught through an assistant:
     [(run, points, refs, verdict lines)]. Every student compared with the direct-KD one (the
-    tests come from `differences`, Holm-corrected across the report)."""
+    tests come from `differences`, Holm-corrected across the report). `problems`: affected()."""
     answers = []
     for run, sub in rows.groupby("run", sort=False):
         first = sub[sub["seed"] == sub["seed"].iloc[0]]
@@ -551,8 +592,10 @@ def sweep_answer(rows: pd.DataFrame, table: pd.DataFrame, diffs: pd.DataFrame, p
             pts.loc[clash, "path"] = [" → ".join(a.removeprefix("ta_") for a in _path_of(st, teachers)[1:-1])
                                       for st in pts.loc[clash, "stage"]]
             verdict = _sweep_verdict(pts, sub["seed"].nunique() > 1)
-            if (problems or {}).get(run):  # a broken run gets no verdict, whatever its tests say
-                verdict = f"not interpretable: {'; '.join(problems[run])} (the tests alone: {verdict})"
+            spoiled = (problems or {}).get(run, {})
+            reasons = list(dict.fromkeys(r for st in [kd_stage, *taught["stage"]] for r in spoiled.get(st, [])))
+            if reasons:  # a broken stage in the answer or in the chain that taught it: no verdict, whatever the tests say
+                verdict = f"not interpretable: {'; '.join(reasons)} (the tests alone: {verdict})"
                 pts["verdict"] = "not interpretable"
             answers.append((run, pts, _sweep_refs(group, t_run, teachers[kd_stage], kd_stage), verdict))
     return answers
@@ -625,21 +668,30 @@ def write_report(runs: list, out: Path | None = None) -> Path:
     table = aggregate(rows)
     diffs = differences(rows)
     problems = sanity(rows)
-    figs = _figures(rows, table, out / RunFolder.FIGURES, problems)
-    answers = sweep_answer(rows, table, diffs, problems)
+    spoiled = affected(rows)
+    partly = [run for run in problems if not spoiled_everywhere(rows, spoiled, run)]
+    figs = _figures(rows, table, out / RunFolder.FIGURES, problems, partly)
+    answers = sweep_answer(rows, table, diffs, spoiled)
     for run, pts, refs, verdict in answers:
         safe = "".join(ch if ch.isalnum() else "_" for ch in run)
+        broken = verdict.startswith("not interpretable")
         figs.insert(0, plots.assistant_sweep(pts, refs, out / RunFolder.FIGURES / RunFolder.FIG_SWEEP.format(run=safe),
-                                             figure_title(rows[rows["run"] == run], problems)
-                                             + ("" if problems.get(run) else f": {verdict}")))
+                                             figure_title(rows[rows["run"] == run], problems if broken else {})
+                                             + ("" if broken else f": {verdict}")))
     seeds = sorted(rows["seed"].unique())
     lines = ["# Distillation report", ""]
     if rows["demo"].any():
         lines += [DEMO_NOTE, ""]
     for run, reasons in problems.items():
-        lines += [f"> **{run}: not interpretable.** Its comparisons say nothing about distillation, whatever "
-                  f"their p-values: " + "; ".join(reasons) + ". Train longer (or fix the recipe) before "
-                  "reading any verdict below.", ""]
+        if run not in partly:
+            lines += [f"> **{run}: not interpretable.** Its comparisons say nothing about distillation, whatever "
+                      f"their p-values: " + "; ".join(reasons) + ". Train longer (or fix the recipe) before "
+                      "reading any verdict below.", ""]
+        else:
+            names = ", ".join(spoiled.get(run, {}))
+            lines += [f"> **{run}: partly not interpretable.** " + "; ".join(reasons) + f". Comparisons that "
+                      f"involve {names} say nothing about distillation, whatever their p-values (they read \"not "
+                      "interpretable\" below); the others stand.", ""]
     lines += [f"Runs: {', '.join(str(r.path) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
               "## Results per model and method", "",
               "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "
@@ -655,7 +707,7 @@ def write_report(runs: list, out: Path | None = None) -> Path:
     if len(diffs):
         lines += ["## Does the assistant help?", "",
                   "Student test-accuracy differences in percentage points, A − B on the same test images:", ""]
-        lines += _diff_md(diffs, problems) + [""]
+        lines += _diff_md(diffs, spoiled) + [""]
         if not diffs["significant"].any():
             lines += ["None of these differences is statistically significant: at this test-set size and number of "
                       "seeds, the methods cannot be told apart.", ""]

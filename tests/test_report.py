@@ -179,6 +179,47 @@ def test_a_broken_run_gets_no_verdict(seeded_run, tmp_path):
     assert diff_rows and all("not interpretable" in ln for ln in diff_rows)
 
 
+def test_a_broken_student_spoils_only_the_comparisons_it_is_in(seeded_run, tmp_path):
+    """The TAKD student predicts one class, its teachers are sound: the rows with it read "not
+    interpretable", KD − scratch keeps its verdict, and the banner says the run is partly broken."""
+    import shutil
+    from src.report import affected, collect
+    run = tmp_path / "run"
+    shutil.copytree(seeded_run, run)
+    for seed in (0, 1):  # 2 epochs on digits: made sound here (right answers, curves that peaked) but one
+        for path in (run / f"seed_{seed}").glob("*/test_predictions.csv"):
+            preds = pd.read_csv(path)
+            preds["y_pred"] = 3 if path.parent.name == "student" else preds["y_true"]
+            preds.to_csv(path, index=False)
+        summary = pd.read_csv(run / f"seed_{seed}" / "summary.csv")
+        summary.loc[summary["stage"] != "student", "test_accuracy"] = 1.0
+        summary.to_csv(run / f"seed_{seed}" / "summary.csv", index=False)
+        for log in (run / f"seed_{seed}").glob("*/epoch_log.csv"):
+            df = pd.read_csv(log)
+            df.loc[df.index[-1], "val_accuracy"] = df["val_accuracy"].iloc[0] - 0.01
+            df.to_csv(log, index=False)
+    spoiled = affected(collect([run]))["tiny"]
+    assert set(spoiled) == {"student"}  # nothing it taught, nothing that taught it is spoiled by it
+    text = write_report([run], tmp_path / "out").read_text()
+    assert "**tiny: partly not interpretable.**" in text and "involve student say nothing" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| tiny | ")]
+    takd = [ln for ln in rows if "TAKD − KD" in ln]
+    kd = [ln for ln in rows if "| KD − scratch |" in ln]
+    assert takd and all("not interpretable" in ln for ln in takd)
+    assert kd and not any("not interpretable" in ln for ln in kd)
+
+
+def test_a_broken_teacher_spoils_everything_below_it():
+    from src.report import affected
+    rows = pd.DataFrame({"run": "r", "stage": ["teacher", "ta", "student", "student_kd", "student_scratch"],
+                         "teacher": ["", "teacher", "ta", "teacher", ""], "role": ["teacher", "assistant"] + ["student"] * 3})
+    problems = {"r": {"ta": ["ta predicts one class for 90% of the test images"]}}
+    spoiled = affected(rows, problems)["r"]
+    assert set(spoiled) == {"ta", "student"}  # the assistant and what it taught; direct KD and scratch stand
+    problems = {"r": {"teacher": ["teacher teaches at 11.0% test accuracy"]}}
+    assert set(affected(rows, problems)["r"]) == {"teacher", "ta", "student", "student_kd"}
+
+
 def test_a_stage_still_rising_at_its_last_epoch_is_named(tmp_path):
     from src.report import _still_rising
     from src.utils.logger import EpochLogger, REQUIRED_COLUMNS
@@ -201,7 +242,7 @@ def test_an_over_seed_difference_without_spread_reads_undecided():
     (same, spread), alpha = simultaneous_t_intervals([[0.02, 0.02, 0.02], [0.01, 0.02, 0.04]])
     assert same[0] == pytest.approx(0.02) and np.isnan(same[1]) and np.isnan(same[2])
     assert alpha == pytest.approx(0.025) and spread[1] < spread[0] < spread[2]
-    row = {"run": "tiny", "difference": "TAKD − KD", "seed": "mean of 3", "mean": same[0], "low": same[1],
+    row = {"run": "tiny", "difference": "TAKD − KD", "a": "student", "b": "student_kd", "seed": "mean of 3", "mean": same[0], "low": same[1],
            "high": same[2], "only_a": np.nan, "only_b": np.nan, "p_value": np.nan, "p_holm": np.nan,
            "significant": False, "level": 1 - alpha}
     line = _diff_md(pd.DataFrame([row]))[-1]
