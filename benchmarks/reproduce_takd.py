@@ -36,7 +36,7 @@ from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable
 from src.distillation.chain import check_stages  # noqa: E402
 from src.distillation.config import apply_override, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
-from src.report import write_report  # noqa: E402
+from src.report import ONE_CLASS_SHARE, chance_bar, write_report  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
 from src.utils.runfolder import RunFolder  # noqa: E402
 from src.utils.stats import mcnemar_exact, t_interval  # noqa: E402
@@ -385,9 +385,40 @@ def paired_per_seed(seeds: list, a_stage: str, b_stage: str) -> tuple[list, list
     return diffs, ps
 
 
+def broken(seeds: list, stage: str) -> list:
+    """Why a student's results say nothing, per seed of [(seed, run folder)]: it predicts one class
+    for most test images (a collapse) or scores near chance; [] when it is sound."""
+    out = []
+    for seed, d in seeds:
+        path = RunFolder(d).stage(stage).predictions
+        if not path.exists():
+            continue
+        preds = pd.read_csv(path, usecols=["y_true", "y_pred"])
+        share = float(preds["y_pred"].value_counts(normalize=True).iloc[0])
+        acc = float((preds["y_true"] == preds["y_pred"]).mean())
+        if share >= ONE_CLASS_SHARE:
+            out.append(f"seed {seed}: {stage} predicts one class for {100 * share:.0f}% of the test images")
+        elif acc < chance_bar(preds["y_true"].nunique()):
+            out.append(f"seed {seed}: {stage} at {100 * acc:.1f}% test accuracy, near chance")
+    return out
+
+
+def unreadable(tests: pd.DataFrame, troubles: list) -> pd.DataFrame:
+    """A comparison with a broken student in it reads "not interpretable", whatever its test says."""
+    for i, trouble in enumerate(troubles):
+        if trouble:
+            tests.loc[i, "verdict"] = f"not interpretable: {'; '.join(trouble)} (the tests alone: {tests.loc[i, 'verdict']})"
+            tests.loc[i, "words"] = NOT_INTERPRETABLE
+    return tests
+
+
+NOT_INTERPRETABLE = ("not interpretable: a student in the comparison collapsed to one class or scored near chance in "
+                     "some seed, so the difference says nothing about the methods")
+
+
 def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """Rows of the tables (ours next to the paper's) and the paired comparisons, from the run folders."""
-    rows, comparisons, context = [], [], []
+    rows, comparisons, context, troubles = [], [], [], []
     incomparable = not_comparable(args.epochs, args.teacher_epochs, PAPER_EPOCHS)
     for dataset in args.datasets:
         for family in args.families:
@@ -423,7 +454,8 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
                                  "seeds": len(values), "per_seed": ";".join(f"{v:.2f}" for v in values),
                                  "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
                                  "early_stop": args.early_stop[family],
-                                 "epochs_per_seed": "; ".join(_stops(summaries[s], stage) for s, _ in seeds)})
+                                 "epochs_per_seed": "; ".join(_stops(summaries[s], stage) for s, _ in seeds),
+                                 "broken": "; ".join(broken(seeds, stage))})
             pairs = [("TAKD - BLKD" if a == t1 else f"TAKD(assistant {a}) - BLKD", student_stage(family, a), "student_kd",
                       a) for a in assistants if "assistants" in args.tables or a == t1]
             pairs.append(("BLKD - NOKD", "student_kd", "student_scratch", None))
@@ -433,16 +465,17 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
                 pb = published(family, dataset, "BLKD" if assistant else "NOKD")
                 gap = None if pa is None or pb is None else round(pa - pb, 2)
                 comparisons.append((family, dataset, Comparison(name, diffs, ps, gap)))
+                troubles.append(broken(seeds, a_stage) + broken(seeds, b_stage))
     summaries = summarise([c for _, _, c in comparisons], incomparable)
     tests = pd.DataFrame([{"family": f, "dataset": d, **s} for (f, d, _), s in zip(comparisons, summaries)])
-    return pd.DataFrame(rows), tests, context
+    return pd.DataFrame(rows), unreadable(tests, troubles), context
 
 
 def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
     """--methods: each method's students (from the teacher and via each assistant) over seeds, and
     two questions per method with their own Bonferroni correction (not the paper's): does the
     assistant help it (via - direct), and does it beat KD (its direct student - KD's)."""
-    rows, comparisons = [], []
+    rows, comparisons, troubles = [], [], []
     for dataset in args.datasets:
         for family in args.families:
             seeds = seed_dirs(args.out / f"{family}-{dataset}" / "students", args.seeds)
@@ -459,16 +492,18 @@ def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
                     mean, lo, hi = t_interval(values) if values else (float("nan"),) * 3
                     rows.append({"family": family, "dataset": dataset, "method": m, "via": via, "stage": stage,
                                  "ours_mean": mean, "ours_lo": lo, "ours_hi": hi, "seeds": len(values),
-                                 "per_seed": ";".join(f"{v:.2f}" for v in values), "epochs": args.epochs})
+                                 "per_seed": ";".join(f"{v:.2f}" for v in values), "epochs": args.epochs,
+                                 "broken": "; ".join(broken(seeds, stage))})
                 pairs = [(f"{m.upper()} via {a} - {m.upper()} direct", stage, direct) for stage, a in paths[1:]]
                 if m != "kd":
                     pairs.append((f"{m.upper()} direct - KD direct", direct, "student_kd"))
                 for name, a_stage, b_stage in pairs:
                     diffs, ps = paired_per_seed(seeds, a_stage, b_stage)
                     comparisons.append((family, dataset, Comparison(name, diffs, ps, None)))
+                    troubles.append(broken(seeds, a_stage) + broken(seeds, b_stage))
     summaries = summarise([c for _, _, c in comparisons])
     tests = pd.DataFrame([{"family": f, "dataset": d, **s} for (f, d, _), s in zip(comparisons, summaries)])
-    return pd.DataFrame(rows), tests
+    return pd.DataFrame(rows), unreadable(tests, troubles)
 
 
 def methods_reports(args) -> list:
@@ -494,7 +529,7 @@ def methods_markdown(table: pd.DataFrame, tests: pd.DataFrame, args, reports=())
              "| family | dataset | method | from | ours (%) | per seed |", "|---|---|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(f"| {r.family} | {r.dataset} | {r.method} | {r.via} | {_interval(r.ours_mean, r.ours_lo, r.ours_hi)}"
-                     f" | {r.per_seed} |")
+                     f" | {r.per_seed}{_broken_note(r)} |")
     if not tests.empty:
         level = f"{100 * tests['level'].iloc[0]:.1f}%"
         lines += ["", f"| family | dataset | comparison | mean [{level} t, Bonferroni over {len(tests)}] (pp) | "
@@ -508,6 +543,10 @@ def methods_markdown(table: pd.DataFrame, tests: pd.DataFrame, args, reports=())
                       f"(`figures/methods_direct_and_via.png`: accuracy per method, direct and via the assistant): "
                       f"`{report}`"]
     return lines + [""]
+
+
+def _broken_note(row) -> str:
+    return f" (**broken**: {row.broken})" if isinstance(getattr(row, "broken", ""), str) and row.broken else ""
 
 
 def _interval(mean, lo, hi) -> str:
@@ -530,7 +569,7 @@ def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall
         for r in table.itertuples():
             paper = incomparable or (f"{r.published:.2f}" if pd.notna(r.published) else "no published number")
             lines.append(f"| {r.table} | {r.family} | {r.dataset} | {r.row} | {paper} | "
-                         f"{_interval(r.ours_mean, r.ours_lo, r.ours_hi)} | {r.per_seed} | {r.epochs_per_seed} |")
+                         f"{_interval(r.ours_mean, r.ours_lo, r.ours_hi)} | {r.per_seed}{_broken_note(r)} | {r.epochs_per_seed} |")
         lines.append("")
     if not tests.empty:
         level = f"{100 * tests['level'].iloc[0]:.1f}%"

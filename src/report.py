@@ -111,7 +111,7 @@ def is_demo(cfg) -> bool:
     return re.search(r"(^|_)demo($|_)", cfg.name) is not None
 
 
-def _chance_bar(classes: int) -> float:
+def chance_bar(classes: int) -> float:
     """Below this test accuracy a model is not clearly above chance: twice chance, or chance plus
     10 points when there are few classes."""
     chance = 1.0 / max(1, classes)
@@ -134,7 +134,7 @@ def stage_problems(rows: pd.DataFrame) -> dict:
             folder = st.iloc[0]["folder"]
             classes = len(folder.classes() or []) or 10
             acc = float(st["test_accuracy"].mean())
-            if stage in teaching and acc < _chance_bar(classes):
+            if stage in teaching and acc < chance_bar(classes):
                 reasons.append(f"{stage} teaches at {100 * acc:.1f}% test accuracy, not clearly above chance "
                                f"({100 / classes:.0f}%)")
             shares = []

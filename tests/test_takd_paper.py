@@ -542,3 +542,29 @@ def test_a_method_that_cannot_work_on_the_reproductions_models_is_refused_before
         err = capsys.readouterr().err
         assert code == 2 and words in err and err.count("\n") == 1, err
         assert not out.exists()
+
+
+def test_a_collapsed_student_makes_its_comparisons_not_interpretable(tmp_path):
+    """A student that predicts one class (or scores near chance) in a seed: its row names it and
+    every comparison it is in reads "not interpretable", whatever the test says."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 200)
+    seeds = []
+    for seed in (0, 1):
+        d = tmp_path / f"seed_{seed}"
+        for stage, pred in (("student_kd", np.where(rng.random(200) < 0.7, y, (y + 1) % 10)),
+                            ("student_dkd", np.full(200, 3) if seed == 0 else y),
+                            ("student_dist", (y + 1 + (rng.random(200) < 0.1)) % 10)):  # about 5%: below chance's bar
+            (d / stage).mkdir(parents=True)
+            pd.DataFrame({"file": [f"{i}.png" for i in range(200)], "y_true": y, "y_pred": pred}).to_csv(
+                d / stage / "test_predictions.csv", index=False)
+        seeds.append((seed, d))
+    assert rt.broken(seeds, "student_kd") == []
+    assert rt.broken(seeds, "student_dkd") == [
+        "seed 0: student_dkd predicts one class for 100% of the test images"]
+    assert [t.split(" at ")[0] for t in rt.broken(seeds, "student_dist")] == [
+        "seed 0: student_dist", "seed 1: student_dist"]
+    tests = pd.DataFrame({"verdict": ["significant", "not significant"], "words": ["w1", "w2"]})
+    out = rt.unreadable(tests, [rt.broken(seeds, "student_dkd"), []])
+    assert out.loc[0, "verdict"].startswith("not interpretable: seed 0: student_dkd predicts one class")
+    assert out.loc[0, "verdict"].endswith("(the tests alone: significant)") and out.loc[1, "verdict"] == "not significant"
