@@ -658,6 +658,22 @@ def _sweep_md(answers: list) -> list:
     return lines
 
 
+def _broken_md(problems: dict, partly: Sequence, spoiled: dict) -> list:
+    """The banner over a report with broken stages: the whole run, or the comparisons they are in."""
+    lines = []
+    for run, reasons in problems.items():
+        if run not in partly:
+            lines += [f"> **{run}: not interpretable.** Its comparisons say nothing about distillation, whatever "
+                      f"their p-values: " + "; ".join(reasons) + ". Train longer (or fix the recipe) before "
+                      "reading any verdict below.", ""]
+        else:
+            names = ", ".join(spoiled.get(run, {}))
+            lines += [f"> **{run}: partly not interpretable.** " + "; ".join(reasons) + f". Comparisons that "
+                      f"involve {names} say nothing about distillation, whatever their p-values (they read \"not "
+                      "interpretable\" below); the others stand.", ""]
+    return lines
+
+
 def write_report(runs: list, out: Path | None = None) -> Path:
     """report.md, its tables and figures for finished run folders (RunFolder or path), in `out`
     (default: the one run's folder, or ./report for several)."""
@@ -682,16 +698,7 @@ def write_report(runs: list, out: Path | None = None) -> Path:
     lines = ["# Distillation report", ""]
     if rows["demo"].any():
         lines += [DEMO_NOTE, ""]
-    for run, reasons in problems.items():
-        if run not in partly:
-            lines += [f"> **{run}: not interpretable.** Its comparisons say nothing about distillation, whatever "
-                      f"their p-values: " + "; ".join(reasons) + ". Train longer (or fix the recipe) before "
-                      "reading any verdict below.", ""]
-        else:
-            names = ", ".join(spoiled.get(run, {}))
-            lines += [f"> **{run}: partly not interpretable.** " + "; ".join(reasons) + f". Comparisons that "
-                      f"involve {names} say nothing about distillation, whatever their p-values (they read \"not "
-                      "interpretable\" below); the others stand.", ""]
+    lines += _broken_md(problems, partly, spoiled)
     lines += [f"Runs: {', '.join(str(r.path) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
               "## Results per model and method", "",
               "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "

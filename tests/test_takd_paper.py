@@ -407,7 +407,7 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path, capsys):
     assert (table["comparable"] == "not comparable: 2 of 150 epochs").all()
     tests = pd.read_csv(results.with_name("takd_tests.csv"))
     assert list(tests["comparison"]) == ["TAKD - BLKD", "BLKD - NOKD"]
-    assert all(v.endswith("(not comparable: 2 of 150 epochs)") for v in tests["verdict"])
+    assert all("(not comparable: 2 of 150 epochs)" in v and "reproduced" not in v for v in tests["verdict"])
     for seed in (0, 1):
         for stage in ("student_scratch", "student_kd", "student"):
             log = pd.read_csv(out / "plain-cifar10" / "students" / f"seed_{seed}" / stage / "epoch_log.csv")
@@ -520,7 +520,8 @@ def test_methods_beside_kd_from_the_teacher_and_via_the_assistant(tmp_path, caps
     tests = pd.read_csv(results.with_name("takd_methods_tests.csv"))
     assert list(tests["comparison"]) == ["KD via plain_cnn4 - KD direct", "DKD via plain_cnn4 - DKD direct",
                                          "DKD direct - KD direct", "AT via plain_cnn4 - AT direct", "AT direct - KD direct"]
-    assert set(tests["verdict"]) <= {"significant", "not significant", "undecided"}
+    assert {v.split(":")[0] if v.startswith("not interpretable") else v for v in tests["verdict"]} <= {
+        "significant", "not significant", "undecided", "not interpretable"}  # 1-epoch digits students: some near chance
     assert tests["level"].round(4).eq(round(1 - 0.05 / 5, 4)).all()  # corrected over the methods' own comparisons
     seed0 = out / "plain-cifar10" / "students" / "seed_0"
     info = json.loads((seed0 / "student_dkd" / "stage.json").read_text())
