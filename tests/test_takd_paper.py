@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 import timm
 import torch
 from torch import nn
@@ -569,3 +570,15 @@ def test_a_collapsed_student_makes_its_comparisons_not_interpretable(tmp_path):
     out = rt.unreadable(tests, [rt.broken(seeds, "student_dkd"), []])
     assert out.loc[0, "verdict"].startswith("not interpretable: seed 0: student_dkd predicts one class")
     assert out.loc[0, "verdict"].endswith("(the tests alone: significant)") and out.loc[1, "verdict"] == "not significant"
+
+
+def test_the_methods_table_says_the_dkd_warm_up_the_runs_recorded(tmp_path):
+    from types import SimpleNamespace
+    args = SimpleNamespace(out=tmp_path, epochs=15)
+    assert rt._dkd_warmup_words(args) == "DKD's warm-up kept at its paper's share of training: 1.25 of 15 epochs"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "plain-cifar10-students.yaml").write_text(yaml.safe_dump({"stages": [
+        {"name": "student_kd", "teacher": "teacher"},
+        {"name": "student_dkd", "teacher": "teacher", "method": "dkd", "method_args": {"warmup": 1}}]}))
+    assert rt._dkd_warmup_words(args) == ("DKD's warm-up as these runs recorded it: 1 of 15 epochs, where the "
+                                          "paper's share is 1.25")
