@@ -36,7 +36,7 @@ from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable
 from src.distillation.chain import check_stages  # noqa: E402
 from src.distillation.config import apply_override, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
-from src.report import ONE_CLASS_SHARE, chance_bar, write_report  # noqa: E402
+from src.report import ONE_CLASS_SHARE, chance_bar, top_class_share, write_report  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
 from src.utils.runfolder import RunFolder  # noqa: E402
 from src.utils.stats import mcnemar_exact, t_interval  # noqa: E402
@@ -394,8 +394,7 @@ def broken(seeds: list, stage: str) -> list:
         if not path.exists():
             continue
         preds = pd.read_csv(path, usecols=["y_true", "y_pred"])
-        share = float(preds["y_pred"].value_counts(normalize=True).iloc[0])
-        acc = float((preds["y_true"] == preds["y_pred"]).mean())
+        share, acc = top_class_share(path), float((preds["y_true"] == preds["y_pred"]).mean())
         if share >= ONE_CLASS_SHARE:
             out.append(f"seed {seed}: {stage} predicts one class for {100 * share:.0f}% of the test images")
         elif acc < chance_bar(preds["y_true"].nunique()):

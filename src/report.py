@@ -122,6 +122,11 @@ ONE_CLASS_SHARE = 0.8    # a model that gives one class to this share of the tes
 RISING_POINTS = 0.01     # validation accuracy up by more than this over the last fifth of the epochs: still rising
 
 
+def top_class_share(predictions: Path) -> float:
+    """The share of the test images given the most frequent predicted class (1.0: a collapse)."""
+    return float(pd.read_csv(predictions, usecols=["y_pred"])["y_pred"].value_counts(normalize=True).iloc[0])
+
+
 def stage_problems(rows: pd.DataFrame) -> dict:
     """{run: {stage: [reasons]}}: what makes a stage's results meaningless, checked before any
     verdict: a stage that teaches another one not clearly above chance, a model that predicts
@@ -137,11 +142,8 @@ def stage_problems(rows: pd.DataFrame) -> dict:
             if stage in teaching and acc < chance_bar(classes):
                 reasons.append(f"{stage} teaches at {100 * acc:.1f}% test accuracy, not clearly above chance "
                                f"({100 / classes:.0f}%)")
-            shares = []
-            for _, r in st.iterrows():
-                path = r["folder"].stage(stage).predictions
-                if path.exists():
-                    shares.append(float(pd.read_csv(path, usecols=["y_pred"])["y_pred"].value_counts(normalize=True).iloc[0]))
+            shares = [top_class_share(r["folder"].stage(stage).predictions) for _, r in st.iterrows()
+                      if r["folder"].stage(stage).predictions.exists()]
             if shares and max(shares) >= ONE_CLASS_SHARE:
                 reasons.append(f"{stage} predicts one class for {100 * max(shares):.0f}% of the test images")
             rising = _still_rising(folder.stage(stage))
