@@ -40,7 +40,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert len(read_epoch_csv(tmp_path / "cut" / "student" / "epoch_log.csv")) == 1
     first = json.loads((tmp_path / "cut" / "timings.json").read_text())  # the stopped session's time is kept
     assert first["sessions"] == 1 and first["wall"] > 0
+    from src.distillation import stage as stage_module
+    clock_calls = []
+    real = stage_module.whole_epoch_seconds
+    monkeypatch.setattr(stage_module, "whole_epoch_seconds",
+                        lambda *a: clock_calls.append(a) or real(*a))
     run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
+    # the clock hears the resumed epoch as a whole one: the steps taken before the stop are named
+    assert [c[3] for c in clock_calls] == [partial["next_step"], 0]
+    assert clock_calls[0][2] > partial["next_step"]  # the epoch's steps, all of them, not those run after the resume
     for stage in ("teacher", "student"):
         assert _rows(tmp_path / "cut", stage) == _rows(tmp_path / "full", stage)
     timings = json.loads((tmp_path / "cut" / "timings.json").read_text())  # wall summed over both sessions
@@ -430,7 +438,7 @@ def test_killed_before_anything_was_saved_the_same_command_starts_again(tmp_path
     assert code == 0, err
 
 
-def test_a_stop_inside_an_epoch_saves_it_part_way_and_resumes_to_the_same_weights(tmp_path):
+def test_a_stop_inside_an_epoch_saves_it_part_way_and_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = tiny_cfg(train__epochs=2, data__max_train_samples=480)
     run_chain(cfg, tmp_path / "full", progress=False)
     calls = {"n": 0}
@@ -444,7 +452,15 @@ def test_a_stop_inside_an_epoch_saves_it_part_way_and_resumes_to_the_same_weight
     assert "student: epoch 1 up to step" in stopped.value.saved and "last.pt" in stopped.value.saved
     partial = torch.load(tmp_path / "cut" / "student" / "last.pt", weights_only=True)["partial"]
     assert partial["epoch"] == 1 and 0 < partial["next_step"] < len(partial["step_losses"]) + 2
+    from src.distillation import stage as stage_module
+    clock_calls = []
+    real = stage_module.whole_epoch_seconds
+    monkeypatch.setattr(stage_module, "whole_epoch_seconds",
+                        lambda *a: clock_calls.append(a) or real(*a))
     run_chain(cfg, tmp_path / "cut", resume=True, progress=False)
+    # the clock hears the resumed epoch as a whole one: the steps taken before the stop are named
+    assert [c[3] for c in clock_calls] == [partial["next_step"], 0]
+    assert clock_calls[0][2] > partial["next_step"]  # the epoch's steps, all of them, not those run after the resume
     for stage in ("teacher", "student"):
         assert _rows(tmp_path / "cut", stage) == _rows(tmp_path / "full", stage)
         a = read_weights(tmp_path / "full" / stage / "best.pt")

@@ -67,6 +67,15 @@ def test_the_chain_says_how_long_it_will_take_before_its_first_step(tmp_path, ca
     assert len(epoch_lines) == 4 and all("chain ~" in ln and "left" in ln for ln in epoch_lines)
 
 
+def test_an_epoch_resumed_part_way_counts_as_a_whole_one_for_the_clock():
+    """After a resume at step 300 of 400, the process ran 100 steps: 50 s of training and 10 s of
+    validation. A whole epoch is 4 x 50 + 10 s; an epoch run whole is taken as measured."""
+    from src.distillation.clock import whole_epoch_seconds
+    assert whole_epoch_seconds(60.0, 10.0, 400, 300) == 210.0
+    assert whole_epoch_seconds(60.0, 10.0, 400, 0) == 60.0
+    assert whole_epoch_seconds(60.0, 10.0, 400, 400) == 60.0  # nothing left to run: no scaling by zero
+
+
 def test_durations_read_as_people_say_them():
     from src.distillation.clock import duration
     assert [duration(s) for s in (40, 14 * 60, 130 * 60)] == ["40 s", "14 min", "2 h 10 min"]

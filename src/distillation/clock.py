@@ -39,6 +39,15 @@ class StageWork:
         return 0.0 if self.ended else self.epochs_left * self.epoch_seconds + self.test_seconds
 
 
+def whole_epoch_seconds(took: float, eval_seconds: float, steps: int, skipped: int) -> float:
+    """The time a whole epoch takes, from one resumed part-way: this process took `took` seconds
+    (validation `eval_seconds` of them) for the `steps - skipped` steps it ran; the skipped steps
+    ran before the interruption, at no cost here, so the training part is scaled up to all `steps`."""
+    if skipped <= 0 or steps <= skipped:
+        return took
+    return (took - eval_seconds) * steps / (steps - skipped) + eval_seconds
+
+
 class ChainClock:
     """Seconds left (training, validation and the final test scoring): this seed's stages, plus `later_seeds` more runs of the whole chain."""
 

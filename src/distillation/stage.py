@@ -30,6 +30,7 @@ from timm.data import Mixup
 from torch import nn
 
 from src.distillation import distributed as dist
+from src.distillation.clock import whole_epoch_seconds
 from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
                                      evaluate, train_one_epoch)
 from src.distillation.methods import Method, StudentWithMethod, build_method
@@ -192,6 +193,7 @@ class StageRun:
     ck_rows: Optional[tuple] = None
     partial: Optional[dict] = None    # an epoch saved part-way (resumed from its next step)
     epoch: int = 0                     # the epoch in progress
+    skipped_steps: int = 0             # steps of this epoch taken before an interruption (resumed part-way)
 
 
 def _epoch_row(epoch: int, tr: dict, val: dict, seconds: float, peak_mb: float) -> dict:
@@ -428,7 +430,7 @@ def train_epoch(run: StageRun, train_loader, epoch: int, progress: bool) -> tupl
     train_loader.set_epoch(epoch)
     run.epoch = epoch
     resume = run.partial if run.partial and run.partial["epoch"] == epoch else None
-    run.partial = None
+    run.partial, run.skipped_steps = None, int(resume["next_step"]) if resume else 0
     try:
         tr = train_one_epoch(run.ctx, train_loader, alpha, desc=f"{stage.name} {epoch}/{plan.epochs}",
                              progress=progress, resume=resume)
@@ -513,7 +515,8 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
             logs.write(epoch, row, terms, tr, alpha)
             run.epochs_done = epoch
             kd_note = _weights_note(run.method, alpha)
-            left = f"  {clock.epoch_done(run.stage.name, time.perf_counter() - t_epoch)}" if clock is not None else ""
+            took = whole_epoch_seconds(time.perf_counter() - t_epoch, eval_seconds, tr["steps"], run.skipped_steps)
+            left = f"  {clock.epoch_done(run.stage.name, took)}" if clock is not None else ""
             log.info(f"  {run.stage.name:<15} epoch {epoch:>3}/{run.plan.epochs}  loss {tr['loss']:.4f}  "
                      f"train acc {tr['accuracy']:.4f}  val acc {val['accuracy']:.4f}  {kd_note}"
                      f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s{left}")
