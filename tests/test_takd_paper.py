@@ -490,6 +490,44 @@ def test_students_of_several_seeds_at_once_give_the_numbers_of_one_at_a_time(tmp
             pd.testing.assert_frame_equal(a, b)
 
 
+def test_students_keep_the_thread_count_they_started_with(tmp_path, monkeypatch):
+    """Seeds 0-2 with --jobs 2 on two cores: one thread per student. Resumed with only seed 2 left
+    (or another --jobs), seed 2's students still get one thread: paired students must not differ
+    in the order of their float sums."""
+    from types import SimpleNamespace
+    from benchmarks import reproduce_takd
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    started, done = [], set()
+
+    class Finished:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def fake_start(config_path, run_dir, verbose, seed=None, log=None, threads=None):
+        started.append((seed, threads))
+        return Finished()
+    monkeypatch.setattr(reproduce_takd, "start", fake_start)
+    monkeypatch.setattr(reproduce_takd, "run_done", lambda path, stages, seeds=None: path.name in done)
+    students = tmp_path / "students"
+    args = SimpleNamespace(jobs=2, out=tmp_path, verbose=False)
+    done.update({"seed_0", "seed_1"})  # the first start: seed 2 alone is left, but the run began with three seeds
+    assert reproduce_takd.train_students(tmp_path / "c.yaml", students, [0, 1, 2], [], args) == 0
+    assert started == [(2, 1)]
+    assert json.loads((students / "seeds.json").read_text())["threads"] == 1
+    for jobs in (1, 2):  # resumed, whatever --jobs: the recorded count
+        started.clear()
+        args.jobs = jobs
+        assert reproduce_takd.train_students(tmp_path / "c.yaml", students, [0, 1, 2], [], args) == 0
+        assert started == [(2, 1)]
+    fresh = tmp_path / "fresh"
+    args.jobs = 1  # a new run of one student at a time: both cores
+    reproduce_takd.train_students(tmp_path / "c.yaml", fresh, [0, 1, 2], [], args)
+    assert started[-1] == (2, 2) and json.loads((fresh / "seeds.json").read_text())["threads"] == 2
+
+
 def test_reproduction_arguments_are_checked_before_anything_is_written(tmp_path, capsys):
     from benchmarks import reproduce_takd
     out = tmp_path / "out"
