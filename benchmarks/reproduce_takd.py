@@ -244,7 +244,7 @@ def start(config_path: Path, run_dir: Path, verbose: bool, seed=None, log=None, 
     """One chain through the toolkit's own command line, as a process of its own: a new run, or
     the interrupted one resumed. `seed`: one seed of the students, in its own run folder."""
     started = RunFolder(run_dir).is_run
-    cmd = [sys.executable, "-m", "cnn_distillation.train_cnn", "--no-progress"]
+    cmd = [sys.executable, "-m", "cnn_distillation.train_cnn", "--no-progress", "--no-cpu-advice"]  # its length is chosen
     cmd += ["--resume", str(run_dir)] if started else ["--config", str(config_path), "--output-dir", str(run_dir)]
     if seed is not None and not started:
         cmd += ["--seed", str(seed)]

@@ -67,6 +67,27 @@ def test_the_chain_says_how_long_it_will_take_before_its_first_step(tmp_path, ca
     assert len(epoch_lines) == 4 and all("chain ~" in ln and "left" in ln for ln in epoch_lines)
 
 
+def test_a_long_cpu_run_chosen_on_purpose_can_leave_out_the_gpu_advice(tmp_path, capsys, monkeypatch):
+    """The reproduction's own long CPU chains pass --no-cpu-advice: advising its --slice cpu from
+    inside its --slice cpu-full run misleads. Without the flag the advice stays."""
+    from src.distillation import clock
+    monkeypatch.setattr(clock, "SLOW_ON_CPU_S", 0.0)  # every chain counts as long
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=1))))
+    said = {}
+    for name, extra in (("advised", []), ("quiet", ["--no-cpu-advice"])):
+        code, err = run_cli("cnn", "--config", cfg_path, "--output-dir", tmp_path / name, *extra)
+        assert code == 0, err
+        said[name] = capsys.readouterr().out
+    assert "meant for a GPU" in said["advised"] and "Estimated training time" in said["advised"]
+    assert "meant for a GPU" not in said["quiet"] and "Estimated training time" in said["quiet"]
+    from benchmarks import reproduce_takd
+    started = []
+    monkeypatch.setattr(reproduce_takd.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    reproduce_takd.start(tmp_path / "cfg.yaml", tmp_path / "child", verbose=False)
+    assert "--no-cpu-advice" in started[0]
+
+
 def test_an_epoch_resumed_part_way_counts_as_a_whole_one_for_the_clock():
     """After a resume at step 300 of 400, the process ran 100 steps: 50 s of training and 10 s of
     validation. A whole epoch is 4 x 50 + 10 s; an epoch run whole is taken as measured."""

@@ -296,11 +296,13 @@ class ChainRun:
 
 
 def run_chain(cfg: RunConfig, run: RunFolder | Path, *, resume: bool = False, progress: bool = True,
-              should_stop: Callable[[], bool] = lambda: False, later_seeds: int = 0) -> pd.DataFrame:
+              should_stop: Callable[[], bool] = lambda: False, later_seeds: int = 0,
+              cpu_advice: bool = True) -> pd.DataFrame:
     """Run every stage of `cfg` into the run folder `run` (or its path); finished stages are skipped on resume.
 
     Every stage still to run is planned first, and the time the chain will take (this run and
-    `later_seeds` more of it) is said before the first step. Besides the stage folders it writes
+    `later_seeds` more of it) is said before the first step, with the advice that a long chain on a
+    CPU is meant for a GPU unless `cpu_advice` is off (a caller that chose a long CPU run). Besides the stage folders it writes
     timings.json: wall-clock seconds of the whole chain split into data, planning, compile,
     training, evaluation and the rest."""
     t_start = time.perf_counter()
@@ -319,7 +321,7 @@ def run_chain(cfg: RunConfig, run: RunFolder | Path, *, resume: bool = False, pr
                 backfill_tensorboard(chain, folder)
             else:
                 todo.append((idx, stage, stage_plan(chain, stage, resuming=resume and folder.started)))
-        clock = announce_estimate(chain, todo, later_seeds)
+        clock = announce_estimate(chain, todo, later_seeds, cpu_advice)
         for idx, stage, plan in todo:
             chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop, clock))
         return finish_chain(chain, t_start)
@@ -403,9 +405,9 @@ def stage_seconds(chain: ChainRun, stage, plan: StagePlan) -> tuple[float, float
     return per_rank / img_s + len(data.val) / forward + per_epoch / disk, len(data.test) / forward + export / disk
 
 
-def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0) -> ChainClock:
-    """Say before the first step how long the chain will take; on a CPU, when that is long, say
-    that the preset is meant for a GPU and name the presets that fit a CPU."""
+def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0, cpu_advice: bool = True) -> ChainClock:
+    """Say before the first step how long the chain will take; on a CPU, when that is long (and
+    `cpu_advice`), say that the preset is meant for a GPU and name the presets that fit a CPU."""
     work = []
     chain.write_bytes_per_s = write_speed(chain.folder.path) if todo and dist.is_main() else float("inf")
     for _, stage, plan in todo:
@@ -423,7 +425,7 @@ def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0) -> Chai
         seeds = f", and {later_seeds} more seed{'s' if later_seeds > 1 else ''}" if later_seeds else ""
         log.info(f"Estimated training time: about {duration(total)} ({parts}{seeds}; training, validation and "
                  f"test scoring, measured over a few steps at the real batch size), updated after every epoch")
-        if chain.device.type == "cpu" and total > chain_clock.SLOW_ON_CPU_S:  # read here: a test may lower it
+        if cpu_advice and chain.device.type == "cpu" and total > chain_clock.SLOW_ON_CPU_S:  # read here: a test may lower it
             log.warning(f"⚠️  This preset is meant for a GPU: on this CPU it would take about {duration(total)}. "
                         f"Presets that fit a CPU: {CPU_PRESETS}. Ctrl-C stops it; --resume continues it")
     return clock

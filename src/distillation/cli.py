@@ -64,6 +64,8 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
                    help="also log to RUN/tb/ for TensorBoard (needs: python -m pip install tensorboard)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress display (on a terminal a bar, elsewhere a line every 30 s)")
+    p.add_argument("--no-cpu-advice", action="store_true",
+                   help="no advice that a long chain on a CPU is meant for a GPU (for a long CPU run chosen on purpose)")
     p.add_argument("--verbose", action="store_true",
                    help="print the guards' full messages (frozen teacher, checkpointing, cleanup, NaN diagnosis) "
                         "and the planner's probes")

@@ -270,6 +270,7 @@ def train(session: Session) -> None:
     """The chain once, or once per seed (seed_<n>/, listed in seeds.json); then the report."""
     args, out, cfg = session.args, session.out, session.cfg
     resume, progress = args.resume is not None, not args.no_progress
+    quiet = dict(cpu_advice=not args.no_cpu_advice)
     stop = lambda: signals.stop_requested() is not None  # noqa: E731
     folder = RunFolder(out)
     if session.own_process:
@@ -282,9 +283,9 @@ def train(session: Session) -> None:
             session.log.info(f"\n════ seed {s} ════")
             seed_folder = folder.seed_folder(s)
             run_chain(replace(cfg, seed=s), seed_folder, resume=resume and seed_folder.path.exists(), progress=progress,
-                      should_stop=stop, later_seeds=len(session.seeds) - 1 - i)
+                      should_stop=stop, later_seeds=len(session.seeds) - 1 - i, **quiet)
     else:
-        run_chain(cfg, folder, resume=resume, progress=progress, should_stop=stop)
+        run_chain(cfg, folder, resume=resume, progress=progress, should_stop=stop, **quiet)
     if session.ds.is_main:
         _report(folder, session.log, tensorboard=cfg.logging.tensorboard)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
