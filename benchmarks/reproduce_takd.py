@@ -256,11 +256,38 @@ def start(config_path: Path, run_dir: Path, verbose: bool, seed=None, log=None, 
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
 
 
-def wait(proc: subprocess.Popen) -> int:
+def wait(proc: subprocess.Popen, tick=lambda: None) -> int:
+    """The child's exit code; `tick` is called while it runs (the run clock)."""
     try:
-        return proc.wait()
+        while proc.poll() is None:
+            time.sleep(0.2)
+            tick()
+        return proc.returncode
     except KeyboardInterrupt:  # the child got the same Ctrl-C: it saves and exits with its own code
         return proc.wait()
+
+
+class RunClock:
+    """Each run's wall time in OUT/timings.json, summed over sessions and written every `every`
+    seconds while the run trains (and when it ends): a session ended by SIGKILL loses at most
+    that much of it. (Written only at the end, a killed session's hours were lost: the full-length
+    run's teacher trained 3 h in a session that ended that way, and the table said 3 min.)"""
+
+    def __init__(self, path: Path, label: str, every: float = 30.0):
+        self.path, self.label, self.every = path, label, every
+        self.timings = json.loads(path.read_text()) if path.exists() else {}
+        self.before = float(self.timings.get(label, 0.0))
+        self.t0 = self.written = time.perf_counter()
+
+    def tick(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self.written >= self.every:
+            self.timings[self.label] = round(self.before + now - self.t0, 1)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.timings, indent=2))
+            os.replace(tmp, self.path)  # never a half-written file
+            self.written = now
 
 
 def cores() -> int:
@@ -283,7 +310,7 @@ def student_threads(folder: RunFolder, seeds: list, jobs: int) -> int:
     return int(recorded) if recorded else max(1, cores() // max(1, min(jobs, len(seeds))))
 
 
-def train_students(config_path: Path, students_dir: Path, seeds: list, stages: list, args) -> int:
+def train_students(config_path: Path, students_dir: Path, seeds: list, stages: list, args, tick=lambda: None) -> int:
     """Each seed's students as a single-seed run in students/seed_<n> (listed in seeds.json, read
     as a --seeds run), --jobs of them at once, each with its share of the cores (the console of
     each in OUT/logs/ when several run at once). The first failure stops new starts; the
@@ -309,6 +336,7 @@ def train_students(config_path: Path, students_dir: Path, seeds: list, stages: l
                           flush=True)
                 running[s] = (start(config_path, folder.seed_folder(s).path, args.verbose, s, log, threads), log)
             time.sleep(0.2)
+            tick()
             for s, (proc, log) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -384,6 +412,14 @@ def _stops(summary: pd.DataFrame, stage: str) -> str:
     return f"all {int(r['epochs'])} (best {int(r['best_epoch'])})"
 
 
+def stage_seconds(summary_csvs: list) -> float:
+    """Training, evaluation and compile seconds of every stage in these summary.csv files: recorded
+    with every epoch, so they count the sessions whose run clock was lost (a SIGKILL)."""
+    cols = ("train_seconds", "eval_seconds", "compile_seconds")
+    frames = [pd.read_csv(p) for p in summary_csvs if Path(p).exists()]
+    return float(sum(f[c].fillna(0).sum() for f in frames for c in cols if c in f.columns))
+
+
 def paired_per_seed(seeds: list, a_stage: str, b_stage: str) -> tuple[list, list]:
     """Per seed (of [(seed, run folder)]): accuracy(A) - accuracy(B) in points on the same test
     images, and the exact McNemar p-value."""
@@ -421,6 +457,24 @@ def unreadable(tests: pd.DataFrame, troubles: list) -> pd.DataFrame:
     return tests
 
 
+def group_context(group: Path, family: str, dataset: str, tables: list, seeds: list) -> list:
+    """The lines said above a family's rows: the teacher's and assistants' accuracy and epochs
+    (trained once), and the stages' own time over every session."""
+    teacher, assistants, _ = group_models(family, tables)
+    summary, lines = RunFolder(group / "teachers").summary_csv, []
+    if summary.exists():
+        single = pd.read_csv(summary).set_index("stage")
+        acc = lambda st: 100 * single["test_accuracy"].get(st, float("nan"))  # noqa: E731
+        lines.append(f"{family}, {dataset}: teacher {teacher} {acc('teacher'):.2f}% (epochs: {_stops(single, 'teacher')})"
+                     + "".join(f", assistant {a} {acc(ta_stage(a)):.2f}% (epochs: {_stops(single, ta_stage(a))})"
+                               for a in assistants) + "; trained once")
+    staged = stage_seconds([summary] + [RunFolder(d).summary_csv for _, d in seeds])
+    if staged:
+        lines.append(f"{family}, {dataset}: the stages' own training and evaluation time {staged / 60:.1f} min (summed "
+                     f"from their summaries, so it counts every session, also one whose run clock was lost)")
+    return lines
+
+
 NOT_INTERPRETABLE = ("not interpretable: a student in the comparison collapsed to one class or scored near chance in "
                      "some seed, so the difference says nothing about the methods")
 
@@ -434,15 +488,8 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             group = args.out / f"{family}-{dataset}"
             teacher, assistants, student = group_models(family, args.tables)
             t1 = FAMILIES[family]["table1_assistant"]
-            summary = RunFolder(group / "teachers").summary_csv
-            if summary.exists():
-                single = pd.read_csv(summary).set_index("stage")
-                acc = lambda st: 100 * single["test_accuracy"].get(st, float("nan"))  # noqa: E731
-                context.append(f"{family}, {dataset}: teacher {teacher} {acc('teacher'):.2f}% "
-                               f"(epochs: {_stops(single, 'teacher')})"
-                               + "".join(f", assistant {a} {acc(ta_stage(a)):.2f}% (epochs: {_stops(single, ta_stage(a))})"
-                                         for a in assistants) + "; trained once")
             seeds = seed_dirs(group / "students", args.seeds)
+            context += group_context(group, family, dataset, args.tables, seeds)
             if not seeds:
                 continue
             summaries = {s: pd.read_csv(RunFolder(d).summary_csv).set_index("stage") for s, d in seeds}
@@ -587,7 +634,7 @@ def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall
              "Differences from the authors' code and the published numbers:",
              *[f"- {d}" for d in deviations(args, args.families)], "",
              f"Seeds {','.join(map(str, args.seeds))}; teacher {args.teacher_epochs} epochs, assistants and students "
-             f"{args.epochs}; wall time of the runs {wall_s / 60:.1f} min.", ""]
+             f"{args.epochs}; wall time of the runs {wall_s / 60:.1f} min (the reproduction's clock).", ""]
     lines += [f"- {c}" for c in context] + [""]
     if not table.empty:
         lines += ["| table | family | dataset | row | paper (%) | ours: mean [95% t interval] (%) | per seed | "
@@ -778,24 +825,22 @@ def main(argv=None) -> int:
         return 2
     print(PROTOCOL, flush=True)
     timings_path = args.out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for i, (label, raw, run_dir, seeds) in enumerate([] if args.report_only else runs):
         if run_done(run_dir, raw["stages"], seeds):
             print(f"[{i + 1}/{len(runs)}] {label}: finished earlier", flush=True)
             continue
         print(f"\n[{i + 1}/{len(runs)}] {label} -> {run_dir}", flush=True)
-        t_run = time.perf_counter()
+        clock = RunClock(timings_path, label)
         config_path = args.out / "configs" / f"{run_dir.parent.name}-{run_dir.name}.yaml"
         if seeds:
-            code = train_students(config_path, run_dir, seeds, raw["stages"], args)
+            code = train_students(config_path, run_dir, seeds, raw["stages"], args, clock.tick)
         else:
-            code = wait(start(config_path, run_dir, args.verbose))
-        timings[label] = round(timings.get(label, 0.0) + time.perf_counter() - t_run, 1)
-        timings_path.write_text(json.dumps(timings, indent=2))
+            code = wait(start(config_path, run_dir, args.verbose), clock.tick)
+        clock.tick(force=True)
         if code != 0:
             print(f"stopped ({label}, exit {code}); continue with the same command plus --resume", file=sys.stderr)
             return code
-    wall = sum(timings.values())
+    wall = sum(json.loads(timings_path.read_text()).values()) if timings_path.exists() else 0.0
     written = write_results(args, wall)
     print(f"\n{written[0].read_text()}\nTables: " + ", ".join(f"{m.with_suffix('.csv')} and {m}" for m in written),
           flush=True)

@@ -528,6 +528,39 @@ def test_students_keep_the_thread_count_they_started_with(tmp_path, monkeypatch)
     assert started[-1] == (2, 2) and json.loads((fresh / "seeds.json").read_text())["threads"] == 2
 
 
+def test_the_run_clock_survives_a_kill_of_the_reproduction(tmp_path):
+    """The reproduction's process killed outright (SIGKILL, as when a session ends) while a run
+    trains: its wall time so far is in timings.json all the same, and a resume adds to it."""
+    path = tmp_path / "timings.json"
+    code = ("import subprocess, sys; from pathlib import Path; from benchmarks import reproduce_takd as rt; "
+            f"clock = rt.RunClock(Path({str(path)!r}), 'teachers', every=0.2); "
+            "rt.wait(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']), clock.tick)")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)
+    while not path.exists() and proc.poll() is None and time.perf_counter() - t0 < 180:
+        time.sleep(0.1)  # the imports take a while
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: only what was written survives
+    proc.wait()
+    first = json.loads(path.read_text())["teachers"]
+    assert 1.0 <= first <= time.perf_counter() - t0
+    clock = rt.RunClock(path, "teachers", every=60.0)  # the resumed session
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert rt.wait(sleeper, clock.tick) == 0
+    clock.tick(force=True)
+    assert json.loads(path.read_text())["teachers"] >= first + 0.5
+
+
+def test_the_stages_own_time_counts_every_session(tmp_path):
+    """Summed from the stages' summaries (written with every epoch), not from the run clock."""
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    pd.DataFrame({"stage": ["teacher", "ta"], "train_seconds": [100.0, 20.0], "eval_seconds": [5.0, float("nan")],
+                  "compile_seconds": [0.0, 1.0]}).to_csv(a, index=False)
+    pd.DataFrame({"stage": ["student"], "train_seconds": [7.5], "eval_seconds": [0.5]}).to_csv(b, index=False)
+    assert rt.stage_seconds([a, b, tmp_path / "missing.csv"]) == pytest.approx(134.0)
+    assert rt.stage_seconds([]) == 0.0
+
+
 def test_reproduction_arguments_are_checked_before_anything_is_written(tmp_path, capsys):
     from benchmarks import reproduce_takd
     out = tmp_path / "out"
