@@ -159,6 +159,19 @@ def test_teacher_checkpoint_with_wrong_class_count(tmp_path):
     assert code == 2 and "class count does not match" in err
 
 
+def test_a_teacher_from_a_checkpoint_is_said_to_be_loaded_not_trained(tmp_path, capsys):
+    """Its line said "(epoch 0)": a teacher loaded from a checkpoint has no best epoch here."""
+    from src.models import create_model
+    ckpt = tmp_path / "t.pt"
+    torch.save({"model": create_model("resnet10t", 10).state_dict()}, ckpt)
+    cfg_path = _write_cfg(tmp_path, train__epochs=1)
+    code, err = run_cli("cnn", "--config", cfg_path, "--output-dir", tmp_path / "run", "--set", f"stages.teacher.checkpoint={ckpt}")
+    assert code == 0, err
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "→" in ln]
+    assert "(loaded from its checkpoint, not trained here)" in said[0] and "epoch 0" not in said[0]
+    assert "(epoch 1)" in said[1]
+
+
 def test_cuda_asked_for_where_there_is_none(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")

@@ -543,7 +543,8 @@ def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: boo
         for t in teachers:
             cleanup_training_state(model=t, verbose=False, device=device)
         del teachers
-    log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} (epoch {summary['best_epoch']}), "
+    best = f"epoch {summary['best_epoch']}" if summary.get("best_epoch") else "loaded from its checkpoint, not trained here"
+    log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} ({best}), "
              f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}{frozen}; "
              f"memory released {summary.get('released_mb', 0.0):.0f} MB"
              + (f"; compile {summary['compile_seconds']:.1f}s" if summary.get("compile_seconds") else ""))
