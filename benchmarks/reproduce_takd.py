@@ -5,6 +5,8 @@
     python benchmarks/reproduce_takd.py --data-root cifar10=DIR --data-root cifar100=DIR   # everything, 150 epochs
     python benchmarks/reproduce_takd.py --tables table1 --families resnet --datasets cifar10 --seeds 0,1,2,3,4
     python benchmarks/reproduce_takd.py ... --resume         # after any stop: the same command plus --resume
+    python benchmarks/reproduce_takd.py --slice cpu-full --tables assistants --teachers-from runs/full --out runs/sizes
+                                                             # more assistants beside a finished run's teacher
     python benchmarks/reproduce_takd.py --slice cpu --methods dkd,dist,fitnet,at --jobs 2 --out runs/methods
                                                              # the field's methods beside KD, direct and via the assistant
 
@@ -34,7 +36,7 @@ import yaml  # noqa: E402
 from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable, paired_correct, published,  # noqa: E402
                                     summarise)
 from src.distillation.chain import check_stages  # noqa: E402
-from src.distillation.config import apply_override, from_dict  # noqa: E402
+from src.distillation.config import apply_override, changed_keys, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
 from src.report import ONE_CLASS_SHARE, chance_bar, top_class_share, write_report  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
@@ -226,6 +228,31 @@ def method_args(method: str, epochs: int) -> dict:
     return {"warmup": DKD_WARMUP[0] * epochs / DKD_WARMUP[1]} if method == "dkd" else {}
 
 
+def reuse_trained(raw: dict, source: Path, group: str) -> dict:
+    """--teachers-from SOURCE: each stage of this teachers run that SOURCE (an earlier reproduction)
+    finished with the same settings is loaded from its weights, not trained again, so new
+    assistants beside a teacher of hours cost the assistants only. Settings that differ in
+    anything but the stages (data, recipe, epochs, early stopping, seed) are refused."""
+    config, folder = source / "configs" / f"{group}-teachers.yaml", RunFolder(source / group / "teachers")
+    if not config.exists() or not folder.is_run:
+        raise UserError(f"--teachers-from: {source} holds no reproduction with a {group} teachers run")
+    old = yaml.safe_load(config.read_text())
+    differs = changed_keys({k: v for k, v in old.items() if k != "stages"}, {k: v for k, v in raw.items() if k != "stages"})
+    if differs:
+        raise UserError(f"--teachers-from: {source}'s {group} teachers were trained with other settings "
+                        f"({', '.join(differs)}); give the options it was run with")
+    before = {st["name"]: st for st in old["stages"]}
+    reused = [i for i, st in enumerate(raw["stages"]) if before.get(st["name"]) == st and folder.stage(st["name"]).finished]
+    if not reused:
+        raise UserError(f"--teachers-from: {source} has no finished {group} stage of these settings to reuse")
+    for i in reused:  # loaded as the students load them: evaluated here, never trained
+        st = raw["stages"][i]
+        raw["stages"][i] = {"name": st["name"], "model": st["model"], "role": st["role"],
+                            "checkpoint": str(folder.stage(st["name"]).best)}
+    from_dict(raw)
+    return raw
+
+
 def finalise(raw: dict, overrides: list) -> dict:
     """Apply --set overrides and check the config as the trainer will."""
     for item in overrides:
@@ -362,6 +389,8 @@ def plan_runs(args) -> list:
             group = args.out / f"{family}-{dataset}"
             teachers = finalise(teachers_config(family, dataset, args.tables, args.teacher_epochs, args.epochs, data,
                                                 args), args.overrides)
+            if args.teachers_from:
+                teachers = reuse_trained(teachers, args.teachers_from, group.name)
             students = finalise(students_config(family, dataset, args.tables, args.epochs, group / "teachers", data,
                                                 args), args.overrides)
             runs.append((f"{family}-{dataset} teacher and assistants", teachers, group / "teachers", None))
@@ -387,7 +416,7 @@ def write_configs(runs, args) -> None:
     for path, text in texts.items():  # every one checked before any is written
         if path.exists() and path.read_text() != text:
             raise UserError(f"{path.name}: this command asks for other settings than the reproduction in {args.out} "
-                            f"started with (epochs, seeds, data, --early-stop, --set); --resume continues it as it "
+                            f"started with (epochs, seeds, data, --early-stop, --set, --teachers-from); --resume continues it as it "
                             f"was: give the same options, or choose a new --out")
     folder.mkdir(parents=True, exist_ok=True)
     for path, text in texts.items():
@@ -418,6 +447,22 @@ def stage_seconds(summary_csvs: list) -> float:
     cols = ("train_seconds", "eval_seconds", "compile_seconds")
     frames = [pd.read_csv(p) for p in summary_csvs if Path(p).exists()]
     return float(sum(f[c].fillna(0).sum() for f in frames for c in cols if c in f.columns))
+
+
+def _trained_epochs(teachers_dir: Path, summary: pd.DataFrame):
+    """stage -> its epochs in words; a stage loaded from another reproduction (--teachers-from)
+    says the epochs it trained there, and where."""
+    path = RunFolder(teachers_dir).config_path
+    stages = yaml.safe_load(path.read_text())["stages"] if path.exists() else []
+    sources = {st["name"]: Path(st["checkpoint"]).parents[1] for st in stages if st.get("checkpoint")}
+
+    def words(stage: str) -> str:
+        if stage not in sources:
+            return _stops(summary, stage)
+        there = RunFolder(sources[stage]).summary_csv
+        trained = _stops(pd.read_csv(there).set_index("stage"), stage) if there.exists() else "unknown"
+        return f"{trained}, trained in {sources[stage]} and loaded here"
+    return words
 
 
 def paired_per_seed(seeds: list, a_stage: str, b_stage: str) -> tuple[list, list]:
@@ -465,8 +510,9 @@ def group_context(group: Path, family: str, dataset: str, tables: list, seeds: l
     if summary.exists():
         single = pd.read_csv(summary).set_index("stage")
         acc = lambda st: 100 * single["test_accuracy"].get(st, float("nan"))  # noqa: E731
-        lines.append(f"{family}, {dataset}: teacher {teacher} {acc('teacher'):.2f}% (epochs: {_stops(single, 'teacher')})"
-                     + "".join(f", assistant {a} {acc(ta_stage(a)):.2f}% (epochs: {_stops(single, ta_stage(a))})"
+        epochs = _trained_epochs(group / "teachers", single)
+        lines.append(f"{family}, {dataset}: teacher {teacher} {acc('teacher'):.2f}% (epochs: {epochs('teacher')})"
+                     + "".join(f", assistant {a} {acc(ta_stage(a)):.2f}% (epochs: {epochs(ta_stage(a))})"
                                for a in assistants) + "; trained once")
     staged = stage_seconds([summary] + [RunFolder(d).summary_csv for _, d in seeds])
     if staged:
@@ -727,6 +773,9 @@ def parse_args(argv):
                         "takd_reproduction.csv")
     p.add_argument("--publish", action="store_true",
                    help=f"also write the tables to the tracked {PUBLISHED_TRACKED.relative_to(ROOT)} (and .md)")
+    p.add_argument("--teachers-from", type=Path, default=None, metavar="OUT",
+                   help="load the teacher and assistants that the reproduction in OUT finished with the same settings "
+                        "instead of training them again (e.g. --tables assistants beside a finished Table 1 run)")
     p.add_argument("--resume", action="store_true", help="continue the reproduction in --out after any stop")
     p.add_argument("--report-only", action="store_true", help="rebuild the tables from the runs in --out, train nothing")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -781,6 +830,10 @@ def check_args(args):
             if not Path(root).exists():
                 raise UserError(f"--data-root for {dataset}: {root} does not exist (an ImageFolder tree or its .tar.gz)")
     args.out = args.out.expanduser().resolve()
+    if args.teachers_from:
+        args.teachers_from = args.teachers_from.expanduser().resolve()
+        if args.teachers_from == args.out:
+            raise UserError("--teachers-from names --out itself: --resume continues a reproduction in place")
     results = (args.results or args.out / "results" / "takd_reproduction.csv").expanduser().resolve()
     args.results = [results] + ([PUBLISHED_TRACKED] if args.publish and results != PUBLISHED_TRACKED else [])
     return args

@@ -561,6 +561,36 @@ def test_the_stages_own_time_counts_every_session(tmp_path):
     assert rt.stage_seconds([]) == 0.0
 
 
+def test_more_assistants_beside_a_finished_runs_teacher_train_only_the_new_ones(tmp_path, capsys):
+    """--tables assistants --teachers-from A: the teacher and plain_cnn4 that A finished are loaded,
+    not trained; plain_cnn6 and plain_cnn8 train; the students equal A's where A has them. Other
+    settings than A's are refused before anything is written."""
+    from benchmarks import reproduce_takd
+    first, sizes = tmp_path / "first", tmp_path / "sizes"
+    one_seed = lambda out, *extra: [a if a != "0,1" else "0" for a in _reproduce_args(out, out / "t.csv", *extra)]  # noqa: E731
+    assert reproduce_takd.main(one_seed(first)) == 0, capsys.readouterr().out[-3000:]
+    capsys.readouterr()
+    refused = one_seed(tmp_path / "other", "--tables", "assistants", "--teachers-from", str(first), "--early-stop", "3")
+    assert reproduce_takd.main(refused) == 2
+    err = capsys.readouterr().err
+    assert "other settings (train.early_stop)" in err and not (tmp_path / "other").exists(), err
+    args = one_seed(sizes, "--teachers-from", str(first))
+    args[args.index("--tables") + 1] = "assistants"
+    assert reproduce_takd.main(args) == 0, capsys.readouterr().out[-3000:]
+    a, b = (out / "plain-cifar10" / "teachers" for out in (first, sizes))
+    for stage in ("teacher", "ta_plain_cnn4"):
+        assert pd.read_csv(b / stage / "epoch_log.csv").empty  # loaded, not trained
+        assert (a / stage / "test_predictions.csv").read_text() == (b / stage / "test_predictions.csv").read_text()
+    for stage in ("ta_plain_cnn6", "ta_plain_cnn8"):
+        assert len(pd.read_csv(b / stage / "epoch_log.csv")) == 2
+    for stage in ("student_scratch", "student_kd", "student"):
+        pa, pb = (out / "plain-cifar10" / "students" / "seed_0" / stage / "test_predictions.csv" for out in (first, sizes))
+        assert pa.read_text() == pb.read_text()
+    table = pd.read_csv(sizes / "t.csv")
+    assert list(table["row"]) == ["NOKD", "BLKD", "TAKD", "TAKD, assistant plain_cnn6", "TAKD, assistant plain_cnn8"]
+    assert f"trained in {a} and loaded here" in (sizes / "t.md").read_text()
+
+
 def test_reproduction_arguments_are_checked_before_anything_is_written(tmp_path, capsys):
     from benchmarks import reproduce_takd
     out = tmp_path / "out"
