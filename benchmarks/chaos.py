@@ -101,6 +101,8 @@ def chaos_round(cfg: Path, run: Path, kills_wanted: int, wall: float, rng: rando
         err = proc.stderr.read() if proc.stderr else ""
         if proc.returncode != 0:
             raise AssertionError(f"run failed after {kills} kills (exit {proc.returncode}): {err.strip()[-800:]}")
+        if not (run / "report.md").exists():  # the report's failure is a warning, not an exit code: show it
+            raise AssertionError(f"no report.md after {kills} kills: {err.strip()[-800:]}")
         return {"kills": kills, "kinds": kinds}
 
 

@@ -509,8 +509,8 @@ def _run_figures(run: str, sub: pd.DataFrame, fig_dir: Path, title: str) -> list
                                                     fig_dir / RunFolder.FIG_CONFUSION.format(run=safe, stage=stage)))
     gallery = {}
     for stage in sub["stage"].unique():
-        pngs = sorted(folder.stage(stage).attention.glob("epoch_*.png"))
-        if pngs:
+        pngs = [p for p in sorted(folder.stage(stage).attention.glob("epoch_*.png")) if plots.readable_image(p)]
+        if pngs:  # the latest map that reads (one cut by a full disk or an older version's kill is passed over)
             gallery[stage] = pngs[-1]
     if gallery:
         made.append(plots.image_gallery(gallery, fig_dir / RunFolder.FIG_GALLERY.format(run=safe)))

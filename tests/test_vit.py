@@ -76,6 +76,36 @@ def test_hf_vit_chain_through_the_same_engine(tmp_path):
     assert json.loads((tmp_path / "run" / "plan.json").read_text())["student"]["grad_checkpointing"] is True
 
 
+def test_a_cut_attention_map_neither_stops_the_report_nor_is_left_by_a_failed_write(tmp_path, monkeypatch):
+    """A kill during the old non-atomic savefig left an empty epoch_003.png that a resumed run never
+    draws again, and the report then failed on it (seen in the chaos test). The map is now written
+    through a temporary file, and the report's gallery passes over a map it cannot read."""
+    import matplotlib.figure
+
+    from src.report import write_report
+    from src.utils.runfolder import RunFolder
+    vit = {"model": "vit_tiny_patch16_224", "patch_size": 8, "model_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2}}
+    cfg = tiny_cfg(stages=[{"name": "student", **vit}], viz={"attention_every": 1, "attention_images": 2})
+    run_chain(cfg, tmp_path / "run", progress=False)
+    maps = sorted(RunFolder(tmp_path / "run").stage("student").attention.glob("epoch_*.png"))
+    assert [m.name for m in maps] == ["epoch_001.png", "epoch_002.png"]
+    whole = maps[-1].read_bytes()
+
+    def cut_write(fig, fname, **kw):  # a write that stops part-way, as a kill or a full disk would
+        fname.write(b"\x89PNG\r\n")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", cut_write)
+    model = create_model("vit_tiny_patch16_224", 10, image_size=16, patch_size=8, model_kwargs=vit["model_kwargs"])
+    with pytest.raises(Exception, match="No space left"):
+        save_attention_maps(model, torch.randn(2, 3, 16, 16), torch.zeros(2, 3, 16, 16, dtype=torch.uint8), maps[-1])
+    monkeypatch.undo()
+    assert maps[-1].read_bytes() == whole and not list(maps[-1].parent.glob("*.tmp"))  # the old map is kept whole
+
+    maps[-1].write_bytes(b"")  # what the old code could leave behind
+    assert write_report([tmp_path / "run"]).exists()
+    assert list((tmp_path / "run" / "figures").glob("*attention_gallery.png"))  # from epoch_001.png
+
+
 @pytest.mark.slow
 def test_cross_architecture_preset_runs(tmp_path):
     code, err = run_cli("vit", "--config", ROOT / "vit_distillation/configs/cnn_teacher.yaml", "--output-dir",

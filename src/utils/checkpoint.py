@@ -67,6 +67,12 @@ def slim_checkpoint(path: str | os.PathLike, drop=("model", "method", "optimizer
     return before - path.stat().st_size
 
 
+def atomic_write_file(path: str | os.PathLike, write) -> None:
+    """write(binary file) into <path>.tmp, then renamed over `path` (a figure that a resumed run
+    does not draw again: a kill part-way leaves no cut PNG behind)."""
+    _atomic_write(Path(path), write)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """A small text file (JSON, YAML), atomically."""
     _atomic_write(Path(path), lambda f: f.write(text.encode()))

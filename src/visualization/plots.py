@@ -366,6 +366,15 @@ def schedules(lr: dict, alpha: dict, path: Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
+def readable_image(path: Path) -> bool:
+    """Whether matplotlib reads the PNG at `path` (an empty or cut file does not)."""
+    try:
+        plt.imread(path)
+    except (OSError, ValueError, SyntaxError):
+        return False
+    return True
+
+
 def image_gallery(images: dict, path: Path) -> Path:
     """Attention-map PNGs side by side at their own size (each carries its title and colour bar)."""
     arrays = [plt.imread(p) for p in images.values()]

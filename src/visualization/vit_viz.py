@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from src.utils.checkpoint import atomic_write_file
+
 MAX_IMAGES, MAX_HEADS = 8, 2
 
 
@@ -96,7 +98,9 @@ def save_attention_maps(model: nn.Module, images: torch.Tensor, raw_images: torc
         fig.suptitle(title, fontsize=11)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    # atomic: the map of a finished epoch is never drawn again on resume, so a kill part-way
+    # through savefig would otherwise leave a cut PNG that the report cannot read
+    atomic_write_file(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
     del maps
     gc.collect()
