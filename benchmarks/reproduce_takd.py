@@ -70,6 +70,12 @@ FAMILIES = {
 }
 DATASETS = ("cifar10", "cifar100")
 TABLES = ("table1", "assistants")
+# beside the assistant-size rows, an extra row not in the paper: DGKD (Son et al. 2021), the student
+# distilled from the teacher and every assistant at once, (1 - lambda) CE + lambda T^2 sum_i KL_i with
+# the same T and lambda, one of the guides dropped at random for every batch (their train_dgkd.py's
+# default --drop-num 1)
+DGKD_STAGE, DGKD_DROP, DGKD_ROW = "student_dgkd", 1, "DGKD, teacher and every assistant (not in the paper)"
+DGKD_SOURCE = "not in the paper: DGKD, Son et al. 2021 (its numbers are not compared here)"
 _JPEG_TREE = str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz")
 SLICES = {
     # the paper's plain CNN row on a 2-core CPU in about 40 minutes: too short to compare with the paper
@@ -207,6 +213,9 @@ def students_config(family, dataset, tables, epochs, teachers_dir: Path, data, a
             "checkpoint": str(trained.stage(ta_stage(a)).best)} for a in assistants]
         + [{"name": "student_scratch", **stream}, {"name": "student_kd", "teacher": "teacher", **stream}]
         + [{"name": student_stage(family, a), "teacher": ta_stage(a), **stream} for a in assistants])
+    if "assistants" in tables:  # dense guidance from the teacher and every assistant (not in the paper)
+        cfg["stages"].append({"name": DGKD_STAGE, "teacher": ["teacher", *[ta_stage(a) for a in reversed(assistants)]],
+                              "method": "dense", "method_args": {"drop_teachers": DGKD_DROP}, **stream})
     for m in args.methods:  # beside KD: the method from the teacher and via each assistant (not in the paper)
         extra = method_args(m, epochs)
         cfg["stages"] += [{"name": method_stage(m), "teacher": "teacher", "method": m, "method_args": extra, **stream}]
@@ -542,16 +551,19 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             acc = {s: summ["test_accuracy"] * 100 for s, summ in summaries.items()}
             entries = [("NOKD", "student_scratch", None), ("BLKD", "student_kd", None)]
             entries += [("TAKD" if a == t1 else f"TAKD, assistant {a}", student_stage(family, a), a) for a in assistants]
+            dense = "assistants" in args.tables and any(DGKD_STAGE in summ.index for summ in summaries.values())
+            entries += [(DGKD_ROW, DGKD_STAGE, None)] if dense else []
             for table in args.tables:
                 for row, stage, assistant in entries:
-                    if table == "table1" and assistant not in (None, t1):
+                    if table == "table1" and (assistant not in (None, t1) or stage == DGKD_STAGE):
                         continue
                     values = [acc[s][stage] for s, _ in seeds if stage in acc[s]]
                     mean, lo, hi = t_interval(values) if values else (float("nan"),) * 3
                     rows.append({"table": table, "family": family, "dataset": dataset, "row": row, "stage": stage,
                                  "teacher": teacher, "assistant": assistant or "", "student": student,
                                  "published": published(family, dataset, "TAKD" if assistant else row, assistant),
-                                 "source": PUBLISHED_SOURCE[table], "comparable": incomparable or "yes",
+                                 "source": DGKD_SOURCE if stage == DGKD_STAGE else PUBLISHED_SOURCE[table],
+                                 "comparable": incomparable or "yes",
                                  "ours_mean": mean, "ours_lo": lo, "ours_hi": hi,
                                  "seeds": len(values), "per_seed": ";".join(f"{v:.2f}" for v in values),
                                  "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
@@ -561,9 +573,10 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             pairs = [("TAKD - BLKD" if a == t1 else f"TAKD(assistant {a}) - BLKD", student_stage(family, a), "student_kd",
                       a) for a in assistants if "assistants" in args.tables or a == t1]
             pairs.append(("BLKD - NOKD", "student_kd", "student_scratch", None))
+            pairs += [("DGKD - TAKD", DGKD_STAGE, "student", None)] if dense else []
             for name, a_stage, b_stage, assistant in pairs:
                 diffs, ps = paired_per_seed(seeds, a_stage, b_stage)
-                pa = published(family, dataset, "TAKD" if assistant else "BLKD", assistant)
+                pa = published(family, dataset, "TAKD" if assistant else "BLKD", assistant) if a_stage != DGKD_STAGE else None
                 pb = published(family, dataset, "BLKD" if assistant else "NOKD")
                 gap = None if pa is None or pb is None else round(pa - pb, 2)
                 comparisons.append((family, dataset, Comparison(name, diffs, ps, gap)))

@@ -174,7 +174,11 @@ def test_reproduction_configs_carry_the_authors_recipe(family, tmp_path):
     assert cfg.data.augment == "none" and t.label_smoothing == 0 and cfg.data.normalize == "cifar100"
     assert cfg.kd.alpha_start == cfg.kd.alpha_end == rt.KD_WEIGHT and cfg.kd.temperature == rt.TEMPERATURE
     students = [s for s in cfg.stages if s.name.startswith("student")]
-    assert {s.seed_stream for s in students} == {"student"} and len(students) == 2 + len(rt.FAMILIES[family]["assistants"])
+    # scratch, KD, TAKD via each assistant, and DGKD from the teacher and every assistant (one dropped per batch)
+    assert {s.seed_stream for s in students} == {"student"} and len(students) == 3 + len(rt.FAMILIES[family]["assistants"])
+    dgkd = next(s for s in students if s.name == rt.DGKD_STAGE)
+    assert dgkd.method == "dense" and dgkd.method_args == {"drop_teachers": 1}
+    assert dgkd.teachers == ["teacher"] + [rt.ta_stage(a) for a in reversed(rt.FAMILIES[family]["assistants"])]
     model = create_model(students[0].model, 10, image_size=32)
     opt = stage_optimizer(model, stage_lr(cfg, students[0]), t, torch.device("cpu"))
     # train.py: optim.SGD(params, lr, momentum=0.9, weight_decay=1e-4): plain momentum, every parameter decayed
@@ -587,8 +591,16 @@ def test_more_assistants_beside_a_finished_runs_teacher_train_only_the_new_ones(
         pa, pb = (out / "plain-cifar10" / "students" / "seed_0" / stage / "test_predictions.csv" for out in (first, sizes))
         assert pa.read_text() == pb.read_text()
     table = pd.read_csv(sizes / "t.csv")
-    assert list(table["row"]) == ["NOKD", "BLKD", "TAKD", "TAKD, assistant plain_cnn6", "TAKD, assistant plain_cnn8"]
-    assert f"trained in {a} and loaded here" in (sizes / "t.md").read_text()
+    assert list(table["row"]) == ["NOKD", "BLKD", "TAKD", "TAKD, assistant plain_cnn6", "TAKD, assistant plain_cnn8",
+                                  reproduce_takd.DGKD_ROW]
+    dgkd = table.set_index("stage").loc[reproduce_takd.DGKD_STAGE]
+    assert pd.isna(dgkd["published"]) and dgkd["source"].startswith("not in the paper") and dgkd["seeds"] == 1
+    stage = json.loads((sizes / "plain-cifar10" / "students" / "seed_0" / "student_dgkd" / "stage.json").read_text())
+    assert "dense from teacher + ta_plain_cnn8 + ta_plain_cnn6 + ta_plain_cnn4, 1 dropped per batch" in json.dumps(stage)
+    tests = pd.read_csv(sizes / "t_tests.csv").set_index("comparison")
+    assert pd.isna(tests.loc["DGKD - TAKD", "paper_gap"]) and len(tests) == 5  # 3 TAKD - BLKD, BLKD - NOKD, DGKD - TAKD
+    md = (sizes / "t.md").read_text()
+    assert f"trained in {a} and loaded here" in md and "| DGKD - TAKD |" in md
 
 
 def test_reproduction_arguments_are_checked_before_anything_is_written(tmp_path, capsys):
