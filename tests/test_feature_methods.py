@@ -37,7 +37,7 @@ def test_dkd_matches_its_formula_in_float64():
     zs, zt, yy = s.double().numpy(), t.double().numpy(), y.numpy()
     ps, pt = _softmax(zs / T), _softmax(zt / T)
     rows = np.arange(len(yy))
-    bs = np.stack([ps[rows, yy], 1 - ps[rows, yy]], 1)
+    bs = np.stack([ps[rows, yy], 1 - ps[rows, yy]], 1)  # exact in float64 at these small margins
     bt = np.stack([pt[rows, yy], 1 - pt[rows, yy]], 1)
     tckd = _kl(bt, bs).mean() * T * T
     keep = np.ones_like(zs, bool)
@@ -64,19 +64,63 @@ def test_dkd_warm_up_follows_the_epoch():
     assert weights == [(1.0, 0.05), (1.0, 0.5), (1.0, 1.0), (1.0, 1.0)]  # mdistiller's epoch / 20 at each epoch's end
 
 
-def test_dkd_warm_up_of_a_fraction_of_an_epoch_rises_with_every_batch():
-    """1.25 epochs of 15 (the paper's 20 of 240): the weight starts near 0, not at 1, and reaches
-    1 a quarter into the second epoch; the trainer's begin_step drives it."""
+def test_dkd_warm_up_equals_mdistillers_staircase_at_every_batch():
+    """mdistiller: min(epoch / warmup, 1) for the whole of epoch `epoch` (1-based), batch by batch."""
+    method = resolve("dkd")([nn.Identity()], ["teacher"], warmup=20)
+    for epoch in (1, 5, 19, 20, 21):
+        for batch in (0, 49, 99):
+            method.begin_epoch(epoch, 240)
+            method.begin_step(batch, 100)
+            assert method.weights()[1] == min(epoch / 20, 1.0), (epoch, batch)
+
+
+def test_dkd_warm_up_of_a_fraction_of_an_epoch_is_a_finer_staircase():
+    """1.25 epochs of 15 (the paper's 20 of 240): steps of a quarter epoch, 0.2 ... 1.0; the weight
+    starts at 1/5, not at full weight, and reaches 1 a quarter into the second epoch."""
     method = resolve("dkd")([nn.Identity()], ["teacher"], warmup=1.25)
     kd = {}
-    for epoch, batch in ((1, 0), (1, 99), (2, 24), (2, 25), (3, 0)):
+    for epoch, batch in ((1, 0), (1, 24), (1, 25), (1, 99), (2, 24), (2, 25), (3, 0)):
         method.begin_epoch(epoch, 15)
         method.begin_step(batch, 100)
         kd[epoch, batch] = method.weights()[1]
-    assert kd[1, 0] == pytest.approx(0.01 / 1.25) and kd[1, 99] == pytest.approx(1 / 1.25)
-    assert kd[2, 24] == pytest.approx(1.0) and kd[2, 25] == kd[3, 0] == 1.0
-    method.begin_epoch(1, 15)  # between epochs (the logged value): the epoch's end
-    assert method.weights()[1] == pytest.approx(0.8)
+    assert kd[1, 0] == kd[1, 24] == pytest.approx(0.2) and kd[1, 25] == pytest.approx(0.4)
+    assert kd[1, 99] == pytest.approx(0.8) and kd[2, 24] == pytest.approx(1.0) and kd[2, 25] == kd[3, 0] == 1.0
+
+
+@pytest.mark.parametrize("margin", [0, 30, 60, 90])
+def test_dkd_tckd_is_exact_at_large_margins(margin):
+    """The student's target logit `margin` above the others, at T = 4: TCKD against a float64
+    computation (1 - p(target) in float32 is off by 1% at 60 and by 40% at 70)."""
+    c = 10
+    s = torch.zeros(2, c)
+    s[:, 0] = margin
+    s[1, 1:] = torch.linspace(-1, 1, c - 1)
+    t = torch.randn(2, c, generator=torch.Generator().manual_seed(4)) * 2
+    y = torch.zeros(2, dtype=torch.long)
+    from src.distillation.methods.dkd import dkd_terms
+    tckd, _ = dkd_terms(s, t, y, 4.0)
+    zs, zt = s.double().numpy() / 4, t.double().numpy() / 4
+    ps, pt = _softmax(zs), _softmax(zt)
+    bs = np.stack([ps[:, 0], ps[:, 1:].sum(1)], 1)
+    bt = np.stack([pt[:, 0], pt[:, 1:].sum(1)], 1)
+    expected = _kl(bt, bs).mean() * 16
+    assert tckd.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_methods_use_their_references_defaults_not_the_chains_temperature():
+    """DKD and DIST at their references' T = 4 whatever kd.temperature says (KD's setting); DIST's
+    weight 2 (dist_cifar.yaml); a stage's method_args.temperature wins."""
+    from src.distillation.methods import build_method
+    cfg = tiny_cfg(kd__temperature=5.0, stages=[{"name": "teacher", "model": "plain_cnn2"},
+                                                {"name": "s", "model": "plain_cnn2", "teacher": "teacher", "method": "dist"},
+                                                {"name": "d", "model": "plain_cnn2", "teacher": "teacher", "method": "dkd"},
+                                                {"name": "k", "model": "plain_cnn2", "teacher": "teacher"},
+                                                {"name": "t", "model": "plain_cnn2", "teacher": "teacher",
+                                                 "method": "dist", "method_args": {"temperature": 2}}])
+    built = {s.name: build_method(cfg, s, [nn.Identity()]) for s in cfg.stages[1:]}
+    assert (built["s"].temperature, built["s"].kd_weight, built["s"].beta, built["s"].gamma) == (4.0, 2.0, 1.0, 1.0)
+    assert (built["d"].temperature, built["d"].alpha, built["d"].beta, built["d"].warmup) == (4.0, 1.0, 8.0, 20.0)
+    assert built["k"].temperature == 5.0 and built["t"].temperature == 2.0
 
 
 def test_dist_matches_its_formula_in_float64():
@@ -89,7 +133,7 @@ def test_dist_matches_its_formula_in_float64():
     assert out["inter"].item() == pytest.approx(inter * T * T, rel=1e-4)
     assert out["intra"].item() == pytest.approx(intra * T * T, rel=1e-4)
     ce = -np.log(_softmax(s.double().numpy())[np.arange(len(y)), y.numpy()]).mean()
-    assert out["loss"].item() == pytest.approx(ce + (inter + intra) * T * T, rel=1e-4)
+    assert out["loss"].item() == pytest.approx(ce + 2 * (inter + intra) * T * T, rel=1e-4)  # the authors' weight 2
 
 
 class _TwoStages(nn.Module):
@@ -176,13 +220,13 @@ def test_each_method_trains_a_chain_and_says_what_it_did(method, tmp_path, capsy
                             "method": method, "method_args": {"warmup": 1} if method == "dkd" else {}}])
     run_chain(cfg, tmp_path / "run", progress=False)
     epoch_lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("student ")]
-    kd_w = {"dkd": 1, "dist": 1, "fitnet": 100, "at": 1000}[method]  # the published weights
+    kd_w = {"dkd": 1, "dist": 2, "fitnet": 100, "at": 1000}[method]  # the published weights
     assert len(epoch_lines) == 2 and all(f"ce 1 + {method} {kd_w:g} " in ln and "alpha" not in ln
                                          for ln in epoch_lines), epoch_lines  # the method's own mix, not alpha
     info = json.loads((tmp_path / "run" / "student" / "stage.json").read_text())
     assert info["method"] == method and info["method_label"].startswith(method)
     if method == "dkd":  # the method's own words reach stage.json, not the chain's
-        assert info["method_label"] == "dkd from teacher (alpha 1, beta 8, warm-up 1 epochs)"
+        assert info["method_label"] == "dkd from teacher (T 4, alpha 1, beta 8, warm-up 1 epochs)"
     assert info["method_file"].endswith(f"methods/{method}.py") and len(info["method_sha256"]) == 64
     terms = pd.read_csv(tmp_path / "run" / "student" / "epoch_terms.csv")
     assert np.isfinite(terms["train_kd"]).all() and (terms["train_kd"] > 0).all()
@@ -272,14 +316,16 @@ def _ce(z, y):  # cross-entropy per row, float64
 @pytest.mark.parametrize("variant", ["hard", "soft"])
 def test_deit_matches_its_formula_in_float64(variant):
     """Class head against the labels, distillation head against the teacher (its argmax when hard,
-    tau^2 KL at tau 3 when soft), weighted 1/2 + 1/2 (hard) or 0.9 + 0.1 (soft), the paper's defaults."""
+    tau^2 KL at tau 3 over batch x classes when soft, as the authors' losses.py), weighted 1/2 + 1/2
+    (hard) or 0.9 + 0.1 (soft), the paper's defaults."""
     cls, t, y = _fixed(b=7, c=6, seed=2)
     dist = torch.randn(7, 6, generator=torch.Generator().manual_seed(3)) * 3
     zc, zd, zt, yy = cls.double().numpy(), dist.double().numpy(), t.double().numpy(), y.numpy()
     if variant == "hard":
         kd, (ce_w, kd_w) = _ce(zd, zt.argmax(1)).mean(), (0.5, 0.5)
     else:
-        kd, (ce_w, kd_w) = _kl(_softmax(zt / 3.0), _softmax(zd / 3.0)).mean() * 9.0, (0.9, 0.1)
+        # the authors' scale: the KL summed over batch and classes, divided by batch x classes
+        kd, (ce_w, kd_w) = _kl(_softmax(zt / 3.0), _softmax(zd / 3.0)).sum() * 9.0 / zd.size, (0.9, 0.1)
     ce = _ce(zc, yy).mean()
     method = resolve("deit")([nn.Identity()], ["teacher"], temperature=T, variant=variant)
     method._batch_features = {"student": [cls, dist], "teacher": []}  # what the seam's hooks on the two heads give

@@ -82,6 +82,7 @@ class Method(nn.Module):
     min_teachers, max_teachers = 0, None
     features: dict = {}              # {"student": [names] | "auto", "teacher": [names] | "auto"}: hooked outputs
     own_weights = False              # True: loss = ce_w * ce + kd_w * kd from weights(), not the chain's alpha
+    default_temperature: Optional[float] = None  # a method's own published T; None: the chain's kd.temperature
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -468,9 +469,20 @@ def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0,
         options["weights"] = cfg.kd.weights
     if cfg.kd.drop_teachers and "drop_teachers" not in options and len(stage.teachers) > 1:
         options["drop_teachers"] = cfg.kd.drop_teachers
-    return cls(list(teachers), stage.teachers, temperature=cfg.kd.temperature,
+    return cls(list(teachers), stage.teachers, temperature=method_temperature(cls, cfg, options),
                label_smoothing=cfg.label_smoothing(stage), seed=seed, student=student,
                image_size=cfg.data.image_size, **options)
+
+
+def method_temperature(cls, cfg, options: dict) -> float:
+    """The stage's `method_args.temperature` (removed from the options), else the method's own
+    published default (DKD's and DIST's 4), else the chain's kd.temperature (KD's own setting)."""
+    given = options.pop("temperature", None)
+    if given is not None:
+        if float(given) <= 0:
+            raise ConfigError(f"method {cls.name!r}: temperature must be > 0, got {given}")
+        return float(given)
+    return float(cls.default_temperature if cls.default_temperature is not None else cfg.kd.temperature)
 
 
 def method_source(stage) -> dict:

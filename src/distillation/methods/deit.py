@@ -7,12 +7,14 @@ averaged (timm's forward in eval mode), so the accuracy reported is the paper's 
 
     z_cls, z_dist = the student's class-head and distillation-head logits
     hard (the paper's default):  loss = 1/2 CE(z_cls, y) + 1/2 CE(z_dist, argmax z_t)
-    soft:                        loss = (1 - lambda) CE(z_cls, y) + lambda tau^2 KL(p_t^tau || p_dist^tau)
+    soft:                        loss = (1 - lambda) CE(z_cls, y) + lambda tau^2 KL(p_t^tau || p_dist^tau) / C
 
 Defaults are the paper's (section 5.2): the hard variant with weights 1/2 and 1/2; the soft one
 with tau 3 and lambda 0.1 (the chain's kd.temperature and alpha schedule are not used: the weights
-are DeiT's own). The KL is the batch mean, as the paper writes it; the authors' losses.py divides
-the summed KL by batch x classes instead, which is the same loss scaled by 1 / classes.
+are DeiT's own). The KL is at the authors' scale: their losses.py (DistillationLoss, soft branch)
+sums the KL over the batch and the classes and divides by batch x classes (`/ outputs_kd.numel()`),
+so their lambda = 0.1 weighs tau^2 KL / C, C the number of classes; the batch-mean KL of the
+paper's formula with the same lambda would be C times stronger.
 Not included: the paper's label smoothing of the teacher's hard label (its section 5.2 option).
 
     stages:
@@ -35,7 +37,7 @@ def deit_term(dist_logits: torch.Tensor, teacher_logits: torch.Tensor, variant: 
     """The distillation head's term: CE to the teacher's argmax (hard) or tau^2 KL at tau (soft)."""
     if variant == "hard":
         return F.cross_entropy(dist_logits, teacher_logits.argmax(1))
-    return kd_term(dist_logits, teacher_logits, tau)
+    return kd_term(dist_logits, teacher_logits, tau) / dist_logits.shape[1]  # the authors' / (batch x classes)
 
 
 @register("deit")

@@ -9,8 +9,13 @@ paper makes for large teacher-student gaps, the question TAKD asks:
     DIST      = beta inter + gamma intra
     loss      = CE + DIST
 
-Defaults: beta = gamma = 1 (the authors' loss class), CE and DIST weights 1; T is the chain's
-kd.temperature (4 in the presets, the paper's CIFAR setting). The CE/KD mix is DIST's own.
+Defaults are the authors' CIFAR ones, whatever the chain's kd.temperature (KD's own setting):
+  - beta = gamma = 1: the authors' loss class (hunto/DIST_KD, losses/dist_kd.py, DIST.__init__);
+  - T = 4 and a DIST weight of 2 (CE + 2 (inter + intra)): their CIFAR config
+    (hunto/DIST_KD, configs/strategies/distill/dist_cifar.yaml: `tau: 4`, `kd_loss_weight: 2`);
+  - CE weight 1 (their `ori_loss_weight: 1`).
+A stage sets any of them in method_args (`temperature`, `beta`, `gamma`, `ce_weight`, `kd_weight`).
+The CE/KD mix is DIST's own, not the chain's alpha schedule.
 """
 from __future__ import annotations
 
@@ -43,9 +48,10 @@ class DIST(Method):
     min_teachers = max_teachers = 1
     own_weights = True
     terms = ("ce", "kd", "inter", "intra")
+    default_temperature = 4.0  # dist_cifar.yaml's tau
 
     def __init__(self, teachers=(), teacher_names=(), *, beta: float = 1.0, gamma: float = 1.0,
-                 ce_weight: float = 1.0, kd_weight: float = 1.0, **kw):
+                 ce_weight: float = 1.0, kd_weight: float = 2.0, **kw):
         super().__init__(teachers, teacher_names, **kw)
         self.beta, self.gamma, self.ce_weight, self.kd_weight = float(beta), float(gamma), float(ce_weight), float(kd_weight)
 
@@ -57,4 +63,5 @@ class DIST(Method):
         return {"kd": self.beta * inter + self.gamma * intra, "inter": inter, "intra": intra}
 
     def describe(self) -> str:
-        return f"dist from {self.teacher_names[0]} (beta {self.beta:g}, gamma {self.gamma:g})"
+        return (f"dist from {self.teacher_names[0]} (T {self.temperature:g}, weight {self.kd_weight:g}, "
+                f"beta {self.beta:g}, gamma {self.gamma:g})")
