@@ -297,30 +297,18 @@ class ChainRun:
 
 def run_chain(cfg: RunConfig, run: RunFolder | Path, *, resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False, later_seeds: int = 0,
-              cpu_advice: bool = True) -> pd.DataFrame:
-    """Run every stage of `cfg` into the run folder `run` (or its path); finished stages are skipped on resume.
+              cpu_advice: bool = True, threads: Optional[int] = None) -> pd.DataFrame:
+    """Run every stage of `cfg` into the run folder `run` (or its path) in this process, one after
+    another; finished stages are skipped on resume.
 
     Every stage still to run is planned first, and the time the chain will take (this run and
     `later_seeds` more of it) is said before the first step, with the advice that a long chain on a
     CPU is meant for a GPU unless `cpu_advice` is off (a caller that chose a long CPU run). Besides the stage folders it writes
     timings.json: wall-clock seconds of the whole chain split into data, planning, compile,
-    training, evaluation and the rest."""
+    training, evaluation and the rest. `threads`: CPU threads for every stage (a study's plan)."""
     t_start = time.perf_counter()
-    chain = start_chain(cfg, RunFolder.of(run), resume)
+    chain, todo = prepare_run(cfg, RunFolder.of(run), resume, threads)
     try:
-        todo = []
-        for idx, stage in enumerate(cfg.stages):
-            folder = chain.folder.stage(stage.name)
-            if resume and folder.finished:
-                log.info(f"✓ {stage.name}: finished earlier, skipped")
-                if dist.is_main():
-                    slim_checkpoint(folder.last)  # a kill between its stage.json and its slimming: done now
-                    if folder.weights.exists():
-                        point_to_export(folder.best, StageFolder.WEIGHTS)
-                chain.rows.append(folder.summary())
-                backfill_tensorboard(chain, folder)
-            else:
-                todo.append((idx, stage, stage_plan(chain, stage, resuming=resume and folder.started)))
         clock = announce_estimate(chain, todo, later_seeds, cpu_advice)
         for idx, stage, plan in todo:
             chain.rows.append(train_stage(chain, idx, stage, plan, progress, should_stop, clock))
@@ -328,6 +316,86 @@ def run_chain(cfg: RunConfig, run: RunFolder | Path, *, resume: bool = False, pr
     finally:  # a stopped or failed session's wall time counts too (finish_chain wrote it when done)
         if not chain.timings.get("written"):
             write_timings(chain, t_start)
+
+
+def prepare_run(cfg: RunConfig, folder: RunFolder, resume: bool, threads: Optional[int] = None) -> tuple:
+    """(the chain, [(index, stage, plan)] still to train): the run's own files written, finished
+    stages read back (their rows in chain.rows), every stage still to run planned (plan.json).
+    What a study's executor calls once per seed before its jobs start."""
+    chain = start_chain(cfg, folder, resume, threads)
+    todo = []
+    for idx, stage in enumerate(cfg.stages):
+        stage_folder = chain.folder.stage(stage.name)
+        if resume and stage_folder.finished:
+            log.info(f"✓ {stage.name}: finished earlier, skipped")
+            tidy_finished(chain, stage_folder)
+            chain.rows.append(stage_folder.summary())
+        else:
+            todo.append((idx, stage, stage_plan(chain, stage, resuming=resume and stage_folder.started)))
+    return chain, todo
+
+
+def tidy_finished(chain: ChainRun, folder: StageFolder) -> None:
+    """A finished stage met again: a kill between its stage.json and its slimming is completed now."""
+    if dist.is_main():
+        slim_checkpoint(folder.last)
+        if folder.weights.exists():
+            point_to_export(folder.best, StageFolder.WEIGHTS)
+    backfill_tensorboard(chain, folder)
+
+
+def finish_run(chain: ChainRun, t_start: float) -> pd.DataFrame:
+    """After a study's jobs of this seed: summary.csv from every stage's stage.json, and timings.json."""
+    chain.rows = [chain.folder.stage(s.name).summary() for s in chain.cfg.stages]
+    return finish_chain(chain, t_start)
+
+
+def run_job(job, progress: bool = False, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Train one stage job of a study (src/distillation/jobs.py) in this process and return its
+    summary. Its seed's run folder was prepared (config, plan.json) before the job started; its
+    teachers are the finished stages it needs. A stage begun earlier (a stop, a worker that died)
+    continues from its last checkpoint; a finished one is read back, never trained again."""
+    folder = job.folder
+    if folder.finished:
+        return folder.summary()
+    chain = open_chain(job.cfg, job.run, job.threads)
+    if job.stage not in chain.plans:
+        raise UserError(f"stage job {job.id}: {job.run.file(RunFolder.PLAN)} has no plan for it; "
+                        f"run the study's command with --resume")
+    stage = job.cfg.stage(job.stage)
+    plan = replace(StagePlan(**chain.plans[job.stage]), epochs=stage.epochs or job.cfg.train.epochs)
+    idx = [s.name for s in job.cfg.stages].index(job.stage)
+    return train_stage(chain, idx, stage, plan, progress, should_stop)
+
+
+def estimate_jobs(plan) -> dict:
+    """Seconds per unfinished job of a study, for --dry-run: one seed's stages planned and timed
+    over a few steps as a chain's estimate is (every seed trains the same stages), nothing written."""
+    _, run, cfg = plan.runs()[0]
+    check_stages(cfg)
+    device = resolve_device(cfg.train.device)
+    set_cpu_threads(device, threads=plan.threads)
+    data = load_dataset(cfg.data)
+    chain = ChainRun(cfg, run, device, data, False, {"data": 0.0, "planning": 0.0})
+    per_stage = {}
+    for stage in cfg.stages:
+        stage_plan_ = plan_stage(cfg, stage, device, data.num_classes, len(data.train))
+        epoch, after = stage_seconds(chain, stage, stage_plan_)
+        per_stage[stage.name] = after + (0 if stage.checkpoint else epoch * stage_plan_.epochs)
+    return {j.id: per_stage[j.stage] for j in plan.jobs if not j.folder.finished}
+
+
+def open_chain(cfg: RunConfig, folder: RunFolder, threads: Optional[int]) -> ChainRun:
+    """A prepared run as one job's process sees it: device, threads, data and plans, nothing written."""
+    device = resolve_device(cfg.train.device)
+    set_cpu_threads(device, threads=threads)
+    setup_reproducibility(cfg.seed, cfg.deterministic)
+    apply_vram_budget(device, cfg.train.vram_budget_gb)
+    data = load_dataset(cfg.data)
+    chain = ChainRun(cfg, folder, device, data, True, {"data": 0.0, "planning": 0.0}, methods=check_stages(cfg))
+    if folder.file(RunFolder.PLAN).exists():
+        chain.plans = json.loads(folder.file(RunFolder.PLAN).read_text())
+    return chain
 
 
 def backfill_tensorboard(chain: ChainRun, folder) -> None:
@@ -431,7 +499,7 @@ def announce_estimate(chain: ChainRun, todo: list, later_seeds: int = 0, cpu_adv
     return clock
 
 
-def start_chain(cfg: RunConfig, folder: RunFolder, resume: bool) -> ChainRun:
+def start_chain(cfg: RunConfig, folder: RunFolder, resume: bool, threads: Optional[int] = None) -> ChainRun:
     """Device, threads, seeds and memory cap; the data; the preflight checks; then (only once the
     inputs are known to be good: a typo leaves no half-made run folder) the run's own files."""
     ds = dist.state()
@@ -441,7 +509,8 @@ def start_chain(cfg: RunConfig, folder: RunFolder, resume: bool) -> ChainRun:
     if ds.is_main:
         check_writable(folder.path)
     device = resolve_device(cfg.train.device, ds.local_rank if ds.enabled and cfg.train.device != "cpu" else None)
-    threads = set_cpu_threads(device, int(os.environ.get("LOCAL_WORLD_SIZE", ds.world_size if ds.enabled else 1)))
+    threads = set_cpu_threads(device, int(os.environ.get("LOCAL_WORLD_SIZE", ds.world_size if ds.enabled else 1)),
+                              threads=None if ds.enabled else threads)
     repro = setup_reproducibility(cfg.seed, cfg.deterministic)
     budget = apply_vram_budget(device, cfg.train.vram_budget_gb)
     if not ds.is_main:

@@ -60,6 +60,20 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
                    help=f"train every stage with DistributedDataParallel on N GPUs of this machine (relaunches itself "
                         "under torchrun; N=1 runs one NCCL rank). Or start it directly: torchrun --nproc_per_node N "
                         f"-m {chain}_distillation.train_{chain} [options]. train.batch_size stays the global batch")
+    p.add_argument("--executor", choices=("serial", "local", "ray"), default=None,
+                   help="who runs the study's stage jobs: serial (default: this process, one after another), local "
+                        "(--jobs N at once on this machine), ray (a local Ray instance, or a cluster with --ray-address)")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="N stage jobs at once on this machine (--executor local; each in its own process)")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="with --executor ray: join this Ray cluster (default: start a local instance)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per stage job (default: this machine's cores); fixed in the plan and kept on "
+                        "resume, so that a stage's weights do not depend on the executor. With --jobs N on a CPU, "
+                        "cores / N avoids oversubscription")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (stage jobs, what each needs, threads and GPU share, estimated time and the "
+                        "critical path) and write nothing")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log to RUN/tb/ for TensorBoard (needs: python -m pip install tensorboard)")
     p.add_argument("--no-progress", action="store_true",
@@ -92,6 +106,10 @@ def run(argv, chain: str, default_config: Path, own_process: bool = False) -> in
     if args.gpus is not None and args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return EXIT_USER
+    for name in ("jobs", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return EXIT_USER
     if args.gpus is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         return _relaunch_under_torchrun(argv, chain, args.gpus)
     from src.distillation.session import run_session  # torch and the toolkit: only once the arguments parse

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,10 @@ from typing import Optional
 import yaml
 
 from src.distillation import distributed as dist
-from src.distillation.chain import check_writable, run_chain, with_baselines
+from src.distillation.chain import check_writable, estimate_jobs, finish_run, prepare_run, run_chain, with_baselines
+from src.distillation.clock import duration
+from src.distillation.executor import JobsFailed, RayExecutor, SerialExecutor, make_executor
+from src.distillation.jobs import build_plan, recorded_threads
 from src.distillation.config import apply_override, changed_keys, config_leaves, from_dict, load_config
 from src.distillation.engine import StopRequested
 from src.distillation.stage import StageFailed
@@ -195,7 +199,7 @@ def _resolve_resume(session: Session) -> None:
     """Claim the run folder, refuse a hand-edited config, apply the overrides --resume allows."""
     args, ds = session.args, session.ds
     folder = RunFolder(args.resume)
-    if ds.is_main and args.resume.is_dir():  # claimed before anything is read or changed
+    if ds.is_main and args.resume.is_dir() and not args.dry_run:  # claimed before anything is read or changed
         session.lock = runlock.acquire(args.resume, "resuming it")
     if not folder.is_run:
         unfinished = args.resume.is_dir() and any(p.suffix == ".tmp" or p.name.startswith(runlock.PROBE_PREFIX)
@@ -209,7 +213,7 @@ def _resolve_resume(session: Session) -> None:
         if args.tensorboard and folder.tensorboard.exists() and not folder.tensorboard.is_dir():
             raise UserError(f"--tensorboard writes into {folder.tensorboard}, which is a file; move it away")
     overrides = _overrides(args)
-    if overrides and ds.is_main:
+    if overrides and ds.is_main and not args.dry_run:
         _apply_resume_overrides(dirs, overrides, session.log)
     dist.barrier()
     if folder.is_multi_seed:
@@ -233,7 +237,7 @@ def _resolve_new(session: Session) -> None:
         stamp = dist.broadcast(_dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
         session.out = REPO_ROOT / "runs" / session.chain / f"{session.cfg.name}-{stamp}"
         session.out_existed = session.out.exists()
-    if ds.is_main:  # claimed first: a second start a second later is refused here, naming this one
+    if ds.is_main and not args.dry_run:  # claimed first: a second start a second later is refused here, naming this one
         session.lock = runlock.acquire(session.out, "starting a run")
 
 
@@ -251,6 +255,8 @@ def check_output_folder(session: Session) -> None:
     """A new run's folder must hold no files; any run's folder must be writable. Every rank stops
     when rank 0 finds a problem."""
     out, problem = session.out, None
+    if session.args.dry_run:
+        return
     if session.ds.is_main:
         try:
             if not session.args.resume and any(p.is_file() and p.suffix != ".tmp" and not runlock.is_bookkeeping(p)
@@ -267,30 +273,78 @@ def check_output_folder(session: Session) -> None:
 
 
 def train(session: Session) -> None:
-    """The chain once, or once per seed (seed_<n>/, listed in seeds.json); then the report."""
+    """The study's plan of stage jobs, run by the executor the command line names (serial: the
+    chain once, or once per seed, in this process); then the report."""
     args, out, cfg = session.args, session.out, session.cfg
-    resume, progress = args.resume is not None, not args.no_progress
-    quiet = dict(cpu_advice=not args.no_cpu_advice)
-    stop = lambda: signals.stop_requested() is not None  # noqa: E731
     folder = RunFolder(out)
+    plan = build_plan(cfg, folder, session.seeds, args.threads or recorded_threads(folder))
+    if args.dry_run:
+        print(dry_run_text(plan, session))
+        return
     if session.own_process:
         freeze_import_heap()
-    if session.seeds and session.ds.is_main and not resume:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
-    if session.seeds:
-        for i, s in enumerate(session.seeds):
-            session.log.info(f"\n════ seed {s} ════")
-            seed_folder = folder.seed_folder(s)
-            run_chain(replace(cfg, seed=s), seed_folder, resume=resume and seed_folder.path.exists(), progress=progress,
-                      should_stop=stop, later_seeds=len(session.seeds) - 1 - i, **quiet)
-    else:
-        run_chain(cfg, folder, resume=resume, progress=progress, should_stop=stop, **quiet)
+    executor = make_executor(args.executor or "serial", args.jobs, args.ray_address)
+    try:
+        if session.seeds and session.ds.is_main and args.resume is None:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
+        if session.ds.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder.file(RunFolder.JOBS), json.dumps(plan.record(), indent=2))
+        if isinstance(executor, SerialExecutor):
+            train_serial(session, plan)
+        else:
+            train_parallel(session, plan, executor)
+    finally:
+        executor.close()
     if session.ds.is_main:
         _report(folder, session.log, tensorboard=cfg.logging.tensorboard)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage its weights once, "
                      f"in model.safetensors, plus logs and the report)")
+
+
+def train_serial(session: Session, plan) -> None:
+    """Every job in this process, seed by seed: a chain per seed, as it always ran."""
+    args, resume = session.args, session.args.resume is not None
+    quiet = dict(progress=not args.no_progress, cpu_advice=not args.no_cpu_advice, threads=plan.threads,
+                 should_stop=lambda: signals.stop_requested() is not None)
+    runs = plan.runs()
+    for i, (seed, run, cfg) in enumerate(runs):
+        if seed is not None:
+            session.log.info(f"\n════ seed {seed} ════")
+        run_chain(cfg, run, resume=resume and run.path.exists(), later_seeds=len(runs) - 1 - i, **quiet)
+
+
+def train_parallel(session: Session, plan, executor) -> None:
+    """Each seed's run folder prepared here (its files, plan.json), the jobs handed to the
+    executor, then each seed's summary; a failed job's dependants do not run, the rest finish."""
+    t0, resume = time.perf_counter(), session.args.resume is not None
+    if isinstance(executor, RayExecutor):
+        executor.check_shared(plan.root.path)
+    chains = []
+    for seed, run, cfg in plan.runs():
+        chain, _ = prepare_run(cfg, run, resume and run.path.exists(), plan.threads)
+        chains.append(chain)
+    session.log.info(plan.describe() + f"\nexecutor: {executor.name}; each job's output in SEED_RUN/logs/<stage>.log")
+    outcome = executor.run(plan)
+    for chain in chains:
+        if all(chain.folder.stage(s.name).finished for s in chain.cfg.stages):
+            finish_run(chain, t0)
+    if outcome.retried:
+        session.log.info(f"retried after their worker died: {', '.join(f'{k} ({v}x)' for k, v in outcome.retried.items())}")
+    outcome.raise_if_failed()
+
+
+def dry_run_text(plan, session: Session) -> str:
+    """The plan with each job's estimated time (measured over a few steps, as a chain's estimate)
+    and the critical path; nothing is written."""
+    try:
+        seconds = estimate_jobs(plan)
+    except Exception as exc:  # noqa: BLE001 (the graph is still worth printing)
+        session.log.warning(f"⚠️  no time estimate ({type(exc).__name__}: {exc})")
+        seconds = {}
+    return plan.describe(seconds, duration=duration) + "\n(dry run: nothing written)"
 
 
 def exit_code(session: Session, exc: BaseException) -> int:
@@ -303,6 +357,7 @@ def exit_code(session: Session, exc: BaseException) -> int:
          f"Stopped. {saved}; {resume}", False),
         (KeyboardInterrupt, lambda: EXIT_SIGINT, f"Aborted. The last checkpoint of each stage is kept; {resume}", False),
         (StageFailed, lambda: EXIT_NAN, f"error: {exc}", True),
+        (JobsFailed, lambda: exc.code, f"error: {exc}; the other jobs finished; {resume}", False),
         (UserError, lambda: EXIT_USER, f"error: {exc}", True),
         (Exception, lambda: EXIT_ERROR, f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                                         f"(run again with --debug for the traceback)", True),

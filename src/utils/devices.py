@@ -122,11 +122,14 @@ def alloc_retries(device: DeviceLike = None) -> int:
     return int(torch.cuda.memory_stats(cuda_index(device)).get("num_alloc_retries", 0))
 
 
-def set_cpu_threads(device: torch.device, local_world_size: int = 1) -> Optional[int]:
+def set_cpu_threads(device: torch.device, local_world_size: int = 1, threads: Optional[int] = None) -> Optional[int]:
     """On a CPU, give torch the cores this process may use (its CPU affinity, not the host's count,
     which a container or `taskset` limits), shared out between the ranks of this machine so that
-    gloo runs do not oversubscribe them. An explicit OMP_NUM_THREADS wins. Returns the count set
-    (None when nothing was changed)."""
+    gloo runs do not oversubscribe them. `threads` (a study's plan fixes it per job) wins, then an
+    explicit OMP_NUM_THREADS. Returns the count set (None when nothing was changed)."""
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+        return threads
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return None
     try:
