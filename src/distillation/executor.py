@@ -15,9 +15,9 @@ far, and the study raises StopRequested once for the session to print one --resu
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import ctypes
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import subprocess
@@ -89,7 +89,8 @@ class SerialExecutor(Executor):
 
 
 class LocalExecutor(Executor):
-    """N jobs at once on this machine: concurrent.futures' process pool, one fresh process per job."""
+    """N jobs at once on this machine: the standard library's multiprocessing, one spawned process
+    per job (a stage's memory goes with its process), waited on through their sentinels."""
     name = "local"
 
     def __init__(self, jobs: int):
@@ -98,18 +99,59 @@ class LocalExecutor(Executor):
         self.jobs = jobs
 
     def run(self, plan: Plan) -> Outcome:
-        return _dispatch(plan, self._pool, self.jobs)
+        out, tries, running = Outcome(done=[j.id for j in plan.jobs if j.folder.finished]), {}, {}
+        waiting = [j for j in plan.jobs if j.id not in out.done]
+        try:
+            while waiting or running:
+                blocked = set(out.failed) | set(out.skipped)
+                for j in [j for j in waiting if set(j.needs) & blocked]:
+                    waiting.remove(j)
+                    out.skipped.append(j.id)
+                for j in [j for j in waiting if set(j.needs) <= set(out.done)][:max(0, self.jobs - len(running))]:
+                    waiting.remove(j)
+                    running[j.id] = (_start_process(j), j)
+                if not running:
+                    continue
+                ended = multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
+                for jid in [jid for jid, (proc, _) in running.items() if proc.sentinel in ended]:
+                    proc, j = running.pop(jid)
+                    proc.join()
+                    self._ended(out, tries, waiting, j, proc.exitcode)
+        except StopRequested:
+            _stop_processes([proc for proc, _ in running.values()])
+            raise
+        out.retried = tries
+        return out
 
-    def _pool(self):
-        return cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_worker_init, max_tasks_per_child=1)
+    @staticmethod
+    def _ended(out: Outcome, tries: dict, waiting: list, j: StageJob, code: int) -> None:
+        if code == EXIT_OK:
+            out.done.append(j.id)
+        elif code in (EXIT_SIGINT, EXIT_SIGTERM) or signals.stop_requested():
+            raise StopRequested(f"stage job {j.id} stopped")
+        elif died(code) and tries.get(j.id, 0) < RETRIES:
+            tries[j.id] = tries.get(j.id, 0) + 1
+            log.warning(f"⚠️  stage job {j.id}: its process died (signal {-code}); trying again from its last "
+                        f"checkpoint ({tries[j.id]} of {RETRIES})")
+            waiting.insert(0, j)
+        else:
+            out.failed[j.id] = (code, j.log)
 
 
-def _worker_init() -> None:
-    """A pool worker: its own process group (a terminal's Ctrl-C reaches the study, which passes it
-    on once), and SIGTERM when the study's process dies (no orphan keeps training)."""
+def _start_process(job: StageJob):
+    proc = multiprocessing.get_context("spawn").Process(target=_process_main, args=(_job_args(job),),
+                                                        name=f"job {job.id}")
+    proc.start()
+    return proc
+
+
+def _process_main(args: tuple) -> None:
+    """A job's process: its own process group (a terminal's Ctrl-C reaches the study, which passes
+    it on once) and SIGTERM when the study's process dies (no orphan keeps training)."""
     os.setpgrp()
     _die_with_parent()
+    run, stage, threads, log_path, seed, job_id = args
+    sys.exit(run_job_process(Path(run), stage, threads, Path(log_path), seed, job_id))
 
 
 def _die_with_parent() -> None:
@@ -119,70 +161,16 @@ def _die_with_parent() -> None:
         pass
 
 
-def _pool_job(args: tuple) -> int:
-    run, stage, threads, log_path, seed, job_id = args
-    return run_job_process(Path(run), stage, threads, Path(log_path), seed, job_id)
-
-
-def _dispatch(plan: Plan, make_pool, width: int) -> Outcome:
-    """Submit every job whose needs are done, wait for the first to end (no polling), repeat."""
-    out, tries = Outcome(done=[j.id for j in plan.jobs if j.folder.finished]), {}
-    waiting = [j for j in plan.jobs if j.id not in out.done]
-    pool, running = make_pool(), {}
-    try:
-        while waiting or running:
-            blocked = set(out.failed) | set(out.skipped)
-            for j in [j for j in waiting if set(j.needs) & blocked]:
-                waiting.remove(j)
-                out.skipped.append(j.id)
-            for j in [j for j in waiting if set(j.needs) <= set(out.done)][:max(0, width - len(running))]:
-                waiting.remove(j)
-                running[pool.submit(_pool_job, _job_args(j))] = j
-            if not running:
-                continue
-            finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
-            broken = False
-            for fut in finished:
-                j = running.pop(fut)
-                try:
-                    code = fut.result()
-                except cf.process.BrokenProcessPool:
-                    code, broken = -signal.SIGKILL, True
-                if code == EXIT_OK:
-                    out.done.append(j.id)
-                elif code in (EXIT_SIGINT, EXIT_SIGTERM) or signals.stop_requested():
-                    raise StopRequested(f"stage job {j.id} stopped")
-                elif died(code) and tries.get(j.id, 0) < RETRIES:
-                    tries[j.id] = tries.get(j.id, 0) + 1
-                    log.warning(f"⚠️  stage job {j.id}: its worker died (signal {-code}); trying again from its "
-                                f"last checkpoint ({tries[j.id]} of {RETRIES})")
-                    waiting.insert(0, j)
-                else:
-                    out.failed[j.id] = (code, j.log)
-            if broken:  # the pool ends every worker when one dies: those jobs go back to the queue
-                for fut, j in list(running.items()):
-                    waiting.insert(0, j)
-                    running.pop(fut)
-                pool.shutdown(wait=True, cancel_futures=True)
-                pool = make_pool()
-    except StopRequested:
-        _stop_workers(pool)
-        cf.wait(list(running))
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    out.retried = tries
-    return out
-
-
-def _stop_workers(pool) -> None:
-    """Pass the study's stop on to each running job once: each saves its epoch so far and ends."""
-    signum = signals.stop_requested() or signal.SIGINT
-    for pid in list(getattr(pool, "_processes", {}) or {}):
+def _stop_processes(procs: list) -> None:
+    """Pass the study's stop on to every running job once, as SIGTERM (a job not yet past its
+    start ends at once, with nothing to save), and wait while each saves its epoch so far."""
+    for proc in procs:
         try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
+            os.kill(proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, TypeError):
             pass
+    for proc in procs:
+        proc.join()
 
 
 # ---------------------------------------------------------------------------------------------- Ray
