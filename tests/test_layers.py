@@ -7,12 +7,14 @@ from tests.conftest import ROOT
 
 # From the top (what to run) down to the ground floor; a module may import its own layer and those below.
 LAYERS = [
-    ("experiment", ["src", "src.distillation.cli", "src.distillation.session", "src.evaluate", "src.inference"]),
+    ("experiment", ["src", "src.distillation.cli", "src.distillation.session", "src.distillation.executor",
+                    "src.distillation.jobrun", "src.evaluate", "src.inference"]),
     ("analysis", ["src.report"]),
     ("training", ["src.distillation", "src.distillation.chain", "src.distillation.stage", "src.distillation.engine",
                   "src.distillation.planner", "src.distillation.clock", "src.distillation.recipe",
                   "src.distillation.losses", "src.distillation.distributed", "src.distillation.export",
                   "src.distillation.methods*"]),
+    ("plan", ["src.distillation.jobs"]),
     ("runs", ["src.utils.runfolder", "src.utils.runlock", "src.utils.clean"]),
     ("spec", ["src.distillation.config", "src.distillation.sweep"]),
     ("ground", ["src.utils*", "src.data*", "src.models*", "src.visualization*"]),

@@ -60,6 +60,22 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
                    help=f"train every stage with DistributedDataParallel on N GPUs of this machine (relaunches itself "
                         "under torchrun; N=1 runs one NCCL rank). Or start it directly: torchrun --nproc_per_node N "
                         f"-m {chain}_distillation.train_{chain} [options]. train.batch_size stays the global batch")
+    _add_study_options(p)
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to RUN/tb/ for TensorBoard (needs: python -m pip install tensorboard)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (on a terminal a bar, elsewhere a line every 30 s)")
+    p.add_argument("--no-cpu-advice", action="store_true",
+                   help="no advice that a long chain on a CPU is meant for a GPU (for a long CPU run chosen on purpose)")
+    p.add_argument("--verbose", action="store_true",
+                   help="print the guards' full messages (frozen teacher, checkpointing, cleanup, NaN diagnosis) "
+                        "and the planner's probes")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def _add_study_options(p: argparse.ArgumentParser) -> None:
+    """Who runs the study's stage jobs, with how many threads each, or only the plan (--dry-run)."""
     p.add_argument("--executor", choices=("serial", "local", "ray"), default=None,
                    help="who runs the study's stage jobs: serial (default: this process, one after another), local "
                         "(--jobs N at once on this machine), ray (a local Ray instance, or a cluster with --ray-address)")
@@ -74,17 +90,6 @@ def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (stage jobs, what each needs, threads and GPU share, estimated time and the "
                         "critical path) and write nothing")
-    p.add_argument("--tensorboard", action="store_true",
-                   help="also log to RUN/tb/ for TensorBoard (needs: python -m pip install tensorboard)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress display (on a terminal a bar, elsewhere a line every 30 s)")
-    p.add_argument("--no-cpu-advice", action="store_true",
-                   help="no advice that a long chain on a CPU is meant for a GPU (for a long CPU run chosen on purpose)")
-    p.add_argument("--verbose", action="store_true",
-                   help="print the guards' full messages (frozen teacher, checkpointing, cleanup, NaN diagnosis) "
-                        "and the planner's probes")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
-    return p
 
 
 def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:

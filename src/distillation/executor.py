@@ -20,6 +20,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -185,6 +186,8 @@ class RayExecutor(Executor):
         except ImportError:
             raise UserError("--executor ray needs Ray: python -m pip install 'ray>=2.9'") from None
         self.ray, self.started = ray, False
+        if address and address != "auto":
+            _check_reachable(address)
         if not ray.is_initialized():
             env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
                                                                if p)}}
@@ -258,6 +261,16 @@ class RayExecutor(Executor):
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """HOST:PORT answers a TCP connection (Ray itself would keep retrying an unreachable head for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--ray-address {address}: no Ray cluster answers there ({exc}); give the head node's "
+                        f"HOST:PORT (ray start --head prints it) or leave --ray-address out for a local instance") from None
 
 
 class JobExit(Exception):
