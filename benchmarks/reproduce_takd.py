@@ -12,18 +12,20 @@
 
 For each family and dataset the teacher and every assistant are trained once (one run), then
 every student (no KD, direct KD from the teacher, TAKD through each assistant) once per seed,
-the students of a seed starting from the same weights and seeing the same batches; the seeds run
-one after another, or --jobs N at once. Each run is an ordinary run folder of this toolkit
-(config.yaml, logs, checkpoints, predictions, report) under --out; the tables (CSV and markdown)
-land in OUT/results/ unless --results or --publish says otherwise.
+the students of a seed starting from the same weights and seeing the same batches. Each run goes
+through the toolkit's own command line in this process, its stage jobs run by its executors (one
+after another, --jobs N at once on this machine, or --executor ray); it is an ordinary run folder of
+this toolkit (config.yaml, logs, checkpoints, predictions, report) under --out. The tables (CSV and
+markdown) land in OUT/results/ unless --results or --publish says otherwise. This file keeps only
+the paper: its published numbers, its configs and its tables.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +37,9 @@ import yaml  # noqa: E402
 
 from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable, paired_correct, published,  # noqa: E402
                                     summarise)
+from src.distillation import cli  # noqa: E402
 from src.distillation.chain import check_stages  # noqa: E402
+from src.distillation.jobs import machine_threads  # noqa: E402
 from src.distillation.config import apply_override, changed_keys, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
 from src.report import ONE_CLASS_SHARE, chance_bar, top_class_share, write_report  # noqa: E402
@@ -276,117 +280,84 @@ def run_done(run_dir: Path, stages: list, seeds=None) -> bool:
     return all(d.stage(s["name"]).finished for d in dirs for s in stages)
 
 
-def start(config_path: Path, run_dir: Path, verbose: bool, seed=None, log=None, threads=None) -> subprocess.Popen:
-    """One chain through the toolkit's own command line, as a process of its own: a new run, or
-    the interrupted one resumed. `seed`: one seed of the students, in its own run folder."""
+def train_run(config_path: Path, run_dir: Path, args, seeds=None, threads=None) -> int:
+    """One of the reproduction's runs through the toolkit's own command line, in this process: a
+    new run or the interrupted one resumed, its stage jobs run by the executor that --jobs or
+    --executor names (the students of every seed share one plan). Returns its exit code; a stop
+    prints one --resume line, this command's."""
     started = RunFolder(run_dir).is_run
-    cmd = [sys.executable, "-m", "cnn_distillation.train_cnn", "--no-progress", "--no-cpu-advice"]  # its length is chosen
-    cmd += ["--resume", str(run_dir)] if started else ["--config", str(config_path), "--output-dir", str(run_dir)]
-    if seed is not None and not started:
-        cmd += ["--seed", str(seed)]
-    if verbose:
-        cmd.append("--verbose")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    argv = ["--no-progress", "--no-cpu-advice"]  # its length is chosen
+    argv += ["--resume", str(run_dir)] if started else ["--config", str(config_path), "--output-dir", str(run_dir)]
+    if seeds and not started:
+        argv += ["--seeds", ",".join(map(str, seeds))]
     if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+        argv += ["--threads", str(threads)]
+    if args.executor:
+        argv += ["--executor", args.executor] + (["--ray-address", args.ray_address] if args.ray_address else [])
+    if args.jobs > 1 and args.executor != "ray":
+        argv += ["--jobs", str(args.jobs)]
+    if args.verbose:
+        argv.append("--verbose")
+    return cli.run(argv, "cnn", ROOT / "cnn_distillation" / "configs" / "cifar10.yaml", resume_command=resume_line(args))
 
 
-def wait(proc: subprocess.Popen, tick=lambda: None) -> int:
-    """The child's exit code; `tick` is called while it runs (the run clock)."""
-    try:
-        while proc.poll() is None:
-            time.sleep(0.2)
-            tick()
-        return proc.returncode
-    except KeyboardInterrupt:  # the child got the same Ctrl-C: it saves and exits with its own code
-        return proc.wait()
+def resume_line(args) -> str:
+    """This command again, with --resume: what continues the whole reproduction after any stop."""
+    words = [w for w in args.argv if w != "--resume"]
+    return " ".join(["python", "benchmarks/reproduce_takd.py", *words, "--resume"])
 
 
 class RunClock:
     """Each run's wall time in OUT/timings.json, summed over sessions and written every `every`
     seconds while the run trains (and when it ends): a session ended by SIGKILL loses at most
     that much of it. (Written only at the end, a killed session's hours were lost: the full-length
-    run's teacher trained 3 h in a session that ended that way, and the table said 3 min.)"""
+    run's teacher trained 3 h in a session that ended that way, and the table said 3 min.)
+    Used as a context manager: a thread writes it while the run trains in this process."""
 
     def __init__(self, path: Path, label: str, every: float = 30.0):
         self.path, self.label, self.every = path, label, every
         self.timings = json.loads(path.read_text()) if path.exists() else {}
         self.before = float(self.timings.get(label, 0.0))
         self.t0 = self.written = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = None
 
     def tick(self, force: bool = False) -> None:
         now = time.perf_counter()
         if force or now - self.written >= self.every:
             self.timings[self.label] = round(self.before + now - self.t0, 1)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            tmp = self.path.with_suffix(f".{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(self.timings, indent=2))
             os.replace(tmp, self.path)  # never a half-written file
             self.written = now
 
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True, name="run clock")
+        self._thread.start()
+        return self
 
-def cores() -> int:
-    """What the processes may use: OMP_NUM_THREADS when set, else this process's cores."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.tick(force=True)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.tick(force=True)
 
 
 def student_threads(folder: RunFolder, seeds: list, jobs: int) -> int:
-    """Threads per student process, fixed when the run's first students start (seeds.json keeps
-    it) and kept on every resume, whatever --jobs or the seeds left then: a CPU's thread count
-    changes the order of float sums (plain_cnn2 on CIFAR-10, 1 against 2 threads: the first
-    epoch's loss differs in the fourth digit, test accuracy after 15 epochs by 0.1-0.2 points), so
-    paired students, and every seed, train at one count."""
-    recorded = json.loads(folder.seeds_file.read_text()).get("threads") if folder.seeds_file.exists() else None
-    return int(recorded) if recorded else max(1, cores() // max(1, min(jobs, len(seeds))))
-
-
-def train_students(config_path: Path, students_dir: Path, seeds: list, stages: list, args, tick=lambda: None) -> int:
-    """Each seed's students as a single-seed run in students/seed_<n> (listed in seeds.json, read
-    as a --seeds run), --jobs of them at once, each with its share of the cores (the console of
-    each in OUT/logs/ when several run at once). The first failure stops new starts; the
-    processes already running finish (a Ctrl-C reaches them all: each saves and stops)."""
-    folder = RunFolder(students_dir)
-    students_dir.mkdir(parents=True, exist_ok=True)
-    threads = student_threads(folder, seeds, args.jobs)
-    folder.seeds_file.write_text(json.dumps({"seeds": seeds, "config": str(config_path), "threads": threads}))
-    pending = [s for s in seeds if not run_done(folder.seed_folder(s).path, stages)]
-    jobs = max(1, min(args.jobs, len(pending)))
-    logs = args.out / "logs"
-    running, code = {}, 0
-    try:
-        while (pending and code == 0) or running:
-            while pending and code == 0 and len(running) < jobs:
-                s = pending.pop(0)
-                log = None
-                if jobs > 1:
-                    logs.mkdir(parents=True, exist_ok=True)
-                    path = logs / f"{students_dir.parent.name}-seed_{s}.log"
-                    log = open(path, "a")
-                    print(f"  seed {s}: started ({threads} thread{'s' if threads > 1 else ''}), console in {path}",
-                          flush=True)
-                running[s] = (start(config_path, folder.seed_folder(s).path, args.verbose, s, log, threads), log)
-            time.sleep(0.2)
-            tick()
-            for s, (proc, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[s]
-                if log:
-                    log.close()
-                    print(f"  seed {s}: {'finished' if proc.returncode == 0 else f'stopped (exit {proc.returncode})'}",
-                          flush=True)
-                code = code or proc.returncode
-    except KeyboardInterrupt:
-        for proc, _ in running.values():
-            code = code or wait(proc)
-        code = code or 130
-    return code
+    """Threads per student job, fixed when the run's first students start (jobs.json keeps it; an
+    earlier version kept it in seeds.json) and kept on every resume, whatever --jobs or the seeds
+    left then: a CPU's thread count changes the order of float sums (plain_cnn2 on CIFAR-10, 1
+    against 2 threads: the first epoch's loss differs in the fourth digit, test accuracy after 15
+    epochs by 0.1-0.2 points), so paired students, and every seed, train at one count."""
+    for path in (folder.file(RunFolder.JOBS), folder.seeds_file):
+        recorded = json.loads(path.read_text()).get("threads") if path.exists() else None
+        if recorded:
+            return int(recorded)
+    return max(1, machine_threads() // max(1, min(jobs, len(seeds))))
 
 
 def plan_runs(args) -> list:
@@ -770,8 +741,11 @@ def parse_args(argv):
     p.add_argument("--methods", default=None,
                    help="comma-separated methods trained beside KD, each from the teacher and via each assistant, "
                         "e.g. dkd,dist,fitnet,at (not in the paper: a table of their own, no verdicts)")
-    p.add_argument("--jobs", type=int, default=None, help="seeds of the students trained at once, as processes with "
-                   "a share of the cores each (default 1)")
+    p.add_argument("--jobs", type=int, default=None, help="stage jobs trained at once on this machine (students of "
+                   "any seed, assistants after the teacher), each a process with a share of the cores (default 1)")
+    p.add_argument("--executor", choices=("serial", "local", "ray"), default=None,
+                   help="who runs the stage jobs (the toolkit's --executor): ray for a Ray instance or cluster")
+    p.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT", help="with --executor ray: join this cluster")
     p.add_argument("--data-root", action="append", default=[], metavar="[DATASET=]PATH",
                    help="an ImageFolder tree or its .tar.gz for a dataset (cifar10=PATH); without it torchvision "
                         "downloads CIFAR into data/ (needs a network)")
@@ -795,6 +769,7 @@ def parse_args(argv):
                    help="config override for every run (recorded in its config), e.g. --set data.max_train_samples=500")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return check_args(args)
 
 
@@ -896,15 +871,11 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(runs)}] {label}: finished earlier", flush=True)
             continue
         print(f"\n[{i + 1}/{len(runs)}] {label} -> {run_dir}", flush=True)
-        clock = RunClock(timings_path, label)
         config_path = args.out / "configs" / f"{run_dir.parent.name}-{run_dir.name}.yaml"
-        if seeds:
-            code = train_students(config_path, run_dir, seeds, raw["stages"], args, clock.tick)
-        else:
-            code = wait(start(config_path, run_dir, args.verbose), clock.tick)
-        clock.tick(force=True)
-        if code != 0:
-            print(f"stopped ({label}, exit {code}); continue with the same command plus --resume", file=sys.stderr)
+        threads = student_threads(RunFolder(run_dir), seeds, args.jobs) if seeds else None
+        with RunClock(timings_path, label):
+            code = train_run(config_path, run_dir, args, seeds, threads)
+        if code != 0:  # the run said why, and printed the one command that continues the reproduction
             return code
     wall = sum(json.loads(timings_path.read_text()).values()) if timings_path.exists() else 0.0
     written = write_results(args, wall)

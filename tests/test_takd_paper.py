@@ -23,6 +23,7 @@ from conftest import ROOT, tiny_cfg
 import src.models  # noqa: F401  (registers the paper's models)
 from benchmarks import reproduce_takd as rt
 from benchmarks.takd_tables import Comparison, paired_correct, summarise, verdict
+from src.utils.runfolder import RunFolder
 from src.models import count_params, create_model
 from src.utils.stats import holm
 
@@ -467,9 +468,10 @@ def test_cpu_threads_follow_the_affinity_and_yield_to_omp(monkeypatch):
 
 
 def test_students_of_several_seeds_at_once_give_the_numbers_of_one_at_a_time(tmp_path, capsys, monkeypatch):
-    """--jobs 2: the seeds' students as two processes at once, each in its own run folder and
-    console log; the per-seed results equal --jobs 1's. Both at one thread per process: on a
-    CPU the thread count can change the order of float sums, which no scheduling should hide."""
+    """--jobs 2: the students' stage jobs (of any seed) two at once, each in its own process and
+    console log (SEED_RUN/logs/<stage>.log); the per-seed results equal --jobs 1's. Both at one
+    thread per job: on a CPU the thread count can change the order of float sums, which no
+    scheduling should hide."""
     from benchmarks import reproduce_takd
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     res = {}
@@ -483,9 +485,11 @@ def test_students_of_several_seeds_at_once_give_the_numbers_of_one_at_a_time(tmp
         assert json.loads((students / "seeds.json").read_text())["seeds"] == [0, 1]
         for seed in (0, 1):
             assert (students / f"seed_{seed}" / "summary.csv").exists()
-        logs = sorted(p.name for p in (out / "logs").glob("*.log")) if (out / "logs").exists() else []
-        assert logs == (["plain-cifar10-seed_0.log", "plain-cifar10-seed_1.log"] if jobs == 2 else [])
-    assert "seed 1: started (1 thread)" in capsys.readouterr().out
+        logs = sorted(p.name for p in (students / "seed_1" / "logs").glob("*.log"))
+        assert logs == (["student.log", "student_kd.log", "student_scratch.log", "ta_plain_cnn4.log", "teacher.log"]
+                        if jobs == 2 else [])
+        assert json.loads((students / "jobs.json").read_text())["threads"] == 1
+    assert "executor: local" in capsys.readouterr().out
     pd.testing.assert_frame_equal(res[1], res[2])
     for seed in (0, 1):
         for stage in ("student_scratch", "student_kd", "student"):
@@ -495,50 +499,45 @@ def test_students_of_several_seeds_at_once_give_the_numbers_of_one_at_a_time(tmp
 
 
 def test_students_keep_the_thread_count_they_started_with(tmp_path, monkeypatch):
-    """Seeds 0-2 with --jobs 2 on two cores: one thread per student. Resumed with only seed 2 left
-    (or another --jobs), seed 2's students still get one thread: paired students must not differ
-    in the order of their float sums."""
+    """Seeds 0-2 with --jobs 2 on two cores: one thread per student job. Resumed (with any --jobs),
+    the recorded count (jobs.json; seeds.json in runs begun by an earlier version) is kept: paired
+    students must not differ in the order of their float sums. It reaches the run as --threads."""
     from types import SimpleNamespace
-    from benchmarks import reproduce_takd
+    from benchmarks import reproduce_takd as rt
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    started, done = [], set()
+    fresh = RunFolder(tmp_path / "fresh")
+    assert rt.student_threads(fresh, [0, 1, 2], 2) == 1 and rt.student_threads(fresh, [0, 1, 2], 1) == 2
+    old = RunFolder(tmp_path / "old")
+    old.path.mkdir()
+    old.seeds_file.write_text(json.dumps({"seeds": [0, 1, 2], "threads": 1}))
+    assert rt.student_threads(old, [0, 1, 2], 1) == 1
+    new = RunFolder(tmp_path / "new")
+    new.path.mkdir()
+    new.file(RunFolder.JOBS).write_text(json.dumps({"threads": 1, "jobs": []}))
+    assert rt.student_threads(new, [2], 1) == 1
+    seen = []
+    monkeypatch.setattr(rt.cli, "run", lambda argv, *a, **k: seen.append((argv, k)) or 0)
+    args = SimpleNamespace(jobs=2, executor=None, ray_address=None, verbose=False, argv=["--slice", "cpu"])
+    assert rt.train_run(tmp_path / "c.yaml", tmp_path / "students", args, [0, 1, 2], threads=1) == 0
+    argv, kw = seen[-1]
+    assert argv[argv.index("--threads") + 1] == "1" and argv[argv.index("--jobs") + 1] == "2"
+    assert argv[argv.index("--seeds") + 1] == "0,1,2"
+    assert kw["resume_command"] == "python benchmarks/reproduce_takd.py --slice cpu --resume"
 
-    class Finished:
-        returncode = 0
 
-        def poll(self):
-            return 0
-
-    def fake_start(config_path, run_dir, verbose, seed=None, log=None, threads=None):
-        started.append((seed, threads))
-        return Finished()
-    monkeypatch.setattr(reproduce_takd, "start", fake_start)
-    monkeypatch.setattr(reproduce_takd, "run_done", lambda path, stages, seeds=None: path.name in done)
-    students = tmp_path / "students"
-    args = SimpleNamespace(jobs=2, out=tmp_path, verbose=False)
-    done.update({"seed_0", "seed_1"})  # the first start: seed 2 alone is left, but the run began with three seeds
-    assert reproduce_takd.train_students(tmp_path / "c.yaml", students, [0, 1, 2], [], args) == 0
-    assert started == [(2, 1)]
-    assert json.loads((students / "seeds.json").read_text())["threads"] == 1
-    for jobs in (1, 2):  # resumed, whatever --jobs: the recorded count
-        started.clear()
-        args.jobs = jobs
-        assert reproduce_takd.train_students(tmp_path / "c.yaml", students, [0, 1, 2], [], args) == 0
-        assert started == [(2, 1)]
-    fresh = tmp_path / "fresh"
-    args.jobs = 1  # a new run of one student at a time: both cores
-    reproduce_takd.train_students(tmp_path / "c.yaml", fresh, [0, 1, 2], [], args)
-    assert started[-1] == (2, 2) and json.loads((fresh / "seeds.json").read_text())["threads"] == 2
+def test_the_reproduction_has_no_scheduler_of_its_own():
+    """Its runs go through the toolkit's command line and executors: no process pool, no polling."""
+    text = (ROOT / "benchmarks" / "reproduce_takd.py").read_text()
+    assert "Popen" not in text and ".poll(" not in text and "subprocess" not in text
 
 
 def test_the_run_clock_survives_a_kill_of_the_reproduction(tmp_path):
     """The reproduction's process killed outright (SIGKILL, as when a session ends) while a run
     trains: its wall time so far is in timings.json all the same, and a resume adds to it."""
     path = tmp_path / "timings.json"
-    code = ("import subprocess, sys; from pathlib import Path; from benchmarks import reproduce_takd as rt; "
-            f"clock = rt.RunClock(Path({str(path)!r}), 'teachers', every=0.2); "
-            "rt.wait(subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']), clock.tick)")
+    code = ("import time; from pathlib import Path; from benchmarks import reproduce_takd as rt\n"
+            f"with rt.RunClock(Path({str(path)!r}), 'teachers', every=0.2):\n    time.sleep(60)")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)
     while not path.exists() and proc.poll() is None and time.perf_counter() - t0 < 180:
@@ -548,10 +547,9 @@ def test_the_run_clock_survives_a_kill_of_the_reproduction(tmp_path):
     proc.wait()
     first = json.loads(path.read_text())["teachers"]
     assert 1.0 <= first <= time.perf_counter() - t0
-    clock = rt.RunClock(path, "teachers", every=60.0)  # the resumed session
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
-    assert rt.wait(sleeper, clock.tick) == 0
-    clock.tick(force=True)
+    from benchmarks import reproduce_takd as rt
+    with rt.RunClock(path, "teachers", every=60.0):  # the resumed session
+        time.sleep(0.5)
     assert json.loads(path.read_text())["teachers"] >= first + 0.5
 
 

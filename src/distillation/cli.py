@@ -105,8 +105,10 @@ def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def run(argv, chain: str, default_config: Path, own_process: bool = False) -> int:
-    """Parse the arguments (relaunching under torchrun for --gpus N), then run the session."""
+def run(argv, chain: str, default_config: Path, own_process: bool = False, resume_command=None) -> int:
+    """Parse the arguments (relaunching under torchrun for --gpus N), then run the session.
+    `resume_command`: what a stop tells the user to type (a caller's own command, e.g. the
+    reproduction's), instead of this chain's --resume line."""
     args = build_parser(chain, default_config).parse_args(argv)
     if args.gpus is not None and args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
@@ -118,7 +120,7 @@ def run(argv, chain: str, default_config: Path, own_process: bool = False) -> in
     if args.gpus is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         return _relaunch_under_torchrun(argv, chain, args.gpus)
     from src.distillation.session import run_session  # torch and the toolkit: only once the arguments parse
-    return run_session(args, chain, own_process)
+    return run_session(args, chain, own_process, resume_command)
 
 
 def main(chain: str, default_config: Path) -> None:

@@ -142,13 +142,14 @@ class Session:
     lock: object = None
     previous_handlers: object = None
     own_process: bool = False  # the entry point's process (not a caller's): its import heap may be frozen
+    resume_command: Optional[str] = None  # a caller's own command for continuing (the reproduction's)
 
 
-def run_session(args: argparse.Namespace, chain: str, own_process: bool = False) -> int:
+def run_session(args: argparse.Namespace, chain: str, own_process: bool = False, resume_command=None) -> int:
     """The command line's phases: resolve the target (a new run or the one to resume), check its
     output folder, train; every exception becomes one line and an exit code (exit_code)."""
     session = open_session(args, chain)
-    session.own_process = own_process
+    session.own_process, session.resume_command = own_process, resume_command
     try:
         resolve_target(session)
         check_output_folder(session)
@@ -350,7 +351,7 @@ def dry_run_text(plan, session: Session) -> str:
 def exit_code(session: Session, exc: BaseException) -> int:
     """One table from exception to message and exit code; the first matching row wins."""
     args = session.args
-    resume = f"continue with:\n  {_resume_command(session.chain, session.out, session.user_cwd)}"
+    resume = f"continue with:\n  {session.resume_command or _resume_command(session.chain, session.out, session.user_cwd)}"
     saved = getattr(exc, "saved", "") or "finished stages and completed epochs are saved"
     table = [
         (StopRequested, lambda: EXIT_SIGTERM if signals.stop_requested() == signal.SIGTERM else EXIT_SIGINT,
