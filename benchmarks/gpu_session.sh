@@ -5,15 +5,16 @@
 #   bash benchmarks/gpu_session.sh stages    # bench_stages.py: memory, img/s, engine vs bare loop, speed-up, MFU
 #   bash benchmarks/gpu_session.sh profile   # profile_stage.py: where the time of R18<-R34 and ViT-Tiny<-ViT-Small goes
 #   bash benchmarks/gpu_session.sh cnn|vit   # bench_accuracy.py for one chain on the CIFAR-10 JPEG tree
+#   bash benchmarks/gpu_session.sh share     # bench_executors.py --gpu: eight small students on one GPU, serial vs --jobs 8
 # The tarball is read from $CIFAR_TAR (default .gpu_carry/cifar10-jpeg.tar.gz, a git-ignored folder).
 # Logs and result files are copied to $OUT when it is set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
 step=${1:-}
 case "$step" in
   -h|--help|help) usage; exit 0 ;;
-  smoke|tests|stages|profile|cnn|vit) ;;
+  smoke|tests|stages|profile|cnn|vit|share) ;;
   *) echo "unknown step '${step}'" >&2; usage >&2; exit 2 ;;
 esac
 shift
@@ -37,6 +38,8 @@ case "$step" in
               | tee "$dest/profile_$chain.log" || rc=1
           done
           exit $rc ;;
+  share)  python benchmarks/bench_executors.py --gpu --data-root "$tar" --work /tmp/bench_share \
+            --csv "$dest/executors_gpu.csv" "$@" 2>&1 | tee "$dest/bench_executors_gpu.log"; exit "${PIPESTATUS[0]}" ;;
   cnn|vit) python benchmarks/bench_accuracy.py --chains "$step" --data-root "$tar" --runs /tmp/bench_runs "$@" 2>&1 \
              | tee "$dest/bench_accuracy_$step.log"
           cp benchmarks/results/accuracy.csv "$dest/" 2>/dev/null ;;

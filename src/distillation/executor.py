@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from src.distillation.engine import StopRequested
 from src.distillation.jobrun import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, run_job_process
 from src.distillation.jobs import Plan, StageJob
@@ -110,7 +112,7 @@ class LocalExecutor(Executor):
                     out.skipped.append(j.id)
                 for j in [j for j in waiting if set(j.needs) <= set(out.done)][:max(0, self.jobs - len(running))]:
                     waiting.remove(j)
-                    running[j.id] = (_start_process(j), j)
+                    running[j.id] = (_start_process(j, self._gpu_for(running)), j)
                 if not running:
                     continue
                 ended = multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
@@ -123,6 +125,15 @@ class LocalExecutor(Executor):
             raise
         out.retried = tries
         return out
+
+    @staticmethod
+    def _gpu_for(running: dict) -> Optional[int]:
+        """The GPU of this machine with the fewest running jobs (None without CUDA): jobs spread over the cards."""
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count < 2:
+            return None
+        busy = [g for proc, _ in running.values() for g in [getattr(proc, "gpu", None)] if g is not None]
+        return min(range(count), key=busy.count)
 
     @staticmethod
     def _ended(out: Outcome, tries: dict, waiting: list, j: StageJob, code: int) -> None:
@@ -139,18 +150,22 @@ class LocalExecutor(Executor):
             out.failed[j.id] = (code, j.log)
 
 
-def _start_process(job: StageJob):
-    proc = multiprocessing.get_context("spawn").Process(target=_process_main, args=(_job_args(job),),
+def _start_process(job: StageJob, gpu: Optional[int] = None):
+    proc = multiprocessing.get_context("spawn").Process(target=_process_main, args=(_job_args(job), gpu),
                                                         name=f"job {job.id}")
     proc.start()
+    proc.gpu = gpu
     return proc
 
 
-def _process_main(args: tuple) -> None:
+def _process_main(args: tuple, gpu: Optional[int] = None) -> None:
     """A job's process: its own process group (a terminal's Ctrl-C reaches the study, which passes
-    it on once) and SIGTERM when the study's process dies (no orphan keeps training)."""
+    it on once), SIGTERM when the study's process dies (no orphan keeps training), and on a machine
+    with several GPUs the one it was given (set before CUDA starts: torch starts it lazily)."""
     os.setpgrp()
     _die_with_parent()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     run, stage, threads, log_path, seed, job_id = args
     sys.exit(run_job_process(Path(run), stage, threads, Path(log_path), seed, job_id))
 

@@ -21,13 +21,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from src.distillation import distributed as dist
 from src.distillation.chain import check_writable, estimate_jobs, finish_run, prepare_run, run_chain, with_baselines
 from src.distillation.clock import duration
 from src.distillation.executor import JobsFailed, RayExecutor, SerialExecutor, make_executor
-from src.distillation.jobs import build_plan, recorded_threads
+from src.distillation.jobs import build_plan, gpu_share, recorded_threads
 from src.distillation.config import apply_override, changed_keys, config_leaves, from_dict, load_config
 from src.distillation.engine import StopRequested
 from src.distillation.stage import StageFailed
@@ -278,7 +279,7 @@ def train(session: Session) -> None:
     chain once, or once per seed, in this process); then the report."""
     args, out, cfg = session.args, session.out, session.cfg
     folder = RunFolder(out)
-    plan = build_plan(cfg, folder, session.seeds, args.threads or recorded_threads(folder))
+    plan = build_plan(cfg, folder, session.seeds, args.threads or recorded_threads(folder), gpu_per_job(cfg))
     if args.dry_run:
         print(dry_run_text(plan, session))
         return
@@ -303,6 +304,15 @@ def train(session: Session) -> None:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage its weights once, "
                      f"in model.safetensors, plus logs and the report)")
+
+
+def gpu_per_job(cfg) -> float:
+    """On CUDA, the share of one GPU a stage job reserves: the planner fits each stage under
+    train.vram_budget_gb, so a job needs that much of the card (none on a CPU; a whole GPU with no budget)."""
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        return 0.0
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    return gpu_share(cfg.train.vram_budget_gb or total, total)
 
 
 def train_serial(session: Session, plan) -> None:
