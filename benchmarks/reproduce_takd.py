@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -118,6 +119,34 @@ PROTOCOL = f"""Protocol (the same for every row, fixed before any run; sources i
     paper's gets no verdict against the paper: "not comparable" and its own significance."""
 
 
+DECLARED_SEEDS = [0, 1, 2]  # the protocol's seeds; other seeds are another experiment
+
+
+def protocol_overrides(args) -> list:
+    """Every way this run departs from the declared protocol besides its length: a --set override
+    (a data cap, a recipe value, ...), a changed early-stopping patience, other seeds. Any of them
+    makes the run not comparable with the paper."""
+    out = [f"--set {item}" for item in args.overrides]
+    for family in args.families:
+        if args.early_stop.get(family) != FAMILIES[family]["early_stop"]:
+            out.append(f"early stopping for {family} after {args.early_stop[family] or 'no'} epochs without a better "
+                       f"validation accuracy (declared: {FAMILIES[family]['early_stop'] or 'none'})")
+    if list(args.seeds) != DECLARED_SEEDS:
+        out.append(f"seeds {','.join(map(str, args.seeds))} (declared: {','.join(map(str, DECLARED_SEEDS))})")
+    return out
+
+
+def comparability(args) -> Optional[str]:
+    """Why this run's numbers cannot be set against the paper's (None when they can): its length,
+    or any override of the declared protocol."""
+    reason = not_comparable(args.epochs, args.teacher_epochs, PAPER_EPOCHS)
+    overrides = protocol_overrides(args)
+    if overrides:
+        extra = "overrides the declared protocol: " + "; ".join(overrides)
+        reason = f"{reason}; {extra}" if reason else f"not comparable: {extra}"
+    return reason
+
+
 def deviations(args, families) -> list:
     """Every way this protocol differs from the authors' code and the paper's numbers."""
     out = [
@@ -137,6 +166,8 @@ def deviations(args, families) -> list:
         out.append("early stopping (declared before the run): " + ", ".join(
             f"{f} stages stop after {p} epochs without a better validation accuracy" for f, p in stops.items())
             + "; the authors train every epoch")
+    for item in protocol_overrides(args):
+        out.append(f"override of the declared protocol: {item}; no verdict against the paper")
     reason = not_comparable(args.epochs, args.teacher_epochs, PAPER_EPOCHS)
     if reason:
         out.append(f"epochs: {args.teacher_epochs} for the teacher, {args.epochs} for assistants and students (the "
@@ -508,7 +539,7 @@ NOT_INTERPRETABLE = ("not interpretable: a student in the comparison collapsed t
 def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
     """Rows of the tables (ours next to the paper's) and the paired comparisons, from the run folders."""
     rows, comparisons, context, troubles = [], [], [], []
-    incomparable = not_comparable(args.epochs, args.teacher_epochs, PAPER_EPOCHS)
+    incomparable = comparability(args)
     for dataset in args.datasets:
         for family in args.families:
             group = args.out / f"{family}-{dataset}"
@@ -532,7 +563,8 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
                     mean, lo, hi = t_interval(values) if values else (float("nan"),) * 3
                     rows.append({"table": table, "family": family, "dataset": dataset, "row": row, "stage": stage,
                                  "teacher": teacher, "assistant": assistant or "", "student": student,
-                                 "published": published(family, dataset, "TAKD" if assistant else row, assistant),
+                                 "published": published(family, dataset, "TAKD" if assistant else row, assistant,
+                                                        table),
                                  "source": DGKD_SOURCE if stage == DGKD_STAGE else PUBLISHED_SOURCE[table],
                                  "comparable": incomparable or "yes",
                                  "ours_mean": mean, "ours_lo": lo, "ours_hi": hi,
@@ -547,7 +579,8 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             pairs += [("DGKD - TAKD", DGKD_STAGE, "student", None)] if dense else []
             for name, a_stage, b_stage, assistant in pairs:
                 diffs, ps = paired_per_seed(seeds, a_stage, b_stage)
-                pa = published(family, dataset, "TAKD" if assistant else "BLKD", assistant) if a_stage != DGKD_STAGE else None
+                pa = (published(family, dataset, "TAKD" if assistant else "BLKD", assistant,
+                                "table1" if assistant == t1 else "assistants") if a_stage != DGKD_STAGE else None)
                 pb = published(family, dataset, "BLKD" if assistant else "NOKD")
                 gap = None if pa is None or pb is None else round(pa - pb, 2)
                 comparisons.append((family, dataset, Comparison(name, diffs, ps, gap)))
@@ -659,7 +692,7 @@ def _interval(mean, lo, hi) -> str:
 
 
 def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall_s: float) -> str:
-    incomparable = not_comparable(args.epochs, args.teacher_epochs, PAPER_EPOCHS)
+    incomparable = comparability(args)
     lines = ["# TAKD reproduction (Mirzadeh et al. 2020)", "", "```", PROTOCOL, "```", "",
              "Differences from the authors' code and the published numbers:",
              *[f"- {d}" for d in deviations(args, args.families)], "",
