@@ -676,12 +676,30 @@ def methods_markdown(table: pd.DataFrame, tests: pd.DataFrame, args, reports=())
         for r in tests.itertuples():
             per = "; ".join(f"{d:+.2f}, p={p:.3g} ({ph:.3g})" for d, p, ph in zip(r.diffs, r.p, r.p_holm))
             lines.append(f"| {r.family} | {r.dataset} | {r.comparison} | {_interval(r.mean, r.lo, r.hi)} | {per} | "
-                         f"**{r.verdict}** ({r.significant_seeds}/{r.seeds} seeds significant after Holm) |")
+                         f"{_reading(r)} |")
+        lines += ["", TWO_TESTS]
     for report in reports:
         lines += ["", f"The toolkit's report over these seeds, with every pairwise comparison and the figures "
                       f"(`figures/methods_direct_and_via.png`: accuracy per method, direct and via the assistant): "
                       f"`{report}`"]
     return lines + [""]
+
+
+TWO_TESTS = ("Two tests, two questions. The verdict reads the t interval over seeds (Bonferroni-corrected): is the "
+             "mean difference between the two ways of training away from 0, seed-to-seed noise included? That is "
+             "the question about the methods. 'k/n seeds significant after Holm' reads the exact McNemar test of "
+             "each seed on its test images: do these two trained networks differ? A difference can be significant "
+             "on every seed and not over seeds when it varies from seed to seed more than three seeds can pin down.")
+
+
+def _reading(r) -> str:
+    """The verdict over seeds, named as such, beside the per-seed tests' count."""
+    v = r.verdict
+    for word in ("not significant", "significant"):
+        if v.startswith(word):
+            v = f"{word} over seeds{v[len(word):]}"
+            break
+    return f"**{v}** ({r.significant_seeds}/{r.seeds} seeds significant after Holm, per seed)"
 
 
 def _broken_note(row) -> str:
@@ -719,8 +737,8 @@ def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall
             gap = incomparable or (f"{r.paper_gap:+.2f}" if r.paper_gap is not None and pd.notna(r.paper_gap)
                                    else "no published gap")
             lines.append(f"| {r.family} | {r.dataset} | {r.comparison} | {gap} | {_interval(r.mean, r.lo, r.hi)} | "
-                         f"{per} | **{r.verdict}** ({r.significant_seeds}/{r.seeds} seeds significant after Holm) |")
-        lines += ["", "Verdicts: " + "; ".join(sorted(set(tests["words"]))) + "."]
+                         f"{per} | {_reading(r)} |")
+        lines += ["", "Verdicts: " + "; ".join(sorted(set(tests["words"]))) + ".", "", TWO_TESTS]
     return "\n".join(lines) + "\n"
 
 

@@ -756,3 +756,15 @@ def test_the_methods_table_says_the_dkd_warm_up_the_runs_recorded(tmp_path):
         {"name": "student_dkd", "teacher": "teacher", "method": "dkd", "method_args": {"warmup": 1}}]}))
     assert rt._dkd_warmup_words(args) == ("DKD's warm-up as these runs recorded it: 1 of 15 epochs, where the "
                                           "paper's share is 1.25")
+
+
+def test_a_verdict_over_seeds_is_named_so_beside_the_per_seed_tests():
+    """'not significant' beside '3/3 seeds significant after Holm' reads as a contradiction: the
+    verdict is over seeds, the count per seed, and the tables say what each test asks."""
+    from types import SimpleNamespace
+    row = SimpleNamespace(verdict="not significant", significant_seeds=3, seeds=3)
+    assert rt._reading(row) == "**not significant over seeds** (3/3 seeds significant after Holm, per seed)"
+    row = SimpleNamespace(verdict="significant (not comparable: 15 of 150 epochs)", significant_seeds=1, seeds=3)
+    assert rt._reading(row).startswith("**significant over seeds (not comparable")
+    assert rt._reading(SimpleNamespace(verdict="within noise", significant_seeds=0, seeds=3)).startswith("**within noise**")
+    assert "over seeds" in rt.TWO_TESTS and "McNemar" in rt.TWO_TESTS
