@@ -739,6 +739,12 @@ def markdown(table: pd.DataFrame, tests: pd.DataFrame, context: list, args, wall
             lines.append(f"| {r.family} | {r.dataset} | {r.comparison} | {gap} | {_interval(r.mean, r.lo, r.hi)} | "
                          f"{per} | {_reading(r)} |")
         lines += ["", "Verdicts: " + "; ".join(sorted(set(tests["words"]))) + ".", "", TWO_TESTS]
+        lines += [f"The correction's family: the {len(tests)} comparisons of this table (Bonferroni for the intervals, "
+                  f"Holm over their {sum(len(d) for d in tests['diffs'])} per-seed tests); another report that reads "
+                  f"the same students with another family gets other intervals."]
+        if len(args.seeds) == 2:
+            lines += ["", "With two seeds a t interval has one degree of freedom (t = 12.7 at 95%): it is nearly "
+                          "uninformative, whatever the verdict; three or more seeds narrow it quickly."]
     return "\n".join(lines) + "\n"
 
 

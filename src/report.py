@@ -359,7 +359,7 @@ def differences(rows: pd.DataFrame) -> pd.DataFrame:
     over = [r for r in out if "per_seed" in r]  # read together: Bonferroni-corrected t intervals
     intervals, alpha = simultaneous_t_intervals([r.pop("per_seed") for r in over])
     for r, (mean, lo, hi) in zip(over, intervals):
-        r.update(mean=mean, low=lo, high=hi, level=1 - alpha, significant=bool(lo > 0 or hi < 0))
+        r.update(mean=mean, low=lo, high=hi, level=1 - alpha, family=len(over), significant=bool(lo > 0 or hi < 0))
     df = pd.DataFrame(out)
     if len(df) and df["p_value"].notna().any():  # several tests at once: Holm's correction across all of them
         tested = df["p_value"].notna()
@@ -381,7 +381,8 @@ def _diff_md(diffs: pd.DataFrame, problems: Optional[dict] = None) -> list[str]:
         counts = "" if over else f"{int(d['only_a'])} / {int(d['only_b'])}"
         p = "" if over else f"{d['p_value']:.3g} ({d['p_holm']:.3g})"
         verdict = ("**significant**" if d["significant"] else "not significant") + (
-            f" ({100 * d['level']:.1f}% t interval, Bonferroni)" if over
+            f" ({100 * d['level']:.1f}% t interval, Bonferroni over the {int(d['family'])} over-seed comparisons of this "
+            f"report)" if over
             else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
         if over and pd.isna(d["low"]):
             verdict = "undecided (the same difference on every seed: no spread to estimate the noise from)"

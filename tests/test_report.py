@@ -137,7 +137,9 @@ def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run,
         d = per_seed["mean"].to_numpy()
         half = stats.t.ppf(1 - 0.05 / (2 * len(over)), len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
         assert (r["low"], r["high"]) == pytest.approx((d.mean() - half, d.mean() + half))
-        assert r["level"] == pytest.approx(1 - 0.05 / len(over))
+        assert r["level"] == pytest.approx(1 - 0.05 / len(over)) and r["family"] == len(over)
+    from src.report import _diff_md
+    assert f"Bonferroni over the {len(over)} over-seed comparisons of this report" in "\n".join(_diff_md(after))
     df.loc[0, "y_true"] = (df.loc[0, "y_true"] + 1) % 10
     df.to_csv(path, index=False)
     with pytest.raises(ValueError, match="different labels"):

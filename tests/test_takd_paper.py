@@ -484,6 +484,7 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path, capsys):
     assert "Differences from the authors' code" in md and "Holm" in md and "| TAKD - BLKD |" in md
     assert "| not comparable: 2 of 150 epochs; overrides the declared protocol" in md
     assert "override of the declared protocol: --set data.max_train_samples=200" in md
+    assert "The correction's family: the 2 comparisons of this table" in md and "With two seeds" in md
 
 
 # ------------------------------------------------------------------------------ CPU speed settings
