@@ -167,3 +167,37 @@ def test_a_two_node_ray_cluster_gives_the_serial_weights_with_a_worker_killed(st
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+BOOM = '''
+from src.distillation.methods import KD
+
+
+class Boom(KD):
+    """KD that breaks in its second epoch (after the test batch every method passes at the start)."""
+    def distill(self, student_logits, teacher_logits):
+        if self.epoch >= 2:
+            raise RuntimeError("boom in epoch 2")
+        return super().distill(student_logits, teacher_logits)
+'''
+
+
+def test_a_failed_job_stops_only_the_jobs_that_need_it(tmp_path):
+    """The assistant's method breaks: its student does not run, every other job finishes, the
+    error names the failed job and its log, and the exit code is not 0."""
+    method = tmp_path / "boom.py"
+    method.write_text(BOOM)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG.replace("max_train_samples: 600", "max_train_samples: 160").replace(", epochs: 8", "")
+                      .replace("teacher: teacher}", f"teacher: teacher, method: '{method}:Boom'}}"))
+    out = tmp_path / "run"
+    proc = start(config, out, "--jobs", "2")
+    text, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, text[-3000:]
+    assert "seed_0/assistant (exit 1; log" in text and str(out / "seed_0" / "logs" / "assistant.log") in text
+    assert "not run, since they need it: " in text and "seed_0/student" in text and "--resume" in text
+    assert "boom in epoch 2" in (out / "seed_0" / "logs" / "assistant.log").read_text()
+    for seed in (0, 1):
+        run = RunFolder(out / f"seed_{seed}")
+        assert not run.stage("student").started and not run.stage("assistant").finished
+        assert all(run.stage(s).finished for s in ("teacher", "student_kd", "student_scratch", "student_dkd"))
