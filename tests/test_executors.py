@@ -105,6 +105,7 @@ def test_dry_run_text_names_jobs_needs_threads_and_the_critical_path(tmp_path, s
     (["--jobs", "0"], "--jobs must be >= 1"),
     (["--threads", "0"], "--threads must be >= 1"),
     (["--executor", "ray", "--ray-address", "127.0.0.1:1"], "no Ray cluster answers there"),
+    (["--gpus", "2", "--jobs", "2"], "choose one"),
 ])
 def test_bad_executor_input_is_one_line_and_writes_nothing(tmp_path, study, args, message):
     code, err = run_cli("cnn", "--config", study[0], "--output-dir", tmp_path / "bad", *args)

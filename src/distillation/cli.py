@@ -113,6 +113,10 @@ def run(argv, chain: str, default_config: Path, own_process: bool = False, resum
     if args.gpus is not None and args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return EXIT_USER
+    if args.gpus is not None and (args.jobs or args.executor not in (None, "serial")):
+        print("error: --gpus trains each stage on several GPUs in one chain; --jobs / --executor spread a study's "
+              "stages over workers: choose one", file=sys.stderr)
+        return EXIT_USER
     for name in ("jobs", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
