@@ -81,10 +81,12 @@ def test_a_long_cpu_run_chosen_on_purpose_can_leave_out_the_gpu_advice(tmp_path,
         said[name] = capsys.readouterr().out
     assert "meant for a GPU" in said["advised"] and "Estimated training time" in said["advised"]
     assert "meant for a GPU" not in said["quiet"] and "Estimated training time" in said["quiet"]
+    from types import SimpleNamespace
     from benchmarks import reproduce_takd
     started = []
-    monkeypatch.setattr(reproduce_takd.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
-    reproduce_takd.start(tmp_path / "cfg.yaml", tmp_path / "child", verbose=False)
+    monkeypatch.setattr(reproduce_takd.cli, "run", lambda argv, *a, **kw: started.append(argv) or 0)
+    args = SimpleNamespace(jobs=1, executor=None, ray_address=None, verbose=False, argv=[])
+    reproduce_takd.train_run(tmp_path / "cfg.yaml", tmp_path / "child", args)
     assert "--no-cpu-advice" in started[0]
 
 
