@@ -662,8 +662,9 @@ def methods_markdown(table: pd.DataFrame, tests: pd.DataFrame, args, reports=())
     if table.empty:
         return []
     lines = ["## Methods beside KD (not in the paper)", "",
-             f"Each method with its published defaults ({_dkd_warmup_words(args)}), T = {TEMPERATURE:g} where a "
-             f"method uses one, the same teacher, assistants, seeds and initial weights as the rows above. "
+             f"Each method with its reference's defaults ({_dkd_warmup_words(args)}; DKD and DIST at their own "
+             f"T = 4, KD at the declared T = {TEMPERATURE:g}; docs/methods.md names each default's source), the same "
+             f"teacher, assistants, seeds and initial weights as the rows above. "
              f"Test accuracy (%), mean and 95% t interval over seeds:", "",
              "| family | dataset | method | from | ours (%) | per seed |", "|---|---|---|---|---|---|"]
     for r in table.itertuples():
