@@ -269,7 +269,7 @@ def method_stage(method: str, assistant=None) -> str:
 
 def method_args(method: str, epochs: int) -> dict:
     """Declared before any run: each method's published defaults, except DKD's warm-up, which keeps
-    its paper's share of training (20 of 240 epochs: 1.25 of 15, rising with every batch) so that
+    its paper's share of training (20 of 240 epochs: 1.25 of 15, a staircase of quarter-epoch steps) so that
     its KD weight reaches 1 in a short run. (Rounded to whole epochs, 1 of 15 was no warm-up at
     all: the full weight from the first batch, where the paper starts at 1/20.)"""
     return {"warmup": DKD_WARMUP[0] * epochs / DKD_WARMUP[1]} if method == "dkd" else {}
