@@ -6,19 +6,17 @@ import ast
 from tests.conftest import ROOT
 
 # From the top (what to run) down to the ground floor; a module may import its own layer and those below.
-LAYERS = [
-    ("experiment", ["src", "src.distillation.cli", "src.distillation.session", "src.distillation.executor",
-                    "src.distillation.jobrun", "src.evaluate", "src.inference"]),
-    ("analysis", ["src.report"]),
-    ("training", ["src.distillation", "src.distillation.chain", "src.distillation.stage", "src.distillation.engine",
-                  "src.distillation.planner", "src.distillation.clock", "src.distillation.recipe",
-                  "src.distillation.losses", "src.distillation.distributed", "src.distillation.export",
-                  "src.distillation.methods*"]),
-    ("plan", ["src.distillation.jobs"]),
-    ("runs", ["src.utils.runfolder", "src.utils.runlock", "src.utils.clean"]),
-    ("spec", ["src.distillation.config", "src.distillation.sweep"]),
-    ("ground", ["src.utils*", "src.data*", "src.models*", "src.visualization*"]),
-]
+# The map lives in one place, docs/architecture.md's ```layers block.
+
+
+def read_layers() -> list:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("```layers\n", 1)[1].split("```", 1)[0]
+    return [(name.strip(), [m.strip() for m in mods.split(",")])
+            for name, mods in (line.split(":", 1) for line in block.strip().splitlines())]
+
+
+LAYERS = read_layers()
 
 
 def layer_of(module: str) -> int:
@@ -36,12 +34,13 @@ def layer_of(module: str) -> int:
 def project_imports() -> dict:
     """{module: {imported project module}} from every .py under src/, top-level and inside functions."""
     files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (ROOT / "src").rglob("*.py")}
+             for folder in ("src", "benchmarks") for p in (ROOT / folder).rglob("*.py")}
     edges = {}
     for name, path in files.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("src") and not node.level:
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("src", "benchmarks")) \
+                    and not node.level:
                 for alias in node.names:
                     full = f"{node.module}.{alias.name}"
                     found.add(full if full in files else node.module)
@@ -81,6 +80,10 @@ def test_the_checks_see_an_upward_import(tmp_path):
     """The layer map does put the CLI above the ground: an import from src.utils of the CLI would be caught."""
     assert layer_of("src.utils.errors") > layer_of("src.distillation.cli")
     assert layer_of("src.utils.runfolder") < layer_of("src.utils.errors")  # the most specific entry wins
+    assert layer_of("benchmarks.reproduce_takd") < layer_of("src.report")  # the applications sit on top
+    edges = project_imports()
+    assert "benchmarks.takd_tables" in edges["benchmarks.reproduce_takd"]  # benchmarks/ is read too
+    assert [name for name, _ in LAYERS][:2] == ["applications", "experiment"] and len(LAYERS) == 8
 
 
 def test_an_import_inside_a_function_says_why():
