@@ -49,3 +49,31 @@ def test_fitnet_regressor_is_averaged_across_ranks(tmp_path):
     assert info["world_size"] == 2 and info["method"] == "fitnet"
     sums = info["rank_weight_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_sigterm_to_the_gpus_launcher_reaches_its_ranks_and_leaves_no_process(tmp_path):
+    """--gpus N relaunches under torchrun: SIGTERM to the command it was started as is passed on,
+    the ranks save and stop, and nothing keeps training (before, the launcher died silently and
+    left the ranks training, orphaned, holding the lock)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from tests.conftest import ROOT
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=30, data__max_train_samples=600))))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cnn_distillation.train_cnn", "--no-progress", "--config", str(cfg_path),
+                             "--output-dir", str(out), "--gpus", "2", "--device", "cpu"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, t0 = out / "teacher" / "epoch_log.csv", time.time()
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.time() - t0 < 300:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "--resume" in text, text[-3000:]
+    time.sleep(1)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(out).encode() in
+            open(f"/proc/{p}/cmdline", "rb").read()] if os.path.isdir("/proc") else []
+    assert not left, f"still running: {left}"
