@@ -43,7 +43,7 @@ from src.distillation.chain import check_stages  # noqa: E402
 from src.distillation.jobs import machine_threads  # noqa: E402
 from src.distillation.config import apply_override, changed_keys, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
-from src.report import ONE_CLASS_SHARE, chance_bar, top_class_share, write_report  # noqa: E402
+from src.report import ONE_CLASS_SHARE, chance_bar, still_rising, top_class_share, write_report  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
 from src.utils.runfolder import RunFolder  # noqa: E402
 from src.utils.stats import mcnemar_exact, t_interval  # noqa: E402
@@ -491,19 +491,24 @@ def paired_per_seed(seeds: list, a_stage: str, b_stage: str) -> tuple[list, list
 
 
 def broken(seeds: list, stage: str) -> list:
-    """Why a student's results say nothing, per seed of [(seed, run folder)]: it predicts one class
-    for most test images (a collapse) or scores near chance; [] when it is sound."""
+    """Why a student's results say nothing, per seed of [(seed, run folder)], by the report's own
+    checks (the same students read by both get one reading): it predicts one class for most test
+    images (a collapse), scores near chance, or its validation accuracy was still rising at its last
+    epoch; [] when it is sound."""
     out = []
     for seed, d in seeds:
-        path = RunFolder(d).stage(stage).predictions
-        if not path.exists():
+        folder = RunFolder(d).stage(stage)
+        if not folder.predictions.exists():
             continue
-        preds = pd.read_csv(path, usecols=["y_true", "y_pred"])
-        share, acc = top_class_share(path), float((preds["y_true"] == preds["y_pred"]).mean())
+        preds = pd.read_csv(folder.predictions, usecols=["y_true", "y_pred"])
+        share, acc = top_class_share(folder.predictions), float((preds["y_true"] == preds["y_pred"]).mean())
         if share >= ONE_CLASS_SHARE:
             out.append(f"seed {seed}: {stage} predicts one class for {100 * share:.0f}% of the test images")
         elif acc < chance_bar(preds["y_true"].nunique()):
             out.append(f"seed {seed}: {stage} at {100 * acc:.1f}% test accuracy, near chance")
+        rising = still_rising(folder)
+        if rising:
+            out.append(f"seed {seed}: {stage}: validation accuracy still rising at its last epoch ({rising})")
     return out
 
 
@@ -704,7 +709,7 @@ def _reading(r) -> str:
 
 
 def _broken_note(row) -> str:
-    return f" (**broken**: {row.broken})" if isinstance(getattr(row, "broken", ""), str) and row.broken else ""
+    return f" (**not interpretable**: {row.broken})" if isinstance(getattr(row, "broken", ""), str) and row.broken else ""
 
 
 def _interval(mean, lo, hi) -> str:

@@ -146,7 +146,7 @@ def stage_problems(rows: pd.DataFrame) -> dict:
                       if r["folder"].stage(stage).predictions.exists()]
             if shares and max(shares) >= ONE_CLASS_SHARE:
                 reasons.append(f"{stage} predicts one class for {100 * max(shares):.0f}% of the test images")
-            rising = _still_rising(folder.stage(stage))
+            rising = still_rising(folder.stage(stage))
             if rising:
                 reasons.append(f"{stage}: validation accuracy still rising at its last epoch ({rising})")
             if reasons:
@@ -210,7 +210,7 @@ def brief(reasons: list) -> str:
     return "; ".join(f"{w}: {', '.join(names)}" if names else w for w, names in groups.items())
 
 
-def _still_rising(stage) -> str:
+def still_rising(stage) -> str:
     """'+3.1 points over its last 2 of 10 epochs' when the last epoch is the best one and the
     curve rose over the last fifth of the epochs; '' otherwise (or when the stage was not trained)."""
     if not stage.epoch_log.exists():

@@ -223,7 +223,7 @@ def test_a_broken_teacher_spoils_everything_below_it():
 
 
 def test_a_stage_still_rising_at_its_last_epoch_is_named(tmp_path):
-    from src.report import _still_rising
+    from src.report import still_rising
     from src.utils.logger import EpochLogger, REQUIRED_COLUMNS
     from src.utils.runfolder import StageFolder
     stage = StageFolder(tmp_path / "s")
@@ -231,9 +231,9 @@ def test_a_stage_still_rising_at_its_last_epoch_is_named(tmp_path):
     log = EpochLogger(stage.epoch_log)
     for e, v in enumerate([0.30, 0.40, 0.45, 0.50, 0.58], 1):
         log.log({c: (e if c == "epoch" else v if c == "val_accuracy" else 0.0) for c in REQUIRED_COLUMNS})
-    assert _still_rising(stage) == "+8.0 points over its last 1 of 5 epochs"
+    assert still_rising(stage) == "+8.0 points over its last 1 of 5 epochs"
     log.log({c: (6 if c == "epoch" else 0.57 if c == "val_accuracy" else 0.0) for c in REQUIRED_COLUMNS})
-    assert _still_rising(stage) == ""  # the best epoch is not the last one
+    assert still_rising(stage) == ""  # the best epoch is not the last one
 
 
 def test_an_over_seed_difference_without_spread_reads_undecided():

@@ -769,3 +769,21 @@ def test_a_verdict_over_seeds_is_named_so_beside_the_per_seed_tests():
     assert rt._reading(row).startswith("**significant over seeds (not comparable")
     assert rt._reading(SimpleNamespace(verdict="within noise", significant_seeds=0, seeds=3)).startswith("**within noise**")
     assert "over seeds" in rt.TWO_TESTS and "McNemar" in rt.TWO_TESTS
+
+
+def test_a_student_still_rising_is_not_interpretable_in_the_reproduction_as_in_the_report(tmp_path):
+    """The same students, read by the reproduction's tables and by the report, get one reading:
+    a student whose validation accuracy was still rising at its last epoch is named by both."""
+    from src.report import still_rising
+    from src.utils.logger import EpochLogger, REQUIRED_COLUMNS
+    run = RunFolder(tmp_path / "seed_0")
+    stage = run.stage("student_kd")
+    stage.path.mkdir(parents=True)
+    log = EpochLogger(stage.epoch_log)
+    for e, v in enumerate([0.30, 0.40, 0.45], 1):
+        log.log({c: (e if c == "epoch" else v if c == "val_accuracy" else 0.0) for c in REQUIRED_COLUMNS})
+    pd.DataFrame({"file": range(20), "y_true": [i % 10 for i in range(20)],
+                  "y_pred": [i % 10 for i in range(20)]}).to_csv(stage.predictions, index=False)
+    assert still_rising(stage)
+    reasons = rt.broken([(0, run.path)], "student_kd")
+    assert reasons == [f"seed 0: student_kd: validation accuracy still rising at its last epoch ({still_rising(stage)})"]
