@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
+from src.distillation.chain import with_baselines  # noqa: E402
 from src.distillation.config import load_config  # noqa: E402
 from src.distillation.jobs import build_plan  # noqa: E402
 from src.utils.runfolder import RunFolder  # noqa: E402
@@ -34,8 +35,8 @@ from src.utils.runfolder import RunFolder  # noqa: E402
 DIGITS = """name: bench_executors
 seed: 0
 deterministic: true
-data: {source: digits, image_size: 16, max_train_samples: 1200, max_test_samples: 200, augment: crop_flip, crop_padding: 2}
-train: {epochs: 6, batch_size: 32, lr: 0.003, device: cpu}
+data: {source: digits, image_size: 32, max_train_samples: 1200, max_test_samples: 200, augment: crop_flip, crop_padding: 2}
+train: {epochs: 20, batch_size: 32, lr: 0.003, device: cpu}
 stages:
   - {name: teacher, model: plain_cnn4, role: teacher}
   - {name: assistant, model: plain_cnn2, role: assistant, teacher: teacher}
@@ -76,7 +77,7 @@ def stage_info(out: Path) -> dict:
 
 def measure(config: Path, base: list, modes: list, seeds, work_dir: Path) -> pd.DataFrame:
     rows, reference = [], None
-    cfg = load_config(config)
+    cfg = with_baselines(load_config(config)) if "--baselines" in base else load_config(config)
     for label, extra, workers, setup in modes:
         out = work_dir / label.replace(" ", "_")
         context = setup() if setup else None
