@@ -381,8 +381,7 @@ def _diff_md(diffs: pd.DataFrame, problems: Optional[dict] = None) -> list[str]:
         counts = "" if over else f"{int(d['only_a'])} / {int(d['only_b'])}"
         p = "" if over else f"{d['p_value']:.3g} ({d['p_holm']:.3g})"
         verdict = ("**significant**" if d["significant"] else "not significant") + (
-            f" ({100 * d['level']:.1f}% t interval, Bonferroni over the {int(d['family'])} over-seed comparisons of this "
-            f"report)" if over
+            f" ({100 * d['level']:.1f}% t interval, Bonferroni{_family_words(d)})" if over
             else f" (Holm-adjusted p {'<' if d['significant'] else '≥'} 0.05)")
         if over and pd.isna(d["low"]):
             verdict = "undecided (the same difference on every seed: no spread to estimate the noise from)"
@@ -392,6 +391,12 @@ def _diff_md(diffs: pd.DataFrame, problems: Optional[dict] = None) -> list[str]:
         lines.append(f"| {d['run']} | {d['difference']} | {d['seed']} | {_pp(d['mean'])} | "
                      f"[{_pp(d['low'])}, {_pp(d['high'])}] | {counts} | {p} | {verdict} |")
     return lines
+
+
+def _family_words(d) -> str:
+    """' over the N over-seed comparisons of this report', or nothing for a row that does not say (an older table)."""
+    family = d.get("family")
+    return "" if family is None or pd.isna(family) else f" over the {int(family)} over-seed comparisons of this report"
 
 
 def _table_md(table: pd.DataFrame) -> str:

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from src.utils.signals import die_with_parent  # the standard library only: --help stays instant
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_USER = 2
 
@@ -103,7 +105,7 @@ def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", f"{chain}_distillation.train_{chain}", *rest]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
     def forward(signum, frame):  # the launcher's ranks save their epoch and stop; none is left behind
         proc.send_signal(signum)

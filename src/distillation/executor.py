@@ -15,7 +15,6 @@ far, and the study raises StopRequested once for the session to print one --resu
 """
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -34,6 +33,7 @@ from src.distillation.engine import StopRequested
 from src.distillation.jobrun import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, run_job_process
 from src.distillation.jobs import Plan, StageJob
 from src.utils import signals
+from src.utils.signals import die_with_parent
 from src.utils.errors import UserError
 from src.utils.logger import get_console
 
@@ -163,18 +163,11 @@ def _process_main(args: tuple, gpu: Optional[int] = None) -> None:
     it on once), SIGTERM when the study's process dies (no orphan keeps training), and on a machine
     with several GPUs the one it was given (set before CUDA starts: torch starts it lazily)."""
     os.setpgrp()
-    _die_with_parent()
+    die_with_parent()
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     run, stage, threads, log_path, seed, job_id = args
     sys.exit(run_job_process(Path(run), stage, threads, Path(log_path), seed, job_id))
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: a stopped study stops its jobs by signal only
-        pass
 
 
 def _stop_processes(procs: list) -> None:
@@ -305,7 +298,7 @@ def _ray_job_fn(args: tuple, *upstream) -> int:
     run, stage, threads, log_path, seed, job_id = args
     cmd = [sys.executable, "-m", "src.distillation.jobrun", "--run", run, "--stage", stage, "--threads", str(threads),
            "--log", log_path, "--id", job_id] + (["--seed", str(seed)] if seed is not None else [])
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, preexec_fn=die_with_parent)
     try:
         code = proc.wait()
     except KeyboardInterrupt:

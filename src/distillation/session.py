@@ -336,6 +336,7 @@ def train_parallel(session: Session, plan, executor) -> None:
     chains = []
     for seed, run, cfg in plan.runs():
         chain, _ = prepare_run(cfg, run, resume and run.path.exists(), plan.threads)
+        chain.data = None  # the jobs read the data themselves; the summary needs only the folder
         chains.append(chain)
     session.log.info(plan.describe() + f"\nexecutor: {executor.name}; each job's output in SEED_RUN/logs/<stage>.log")
     outcome = executor.run(plan)

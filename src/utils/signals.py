@@ -9,6 +9,7 @@ does not wait for a long C++ operation to return to Python).
 """
 from __future__ import annotations
 
+import ctypes
 import signal
 import sys
 from contextlib import contextmanager
@@ -67,3 +68,12 @@ def restore_handlers(previous: dict) -> None:
     for sig, h in previous.items():
         signal.signal(sig, h)
     _STATE.update(signum=None, depth=0, exception=None)
+
+
+def die_with_parent() -> None:
+    """In a child process (the torchrun launcher, a study's job): SIGTERM when the process that
+    started it dies (even by SIGKILL), so it saves and stops instead of training on, orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: signals reach it through this process only
+        pass
