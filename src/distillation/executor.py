@@ -113,8 +113,9 @@ class LocalExecutor(Executor):
                 for j in [j for j in waiting if set(j.needs) <= set(out.done)][:max(0, self.jobs - len(running))]:
                     waiting.remove(j)
                     running[j.id] = (_start_process(j, self._gpu_for(running)), j)
-                if not running:
-                    continue
+                if not running:  # nothing runs and nothing can start: what waits can never run
+                    out.skipped += [j.id for j in waiting]
+                    break
                 ended = multiprocessing.connection.wait([proc.sentinel for proc, _ in running.values()])
                 for jid in [jid for jid, (proc, _) in running.items() if proc.sentinel in ended]:
                     proc, j = running.pop(jid)
