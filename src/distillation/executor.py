@@ -1,8 +1,8 @@
 """Who runs a study's stage jobs (src/distillation/jobs.py): one interface, three executors.
 
     serial   (default) this process, the jobs one after another, seed by seed: a chain as always
-    local    --jobs N: N jobs at once on this machine, each in a fresh process of the standard
-             library's process pool (one task per process: a stage's memory goes with it)
+    local    --jobs N: N jobs at once on this machine, each in a fresh process of its own (the
+             standard library's multiprocessing, spawn: a stage's memory goes with its process)
     ray      --executor ray [--ray-address auto|HOST:PORT]: each job a Ray task with its threads
              as num_cpus and its GPU share as num_gpus; no address starts a local instance (no
              server to start by hand), an address joins a running cluster
@@ -339,8 +339,6 @@ _probe_task = _remote(_probe_fn)
 
 def make_executor(name: str, jobs: Optional[int], address: Optional[str]) -> Executor:
     """The executor the command line asks for (--executor, --jobs, --ray-address)."""
-    if jobs is not None and jobs < 1:
-        raise UserError(f"--jobs must be >= 1, got {jobs}")
     if name == "ray":
         return RayExecutor(address)
     if address:

@@ -61,10 +61,6 @@ class StageJob:
         """Its output under a parallel executor: SEED_RUN/logs/<stage>.log."""
         return self.run.job_log(self.stage)
 
-    @property
-    def spec(self):
-        return self.cfg.stage(self.stage)
-
 
 @dataclass(frozen=True)
 class Plan:

@@ -87,7 +87,7 @@ class RunFolder:
     SUMMARY = "summary.csv"
     PLAN = "plan.json"
     JOBS = "jobs.json"                   # the study's stage jobs: dependencies, threads, GPU share (jobs.py)
-    JOB_LOGS = "logs"                    # RUN/logs/<job>.log: each job's output under --jobs / --executor ray
+    JOB_LOGS = "logs"                    # SEED_RUN/logs/<stage>.log: each job's output under --jobs / --executor ray
     CLASSES = "classes.json"
     ENV = "env.json"
     TIMINGS = "timings.json"
@@ -113,8 +113,8 @@ class RunFolder:
     config_path, seeds_file, summary_csv = _file(CONFIG), _file(SEEDS), _file(SUMMARY)
     figures, tensorboard = _file(FIGURES), _file(TENSORBOARD)
 
-    def job_log(self, job_id: str) -> Path:
-        return self.path / self.JOB_LOGS / (job_id.replace("/", "__") + ".log")
+    def job_log(self, stage: str) -> Path:
+        return self.path / self.JOB_LOGS / f"{stage}.log"
 
     def evaluation(self, stage: str, split: str, data: str) -> Path:
         """Where src.evaluate writes one stage's scoring on one split of one dataset."""
