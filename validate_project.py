@@ -77,7 +77,7 @@ def check_self_test():
 
 
 def check_presets():
-    from src.distillation.config import load_config
+    from src.spec.config import load_config
     presets = sorted(ROOT.glob("*_distillation/configs/*.yaml"))
     for p in presets:
         try:
@@ -95,7 +95,7 @@ def check_runs_folder(runs: Path):
 
 def check_csvs(runs: Path):
     from src.utils.logger import read_epoch_csv, terms_columns_of
-    from src.utils.runfolder import StageFolder
+    from src.runs.runfolder import StageFolder
     csvs = sorted(runs.rglob(StageFolder.EPOCH_LOG)) if runs.is_dir() else []
     for c in csvs:
         rows = read_epoch_csv(c)
@@ -110,7 +110,7 @@ def check_run_folder(run: Path):
     import pandas as pd
     from src.utils.checkpoint import safe_load
     from src.utils.logger import read_epoch_csv
-    from src.utils.runfolder import RunFolder
+    from src.runs.runfolder import RunFolder
     folder = RunFolder(run)
     cfg = folder.config()
     summary = pd.read_csv(folder.summary_csv) if folder.finished else None
@@ -145,7 +145,7 @@ def check_run_folder(run: Path):
 
 def _live_owner(run: Path):
     """The live process writing this run (its folder or its --seeds parent), if any."""
-    from src.utils import runlock
+    from src.runs import runlock
     for folder in (run, run.parent) if (run.parent / "seeds.json").exists() else (run,):
         try:
             runlock.acquire(folder, "validating it").release()
@@ -157,7 +157,7 @@ def _live_owner(run: Path):
 
 def check_smoke():
     from src.distillation.chain import run_chain
-    from src.distillation.config import from_dict
+    from src.spec.config import from_dict
     cfg = from_dict({
         "name": "smoke", "seed": 0,
         "data": {"source": "digits", "image_size": 16, "max_train_samples": 200, "max_test_samples": 100,

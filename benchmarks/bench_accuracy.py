@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from src.distillation.chain import run_chain, with_baselines  # noqa: E402
-from src.distillation.config import load_config  # noqa: E402
-from src.report import write_report  # noqa: E402
+from src.distillation.chain import run_chain  # noqa: E402
+from src.spec.sweep import with_baselines  # noqa: E402
+from src.spec.config import load_config  # noqa: E402
+from src.analysis.report import write_report  # noqa: E402
 
 COLUMNS = ["chain", "stage", "model", "role", "method", "epochs", "val_acc", "test_acc", "train_minutes", "chain_minutes",
            "data_s", "planning_s", "compile_s", "training_s", "evaluation_s", "report_s", "other_s", "recipe", "gpu",

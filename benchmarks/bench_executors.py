@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from src.distillation.chain import with_baselines  # noqa: E402
-from src.distillation.config import load_config  # noqa: E402
-from src.distillation.jobs import build_plan  # noqa: E402
-from src.utils.runfolder import RunFolder  # noqa: E402
+from src.spec.sweep import with_baselines  # noqa: E402
+from src.spec.config import load_config  # noqa: E402
+from src.plan.jobs import build_plan  # noqa: E402
+from src.runs.runfolder import RunFolder  # noqa: E402
 
 DIGITS = """name: bench_executors
 seed: 0

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from src.data.loaders import StreamLoader, TensorLoader  # noqa: E402
 from src.data.sources import Split  # noqa: E402
-from src.distillation.config import load_config  # noqa: E402
+from src.spec.config import load_config  # noqa: E402
 from src.distillation.engine import Precision, StepContext, compile_warmup, prepare_teacher, train_one_epoch  # noqa: E402
 from src.distillation.planner import SAFETY_MARGIN_GIB, StepSpec, apply_vram_budget, measure_steps, probe_plan  # noqa: E402
 from src.distillation.recipe import optimizer_factory, stage_optimizer  # noqa: E402
@@ -330,7 +330,7 @@ def takd_config(family: str, compile_mode: str):
     from argparse import Namespace
 
     from benchmarks.reproduce_takd import base_config
-    from src.distillation.config import from_dict
+    from src.spec.config import from_dict
     raw = base_config(f"bench-{family}", family, "cifar10", 10, {"source": "digits", "root": "data"},
                       Namespace(compile=compile_mode, device="auto"))
     for model, teacher in TAKD_STAGES[family]:

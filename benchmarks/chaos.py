@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.utils.runfolder import RunFolder, StageFolder  # noqa: E402
+from src.runs.runfolder import RunFolder, StageFolder  # noqa: E402
 
 TIMING = {"epoch_time_sec", "gpu_memory_mb", "train_seconds", "eval_seconds", "compile_seconds", "img_per_s"}
 CONFIG = """name: chaos
@@ -55,7 +55,7 @@ def reference(cfg: Path, run: Path) -> float:
     interpreter's libraries are read once before (a first start on a cold file cache can take
     several times as long as the restarts after it: moments drawn from that would fall after most
     restarts had finished, and their kills would be missed)."""
-    subprocess.run([sys.executable, "-c", "import src.distillation.chain, src.report"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-c", "import src.distillation.chain, src.analysis.report"], cwd=ROOT, check=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
     t0 = time.perf_counter()
     proc = _start(cfg, run, False)

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.utils.runfolder import RunFolder  # noqa: E402
+from src.runs.runfolder import RunFolder  # noqa: E402
 
 import pandas as pd  # noqa: E402
 

@@ -37,7 +37,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from benchmarks.bench_stages import (PRESETS, stage_step_context, synthetic_split, build_for_plan, plan_stage,  # noqa: E402
                                      random_weight_builders)
 from src.data.loaders import TensorLoader  # noqa: E402
-from src.distillation.config import load_config  # noqa: E402
+from src.spec.config import load_config  # noqa: E402
 from src.distillation.engine import Precision, compile_warmup, train_one_epoch  # noqa: E402
 from src.distillation.planner import apply_vram_budget  # noqa: E402
 from src.distillation.stage import use_channels_last  # noqa: E402

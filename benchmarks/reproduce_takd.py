@@ -36,17 +36,19 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable, paired_correct, published,  # noqa: E402
+from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable, published,  # noqa: E402
                                     summarise)
-from src.distillation import cli  # noqa: E402
+from src.experiment import cli  # noqa: E402
+from src.spec.names import DIRECT_KD, SCRATCH, assistant_stage, method_student, path_student  # noqa: E402
 from src.distillation.chain import check_stages  # noqa: E402
-from src.distillation.jobs import machine_threads  # noqa: E402
-from src.distillation.config import apply_override, changed_keys, from_dict  # noqa: E402
+from src.plan.jobs import machine_threads  # noqa: E402
+from src.spec.config import apply_override, changed_keys, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
-from src.report import ONE_CLASS_SHARE, chance_bar, still_rising, top_class_share, write_report  # noqa: E402
+from src.analysis.report import ONE_CLASS_SHARE, chance_bar, still_rising, top_class_share, write_report  # noqa: E402
 from src.utils.errors import UserError  # noqa: E402
-from src.utils.runfolder import RunFolder  # noqa: E402
-from src.utils.stats import mcnemar_exact, t_interval  # noqa: E402
+from src.runs.runfolder import RunFolder  # noqa: E402
+from src.analysis.compare import Paired, paired_differences, rows_of  # noqa: E402
+from src.utils.stats import t_interval  # noqa: E402
 
 # Declared before any run and used for every row: never chosen by looking at test accuracy.
 # Both are points of the paper's own search grid (T in {1, 2, 5, 10, 15, 20}, lambda in [0.05, 1]).
@@ -218,12 +220,12 @@ def group_models(family: str, tables: list) -> tuple[str, list, str]:
 
 
 def ta_stage(model: str) -> str:
-    return f"ta_{model}"
+    return assistant_stage(model)
 
 
 def student_stage(family: str, assistant: str) -> str:
     """The Table-1 assistant's student is `student` (the report's TAKD student); others name theirs."""
-    return "student" if assistant == FAMILIES[family]["table1_assistant"] else f"student_via_{assistant}"
+    return "student" if assistant == FAMILIES[family]["table1_assistant"] else path_student(assistant)
 
 
 def teachers_config(family, dataset, tables, teacher_epochs, epochs, data, args) -> dict:
@@ -249,7 +251,7 @@ def students_config(family, dataset, tables, epochs, teachers_dir: Path, data, a
           "checkpoint": str(trained.stage("teacher").best)}]
         + [{"name": ta_stage(a), "model": model_for(a, dataset), "role": "assistant",
             "checkpoint": str(trained.stage(ta_stage(a)).best)} for a in assistants]
-        + [{"name": "student_scratch", **stream}, {"name": "student_kd", "teacher": "teacher", **stream}]
+        + [{"name": SCRATCH, **stream}, {"name": DIRECT_KD, "teacher": "teacher", **stream}]
         + [{"name": student_stage(family, a), "teacher": ta_stage(a), **stream} for a in assistants])
     if "assistants" in tables:  # dense guidance from the teacher and every assistant (not in the paper)
         cfg["stages"].append({"name": DGKD_STAGE, "teacher": ["teacher", *[ta_stage(a) for a in reversed(assistants)]],
@@ -264,7 +266,7 @@ def students_config(family, dataset, tables, epochs, teachers_dir: Path, data, a
 
 def method_stage(method: str, assistant=None) -> str:
     """The names --methods gives (as the toolkit's own --methods): student_<m>, student_<m>_via_<assistant stage>."""
-    return f"student_{method}" if assistant is None else f"student_{method}_via_{ta_stage(assistant)}"
+    return method_student(method, None if assistant is None else ta_stage(assistant))
 
 
 def method_args(method: str, epochs: int) -> dict:
@@ -479,15 +481,17 @@ def _trained_epochs(teachers_dir: Path, summary: pd.DataFrame):
     return words
 
 
-def paired_per_seed(seeds: list, a_stage: str, b_stage: str) -> tuple[list, list]:
-    """Per seed (of [(seed, run folder)]): accuracy(A) - accuracy(B) in points on the same test
-    images, and the exact McNemar p-value."""
-    diffs, ps = [], []
-    for _, d in seeds:
-        ca, cb = paired_correct(*(pd.read_csv(RunFolder(d).stage(st).predictions) for st in (a_stage, b_stage)))
-        diffs.append(100 * (ca.mean() - cb.mean()))
-        ps.append(mcnemar_exact(ca, cb)["p_value"])
-    return diffs, ps
+def measured(wanted: list) -> list:
+    """[(family, dataset, Comparison)] from [(family, dataset, Paired, paper gap)]: each comparison's
+    per-seed differences (points) and exact McNemar p-values from the analysis layer's pipeline
+    (the report's own), for `summarise` to correct together and read against the paper."""
+    df = paired_differences([w[2] for w in wanted])
+    out = []
+    for family, dataset, pair, gap in wanted:
+        seeds, _ = rows_of(df, pair)
+        out.append((family, dataset, Comparison(pair.name, list(100 * seeds["mean"]) if len(seeds) else [],
+                                                list(seeds["p_value"]) if len(seeds) else [], gap)))
+    return out
 
 
 def broken(seeds: list, stage: str) -> list:
@@ -554,12 +558,13 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             teacher, assistants, student = group_models(family, args.tables)
             t1 = FAMILIES[family]["table1_assistant"]
             seeds = seed_dirs(group / "students", args.seeds)
+            folders = [(seed, RunFolder(d)) for seed, d in seeds]
             context += group_context(group, family, dataset, args.tables, seeds)
             if not seeds:
                 continue
             summaries = {s: pd.read_csv(RunFolder(d).summary_csv).set_index("stage") for s, d in seeds}
             acc = {s: summ["test_accuracy"] * 100 for s, summ in summaries.items()}
-            entries = [("NOKD", "student_scratch", None), ("BLKD", "student_kd", None)]
+            entries = [("NOKD", SCRATCH, None), ("BLKD", DIRECT_KD, None)]
             entries += [("TAKD" if a == t1 else f"TAKD, assistant {a}", student_stage(family, a), a) for a in assistants]
             dense = "assistants" in args.tables and any(DGKD_STAGE in summ.index for summ in summaries.values())
             entries += [(DGKD_ROW, DGKD_STAGE, None)] if dense else []
@@ -581,18 +586,18 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
                                  "early_stop": args.early_stop[family],
                                  "epochs_per_seed": "; ".join(_stops(summaries[s], stage) for s, _ in seeds),
                                  "broken": "; ".join(broken(seeds, stage))})
-            pairs = [("TAKD - BLKD" if a == t1 else f"TAKD(assistant {a}) - BLKD", student_stage(family, a), "student_kd",
+            pairs = [("TAKD - BLKD" if a == t1 else f"TAKD(assistant {a}) - BLKD", student_stage(family, a), DIRECT_KD,
                       a) for a in assistants if "assistants" in args.tables or a == t1]
-            pairs.append(("BLKD - NOKD", "student_kd", "student_scratch", None))
+            pairs.append(("BLKD - NOKD", DIRECT_KD, SCRATCH, None))
             pairs += [("DGKD - TAKD", DGKD_STAGE, "student", None)] if dense else []
             for name, a_stage, b_stage, assistant in pairs:
-                diffs, ps = paired_per_seed(seeds, a_stage, b_stage)
                 pa = (published(family, dataset, "TAKD" if assistant else "BLKD", assistant,
                                 "table1" if assistant == t1 else "assistants") if a_stage != DGKD_STAGE else None)
                 pb = published(family, dataset, "BLKD" if assistant else "NOKD")
                 gap = None if pa is None or pb is None else round(pa - pb, 2)
-                comparisons.append((family, dataset, Comparison(name, diffs, ps, gap)))
+                comparisons.append((family, dataset, Paired(group.name, name, a_stage, b_stage, folders), gap))
                 troubles.append(broken(seeds, a_stage) + broken(seeds, b_stage))
+    comparisons = measured(comparisons)
     summaries = summarise([c for _, _, c in comparisons], incomparable)
     tests = pd.DataFrame([{"family": f, "dataset": d, **s} for (f, d, _), s in zip(comparisons, summaries)])
     return pd.DataFrame(rows), unreadable(tests, troubles), context
@@ -611,7 +616,7 @@ def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
             _, assistants, _ = group_models(family, args.tables)
             summaries = {s: pd.read_csv(RunFolder(d).summary_csv).set_index("stage") for s, d in seeds}
             for m in ["kd", *args.methods]:
-                direct = "student_kd" if m == "kd" else method_stage(m)
+                direct = DIRECT_KD if m == "kd" else method_stage(m)
                 paths = [(direct, "teacher")] + [(student_stage(family, a) if m == "kd" else method_stage(m, a), a)
                                                  for a in assistants]
                 for stage, via in paths:
@@ -623,11 +628,13 @@ def collect_methods(args) -> tuple[pd.DataFrame, pd.DataFrame]:
                                  "broken": "; ".join(broken(seeds, stage))})
                 pairs = [(f"{m.upper()} via {a} - {m.upper()} direct", stage, direct) for stage, a in paths[1:]]
                 if m != "kd":
-                    pairs.append((f"{m.upper()} direct - KD direct", direct, "student_kd"))
+                    pairs.append((f"{m.upper()} direct - KD direct", direct, DIRECT_KD))
+                folders = [(seed, RunFolder(d)) for seed, d in seeds]
                 for name, a_stage, b_stage in pairs:
-                    diffs, ps = paired_per_seed(seeds, a_stage, b_stage)
-                    comparisons.append((family, dataset, Comparison(name, diffs, ps, None)))
+                    comparisons.append((family, dataset, Paired(f"{family}-{dataset}", name, a_stage, b_stage, folders),
+                                        None))
                     troubles.append(broken(seeds, a_stage) + broken(seeds, b_stage))
+    comparisons = measured(comparisons)
     summaries = summarise([c for _, _, c in comparisons])
     tests = pd.DataFrame([{"family": f, "dataset": d, **s} for (f, d, _), s in zip(comparisons, summaries)])
     return pd.DataFrame(rows), unreadable(tests, troubles)

@@ -1,7 +1,10 @@
 """The TAKD paper's tables as data, and how our numbers are compared with them.
 
-Kept apart from reproduce_takd.py so that the comparison (intervals, paired tests, Holm's
-correction, the verdict in words) is plain functions that tests can feed made-up numbers.
+Kept apart from reproduce_takd.py so that the verdicts are plain functions that tests can feed
+made-up numbers. The statistics are the toolkit's one pipeline (src/analysis/compare.py): the
+per-seed differences and McNemar tests come from its `paired_differences`, the Bonferroni-corrected
+intervals and Holm's correction from its `corrections`; this file adds only the paper's numbers
+and the verdict against them.
 """
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from src.utils.stats import ALPHA, holm, paired_correct, simultaneous_t_intervals  # noqa: F401 (paired_correct: re-exported)
+from src.analysis.compare import corrections
+from src.utils.stats import ALPHA, paired_correct  # noqa: F401 (paired_correct: re-exported)
 
 PAPER = "Mirzadeh et al. 2020, Improved Knowledge Distillation via Teacher Assistant (AAAI)"
 
@@ -130,12 +134,9 @@ def summarise(comparisons: list, incomparable: Optional[str] = None) -> list:
     test of the report, how many seeds stay significant, and the verdict read from the corrected
     interval: against the paper's gap, or, when the run is `incomparable` (another length than the
     paper's), our own significance only, with the reason in place of the paper's verdict."""
-    flat = [p for c in comparisons for p in c.p_values]
-    adjusted = iter(holm(flat)) if flat else iter(())
-    intervals, alpha = simultaneous_t_intervals([c.diffs for c in comparisons])
+    intervals, alpha, adjusted = corrections([c.diffs for c in comparisons], [c.p_values for c in comparisons])
     out = []
-    for c, (mean, lo, hi) in zip(comparisons, intervals):
-        adj = [next(adjusted) for _ in c.p_values]
+    for c, (mean, lo, hi), adj in zip(comparisons, intervals, adjusted):
         base = verdict(None if incomparable else c.paper_gap, lo, hi)
         v = f"{base} ({incomparable})" if incomparable else base
         words = VERDICT_WORDS[base] + (f"; {incomparable}" if incomparable else "")

@@ -1,7 +1,7 @@
 """ResNet-50 -> ResNet-34 -> ResNet-18 distillation. The chain is its config; the code is in src/."""
 from pathlib import Path
 
-from src.distillation.cli import main
+from src.experiment.cli import main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cifar10.yaml"
 

@@ -8,5 +8,5 @@ normalisation (see src/inference.py).
 def load_model(run_dir, stage: str = "student", device="cpu", checkpoint: str | None = None):
     """A trained stage of a run folder: LoadedModel(model, classes, image_size, mean, std, ...);
     `checkpoint` another file of the stage folder than its best-validation weights."""
-    from src.inference import load_model as _load  # here, so that `import src` (run by every submodule's import) stays light
+    from .inference import load_model as _load  # here, so that `import src` (run by every submodule's import) stays light
     return _load(run_dir, stage, device=device, **({"checkpoint": checkpoint} if checkpoint else {}))

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from src.data import build_loaders, load_dataset
-from src.data.sources import source_names
-from src.distillation.engine import Precision, evaluate
-from src.distillation.stage import save_predictions
-from src.inference import load_model
-from src.utils.devices import resolve_device
-from src.utils.errors import DataError, UserError
-from src.utils.runfolder import RunFolder
-from src.utils.runlock import claim
+from .data import build_loaders, load_dataset
+from .data.sources import source_names
+from .distillation.engine import Precision, evaluate
+from .distillation.stage import save_predictions
+from .inference import load_model
+from .utils.devices import resolve_device
+from .utils.errors import DataError, UserError
+from .runs.runfolder import RunFolder
+from .runs.runlock import claim
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

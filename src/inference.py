@@ -22,12 +22,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from src.data.loaders import Normalizer
-from src.data.sources import MEANS
-from src.distillation.config import load_config
-from src.distillation.stage import build_stage_model, load_weights
-from src.utils.errors import CheckpointError
-from src.utils.runfolder import RunFolder, StageFolder
+from .data.loaders import Normalizer
+from .data.sources import MEANS
+from .spec.config import load_config
+from .spec.names import BASELINES
+from .distillation.stage import build_stage_model, load_weights
+from .utils.errors import CheckpointError
+from .runs.runfolder import RunFolder, StageFolder
 
 
 @dataclass
@@ -54,7 +55,7 @@ def final_student(cfg) -> str:
     if "student" in names:
         return "student"
     students = [s.name for s in cfg.stages if (s.role == "student" or s.name.startswith("student"))
-                and s.name not in ("student_scratch", "student_kd")]
+                and s.name not in BASELINES]
     return students[-1] if students else names[-1]
 
 

@@ -59,7 +59,7 @@ def requires_cuda(test):
 
 def tiny_cfg(**over):
     """A two-stage digits chain with tiny models: seconds on a CPU."""
-    from src.distillation.config import from_dict
+    from src.spec.config import from_dict
     raw = {
         "name": "tiny", "seed": 0, "deterministic": True,
         "data": {"source": "digits", "image_size": 16, "max_train_samples": 160, "max_test_samples": 60,
@@ -111,7 +111,7 @@ def run_cli(chain: str, *args, monkeypatch=None):
     returns (exit code, stderr text)."""
     import contextlib
     import io
-    from src.distillation.cli import run
+    from src.experiment.cli import run
     default = ROOT / f"{chain}_distillation" / "configs" / "cifar10.yaml"
     err = io.StringIO()
     cwd = os.getcwd()

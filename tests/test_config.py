@@ -1,6 +1,6 @@
 import pytest
 
-from src.distillation.config import apply_override, from_dict, load_config
+from src.spec.config import apply_override, from_dict, load_config
 from src.utils.errors import ConfigError
 from tests.conftest import ROOT
 

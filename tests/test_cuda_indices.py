@@ -124,7 +124,7 @@ def test_environment_record_names_the_training_gpu(fake_cuda):
 
 
 def test_clean_reports_every_gpu_with_indices(fake_cuda, capsys):
-    from src.utils.clean import main
+    from src.runs.clean import main
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "GPU 0 (Fake GPU)" in out and "mem_get_info" in fake_cuda.calls

@@ -5,7 +5,7 @@ import torch
 
 from src.data.loaders import TensorLoader, apply_erasing, erasing_draws, random_crop_flip
 from src.data.sources import Split, load_dataset
-from src.distillation.config import DataConfig
+from src.spec.config import DataConfig
 from src.models import count_params, create_model
 from src.models.factory import check_state_dict
 from src.utils.checkpoint import atomic_save, safe_load

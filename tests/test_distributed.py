@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from src.distillation.config import to_dict
+from src.spec.config import to_dict
 from src.utils.logger import REQUIRED_COLUMNS, read_epoch_csv
 from tests.conftest import run_entry, tiny_cfg
 

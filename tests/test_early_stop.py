@@ -101,9 +101,10 @@ def test_paired_students_keep_the_plan_of_the_first_planned(tmp_path, monkeypatc
     from types import SimpleNamespace
 
     from src.distillation import chain as chain_mod
-    from src.distillation.chain import stage_plan, with_baselines
+    from src.distillation.chain import stage_plan
+    from src.spec.sweep import with_baselines
     from src.distillation.stage import StagePlan
-    from src.utils.runfolder import RunFolder
+    from src.runs.runfolder import RunFolder
     cfg = with_baselines(tiny_cfg())
     cfg.stages[0].model = "resnet14t"  # the teacher: another model, its own plan
     probes = iter([StagePlan(epochs=2, batch_size=32, micro_batch=m) for m in (8, 16, 4)])

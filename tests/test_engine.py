@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from src.distillation.config import TrainConfig
+from src.spec.config import TrainConfig
 from src.distillation.engine import Precision, StepContext, compile_warmup, prepare_teacher, train_one_epoch
 from src.distillation.recipe import lr_schedule, warmup_steps_for
 from src.distillation.recipe import make_optimizer

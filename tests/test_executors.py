@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from src.distillation.jobs import build_plan
-from src.utils import runlock
-from src.utils.runfolder import RunFolder
+from src.plan.jobs import build_plan
+from src.runs import runlock
+from src.runs.runfolder import RunFolder
 from tests.conftest import ROOT, run_cli, tiny_cfg
 
 STUDY = ["--seeds", "0,1", "--baselines", "--methods", "dkd", "--threads", "1"]

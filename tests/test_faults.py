@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from src.distillation.chain import run_chain
-from src.distillation.config import to_dict
+from src.spec.config import to_dict
 from src.distillation.engine import StopRequested
 from src.utils.checkpoint import read_weights
 from src.utils.logger import read_epoch_csv
@@ -248,7 +248,7 @@ def test_default_command_offline_names_the_flags_and_leaves_nothing_behind(tmp_p
 
 def test_subsampled_image_tree_decodes_only_what_it_uses(image_tree, monkeypatch):
     from src.data import sources
-    from src.distillation.config import DataConfig
+    from src.spec.config import DataConfig
     decoded = []
     real = sources.decode_images
 
@@ -338,7 +338,7 @@ def test_top_level_list_with_an_override_is_one_line(tmp_path):
 
 
 def test_numbers_as_people_write_them(tmp_path):
-    from src.distillation.config import load_config
+    from src.spec.config import load_config
     cfg = load_config(_write_cfg(tmp_path), ["train.lr=1e-3", "train.weight_decay=5E-2", "kd.temperature=2"])
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.kd.temperature) == (1e-3, 5e-2, 2.0)
     p = tmp_path / "sci.yaml"
@@ -393,7 +393,7 @@ def test_later_stage_checkpoint_of_another_class_count_is_refused_before_anythin
 @pytest.mark.parametrize("phase", ["planning", "final evaluation", "report"])
 def test_sigterm_stops_promptly_in_every_phase(tmp_path, monkeypatch, phase):
     from src.distillation import chain, stage
-    from src import report
+    from src.analysis import report
 
     def send_and(fn):
         def wrapper(*a, **k):

@@ -277,7 +277,7 @@ def test_methods_option_compares_every_method_direct_and_via_the_assistant(tmp_p
     report compares them."""
     import yaml
 
-    from src.distillation.config import to_dict
+    from src.spec.config import to_dict
     from tests.conftest import run_entry
     stages = [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
               {"name": "assistant", "model": "resnet10t", "role": "assistant", "teacher": "teacher"},

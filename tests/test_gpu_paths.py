@@ -53,7 +53,7 @@ def test_training_epoch_synchronises_a_fixed_number_of_times_whatever_its_length
     import warnings
     from src.data.loaders import TensorLoader
     from src.data.sources import Split
-    from src.distillation.config import DataConfig
+    from src.spec.config import DataConfig
     from src.distillation.engine import Precision, StepContext, prepare_teacher, train_one_epoch
     from src.distillation.recipe import make_optimizer
     from src.models import create_model

@@ -102,7 +102,7 @@ def test_methods_refuse_the_wrong_number_of_teachers_and_unknown_names():
 
 def _method_cfg(tmp_path, source: str, cls: str = "MeanProbKD"):
     import yaml
-    from src.distillation.config import to_dict
+    from src.spec.config import to_dict
     (tmp_path / "m.py").write_text(source)
     stages = [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
               {"name": "student", "model": "resnet10t", "role": "student", "teacher": "teacher",
@@ -140,7 +140,7 @@ def test_every_refused_start_leaves_no_folder(tmp_path, args, words):
 
 
 def test_a_resume_refuses_a_method_file_changed_since_the_run_started(tmp_path):
-    from src.distillation.config import load_config
+    from src.spec.config import load_config
     from src.utils.errors import UserError
     cfg_path = _method_cfg(tmp_path, TOY)
     run = tmp_path / "run"

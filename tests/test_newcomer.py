@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from src.distillation.config import to_dict
+from src.spec.config import to_dict
 from tests.conftest import ROOT, run_cli, tiny_cfg
 
 
@@ -105,8 +105,8 @@ def test_durations_read_as_people_say_them():
 
 
 def test_swapping_the_chains_models_needs_no_other_flag_and_names_the_run_after_them():
-    from src.distillation.session import named_after_its_chain
-    from src.distillation.config import load_config
+    from src.experiment.session import named_after_its_chain
+    from src.spec.config import load_config
     from src.models import create_model
     from src.models.factory import has_cifar_stem
     preset = ROOT / "cnn_distillation" / "configs" / "cifar10.yaml"

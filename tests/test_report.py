@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from src.distillation.config import to_dict
-from src.report import fmt, write_report
+from src.spec.config import to_dict
+from src.analysis.report import fmt, write_report
 from tests.conftest import run_cli, tiny_cfg
 
 THREE = [{"name": "teacher", "model": "resnet10t", "role": "teacher"},
@@ -107,7 +107,7 @@ def test_significance_per_seed_matches_the_predictions(seeded_run):
 
 
 def test_report_cli_refuses_a_folder_that_is_not_a_run(tmp_path):
-    from src.report import main
+    from src.analysis.report import main
     assert main([str(tmp_path)]) == 2
 
 
@@ -115,7 +115,7 @@ def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run,
     """Rows of one student's predictions shuffled: the same tests (joined on the file id, not the
     row position); a label that differs for the same file is refused; p-values Holm-adjusted."""
     import shutil
-    from src.report import collect, differences
+    from src.analysis.report import collect, differences
     from src.utils.stats import holm
     run = tmp_path / "run"
     shutil.copytree(seeded_run, run)
@@ -138,7 +138,7 @@ def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run,
         half = stats.t.ppf(1 - 0.05 / (2 * len(over)), len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
         assert (r["low"], r["high"]) == pytest.approx((d.mean() - half, d.mean() + half))
         assert r["level"] == pytest.approx(1 - 0.05 / len(over)) and r["family"] == len(over)
-    from src.report import _diff_md
+    from src.analysis.report import _diff_md
     assert f"Bonferroni over the {len(over)} over-seed comparisons of this report" in "\n".join(_diff_md(after))
     df.loc[0, "y_true"] = (df.loc[0, "y_true"] + 1) % 10
     df.to_csv(path, index=False)
@@ -147,8 +147,8 @@ def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run,
 
 
 def test_the_demo_banner_is_for_the_demo_presets_only():
-    from src.distillation.config import load_config
-    from src.report import is_demo
+    from src.spec.config import load_config
+    from src.analysis.report import is_demo
     from tests.conftest import ROOT
     for preset in sorted(ROOT.glob("*_distillation/configs/*.yaml")):
         assert is_demo(load_config(preset)) == preset.stem.startswith("demo"), preset
@@ -168,7 +168,7 @@ def test_a_broken_run_gets_no_verdict(seeded_run, tmp_path):
         preds = pd.read_csv(run / f"seed_{seed}" / "student_kd" / "test_predictions.csv")
         preds["y_pred"] = 3
         preds.to_csv(run / f"seed_{seed}" / "student_kd" / "test_predictions.csv", index=False)
-    from src.report import sanity, collect
+    from src.analysis.report import sanity, collect
     reasons = sanity(collect([run]))["tiny"]
     assert "teacher teaches at 11.0% test accuracy, not clearly above chance (10%)" in reasons
     assert "student_kd predicts one class for 100% of the test images" in reasons
@@ -185,7 +185,7 @@ def test_a_broken_student_spoils_only_the_comparisons_it_is_in(seeded_run, tmp_p
     """The TAKD student predicts one class, its teachers are sound: the rows with it read "not
     interpretable", KD − scratch keeps its verdict, and the banner says the run is partly broken."""
     import shutil
-    from src.report import affected, collect
+    from src.analysis.report import affected, collect
     run = tmp_path / "run"
     shutil.copytree(seeded_run, run)
     for seed in (0, 1):  # 2 epochs on digits: made sound here (right answers, curves that peaked) but one
@@ -212,7 +212,7 @@ def test_a_broken_student_spoils_only_the_comparisons_it_is_in(seeded_run, tmp_p
 
 
 def test_a_broken_teacher_spoils_everything_below_it():
-    from src.report import affected
+    from src.analysis.report import affected
     rows = pd.DataFrame({"run": "r", "stage": ["teacher", "ta", "student", "student_kd", "student_scratch"],
                          "teacher": ["", "teacher", "ta", "teacher", ""], "role": ["teacher", "assistant"] + ["student"] * 3})
     problems = {"r": {"ta": ["ta predicts one class for 90% of the test images"]}}
@@ -223,9 +223,9 @@ def test_a_broken_teacher_spoils_everything_below_it():
 
 
 def test_a_stage_still_rising_at_its_last_epoch_is_named(tmp_path):
-    from src.report import still_rising
+    from src.analysis.report import still_rising
     from src.utils.logger import EpochLogger, REQUIRED_COLUMNS
-    from src.utils.runfolder import StageFolder
+    from src.runs.runfolder import StageFolder
     stage = StageFolder(tmp_path / "s")
     stage.path.mkdir()
     log = EpochLogger(stage.epoch_log)
@@ -239,7 +239,7 @@ def test_a_stage_still_rising_at_its_last_epoch_is_named(tmp_path):
 def test_an_over_seed_difference_without_spread_reads_undecided():
     """The same difference on every seed: no interval (not a zero-width one that "excludes 0"),
     and the report's row says undecided rather than significant."""
-    from src.report import _diff_md
+    from src.analysis.report import _diff_md
     from src.utils.stats import simultaneous_t_intervals
     (same, spread), alpha = simultaneous_t_intervals([[0.02, 0.02, 0.02], [0.01, 0.02, 0.04]])
     assert same[0] == pytest.approx(0.02) and np.isnan(same[1]) and np.isnan(same[2])

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from src.distillation.chain import _heaviest_teachers, _plan_key, run_chain, with_baselines
+from src.distillation.chain import _heaviest_teachers, _plan_key, run_chain
+from src.spec.sweep import with_baselines
 from src.distillation.recipe import lr_schedule
 from src.utils.logger import TERMS_COLUMNS, read_epoch_csv
 from src.utils.reproducibility import derive_seed

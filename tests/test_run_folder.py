@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-from src.distillation.config import to_dict
-from src.utils import runlock
-from src.utils.runfolder import StageFolder
+from src.spec.config import to_dict
+from src.runs import runlock
+from src.runs.runfolder import StageFolder
 from tests.conftest import ROOT, run_cli, tiny_cfg, validate
 
 
@@ -52,12 +52,12 @@ def test_a_live_owner_is_named_and_a_dead_ones_lock_is_taken_over(tmp_path):
     assert code == 2 and f"in use by pid {os.getpid()}" in err
     code, err = run_cli("cnn", "--config", _cfg_file(tmp_path), "--output-dir", run)
     assert code == 2 and "in use by pid" in err
-    from src.report import main as report_main
+    from src.analysis.report import main as report_main
     assert report_main([str(run)]) == 2  # python -m src.report RUN
     held.release()
     # a SIGKILLed owner leaves its lock file behind, but not its flock: the folder is free
     killer = subprocess.run([sys.executable, "-c", "import os, sys; sys.path.insert(0, '.'); "
-                             "from src.utils import runlock; runlock.acquire(sys.argv[1]); os.kill(os.getpid(), 9)",
+                             "from src.runs import runlock; runlock.acquire(sys.argv[1]); os.kill(os.getpid(), 9)",
                              str(run)], cwd=ROOT)
     assert killer.returncode == -9 and (run / runlock.LOCK_NAME).exists()
     runlock.acquire(run).release()
@@ -165,7 +165,7 @@ def test_the_lock_holds_the_owner_and_goes_with_it(tmp_path):
 
 def test_clean_removes_run_folders_only(tmp_path, monkeypatch):
     """--remove against a file, '.', a symbolic link to a run and a real run folder."""
-    from src.utils.clean import main
+    from src.runs.clean import main
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("name: x\n")
@@ -185,7 +185,7 @@ def test_clean_removes_run_folders_only(tmp_path, monkeypatch):
 
 def test_clean_refuses_a_run_a_live_process_trains_in_and_deletes_nothing(tmp_path, capsys):
     """The run's own lock (and that of every run inside it: the seeds) is taken before deleting."""
-    from src.utils.clean import main
+    from src.runs.clean import main
     runs = []
     for name in ("single", "seeds"):
         run = tmp_path / name
@@ -241,7 +241,7 @@ def test_validator_tells_a_run_being_written_from_a_dead_one(tmp_path):
 
 
 def test_clean_shows_and_on_request_deletes_the_data_cache(tmp_path, monkeypatch, capsys):
-    from src.utils import clean
+    from src.runs import clean
     monkeypatch.setattr(clean, "REPO_ROOT", tmp_path)
     cache = tmp_path / ".data_cache" / "tree"
     cache.mkdir(parents=True)

@@ -7,8 +7,8 @@ import torch
 
 from src.distillation.chain import run_chain
 from src.distillation.engine import StopRequested
-from src.distillation.sweep import parse_assistants
-from src.report import write_report
+from src.spec.sweep import parse_assistants
+from src.analysis.report import write_report
 from src.utils.checkpoint import read_weights
 from src.utils.errors import ConfigError
 from tests.conftest import tiny_cfg
@@ -141,7 +141,7 @@ def test_evaluate_and_load_model_on_a_sweep_finished_or_not(sweep_run, tmp_path,
 
     from src.evaluate import main as evaluate
     from src.inference import load_model
-    from src.report import main as report
+    from src.analysis.report import main as report
     cfg, full = sweep_run
     assert load_model(full).stage == "student_dense" and load_model(full).finished
     run = tmp_path / "run"

@@ -23,7 +23,7 @@ from conftest import ROOT, tiny_cfg
 import src.models  # noqa: F401  (registers the paper's models)
 from benchmarks import reproduce_takd as rt
 from benchmarks.takd_tables import Comparison, paired_correct, summarise, verdict
-from src.utils.runfolder import RunFolder
+from src.runs.runfolder import RunFolder
 from src.models import count_params, create_model
 from src.utils.stats import holm
 
@@ -124,7 +124,7 @@ def test_a_saved_paper_model_loads_back_through_plain_timm(tmp_path):
 
 # ------------------------------------------------------------------------------ recipe
 def test_step_schedule_divides_the_lr_after_the_milestone_epochs():
-    from src.distillation.config import TrainConfig
+    from src.spec.config import TrainConfig
     from src.distillation.recipe import lr_schedule
     spe = 3
     lrs = lr_schedule(0.1, TrainConfig(schedule="step", lr_milestones=[80, 120], lr_gamma=0.1, warmup_epochs=0),
@@ -164,7 +164,7 @@ def _args(**over):
 
 @pytest.mark.parametrize("family", ["plain", "resnet"])
 def test_reproduction_configs_carry_the_authors_recipe(family, tmp_path):
-    from src.distillation.config import from_dict
+    from src.spec.config import from_dict
     from src.distillation.recipe import stage_optimizer
     from src.distillation.stage import stage_lr
     args = _args()
@@ -200,7 +200,7 @@ def test_the_authors_lr_schedule_as_it_runs():
         if epoch < int(epoch / 2.0):
             return 0.1
         return 0.1 * 0.1 if epoch < int(epochs * 3 / 4.0) else 0.1 * 0.01
-    from src.distillation.config import from_dict
+    from src.spec.config import from_dict
     from src.distillation.recipe import lr_multiplier
     cfg = from_dict(rt.students_config("resnet", "cifar10", ["table1"], 150, Path("/nonexistent"),
                                        {"source": "digits", "root": "data"}, _args()))
@@ -774,7 +774,7 @@ def test_a_verdict_over_seeds_is_named_so_beside_the_per_seed_tests():
 def test_a_student_still_rising_is_not_interpretable_in_the_reproduction_as_in_the_report(tmp_path):
     """The same students, read by the reproduction's tables and by the report, get one reading:
     a student whose validation accuracy was still rising at its last epoch is named by both."""
-    from src.report import still_rising
+    from src.analysis.report import still_rising
     from src.utils.logger import EpochLogger, REQUIRED_COLUMNS
     run = RunFolder(tmp_path / "seed_0")
     stage = run.stage("student_kd")

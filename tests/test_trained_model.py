@@ -26,7 +26,7 @@ def test_load_model_gives_the_best_checkpoint_with_classes_and_normalisation(tra
     assert m.classes == [str(i) for i in range(10)] and m.image_size == 16 and len(m.mean) == 3
     preds = pd.read_csv(trained / "student" / "test_predictions.csv")
     from src.data import load_dataset
-    from src.distillation.config import load_config
+    from src.spec.config import load_config
     data = load_dataset(load_config(trained / "config.yaml").data)
     with torch.no_grad():
         logits = m.model(m.preprocess(data.test.images))
@@ -95,7 +95,7 @@ def test_tensorboard_logs_scalars_per_epoch_and_step(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import yaml
-    from src.distillation.config import to_dict
+    from src.spec.config import to_dict
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=2, stages=ONE))))
     code, err = run_cli("cnn", "--config", cfg, "--output-dir", tmp_path / "run", "--tensorboard")
@@ -116,7 +116,7 @@ def test_resume_with_tensorboard_fills_in_the_epochs_already_logged(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     import pandas as pd
     import yaml
-    from src.distillation.config import to_dict
+    from src.spec.config import to_dict
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=2, stages=ONE))))
     code, err = run_cli("cnn", "--config", cfg, "--output-dir", tmp_path / "run")
@@ -134,7 +134,7 @@ def test_resume_with_tensorboard_fills_in_the_epochs_already_logged(tmp_path):
 
 def test_missing_tensorboard_is_a_one_line_error(tmp_path, monkeypatch):
     import yaml
-    from src.distillation.config import to_dict
+    from src.spec.config import to_dict
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(to_dict(tiny_cfg(train__epochs=1, stages=ONE))))

@@ -82,8 +82,8 @@ def test_a_cut_attention_map_neither_stops_the_report_nor_is_left_by_a_failed_wr
     through a temporary file, and the report's gallery passes over a map it cannot read."""
     import matplotlib.figure
 
-    from src.report import write_report
-    from src.utils.runfolder import RunFolder
+    from src.analysis.report import write_report
+    from src.runs.runfolder import RunFolder
     vit = {"model": "vit_tiny_patch16_224", "patch_size": 8, "model_kwargs": {"embed_dim": 16, "depth": 1, "num_heads": 2}}
     cfg = tiny_cfg(stages=[{"name": "student", **vit}], viz={"attention_every": 1, "attention_images": 2})
     run_chain(cfg, tmp_path / "run", progress=False)
@@ -121,10 +121,10 @@ def test_clean_script_is_shared_and_harmless_without_gpu(tmp_path, capsys, monke
     import io
     import subprocess
 
-    from src.utils.clean import main as clean_main
+    from src.runs.clean import main as clean_main
     for chain in ("cnn", "vit"):
         text = (ROOT / f"{chain}_distillation" / "clean.sh").read_text()
-        assert "python}\" -m src.utils.clean" in text  # one implementation, two thin scripts
+        assert "python}\" -m src.runs.clean" in text  # one implementation, two thin scripts
     runs = tmp_path / "runs"
 
     def run_folder(path, *markers):

@@ -4,4 +4,4 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "${PYTHON:-python}" -m src.utils.clean --runs "$ROOT/runs" "$@"
+exec "${PYTHON:-python}" -m src.runs.clean --runs "$ROOT/runs" "$@"

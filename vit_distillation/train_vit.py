@@ -1,7 +1,7 @@
 """ViT-Base -> ViT-Small -> ViT-Tiny distillation. The chain is its config; the code is in src/."""
 from pathlib import Path
 
-from src.distillation.cli import main
+from src.experiment.cli import main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "cifar10.yaml"
 

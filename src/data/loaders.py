@@ -15,8 +15,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from src.data.sources import MEANS, DatasetSplits, Split, open_rgb
-from src.utils.reproducibility import epoch_seed, seed_worker
+from .sources import MEANS, DatasetSplits, Split, open_rgb
+from ..utils.reproducibility import epoch_seed, seed_worker
 
 
 def crop_flip_draws(n: int, padding: int, flip: bool, generator: torch.Generator, device: torch.device) -> tuple:

@@ -31,9 +31,9 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from src.utils.devices import GiB
-from src.utils.errors import DataError
-from src.utils.logger import get_console
+from ..utils.devices import GiB
+from ..utils.errors import DataError
+from ..utils.logger import get_console
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MEANS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),

@@ -20,32 +20,32 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
-from src.data import build_loaders, load_dataset
-from src.data.loaders import Normalizer
-from src.data.sources import decode_images
-from src.distillation import distributed as dist
-from src.distillation import clock as chain_clock
-from src.distillation.clock import CPU_PRESETS, ChainClock, StageWork, duration
-from src.distillation.config import RunConfig, to_dict
-from src.distillation.engine import Precision, prepare_teacher
-from src.distillation.methods import check_methods, method_name, resolve
-from src.distillation.planner import StepSpec, apply_vram_budget, compile_decision, measure_steps, probe_plan
-from src.distillation.recipe import optimizer_factory
-from src.distillation.stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
+from ..data import build_loaders, load_dataset
+from ..data.loaders import Normalizer
+from ..data.sources import decode_images
+from . import distributed as dist
+from . import clock as chain_clock
+from .clock import CPU_PRESETS, ChainClock, StageWork, duration
+from ..spec.config import RunConfig, to_dict
+from .engine import Precision, prepare_teacher
+from .methods import check_methods, method_name, resolve
+from .planner import StepSpec, apply_vram_budget, compile_decision, measure_steps, probe_plan
+from .recipe import optimizer_factory
+from .stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
                                    use_channels_last)
-from src.models import count_params, is_vit, shape_only
-from src.utils import tb as tensorboard
-from src.utils.checkpoint import atomic_write_text, point_to_export, slim_checkpoint
-from src.utils.devices import resolve_device, set_cpu_threads
-from src.utils.environment import environment_record
-from src.utils.errors import CheckpointError, UserError
-from src.utils.logger import get_console, is_verbose, read_epoch_csv
-from src.utils.reproducibility import setup_reproducibility
-from src.utils.runfolder import RunFolder, StageFolder
-from src.utils.runlock import PROBE_PREFIX
-from src.utils.tb import require_tensorboard
-from src.utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
-from src.visualization.vit_viz import save_attention_maps
+from ..models import count_params, is_vit, shape_only
+from ..utils import tb as tensorboard
+from ..utils.checkpoint import atomic_write_text, point_to_export, slim_checkpoint
+from ..utils.devices import resolve_device, set_cpu_threads
+from ..utils.environment import environment_record
+from ..utils.errors import CheckpointError, UserError
+from ..utils.logger import get_console, is_verbose, read_epoch_csv
+from ..utils.reproducibility import setup_reproducibility
+from ..runs.runfolder import RunFolder, StageFolder
+from ..runs.runlock import PROBE_PREFIX
+from ..utils.tb import require_tensorboard
+from ..utils.training_guards import cleanup_training_state, requires_gradient_checkpointing
+from ..visualization.vit_viz import save_attention_maps
 
 log = get_console()
 SUMMARY_COLUMNS = ["stage", "model", "role", "teacher", "params", "flops", "epochs", "best_epoch", "planned_epochs",
@@ -75,20 +75,6 @@ def check_writable(path: Path) -> None:
     finally:
         for folder in reversed(made):
             folder.rmdir()
-
-
-def with_baselines(cfg: RunConfig) -> RunConfig:
-    """Add the two baselines beside the chain: the student trained alone, and the student
-    distilled directly from the teacher (no assistant). Same data, epochs and recipe."""
-    names = {s.name for s in cfg.stages}
-    if len(cfg.stages) < 2 or "student_scratch" in names:
-        return cfg
-    first, last = cfg.stages[0], cfg.stages[-1]
-    shared = dict(checkpoint=None, role=last.role or "student", seed_stream=last.seed_stream or last.name, method=None,
-                  method_args={})
-    scratch = replace(last, name="student_scratch", teacher=None, **shared)
-    direct = replace(last, name="student_kd", teacher=first.name, **shared)
-    return replace(cfg, stages=[*cfg.stages, scratch, direct])
 
 
 def method_label(stage, cfg: RunConfig) -> str:
@@ -351,7 +337,7 @@ def finish_run(chain: ChainRun, t_start: float) -> pd.DataFrame:
 
 
 def run_job(job, progress: bool = False, should_stop: Callable[[], bool] = lambda: False) -> dict:
-    """Train one stage job of a study (src/distillation/jobs.py) in this process and return its
+    """Train one stage job of a study (src/plan/jobs.py) in this process and return its
     summary. Its seed's run folder was prepared (config, plan.json) before the job started; its
     teachers are the finished stages it needs. A stage begun earlier (a stop, a worker that died)
     continues from its last checkpoint; a finished one is read back, never trained again."""

@@ -22,14 +22,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from src.distillation import distributed as dist
-from src.distillation.methods import KD, Method, Scratch
-from src.utils.checkpoint import rng_state, set_rng_state
-from src.utils.devices import GiB, synchronize
-from src.utils.errors import NonFiniteLossError
-from src.utils.logger import get_console, is_verbose
-from src.utils.metrics import classification_metrics
-from src.utils.training_guards import LossWatch, check_grad_norm, freeze_teacher, validate_loss
+from . import distributed as dist
+from .methods import KD, Method, Scratch
+from ..utils.checkpoint import rng_state, set_rng_state
+from ..utils.devices import GiB, synchronize
+from ..utils.errors import NonFiniteLossError
+from ..utils.logger import get_console, is_verbose
+from ..utils.metrics import classification_metrics
+from ..utils.training_guards import LossWatch, check_grad_norm, freeze_teacher, validate_loss
 
 log = get_console()
 

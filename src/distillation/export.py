@@ -11,11 +11,11 @@ from pathlib import Path
 from safetensors.torch import save
 from torch import nn
 
-from src.data.sources import MEANS
-from src.models.families import family_of
-from src.models.factory import has_cifar_stem
-from src.utils.checkpoint import _atomic_write, atomic_write_text
-from src.utils.runfolder import StageFolder
+from ..data.sources import MEANS
+from ..models.families import family_of
+from ..models.factory import has_cifar_stem
+from ..utils.checkpoint import _atomic_write, atomic_write_text
+from ..runs.runfolder import StageFolder
 
 
 def export_stage(cfg, stage, model: nn.Module, classes: list, stage_dir: Path) -> Path:

@@ -25,14 +25,14 @@ from typing import Callable, Optional
 
 import torch
 
-from src.distillation.engine import Precision, prepare_teacher
-from src.distillation.methods import KD, Dense, Method, Scratch
-from src.distillation.recipe import make_optimizer
-from src.models import count_flops, has_batchnorm, shape_only
-from src.utils.devices import GiB, cuda_index, peak_reserved_bytes, reset_peak_reserved, synchronize
-from src.utils.errors import ConfigError
-from src.utils.logger import get_console
-from src.utils.training_guards import cleanup_training_state, enforce_gradient_checkpointing, requires_gradient_checkpointing
+from .engine import Precision, prepare_teacher
+from .methods import KD, Dense, Method, Scratch
+from .recipe import make_optimizer
+from ..models import count_flops, has_batchnorm, shape_only
+from ..utils.devices import GiB, cuda_index, peak_reserved_bytes, reset_peak_reserved, synchronize
+from ..utils.errors import ConfigError
+from ..utils.logger import get_console
+from ..utils.training_guards import cleanup_training_state, enforce_gradient_checkpointing, requires_gradient_checkpointing
 
 SAFETY_MARGIN_GIB = 0.5   # room for a real card's CUDA context and fragmentation
 MIN_MICRO_BATCH = 8

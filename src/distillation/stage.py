@@ -1,5 +1,5 @@
 """One stage: "train model M with the stage's method (from none, one or several frozen
-teachers)", with its artefacts (names in src/utils/runfolder.py, StageFolder):
+teachers)", with its artefacts (names in src/runs/runfolder.py, StageFolder):
 
 stage_dir/
     epoch_log.csv          one row per epoch, REQUIRED_COLUMNS (src/utils/logger.py)
@@ -29,27 +29,27 @@ import torch
 from timm.data import Mixup
 from torch import nn
 
-from src.distillation import distributed as dist
-from src.distillation.clock import whole_epoch_seconds
-from src.distillation.engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
+from . import distributed as dist
+from .clock import whole_epoch_seconds
+from .engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
                                      evaluate, train_one_epoch)
-from src.distillation.methods import Method, StudentWithMethod, build_method
-from src.distillation.recipe import make_scheduler, set_base_lr, stage_optimizer
-from src.distillation.export import export_stage
-from src.models import count_flops, count_params, create_model, is_cnn, shape_only
-from src.models.factory import check_state_dict
-from src.utils.checkpoint import (atomic_save, atomic_write_text, point_to_export, read_weights, rng_state, safe_load,
+from .methods import Method, StudentWithMethod, build_method
+from .recipe import make_scheduler, set_base_lr, stage_optimizer
+from .export import export_stage
+from ..models import count_flops, count_params, create_model, is_cnn, shape_only
+from ..models.factory import check_state_dict
+from ..utils.checkpoint import (atomic_save, atomic_write_text, point_to_export, read_weights, rng_state, safe_load,
                                   set_rng_state,
                                   slim_checkpoint)
-from src.utils.devices import alloc_retries
-from src.utils.errors import CheckpointError, NonFiniteLossError
-from src.utils.logger import (REQUIRED_COLUMNS, EpochLogger, StepLogger, get_console, is_verbose, read_epoch_csv,
+from ..utils.devices import alloc_retries
+from ..utils.errors import CheckpointError, NonFiniteLossError
+from ..utils.logger import (REQUIRED_COLUMNS, EpochLogger, StepLogger, get_console, is_verbose, read_epoch_csv,
                               terms_columns, terms_columns_of)
-from src.utils.runfolder import RunFolder, StageFolder
-from src.utils.reproducibility import derive_seed, setup_reproducibility
-from src.utils.signals import protected
-from src.utils import tb as tensorboard
-from src.utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, get_model_specific_lr,
+from ..runs.runfolder import RunFolder, StageFolder
+from ..utils.reproducibility import derive_seed, setup_reproducibility
+from ..utils.signals import protected
+from ..utils import tb as tensorboard
+from ..utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, get_model_specific_lr,
                                        peak_memory_mb, reset_peak_memory_stats, role_from_model_name,
                                        schedule_kd_alpha)
 

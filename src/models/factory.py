@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from src.models.families import family_of  # its import registers the TAKD paper's models with timm
-from src.utils.errors import CheckpointError, ConfigError
+from .families import family_of  # its import registers the TAKD paper's models with timm
+from ..utils.errors import CheckpointError, ConfigError
 
 
 def is_vit(name: str) -> bool:

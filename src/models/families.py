@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from src.models.takd_paper import NEEDS_IMG_SIZE
+from .takd_paper import NEEDS_IMG_SIZE
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from src.utils.errors import CheckpointError, UserError, write_failure
-from src.utils.signals import protected
+from .errors import CheckpointError, UserError, write_failure
+from .signals import protected
 
 
 class SaveError(UserError):

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-from src.utils.errors import ConfigError
+from .errors import ConfigError
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from src.utils.devices import GiB, cuda_index
+from .devices import GiB, cuda_index
 
 PACKAGES = ("torch", "torchvision", "timm", "transformers", "numpy", "pandas", "scikit-learn", "matplotlib",
             "PyYAML", "tqdm", "pillow")

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from src.utils.errors import UserError, write_failure
-from src.utils.signals import protected
+from .errors import UserError, write_failure
+from .signals import protected
 
 REQUIRED_COLUMNS = [
     'epoch',

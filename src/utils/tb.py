@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from src.utils.errors import ConfigError
-from src.utils.logger import read_epoch_csv, terms_columns_of
+from .errors import ConfigError
+from .logger import read_epoch_csv, terms_columns_of
 
 INSTALL = "python -m pip install tensorboard"
 

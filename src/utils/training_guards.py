@@ -22,12 +22,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-if __package__ in (None, ""):  # run as a script: make `src` importable
+if __package__ in (None, ""):  # run as a script (the spec's self-test): import as src.utils.training_guards would
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "src.utils"  # noqa: A001 (PEP 366: the package the relative imports below resolve in)
+    import src.utils  # noqa: F401
 
-from src.utils.devices import MiB, cuda_index, is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize
-from src.utils.errors import NonFiniteLossError
-from src.utils.logger import get_console
+from .devices import MiB, cuda_index, is_cuda, memory_now, peak_reserved_bytes, reset_peak_reserved, synchronize
+from .errors import NonFiniteLossError
+from .logger import get_console
 
 _log = get_console()
 MB = MiB  # the messages' "MB" are MiB, as nvidia-smi's

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from src.utils.checkpoint import atomic_write_file
+from ..utils.checkpoint import atomic_write_file
 
 MAX_IMAGES, MAX_HEADS = 8, 2
 

@@ -11,7 +11,7 @@ column for every name in `terms`.
 
 Adding a method is one file:
 
-    from src.distillation.methods import Method, register
+    from . import Method, register
 
     @register("mean_kd")                       # or refer to it as `method: path/to/file.py:MeanKD`
     class MeanKD(Method):
@@ -56,9 +56,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from src.distillation.losses import kd_term, task_ce
-from src.utils.errors import ConfigError
-from src.utils.training_guards import freeze_teacher
+from ..losses import kd_term, task_ce
+from ...utils.errors import ConfigError
+from ...utils.training_guards import freeze_teacher
 
 METHODS: dict = {}
 

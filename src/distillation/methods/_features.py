@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from src.distillation.methods import bare_module, feature_shapes, stage_outputs
-from src.models.factory import is_cnn
-from src.utils.errors import ConfigError
+from . import bare_module, feature_shapes, stage_outputs
+from ...models.factory import is_cnn
+from ...utils.errors import ConfigError
 
 
 def paired_stages(method: str, student: nn.Module, teacher: nn.Module, image_size: int) -> list:

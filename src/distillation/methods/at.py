@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.distillation.methods import Method, register
-from src.distillation.methods._features import paired_stages
-from src.utils.errors import ConfigError
+from . import Method, register
+from ._features import paired_stages
+from ...utils.errors import ConfigError
 
 
 def attention_map(f: torch.Tensor, p: int = 2) -> torch.Tensor:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from src.distillation.losses import kd_term, task_ce
-from src.distillation.methods import Method, bare_module, register
-from src.utils.errors import ConfigError
+from ..losses import kd_term, task_ce
+from . import Method, bare_module, register
+from ...utils.errors import ConfigError
 
 DEFAULTS = {"hard": {"alpha": 0.5, "tau": 1.0}, "soft": {"alpha": 0.1, "tau": 3.0}}
 

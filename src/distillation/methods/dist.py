@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from src.distillation.methods import Method, register
+from . import Method, register
 
 EPS = 1e-8  # the authors' cosine-similarity epsilon
 

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 import math
 
-from src.distillation.methods import Method, register
-from src.utils.errors import ConfigError
+from . import Method, register
+from ...utils.errors import ConfigError
 
 
 def steps_per_epoch(warmup: float, most: int = 1000) -> int:

@@ -18,9 +18,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import nn
 
-from src.distillation.methods import Method, register
-from src.distillation.methods._features import paired_stages, pick
-from src.utils.errors import ConfigError
+from . import Method, register
+from ._features import paired_stages, pick
+from ...utils.errors import ConfigError
 
 
 @register("fitnet")

@@ -24,9 +24,9 @@ import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from src.distillation.config import RunConfig
-from src.utils.errors import ConfigError
-from src.utils.runfolder import RunFolder, StageFolder
+from ..spec.config import RunConfig
+from ..utils.errors import ConfigError
+from ..runs.runfolder import RunFolder, StageFolder
 
 
 def machine_threads() -> int:

@@ -1,7 +1,7 @@
 """Command line shared by cnn_distillation/train_cnn.py and vit_distillation/train_vit.py.
 
 Only the arguments are read here, with nothing of the toolkit imported, so that --help and a
-mistyped option answer at once; the run itself (src/distillation/session.py) turns every
+mistyped option answer at once; the run itself (src/experiment/session.py) turns every
 exception into one line and an exit code: 0 done, 1 unexpected error, 2 bad input, 3 non-finite
 loss, 130 Ctrl-C, 143 SIGTERM.
 """
@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from src.utils.signals import die_with_parent  # the standard library only: --help stays instant
+from ..utils.signals import die_with_parent  # the standard library only: --help stays instant
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_USER = 2
@@ -135,7 +135,7 @@ def run(argv, chain: str, default_config: Path, own_process: bool = False, resum
             return EXIT_USER
     if args.gpus is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         return _relaunch_under_torchrun(argv, chain, args.gpus)
-    from src.distillation.session import run_session  # torch and the toolkit: only once the arguments parse
+    from .session import run_session  # torch and the toolkit: only once the arguments parse
     return run_session(args, chain, own_process, resume_command)
 
 

@@ -1,6 +1,6 @@
 """One stage job in a process of its own: what every executor but `serial` runs per job.
 
-    python -m src.distillation.jobrun --run RUN/seed_0 --stage student_kd --threads 1 --log RUN/logs/seed_0__student_kd.log
+    python -m src.experiment.jobrun --run RUN/seed_0 --stage student_kd --threads 1 --log RUN/logs/seed_0__student_kd.log
 
 The seed's run folder was prepared by the study (config.yaml, plan.json); the job reads its spec
 from there, claims its stage folder (a lock of its own: two workers never train one stage),
@@ -17,15 +17,16 @@ import sys
 import traceback
 from pathlib import Path
 
-from src.distillation.chain import run_job
-from src.distillation.config import load_config
-from src.distillation.engine import StopRequested
-from src.distillation.jobs import StageJob
-from src.distillation.stage import StageFailed
-from src.utils import runlock, signals
-from src.utils.errors import UserError
-from src.utils.logger import get_console
-from src.utils.runfolder import RunFolder
+from ..distillation.chain import run_job
+from ..spec.config import load_config
+from ..distillation.engine import StopRequested
+from ..plan.jobs import StageJob
+from ..distillation.stage import StageFailed
+from ..runs import runlock
+from ..utils import signals
+from ..utils.errors import UserError
+from ..utils.logger import get_console
+from ..runs.runfolder import RunFolder
 
 EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143
 
@@ -69,7 +70,7 @@ def run_job_process(run: Path, stage: str, threads: int, log_path: Path, seed=No
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m src.distillation.jobrun", allow_abbrev=False,
+    p = argparse.ArgumentParser(prog="python -m src.experiment.jobrun", allow_abbrev=False,
                                 description="train one stage job of a prepared study")
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--stage", required=True)

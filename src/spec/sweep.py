@@ -29,7 +29,9 @@ from __future__ import annotations
 import re
 from dataclasses import fields, replace
 
-from src.utils.errors import ConfigError
+from ..utils.errors import ConfigError
+from .names import DIRECT_KD, SCRATCH, assistant_stage, baseline_stages, method_student, path_student
+
 
 def parse_assistants(text: str) -> list:
     """`resnet34,resnet26` (two one-step paths) or `resnet34>resnet26,resnet26` (a two-step path and
@@ -79,21 +81,17 @@ def expand_sweep(cfg):
         parent, key = teacher.name, []
         for step in steps:
             key.append(_slug(step.pop("name", None) or step["model"]))
-            name = "ta_" + "_".join(key)
+            name = assistant_stage("_".join(key))
             if name not in made:
                 made.add(name)
                 stages.append(replace(template, **plain, name=name, role="assistant", teacher=parent,
                                       model_kwargs=step.pop("model_kwargs", {}), **step))
             parent = name
-        students.append(replace(student, **{**plain, "seed_stream": stream}, name=f"student_via_{'_'.join(key)}",
+        students.append(replace(student, **{**plain, "seed_stream": stream}, name=path_student("_".join(key)),
                                 role=student.role or "student", teacher=parent))
     if len({s.name for s in students}) != len(students):
         raise ConfigError("sweep.assistants: the same path is listed twice")
-    base = []
-    if sweep.baselines:
-        shared = {**plain, "seed_stream": stream, "role": student.role or "student"}
-        base = [replace(student, **shared, name="student_scratch", teacher=None),
-                replace(student, **shared, name="student_kd", teacher=teacher.name)]
+    base = list(baseline_stages(student, teacher.name).values()) if sweep.baselines else []
     return replace(cfg, stages=[*stages, *students, *base], sweep=replace(sweep, assistants=[]))
 
 
@@ -126,23 +124,33 @@ def expand_methods(cfg):
     teacher, student = cfg.stages[0], cfg.stages[-1]
     stages = list(cfg.stages)
     names = {s.name for s in stages}
-    stream = student.seed_stream or student.name
-    plain = dict(checkpoint=None, method=None, method_args={}, seed_stream=stream, role=student.role or "student")
-    if not any(s.teachers == [teacher.name] and s.role == "student" for s in stages) and "student_kd" not in names:
-        stages.append(replace(student, **plain, name="student_kd", teacher=teacher.name))
-    if "student_scratch" not in names:
-        stages.append(replace(student, **plain, name="student_scratch", teacher=None))
+    base = baseline_stages(student, teacher.name)
+    if not any(s.teachers == [teacher.name] and s.role == "student" for s in stages) and DIRECT_KD not in names:
+        stages.append(base[DIRECT_KD])
+    if SCRATCH not in names:
+        stages.append(base[SCRATCH])
     taught = [s for s in stages if s.role == "student" and len(s.teachers) == 1 and (s.method or "kd") == "kd"]
     variants = []
     for s in taught:
         via = s.teachers[0]
         for m in methods:
             if via == teacher.name:
-                name = f"student_{m}"
+                name = method_student(m)
             else:
-                name = f"student_{m}_via_{s.name.removeprefix('student_via_') if s.name.startswith('student_via_') else via}"
+                name = method_student(m, s.name.removeprefix(path_student("")) if s.name.startswith(path_student(""))
+                                      else via)
             if name not in names:
                 variants.append(replace(s, name=name, method=m, method_args={}, checkpoint=None,
                                         seed_stream=s.seed_stream or s.name))
                 names.add(name)
     return replace(cfg, stages=[*stages, *variants], sweep=replace(cfg.sweep, methods=[]))
+
+
+def with_baselines(cfg):
+    """--baselines: the two baselines beside the chain (the student trained alone, and distilled
+    directly from the teacher; no assistant). Same data, epochs and recipe."""
+    names = {s.name for s in cfg.stages}
+    if len(cfg.stages) < 2 or SCRATCH in names:
+        return cfg
+    base = baseline_stages(cfg.stages[-1], cfg.stages[0].name)
+    return replace(cfg, stages=[*cfg.stages, base[SCRATCH], base[DIRECT_KD]])

@@ -24,23 +24,24 @@ from typing import Optional
 import torch
 import yaml
 
-from src.distillation import distributed as dist
-from src.distillation.chain import check_writable, estimate_jobs, finish_run, prepare_run, run_chain, with_baselines
-from src.distillation.clock import duration
-from src.distillation.executor import JobsFailed, RayExecutor, SerialExecutor, make_executor
-from src.distillation.jobs import build_plan, gpu_share, recorded_threads
-from src.distillation.config import apply_override, changed_keys, config_leaves, from_dict, load_config
-from src.distillation.engine import StopRequested
-from src.distillation.stage import StageFailed
-from src.distillation.sweep import parse_assistants
-from src import report
-from src.utils import runlock, signals
-from src.utils.checkpoint import atomic_write_text
-from src.utils.devices import freeze_import_heap
-from src.utils.errors import ConfigError, UserError
-from src.utils.logger import get_console, set_verbose
-from src.utils.runfolder import RunFolder, StageFolder
-from src.utils.tb import log_figures
+from ..distillation import distributed as dist
+from ..distillation.chain import check_writable, estimate_jobs, finish_run, prepare_run, run_chain
+from ..distillation.clock import duration
+from .executor import JobsFailed, RayExecutor, SerialExecutor, make_executor
+from ..plan.jobs import build_plan, gpu_share, recorded_threads
+from ..spec.config import apply_override, changed_keys, config_leaves, from_dict, load_config
+from ..distillation.engine import StopRequested
+from ..distillation.stage import StageFailed
+from ..spec.sweep import parse_assistants, with_baselines
+from ..analysis import report
+from ..runs import runlock
+from ..utils import signals
+from ..utils.checkpoint import atomic_write_text
+from ..utils.devices import freeze_import_heap
+from ..utils.errors import ConfigError, UserError
+from ..utils.logger import get_console, set_verbose
+from ..runs.runfolder import RunFolder, StageFolder
+from ..utils.tb import log_figures
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3, 130, 143

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
-from src.distillation.sweep import apply_guidance, expand_methods, expand_sweep
-from src.utils.errors import ConfigError
+from .sweep import apply_guidance, expand_methods, expand_sweep
+from ..utils.errors import ConfigError
 
 
 @dataclass
@@ -264,7 +264,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def _check_choices(cfg: RunConfig) -> None:
     """Every key with a fixed set of values (data sources: the registry's)."""
-    from src.data.sources import source_names  # the registry (torch): here, so that importing this module needs none
+    from ..data.sources import source_names  # the registry (torch): here, so that importing this module needs none
     for (section, key), choices in [*_CHOICES.items(), (("data", "source"), source_names())]:
         objs = cfg.stages if section == "stage" else [cfg] if section == "run" else [getattr(cfg, section)]
         for obj in objs:
@@ -346,7 +346,7 @@ def _check_stages(stages: list) -> None:
 
 def from_dict(raw: dict) -> RunConfig:
     """The typed, checked config, with its sweep expanded into stages and dense guidance applied
-    (src/distillation/sweep.py): the resolved chain is what a run saves and resumes."""
+    (src/spec/sweep.py): the resolved chain is what a run saves and resumes."""
     cfg = validate(_build(RunConfig, raw, ""))
     return validate(expand_methods(apply_guidance(expand_sweep(cfg))))
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from src.distillation.config import config_record, edited_keys, load_config
-from src.utils.errors import ConfigError
+from ..spec.config import config_record, edited_keys, load_config
+from ..utils.errors import ConfigError
 
 
 def _file(name: str) -> property:
@@ -51,7 +51,7 @@ class StageFolder:
 
     def state_dict(self) -> dict:
         """The stage's best-validation weights: from best.pt, or (a finished stage) from the export it names."""
-        from src.utils.checkpoint import read_weights  # brings torch, which reading a run folder's files does not need
+        from ..utils.checkpoint import read_weights  # brings torch, which reading a run folder's files does not need
         return read_weights(self.best)
 
     @property
@@ -139,7 +139,7 @@ class RunFolder:
     # ---- the config
     def save_config(self, raw: dict) -> None:
         """config.yaml and, beside it, the digest and values it was written with."""
-        from src.utils.checkpoint import atomic_write_text  # brings torch, which reading a run folder does not need
+        from ..utils.checkpoint import atomic_write_text  # brings torch, which reading a run folder does not need
         text, digest = config_record(raw)
         atomic_write_text(self.config_path, text)
         atomic_write_text(self.file(self.DIGEST), digest)

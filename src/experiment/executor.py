@@ -1,4 +1,4 @@
-"""Who runs a study's stage jobs (src/distillation/jobs.py): one interface, three executors.
+"""Who runs a study's stage jobs (src/plan/jobs.py): one interface, three executors.
 
     serial   (default) this process, the jobs one after another, seed by seed: a chain as always
     local    --jobs N: N jobs at once on this machine, each in a fresh process of its own (the
@@ -7,7 +7,7 @@
              as num_cpus and its GPU share as num_gpus; no address starts a local instance (no
              server to start by hand), an address joins a running cluster
 
-Every job trains the same way under every executor (src/distillation/jobrun.py, at the thread
+Every job trains the same way under every executor (src/experiment/jobrun.py, at the thread
 count the plan fixed), so a stage's weights do not depend on the executor. A failed job stops
 only the jobs that need it; a job whose worker died is tried again (it continues from its last
 checkpoint); SIGINT or SIGTERM to the command reaches every running job, each saves its epoch so
@@ -29,13 +29,13 @@ from typing import Optional
 
 import torch
 
-from src.distillation.engine import StopRequested
-from src.distillation.jobrun import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, run_job_process
-from src.distillation.jobs import Plan, StageJob
-from src.utils import signals
-from src.utils.signals import die_with_parent
-from src.utils.errors import UserError
-from src.utils.logger import get_console
+from ..distillation.engine import StopRequested
+from .jobrun import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, run_job_process
+from ..plan.jobs import Plan, StageJob
+from ..utils import signals
+from ..utils.signals import die_with_parent
+from ..utils.errors import UserError
+from ..utils.logger import get_console
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RETRIES = 2  # tries after the first for a job whose worker died (killed, out of memory): it resumes
@@ -297,7 +297,7 @@ def _ray_job_fn(args: tuple, *upstream) -> int:
     its process runs jobrun (the same code every executor runs); a cancel passes SIGINT on to it
     and waits while it saves its epoch."""
     run, stage, threads, log_path, seed, job_id = args
-    cmd = [sys.executable, "-m", "src.distillation.jobrun", "--run", run, "--stage", stage, "--threads", str(threads),
+    cmd = [sys.executable, "-m", f"{__package__}.jobrun", "--run", run, "--stage", stage, "--threads", str(threads),
            "--log", log_path, "--id", job_id] + (["--seed", str(seed)] if seed is not None else [])
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, start_new_session=True, preexec_fn=die_with_parent)
     try:

@@ -16,8 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from src.utils.runfolder import RunFolder
-from src.utils.runlock import LOCK_NAME, RunFolderBusy, acquire
+from .runfolder import RunFolder
+from .runlock import LOCK_NAME, RunFolderBusy, acquire
 
 OTHERS_WARN_MIB = 256  # the CUDA context of this process itself takes a few hundred MiB at most
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from src.utils.errors import UserError
+from ..utils.errors import UserError
 
 LOCK_NAME = ".run.lock"
 PROBE_PREFIX = ".write_test"  # the writability probe's files (check_writable): never a run's content

@@ -1,0 +1,1 @@
+"""Analysis: reads finished run folders; one statistics pipeline (report.py)."""

@@ -1,0 +1,1 @@
+"""The experiment: the command line, a session over a plan, the executors that run its jobs."""

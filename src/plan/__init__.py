@@ -1,0 +1,1 @@
+"""The plan: a resolved spec as a graph of stage jobs (jobs.py)."""

@@ -1,0 +1,1 @@
+"""Run folders: their layout (runfolder.py), their locks (runlock.py), their removal (clean.py)."""
