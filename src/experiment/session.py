@@ -262,8 +262,9 @@ def check_output_folder(session: Session) -> None:
         return
     if session.ds.is_main:
         try:
+            # jobs.json is the plan, written again at every start: alone it is no run (a kill before config.yaml)
             if not session.args.resume and any(p.is_file() and p.suffix != ".tmp" and not runlock.is_bookkeeping(p)
-                                               for p in out.rglob("*")):
+                                               and p != out / RunFolder.JOBS for p in out.rglob("*")):
                 problem = (f"output folder {out} already holds files; choose a new --output-dir, "
                            f"or continue that run with --resume {out}")
             else:
