@@ -173,7 +173,7 @@ def check_smoke():
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Validate the project and its run folders.")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="Validate the project and its run folders.")
     p.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder searched for run folders (default: runs/)")
     p.add_argument("--smoke", action="store_true", help="also run a tiny chain end to end (about a minute on CPU)")
     p.add_argument("--debug", action="store_true")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -39,7 +40,8 @@ import yaml  # noqa: E402
 from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable, published,  # noqa: E402
                                     summarise)
 from src.experiment import cli  # noqa: E402
-from src.spec.names import DIRECT_KD, SCRATCH, assistant_stage, method_student, path_student  # noqa: E402
+from src.spec.names import DIRECT_KD, SCRATCH, assistant_stage, method_student, path_student, tuned_stage  # noqa: E402
+from src.spec.tune import DECLARED  # noqa: E402
 from src.distillation.chain import check_stages  # noqa: E402
 from src.plan.jobs import machine_threads  # noqa: E402
 from src.spec.config import apply_override, changed_keys, from_dict  # noqa: E402
@@ -256,6 +258,8 @@ def students_config(family, dataset, tables, epochs, teachers_dir: Path, data, a
     if "assistants" in tables:  # dense guidance from the teacher and every assistant (not in the paper)
         cfg["stages"].append({"name": DGKD_STAGE, "teacher": ["teacher", *[ta_stage(a) for a in reversed(assistants)]],
                               "method": "dense", "method_args": {"drop_teachers": DGKD_DROP}, **stream})
+    if args.tune:  # each KD student (and each method's direct one) searched with the same trials on validation
+        cfg["tune"] = {"knobs": DECLARED["kd"], "trials": args.tune, "each": True}
     for m in args.methods:  # beside KD: the method from the teacher and via each assistant (not in the paper)
         extra = method_args(m, epochs)
         cfg["stages"] += [{"name": method_stage(m), "teacher": "teacher", "method": m, "method_args": extra, **stream}]
@@ -525,6 +529,14 @@ def unreadable(tests: pd.DataFrame, troubles: list) -> pd.DataFrame:
     return tests
 
 
+def tuned_words(seeds: list) -> str:
+    """How the _tuned students were chosen, from the run's own record (its config's `tuned:`)."""
+    records = RunFolder(seeds[0][1]).config().tuned if seeds else {}
+    trials = sorted({r["trials"] for r in records.values()})
+    return (f"tuned on validation with {'/'.join(map(str, trials))} trials each; the paper: best of 120 on test"
+            if trials else "tuned on validation")
+
+
 def group_context(group: Path, family: str, dataset: str, tables: list, seeds: list) -> list:
     """The lines said above a family's rows: the teacher's and assistants' accuracy and epochs
     (trained once), and the stages' own time over every session."""
@@ -566,6 +578,8 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             acc = {s: summ["test_accuracy"] * 100 for s, summ in summaries.items()}
             entries = [("NOKD", SCRATCH, None), ("BLKD", DIRECT_KD, None)]
             entries += [("TAKD" if a == t1 else f"TAKD, assistant {a}", student_stage(family, a), a) for a in assistants]
+            entries += [(f"{row}, tuned ({tuned_words(seeds)})", tuned_stage(st), a) for row, st, a in list(entries)
+                        if row != "NOKD" and all(tuned_stage(st) in summ.index for summ in summaries.values())]
             dense = "assistants" in args.tables and any(DGKD_STAGE in summ.index for summ in summaries.values())
             entries += [(DGKD_ROW, DGKD_STAGE, None)] if dense else []
             for table in args.tables:
@@ -589,6 +603,8 @@ def collect(args) -> tuple[pd.DataFrame, pd.DataFrame, list]:
             pairs = [("TAKD - BLKD" if a == t1 else f"TAKD(assistant {a}) - BLKD", student_stage(family, a), DIRECT_KD,
                       a) for a in assistants if "assistants" in args.tables or a == t1]
             pairs.append(("BLKD - NOKD", DIRECT_KD, SCRATCH, None))
+            pairs += [(f"{name} (both tuned)", tuned_stage(x), tuned_stage(y), a) for name, x, y, a in list(pairs)
+                      if y == DIRECT_KD and all(tuned_stage(st) in summ.index for summ in summaries.values() for st in (x, y))]
             pairs += [("DGKD - TAKD", DGKD_STAGE, "student", None)] if dense else []
             for name, a_stage, b_stage, assistant in pairs:
                 pa = (published(family, dataset, "TAKD" if assistant else "BLKD", assistant,
@@ -798,7 +814,7 @@ def _presets_text() -> str:
 
 def parse_args(argv):
     default_out = ROOT / "runs" / "takd_reproduction"
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=PROTOCOL,
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0], epilog=PROTOCOL,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slice", choices=sorted(SLICES), help=f"a preset part ({_presets_text()}; data: the CIFAR-10 "
                    f"JPEG tree in ../shared/data)")
@@ -814,6 +830,11 @@ def parse_args(argv):
     p.add_argument("--methods", default=None,
                    help="comma-separated methods trained beside KD, each from the teacher and via each assistant, "
                         "e.g. dkd,dist,fitnet,at (not in the paper: a table of their own, no verdicts)")
+    p.add_argument("--tune", type=int, default=None, metavar="N",
+                   help="tune each row's KD students (BLKD and TAKD via each assistant; and each --methods method) on "
+                        "validation with N trials each (T and the KD weight: " + DECLARED["kd"] + "), then train the "
+                        "declared seeds at the best values beside the declared ones (docs/tuning.md); the paper's "
+                        "numbers are the best of 120 trials on test")
     p.add_argument("--jobs", type=int, default=None, help="stage jobs trained at once on this machine (students of "
                    "any seed, assistants after the teacher), each a process with a share of the cores (default 1)")
     p.add_argument("--executor", choices=("serial", "local", "ray"), default=None,
@@ -869,7 +890,8 @@ def check_args(args):
     args.epochs = given(args.epochs, preset.get("epochs", PAPER_EPOCHS))
     args.teacher_epochs = given(args.teacher_epochs, preset.get("teacher_epochs", args.epochs))
     args.jobs = given(args.jobs, preset.get("jobs", 1))
-    for name, value in (("--epochs", args.epochs), ("--teacher-epochs", args.teacher_epochs), ("--jobs", args.jobs)):
+    for name, value in (("--epochs", args.epochs), ("--teacher-epochs", args.teacher_epochs), ("--jobs", args.jobs),
+                        ("--tune", 1 if args.tune is None else args.tune)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
     stop = args.early_stop if args.early_stop is not None else preset.get("early_stop")
@@ -938,6 +960,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(PROTOCOL, flush=True)
+    fresh = not args.resume and not args.report_only  # this command made args.out: a refusal leaves nothing behind
     timings_path = args.out / "timings.json"
     for i, (label, raw, run_dir, seeds) in enumerate([] if args.report_only else runs):
         if run_done(run_dir, raw["stages"], seeds):
@@ -949,6 +972,8 @@ def main(argv=None) -> int:
         with RunClock(timings_path, label):
             code = train_run(config_path, run_dir, args, seeds, threads)
         if code != 0:  # the run said why, and printed the one command that continues the reproduction
+            if fresh and i == 0 and not any(args.out.rglob("stage.json")) and not any(args.out.rglob("last.pt")):
+                shutil.rmtree(args.out, ignore_errors=True)  # refused before anything trained: no skeleton left behind
             return code
     wall = sum(json.loads(timings_path.read_text()).values()) if timings_path.exists() else 0.0
     written = write_results(args, wall)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import build_loaders, load_dataset
-from .data.sources import source_names
+from .data.sources import classes_of, source_names
 from .distillation.engine import Precision, evaluate
 from .distillation.stage import save_predictions
 from .inference import load_model
@@ -30,6 +30,13 @@ from .runs.runfolder import RunFolder
 from .runs.runlock import claim
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _check_classes(given: list, known: list, dcfg) -> None:
+    unknown = [c for c in given if c not in known]
+    if unknown:
+        raise DataError(f"classes {unknown[:5]} of {dcfg.root if dcfg.source == 'imagefolder' else dcfg.source} are not "
+                        f"among the model's {len(known)} classes ({', '.join(known[:10])}...)")
 
 
 def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", data_source: str | None = None,
@@ -43,13 +50,13 @@ def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", d
     if data_source or data_root:
         dcfg = replace(dcfg, source=data_source or dcfg.source, root=data_root or dcfg.root,
                        max_train_samples=None, max_test_samples=None)
+    peek = classes_of(dcfg)  # checked before decoding: a tree of other classes is refused at once
+    if peek is not None:
+        _check_classes(peek, loaded.classes, dcfg)
     data = load_dataset(dcfg)
     chosen = {"train": data.train, "val": data.val, "test": data.test}[split]
     if data.classes != loaded.classes:  # another tree: map its labels onto the run's classes by name
-        unknown = [c for c in data.classes if c not in loaded.classes]
-        if unknown:
-            raise DataError(f"classes {unknown[:5]} of {dcfg.root} are not among the model's {len(loaded.classes)} "
-                            f"classes ({', '.join(loaded.classes[:10])}...)")
+        _check_classes(data.classes, loaded.classes, dcfg)
         remap = torch.tensor([loaded.classes.index(c) for c in data.classes])
         chosen = replace(chosen, labels=remap[chosen.labels])
     data = replace(data, train=chosen, val=chosen, test=chosen, classes=loaded.classes)
@@ -72,7 +79,7 @@ def evaluate_run(run_dir: Path, stage: str | None = None, split: str = "test", d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m src.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (or a --seeds run folder: its first seed)")
     p.add_argument("--stage", default=None, help="which stage's best checkpoint (default: the chain's final student: "
                    "student, or in a sweep the last path's student_via_...)")

@@ -42,6 +42,19 @@ class LoadedModel:
     model_name: str
     finished: bool = True          # False: the stage's training was interrupted (best.pt is part-way)
 
+    # used as the module it holds: loaded(x), loaded.eval(), loaded.to("cuda") (the network is `.model`)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of preprocessed images x [B, 3, S, S] (see preprocess)."""
+        return self.model(x)
+
+    def eval(self) -> "LoadedModel":
+        self.model.eval()
+        return self
+
+    def to(self, *args, **kwargs) -> "LoadedModel":
+        self.model.to(*args, **kwargs)
+        return self
+
     def preprocess(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float [B, 3, S, S], resized and normalised as in training."""
         x = images_uint8.float().div(255)
@@ -50,13 +63,14 @@ class LoadedModel:
 
 def final_student(cfg) -> str:
     """The stage a run is about when none is named: `student` where the chain has one, else (a
-    sweep: student_via_<path> per path) the last student that is not a baseline, else the last stage."""
+    sweep: student_via_<path> per path) the last path's student (not a baseline, a --methods variant or a
+    search's _tuned stage), else the last student, else the last stage. load_model and src.evaluate both use it."""
     names = [s.name for s in cfg.stages]
     if "student" in names:
         return "student"
-    students = [s.name for s in cfg.stages if (s.role == "student" or s.name.startswith("student"))
-                and s.name not in BASELINES]
-    return students[-1] if students else names[-1]
+    students = [s for s in cfg.stages if (s.role == "student" or s.name.startswith("student")) and s.name not in BASELINES]
+    paths = [s.name for s in students if not s.method and not s.name.endswith("_tuned")]  # not --methods' or a search's
+    return (paths or [s.name for s in students] or names)[-1]
 
 
 def load_model(run_dir, stage: Optional[str] = None, device="cpu", checkpoint: str = StageFolder.BEST) -> LoadedModel:

@@ -41,7 +41,7 @@ def test_report_rows_methods_and_figures(seeded_run):
         assert re.search(rf"\| {stage} \| resnet10t \| {role} \| {method} \|", text), stage
     assert "TAKD − KD" in text and "KD − scratch" in text and "Seeds: 0, 1" in text
     assert "Reporting protocol" in text
-    assert "Pipeline check, not a result" not in text  # digits, but not a demo preset: no demo banner
+    assert "Pipeline check, not a result" in text  # digits: toy data, whatever the run is named
     figs = sorted((seeded_run / "figures").glob("*.png"))
     names = {p.name for p in figs}
     for expected in ("accuracy_vs_params.png", "accuracy_vs_flops.png", "methods.png", "tiny_curves.png",
@@ -146,13 +146,19 @@ def test_report_pairs_predictions_on_the_file_and_corrects_with_holm(seeded_run,
         differences(collect([run]))
 
 
-def test_the_demo_banner_is_for_the_demo_presets_only():
+def test_the_demo_banner_follows_the_data_not_the_name():
+    """A pipeline check is a run on toy data (digits), whatever its name: a digits run with swapped
+    models and a preset-like name is one, a CIFAR run named demo is not."""
+    from dataclasses import replace
     from src.spec.config import load_config
     from src.analysis.report import is_demo
     from tests.conftest import ROOT
     for preset in sorted(ROOT.glob("*_distillation/configs/*.yaml")):
-        assert is_demo(load_config(preset)) == preset.stem.startswith("demo"), preset
-    assert not is_demo(tiny_cfg()) and not is_demo(tiny_cfg(name="demolition"))
+        cfg = load_config(preset)
+        assert is_demo(cfg) == (cfg.data.source == "digits"), preset
+    assert is_demo(tiny_cfg(name="cnn_demo-cifar_resnet20-cifar_resnet8")) and is_demo(tiny_cfg(name="study"))
+    cifar = tiny_cfg(name="cnn_demo")
+    assert not is_demo(replace(cifar, data=replace(cifar.data, source="cifar10")))
 
 
 def test_a_broken_run_gets_no_verdict(seeded_run, tmp_path):

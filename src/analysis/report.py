@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.sources import SOURCES
+from ..distillation.methods import kd_alpha
 from ..distillation.recipe import lr_schedule
 from ..models import is_vit
 from ..utils.errors import UserError
@@ -28,7 +29,7 @@ from ..runs.runfolder import RunFolder
 from ..utils.metrics import normalized_confusion
 from ..runs.runlock import claim
 from ..utils.stats import t_interval, wilson_interval
-from ..utils.training_guards import schedule_kd_alpha
+from . import glance, tuning
 from .compare import Paired, paired_differences
 from ..visualization import plots
 
@@ -72,7 +73,7 @@ PROTOCOL = """## Reporting protocol
   reads undecided.
   Predictions are paired on the test file id.
 """
-DEMO_NOTE = ("> **Pipeline check, not a result.** This run uses a demo preset (scikit-learn's 8×8 digits, a few "
+DEMO_NOTE = ("> **Pipeline check, not a result.** This run trains on toy data (scikit-learn's 8×8 digits, as the demo presets do; a few "
              "epochs): its numbers show that every stage, file and figure is produced; they say nothing about "
              "how well distillation works. For research numbers use the CIFAR presets (see the README).")
 
@@ -107,8 +108,10 @@ def _correct(folder: RunFolder, stage: str) -> np.ndarray | None:
 
 
 def is_demo(cfg) -> bool:
-    """A run of one of the demo presets (cnn_demo, vit_demo_sweep, ...): named so by the preset."""
-    return re.search(r"(^|_)demo($|_)", cfg.name) is not None
+    """A pipeline check, not a result: a run on a data source registered as a toy (scikit-learn's
+    8x8 digits), whatever the run is named and whichever models it swapped in."""
+    source = SOURCES.get(cfg.data.source)
+    return bool(source is not None and source.toy)
 
 
 def chance_bar(classes: int) -> float:
@@ -280,7 +283,8 @@ def comparisons(stages: pd.DataFrame) -> list[tuple[str, str, str]]:
         if len(group) < 2:
             continue
         tags = _tags(group)
-        ranked = sorted(group.itertuples(), key=lambda r: (-METHOD_RANK.get(r.method, 2), order[r.stage]))
+        ranked = sorted(group.itertuples(), key=lambda r: (-METHOD_RANK.get(r.method, 2), not r.stage.endswith("_tuned"),
+                                                           order[r.stage]))  # a tuned stage is A against its declared one
         for i, a in enumerate(ranked):
             for b in ranked[i + 1:]:
                 out.append((f"{tags[a.stage]} − {tags[b.stage]}", a.stage, b.stage))
@@ -289,7 +293,8 @@ def comparisons(stages: pd.DataFrame) -> list[tuple[str, str, str]]:
 
 def _tags(group: pd.DataFrame) -> dict:
     """Short names: scratch, KD, TAKD, DENSE, ...; with the teachers where two would read alike."""
-    base = {r.stage: {"scratch": "scratch", "kd": "KD"}.get(r.method, str(r.method).upper()) for r in group.itertuples()}
+    base = {r.stage: {"scratch": "scratch", "kd": "KD"}.get(r.method, str(r.method).upper())
+            + (" tuned" if r.stage.endswith("_tuned") else "") for r in group.itertuples()}
     counts = pd.Series(list(base.values())).value_counts()
     return {r.stage: base[r.stage] + (f" via {r.teacher}" if counts[base[r.stage]] > 1 else "")
             for r in group.itertuples()}
@@ -388,9 +393,12 @@ def _table_md(table: pd.DataFrame) -> str:
         cells += [fmt(r[f"{m}_mean"], r[f"{m}_std"]) for m in ("test_precision", "test_recall", "test_f1_score")]
         on_gpu = str(r["device"]).startswith("cuda")
         cells.append(fmt(r["peak_gpu_memory_mb_mean"], r["peak_gpu_memory_mb_std"], 1, 0) if on_gpu else "n/a (CPU)")
-        cells += [fmt(r["train_seconds_mean"], r["train_seconds_std"], 1, 1),
-                  fmt(r["compile_seconds_mean"], r["compile_seconds_std"], 1, 1) if r["compile_seconds_mean"] else "–",
-                  fmt(r["img_per_s_mean"], r["img_per_s_std"], 1, 0)]
+        if not r["train_seconds_mean"] and not r["img_per_s_mean"]:  # a checkpoint handed in: nothing trained here
+            cells += ["loaded", "–", "loaded"]
+        else:
+            cells += [fmt(r["train_seconds_mean"], r["train_seconds_std"], 1, 1),
+                      fmt(r["compile_seconds_mean"], r["compile_seconds_std"], 1, 1) if r["compile_seconds_mean"] else "–",
+                      fmt(r["img_per_s_mean"], r["img_per_s_std"], 1, 0)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -431,7 +439,7 @@ def _recomputed_schedule(cfg, st, lr: float, first: pd.DataFrame):
     if pd.notna(steps) and steps > 0:
         per_step = lr_schedule(lr, cfg.train, n, int(steps))
         lr_series = pd.Series(per_step, index=np.arange(len(per_step)) / steps)
-    alpha = pd.Series([schedule_kd_alpha(e, n, cfg.kd.alpha_start, cfg.kd.alpha_end) if st.teachers else 0.0
+    alpha = pd.Series([kd_alpha(cfg, st, e, n) if st.teachers else 0.0
                        for e in range(1, n + 1)], index=range(1, n + 1))
     return lr_series, alpha
 
@@ -511,7 +519,8 @@ def _curves_and_schedules(sub: pd.DataFrame, first: RunFolder, first_seed) -> tu
             continue
         df = pd.concat(parts)
         srow = sub[sub["stage"] == stage].iloc[0]
-        curves[f"{stage} ({srow['model']})"] = df
+        taught = f" ← {srow['teacher']}" if isinstance(srow.get("teacher"), str) and srow["teacher"] else ""
+        curves[f"{stage} ({srow['model']}){taught}"] = df  # the TAKD student with its path: student ← ta_...
         logged = _logged_schedule(first, stage)
         if logged is not None:
             lr[stage], alpha[stage] = logged
@@ -680,6 +689,7 @@ def write_report(runs: list, out: Path | None = None) -> Path:
     if rows["demo"].any():
         lines += [DEMO_NOTE, ""]
     lines += _broken_md(problems, partly, spoiled)
+    lines += glance.runs_table(rows)
     lines += [f"Runs: {', '.join(str(r.path) for r in runs)}  ", f"Seeds: {', '.join(str(s) for s in seeds)}", "",
               "## Results per model and method", "",
               "Accuracy, precision, recall and F1 in %; cells are mean ± std over seeds; the test interval is the "
@@ -692,6 +702,7 @@ def write_report(runs: list, out: Path | None = None) -> Path:
                   "uninformative; three or more seeds narrow it quickly.", ""]
     if answers:
         lines += _sweep_md(answers)
+    lines += glance.section(rows, table)
     if len(diffs):
         lines += ["## Does the assistant help?", "",
                   "Student test-accuracy differences in percentage points, A − B on the same test images:", ""]
@@ -701,6 +712,9 @@ def write_report(runs: list, out: Path | None = None) -> Path:
                       "seeds, the methods cannot be told apart.", ""]
     else:
         lines += ["Run with `--baselines` to add the scratch and direct-KD students and the paired tests.", ""]
+    tuned_lines, tuned_figs = tuning.section(rows, table, diffs, out / RunFolder.FIGURES)
+    lines += tuned_lines
+    figs += tuned_figs
     lines += [PROTOCOL, "## Figures", ""]
     lines += [f"![{p.stem}]({RunFolder.FIGURES}/{p.name})" if p.parent == out / RunFolder.FIGURES else f"![{p.stem}]({p})" for p in figs]
     path = out / RunFolder.REPORT
@@ -712,7 +726,7 @@ def write_report(runs: list, out: Path | None = None) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(allow_abbrev=False,
         prog="python -m src.report",
         description="Build report.md, report_table.csv and figures/ from finished run folders: one row per model "
                     "and method, paired significance tests between the scratch, KD and TAKD students, curves, "

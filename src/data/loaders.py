@@ -312,5 +312,5 @@ def build_loaders(data: DatasetSplits, batch_size: int, device: torch.device, da
     return {
         "train": cls(data.train, per_rank, device, True, data_cfg, channels_last, seed, **kw),
         "val": cls(data.val, eval_bs, device, False, data_cfg, channels_last, seed, **kw),
-        "test": cls(data.test, eval_bs, device, False, data_cfg, channels_last, seed, **kw),
+        "test": cls(data.test, eval_bs, device, False, data_cfg, channels_last, seed, **kw) if len(data.test) else None,
     }

@@ -83,17 +83,18 @@ class Source:
     title: str                     # for reports and figure titles
     load: Callable
     help: str = ""
+    toy: bool = False              # a pipeline check, not a result (scikit-learn's 8x8 digits): reports say so
 
 
 SOURCES: dict = {}
 
 
-def register_source(name: str, title: str, help: str = ""):
+def register_source(name: str, title: str, help: str = "", toy: bool = False):
     """Decorator: a function (data config -> train, test, classes, size, skipped) becomes
     `data.source: <name>`; the config's choices, the CLI's --data-source and src.evaluate take
     their list from here."""
     def deco(fn):
-        SOURCES[name] = Source(name, title, fn, help)
+        SOURCES[name] = Source(name, title, fn, help, toy)
         return fn
     return deco
 
@@ -182,15 +183,15 @@ def _torchvision_or_offline(source: str, root: Path, make):
             ) from None
 
 
-def _cifar(source: str, root: Path) -> tuple[Split, Split, list]:
+def _cifar(source: str, root: Path, read_test: bool = True) -> tuple[Split, Split, list]:
     from torchvision import datasets  # torchvision's datasets only for its own sources (slow to import)
     cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
     out = []
-    for train in (True, False):
+    for train in (True, False)[:2 if read_test else 1]:
         ds = _torchvision_or_offline(source, root, lambda download: cls(str(root), train=train, download=download))
         images = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         out.append(Split(torch.tensor(ds.targets, dtype=torch.long), images))
-    return out[0], out[1], list(ds.classes)
+    return out[0], out[1] if read_test else _empty(32), list(ds.classes)
 
 
 # ----------------------------------------------------------------------------- ImageFolder trees
@@ -346,12 +347,14 @@ def _imagefolder_splits(d, store_size_hint: int):
         raise DataError(f"{root} is a file, not a dataset folder: point --data-root at a folder with train/ and test/ "
                         f"(or val/), or at a .tar.gz / .tgz / .tar of one")
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}. Point data.root (or --data-root) at a folder with train/ and test/ (or val/)")
+        raise DataError(f"dataset folder not found: {root}. Point data.root (or --data-root) at a folder with train/ and "
+                        f"test/ (or val/), or at a .tar.gz / .tgz / .tar of one")
     train_files, train_labels, classes = scan_image_folder(root / "train")
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if test_dir is None:
         raise DataError(f"{root} has train/ but neither test/ nor val/: add one for the final evaluation")
-    test_files, test_labels, _ = scan_image_folder(test_dir, classes)
+    # data.read_test false (a search's trial): the test folder is not even listed
+    test_files, test_labels, _ = scan_image_folder(test_dir, classes) if d.read_test else ([], [], classes)
     # data.max_*_samples: decode only the images that will be used (the same stratified draw as later)
     keep = _stratified_take(np.asarray(train_labels), d.max_train_samples, d.split_seed)
     train_files, train_labels = [train_files[i] for i in keep], [train_labels[i] for i in keep]
@@ -367,8 +370,14 @@ def _imagefolder_splits(d, store_size_hint: int):
     cache_dir = Path(d.cache_dir).expanduser() if d.cache_dir else root / ".cache"
     # one cache per split: another train subset (data.max_train_samples) reuses the decoded test split
     train, skipped_tr = _decoded_split(train_files, train_labels, size, d.skip_bad_images, cache_dir, "train")
-    test, skipped_te = _decoded_split(test_files, test_labels, size, d.skip_bad_images, cache_dir, "test")
+    test, skipped_te = (_decoded_split(test_files, test_labels, size, d.skip_bad_images, cache_dir, "test")
+                        if test_files else (_empty(size), []))
     return train, test, classes, size, skipped_tr + skipped_te, root, test_files
+
+
+def _empty(size: int) -> Split:
+    """A split with no images: the test split of a run that must not read it (data.read_test false)."""
+    return Split(torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, size, size, dtype=torch.uint8))
 
 
 def _decoded_split(files: list, labels: list, size: int, skip_bad: bool, cache_dir: Path, name: str
@@ -392,7 +401,7 @@ def _decoded_split(files: list, labels: list, size: int, skip_bad: bool, cache_d
     return split, skipped
 
 
-@register_source("digits", "digits (scikit-learn)", "scikit-learn's bundled 8x8 digits, offline demos and tests")
+@register_source("digits", "digits (scikit-learn)", "scikit-learn's bundled 8x8 digits, offline demos and tests", toy=True)
 def _digits_source(d):
     size = min(d.image_size, 32)
     return (*_digits(size, d.split_seed), size, [])
@@ -400,12 +409,12 @@ def _digits_source(d):
 
 @register_source("cifar10", "CIFAR-10", "torchvision's CIFAR-10, downloaded into data.root when online")
 def _cifar10_source(d):
-    return (*_cifar("cifar10", Path(d.root).expanduser()), 32, [])
+    return (*_cifar("cifar10", Path(d.root).expanduser(), d.read_test), 32, [])
 
 
 @register_source("cifar100", "CIFAR-100", "torchvision's CIFAR-100, downloaded into data.root when online")
 def _cifar100_source(d):
-    return (*_cifar("cifar100", Path(d.root).expanduser()), 32, [])
+    return (*_cifar("cifar100", Path(d.root).expanduser(), d.read_test), 32, [])
 
 
 @register_source("svhn", "SVHN", "torchvision's SVHN (train and test splits), downloaded into data.root when online")
@@ -423,6 +432,20 @@ def _imagefolder_source(d):
     return _imagefolder(d, d.image_size)
 
 
+def classes_of(d) -> Optional[list]:
+    """The class names a data config would give, without decoding an image (an image tree's train/
+    folder names; digits' 0-9); None where only loading tells (torchvision's datasets)."""
+    if d.source == "digits":
+        return [str(i) for i in range(10)]
+    if d.source != "imagefolder":
+        return None
+    root = Path(d.root).expanduser()
+    if root.is_file() and root.name.endswith(ARCHIVE_SUFFIXES):
+        root = extract_archive(root)
+    train = root / "train"
+    return sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else None
+
+
 def load_dataset(d) -> DatasetSplits:
     """Build train / val / test from a DataConfig. Raises DataError with a fix on bad input."""
     source = SOURCES.get(d.source)
@@ -431,7 +454,11 @@ def load_dataset(d) -> DatasetSplits:
     train, test, classes, size, skipped = source.load(d)
     if skipped:
         get_console().warning(f"⚠️  skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
-    if len(train) < 2 or len(test) < 1:
+    if not d.read_test:  # a search's trial: whatever the source held of the test split is dropped unread
+        test = _empty(size)
+    elif len(test) < 1:
+        raise DataError(f"{d.source}: no test images")
+    if len(train) < 2:
         raise DataError(f"{d.source}: too few images (train {len(train)}, test {len(test)})")
     train = _subset(train, _stratified_take(train.labels.numpy(), d.max_train_samples, d.split_seed))
     test = _subset(test, _stratified_take(test.labels.numpy(), d.max_test_samples, d.split_seed))

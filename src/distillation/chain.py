@@ -31,6 +31,7 @@ from .engine import Precision, prepare_teacher
 from .methods import check_methods, method_name, resolve
 from .planner import StepSpec, apply_vram_budget, compile_decision, measure_steps, probe_plan
 from .recipe import optimizer_factory
+from .trial import trial_reporter
 from .stage import (StagePlan, build_stage_model, load_weights, run_stage, stage_method, stage_seeds,
                                    use_channels_last)
 from ..models import count_params, is_vit, shape_only
@@ -585,6 +586,7 @@ def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: boo
     summary = run_stage(cfg, stage, data, loaders, folder.path, device, plan, teachers=teachers,
                         resume=chain.resume and folder.started, progress=progress, should_stop=should_stop,
                         on_epoch_end=_attention_callback(cfg, stage, data, device, plan.epochs), clock=clock,
+                        on_validated=None if stage.checkpoint else trial_reporter(chain.folder.path),
                         extra={"method": method_label(stage, cfg), **_chain_words(stage, cfg),
                                "method_file": chain.methods.get(stage.name, {}).get("file"),
                                "method_sha256": chain.methods.get(stage.name, {}).get("sha256")})
@@ -599,8 +601,9 @@ def train_stage(chain: ChainRun, idx: int, stage, plan: StagePlan, progress: boo
             cleanup_training_state(model=t, verbose=False, device=device)
         del teachers
     best = f"epoch {summary['best_epoch']}" if summary.get("best_epoch") else "loaded from its checkpoint, not trained here"
-    log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} ({best}), "
-             f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}{frozen}; "
+    tested = (f"test acc {summary['test_accuracy']:.4f}, macro F1 {summary['test_f1_score']:.4f}" if cfg.data.read_test
+              else "test split not read")
+    log.info(f"  → {stage.name}: val acc {summary['val_accuracy']:.4f} ({best}), {tested}{frozen}; "
              f"memory released {summary.get('released_mb', 0.0):.0f} MB"
              + (f"; compile {summary['compile_seconds']:.1f}s" if summary.get("compile_seconds") else ""))
     return summary

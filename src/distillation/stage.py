@@ -33,7 +33,7 @@ from . import distributed as dist
 from .clock import whole_epoch_seconds
 from .engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
                                      evaluate, train_one_epoch)
-from .methods import Method, StudentWithMethod, build_method
+from .methods import Method, StudentWithMethod, build_method, kd_alpha
 from .recipe import make_scheduler, set_base_lr, stage_optimizer
 from .export import export_stage
 from ..models import count_flops, count_params, create_model, is_cnn, shape_only
@@ -50,8 +50,7 @@ from ..utils.reproducibility import derive_seed, setup_reproducibility
 from ..utils.signals import protected
 from ..utils import tb as tensorboard
 from ..utils.training_guards import (cleanup_training_state, enforce_gradient_checkpointing, get_model_specific_lr,
-                                       peak_memory_mb, reset_peak_memory_stats, role_from_model_name,
-                                       schedule_kd_alpha)
+                                       peak_memory_mb, reset_peak_memory_stats, role_from_model_name)
 
 log = get_console()
 
@@ -190,6 +189,8 @@ class StageRun:
     teacher_cache_seconds: float = 0.0
     epochs_done: int = 0
     stopped_early: Optional[int] = None  # the epoch after which train.early_stop ended the stage
+    on_validated: Optional[Callable] = None  # a search's trial: told each epoch's validation accuracy, True = prune
+    pruned_at: Optional[int] = None      # the epoch after which the search pruned this trial
     ck_rows: Optional[tuple] = None
     partial: Optional[dict] = None    # an epoch saved part-way (resumed from its next step)
     epoch: int = 0                     # the epoch in progress
@@ -229,10 +230,12 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
               teachers: Sequence[nn.Module] = (), resume: bool = False, progress: bool = True,
               should_stop: Callable[[], bool] = lambda: False,
               on_epoch_end: Optional[Callable[[nn.Module, int, Path], None]] = None, extra: Optional[dict] = None,
-              clock=None) -> dict:
+              clock=None, on_validated: Optional[Callable[[int, float], bool]] = None) -> dict:
     """Train (or load) one stage and return its summary row (plus `extra`). Artefacts go to
     `stage_dir`; `teachers` are the frozen models of the stages it names, in that order; `clock`
-    (a ChainClock) is told every epoch's time and says the chain's time left."""
+    (a ChainClock) is told every epoch's time and says the chain's time left; `on_validated(epoch,
+    val_accuracy)` (a search's trial) is told every epoch's validation accuracy and ends the stage
+    when it returns True (a pruned trial). Without data.read_test the test split is not read."""
     run = build(cfg, stage, data.num_classes, Path(stage_dir), device, plan, teachers)
     if stage.checkpoint:
         load_given_checkpoint(run)
@@ -240,9 +243,10 @@ def run_stage(cfg, stage, data, loaders: dict, stage_dir: Path, device: torch.de
         prepare_training(run, len(loaders["train"]), should_stop)
         if resume and run.folder.last.is_file():
             restore(run)
+        run.on_validated = on_validated
         fit(run, loaders, progress, on_epoch_end, clock)
     checksums = check_ranks_agree(run)
-    test = test_and_export(run, data, loaders)
+    test = test_and_export(run, data, loaders) if cfg.data.read_test else export_untested(run, data)
     summary = summarise(run, data, loaders, test, checksums, extra)
     return release(run, summary)
 
@@ -422,7 +426,7 @@ def train_epoch(run: StageRun, train_loader, epoch: int, progress: bool) -> tupl
     (StageFailed names stage, epoch and step, and what is kept). Returns (metrics, alpha)."""
     stage, plan = run.stage, run.plan
     run.method.begin_epoch(epoch, plan.epochs)
-    alpha = schedule_kd_alpha(epoch, plan.epochs, run.cfg.kd.alpha_start, run.cfg.kd.alpha_end) if run.method.teachers else 0.0
+    alpha = kd_alpha(run.cfg, stage, epoch, plan.epochs) if run.method.teachers else 0.0
     if run.method.own_weights and run.method.teachers:  # the method's own KD weight (e.g. DKD's warm-up) is logged
         alpha = float(run.method.weights()[1])
     reset_peak_memory_stats(run.device)
@@ -522,6 +526,12 @@ def fit(run: StageRun, loaders: dict, progress: bool, on_epoch_end, clock=None) 
                      f"{tr['img_per_s']:>7,.0f} img/s  {row['epoch_time_sec']:.1f}s{left}")
             if on_epoch_end is not None and dist.is_main():
                 on_epoch_end(run.model, epoch, run.folder.path)
+            if run.on_validated is not None and run.on_validated(epoch, float(val["accuracy"])) \
+                    and epoch < run.plan.epochs:
+                run.pruned_at = epoch
+                log.info(f"  {run.stage.name}: pruned after epoch {epoch} (below the median of the search's "
+                         f"earlier trials at this epoch)")
+                break
             if early_stop_due(run, epoch) and epoch < run.plan.epochs:
                 run.stopped_early = epoch
                 log.info(f"  {run.stage.name}: early stop after epoch {epoch}: no better validation accuracy for "
@@ -565,6 +575,16 @@ def test_and_export(run: StageRun, data, loaders: dict) -> dict:
     return test
 
 
+def export_untested(run: StageRun, data) -> dict:
+    """A run that must not read the test split (a search's trial): the best-validation weights
+    exported, no test metrics (NaN), no predictions."""
+    load_weights(run.model, run.folder.best, f"{run.folder.best}")
+    if dist.is_main():
+        export_stage(run.cfg, run.stage, run.model, data.classes, run.folder.path)
+    nan = float("nan")
+    return {"accuracy": nan, "precision": nan, "recall": nan, "f1_score": nan, "loss": nan, "seconds": 0.0}
+
+
 def summarise(run: StageRun, data, loaders: dict, test: dict, checksums: list, extra: Optional[dict]) -> dict:
     """stage.json, written last: its presence means the stage is done."""
     cfg, stage, plan, folder = run.cfg, run.stage, run.plan, run.folder
@@ -581,6 +601,7 @@ def summarise(run: StageRun, data, loaders: dict, test: dict, checksums: list, e
         "method_label": run.method.describe(),
         "params": run.params, "flops": run.flops, "epochs": run.epochs_done, "best_epoch": run.best_epoch,
         "planned_epochs": plan.epochs, "early_stop_patience": cfg.train.early_stop, "stopped_early_at": run.stopped_early,
+        "pruned_at": run.pruned_at,
         "val_accuracy": val_best["accuracy"], "val_f1_score": val_best["f1_score"],
         "test_accuracy": test["accuracy"], "test_precision": test["precision"], "test_recall": test["recall"],
         "test_f1_score": test["f1_score"], "test_loss": test["loss"],

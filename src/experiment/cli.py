@@ -21,7 +21,7 @@ EXIT_USER = 2
 
 
 def build_parser(chain: str, default_config: Path) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(allow_abbrev=False,
         prog=f"train_{chain}.sh",
         description=f"Teacher -> assistant -> student distillation ({chain.upper()} chain). "
                     f"Every stage's results land in one run folder.",
@@ -90,6 +90,17 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per stage job (default: this machine's cores); fixed in the plan and kept on "
                         "resume, so that a stage's weights do not depend on the executor. With --jobs N on a CPU, "
                         "cores / N avoids oversubscription")
+    p.add_argument("--tune", default=None, metavar="KNOB=LOW:HIGH[:log],...",
+                   help="tune knobs of the student on validation before training it (Optuna, TPE, median pruning), e.g. "
+                        "'kd.temperature=1:20:log,kd.alpha=0.05:0.95'; then the declared seeds train with the best "
+                        "values and test is read once (docs/tuning.md)")
+    p.add_argument("--trials", type=int, default=None, metavar="N", help="trials per tuned stage (with --tune)")
+    p.add_argument("--tune-each", type=int, default=None, metavar="N",
+                   help="the same N trials for every compared student: KD from the teacher and via each assistant, "
+                        "and each --methods method, each on its own declared knobs (or --tune's)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="the search's Optuna storage for several machines (postgresql://..., mysql://...); default: "
+                        "a journal file in the run folder")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (stage jobs, what each needs, threads and GPU share, estimated time and the "
                         "critical path) and write nothing")
@@ -117,6 +128,11 @@ def _relaunch_under_torchrun(argv, chain: str, n: int) -> int:
             signal.signal(sig, handler)
 
 
+def _cuda_available() -> bool:
+    import torch  # only for --gpus: the rest of the command line stays free of torch's import time
+    return torch.cuda.is_available()
+
+
 def run(argv, chain: str, default_config: Path, own_process: bool = False, resume_command=None) -> int:
     """Parse the arguments (relaunching under torchrun for --gpus N), then run the session.
     `resume_command`: what a stop tells the user to type (a caller's own command, e.g. the
@@ -129,9 +145,18 @@ def run(argv, chain: str, default_config: Path, own_process: bool = False, resum
         print("error: --gpus trains each stage on several GPUs in one chain; --jobs / --executor spread a study's "
               "stages over workers: choose one", file=sys.stderr)
         return EXIT_USER
-    for name in ("jobs", "threads"):
+    if args.seeds is not None and args.seed is not None:
+        print("error: --seeds trains one run per seed and --seed sets one run's seed: give only one "
+              f"(e.g. --seeds {args.seeds},{args.seed})", file=sys.stderr)
+        return EXIT_USER
+    if args.gpus is not None and args.device != "cpu" and not _cuda_available():
+        print(f"error: --gpus {args.gpus} needs CUDA GPUs and this machine has none visible (torch.cuda.is_available() "
+              f"is False); drop --gpus to train on the CPU (--device cpu --gpus N: N CPU processes, a check of the "
+              f"multi-GPU path)", file=sys.stderr)
+        return EXIT_USER
+    for name in ("jobs", "threads", "trials", "tune_each"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"error: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            print(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
             return EXIT_USER
     if args.gpus is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun
         return _relaunch_under_torchrun(argv, chain, args.gpus)

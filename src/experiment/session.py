@@ -28,6 +28,8 @@ from ..distillation import distributed as dist
 from ..distillation.chain import check_writable, estimate_jobs, finish_run, prepare_run, run_chain
 from ..distillation.clock import duration
 from .executor import JobsFailed, RayExecutor, SerialExecutor, make_executor
+from .search import pending_search, search, targets
+from .search import preflight as search_preflight
 from ..plan.jobs import build_plan, gpu_share, recorded_threads
 from ..spec.config import apply_override, changed_keys, config_leaves, from_dict, load_config
 from ..distillation.engine import StopRequested
@@ -50,7 +52,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_NAN, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 3
 # Command-line shortcut -> the config key it sets.
 _SHORTCUTS = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr", "data_root": "data.root",
               "data_source": "data.source", "device": "train.device", "seed": "seed", "assistants": "sweep.assistants",
-              "guidance": "guidance", "methods": "sweep.methods"}
+              "guidance": "guidance", "methods": "sweep.methods", "tune": "tune.knobs", "trials": "tune.trials",
+              "storage": "tune.storage"}
 
 
 def _abs(path):
@@ -72,7 +75,13 @@ def _overrides(args) -> list:
             value = yaml.safe_dump(parse_assistants(value), default_flow_style=True).strip()
         if opt == "methods":
             value = "[" + ",".join(m.strip() for m in value.split(",") if m.strip()) + "]"
+        if opt in ("tune", "storage"):
+            value = json.dumps(value)  # a YAML string, whatever its colons and commas
         overrides.append(f"{key}={value}")
+    if getattr(args, "tune_each", None) is not None:
+        if "tune.trials" in {item.split("=", 1)[0].strip() for item in overrides}:
+            raise ConfigError("--tune-each N and --trials N both set the trials per tuned stage: give only one")
+        overrides += ["tune.each=true", f"tune.trials={args.tune_each}"]
     if args.tensorboard:
         overrides.append("logging.tensorboard=true")
     return overrides
@@ -204,6 +213,11 @@ def _resolve_resume(session: Session) -> None:
     folder = RunFolder(args.resume)
     if ds.is_main and args.resume.is_dir() and not args.dry_run:  # claimed before anything is read or changed
         session.lock = runlock.acquire(args.resume, "resuming it")
+    started = folder.first_seed().config_path.exists() if folder.is_multi_seed else folder.config_path.exists()
+    pending = None if started else pending_search(folder)
+    if pending is not None:  # a search stopped before its seeds started: it continues from its storage
+        session.cfg, session.seeds = pending
+        return
     if not folder.is_run:
         unfinished = args.resume.is_dir() and any(p.suffix == ".tmp" or p.name.startswith(runlock.PROBE_PREFIX)
                                                   for p in args.resume.rglob("*"))
@@ -278,27 +292,32 @@ def check_output_folder(session: Session) -> None:
 
 def train(session: Session) -> None:
     """The study's plan of stage jobs, run by the executor the command line names (serial: the
-    chain once, or once per seed, in this process); then the report."""
+    chain once, or once per seed, in this process); a search first when the config asks for one
+    (its best values frozen into the plan); then the report."""
     args, out, cfg = session.args, session.out, session.cfg
     folder = RunFolder(out)
     plan = build_plan(cfg, folder, session.seeds, args.threads or recorded_threads(folder), gpu_per_job(cfg))
+    searching = cfg.tune.trials > 0 and not cfg.tuned
     if args.dry_run:
-        print(dry_run_text(plan, session))
+        print(dry_run_text(plan, session) + (f"\n{search_text(cfg)}" if searching else ""))
         return
     if session.own_process:
         freeze_import_heap()
+    if searching:
+        search_preflight(cfg)  # a bad knob or storage: one line, nothing written
     executor = make_executor(args.executor or "serial", args.jobs, args.ray_address)
     try:
         if session.seeds and session.ds.is_main and args.resume is None:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(folder.seeds_file, json.dumps({"seeds": session.seeds, "config": str(args.config)}))
+        if searching:
+            cfg = session.cfg = search(cfg, folder, session.seeds, plan.threads, args.jobs or 1,
+                                       lambda p: run_plan(session, p, executor, started_only=True))
+            plan = build_plan(cfg, folder, session.seeds, plan.threads, gpu_per_job(cfg))
         if session.ds.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(folder.file(RunFolder.JOBS), json.dumps(plan.record(), indent=2))
-        if isinstance(executor, SerialExecutor):
-            train_serial(session, plan)
-        else:
-            train_parallel(session, plan, executor)
+        run_plan(session, plan, executor)
     finally:
         executor.close()
     if session.ds.is_main:
@@ -306,6 +325,23 @@ def train(session: Session) -> None:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else 0
     session.log.info(f"\n✅ Done. Results in {out} ({size / 2 ** 20:,.0f} MB: per stage its weights once, "
                      f"in model.safetensors, plus logs and the report)")
+
+
+def search_text(cfg) -> str:
+    """--dry-run with a search: what it would tune, with which knobs and how many trials."""
+    found = targets(cfg)
+    return "search before the plan above: " + "; ".join(
+        f"{t.stage} ({', '.join(k.text() for k in t.knobs)})" for t in found) + (
+        f"; {cfg.tune.trials} trials each on validation, then <stage>_tuned beside each with the best values")
+
+
+def run_plan(session: Session, plan, executor, started_only: bool = False) -> None:
+    """A plan under the executor: serial in this process, else the executor's workers. A run folder
+    continues where it stopped: on --resume, or (a search's trials) whenever its config was written."""
+    if isinstance(executor, SerialExecutor):
+        train_serial(session, plan, started_only)
+    else:
+        train_parallel(session, plan, executor, started_only)
 
 
 def gpu_per_job(cfg) -> float:
@@ -317,27 +353,31 @@ def gpu_per_job(cfg) -> float:
     return gpu_share(cfg.train.vram_budget_gb or total, total)
 
 
-def train_serial(session: Session, plan) -> None:
+def _resumes(session: Session, run: RunFolder, started_only: bool) -> bool:
+    return run.config_path.exists() if started_only else session.args.resume is not None and run.path.exists()
+
+
+def train_serial(session: Session, plan, started_only: bool = False) -> None:
     """Every job in this process, seed by seed: a chain per seed, as it always ran."""
-    args, resume = session.args, session.args.resume is not None
+    args = session.args
     quiet = dict(progress=not args.no_progress, cpu_advice=not args.no_cpu_advice, threads=plan.threads,
                  should_stop=lambda: signals.stop_requested() is not None)
     runs = plan.runs()
     for i, (seed, run, cfg) in enumerate(runs):
         if seed is not None:
             session.log.info(f"\n════ seed {seed} ════")
-        run_chain(cfg, run, resume=resume and run.path.exists(), later_seeds=len(runs) - 1 - i, **quiet)
+        run_chain(cfg, run, resume=_resumes(session, run, started_only), later_seeds=len(runs) - 1 - i, **quiet)
 
 
-def train_parallel(session: Session, plan, executor) -> None:
+def train_parallel(session: Session, plan, executor, started_only: bool = False) -> None:
     """Each seed's run folder prepared here (its files, plan.json), the jobs handed to the
     executor, then each seed's summary; a failed job's dependants do not run, the rest finish."""
-    t0, resume = time.perf_counter(), session.args.resume is not None
+    t0 = time.perf_counter()
     if isinstance(executor, RayExecutor):
         executor.check_shared(plan.root.path)
     chains = []
     for seed, run, cfg in plan.runs():
-        chain, _ = prepare_run(cfg, run, resume and run.path.exists(), plan.threads)
+        chain, _ = prepare_run(cfg, run, _resumes(session, run, started_only), plan.threads)
         chain.data = None  # the jobs read the data themselves; the summary needs only the folder
         chains.append(chain)
     session.log.info(plan.describe() + f"\nexecutor: {executor.name}; each job's output in SEED_RUN/logs/<stage>.log")
@@ -365,7 +405,7 @@ def exit_code(session: Session, exc: BaseException) -> int:
     """One table from exception to message and exit code; the first matching row wins."""
     args = session.args
     resume = f"continue with:\n  {session.resume_command or _resume_command(session.chain, session.out, session.user_cwd)}"
-    saved = getattr(exc, "saved", "") or "finished stages and completed epochs are saved"
+    saved = getattr(exc, "saved", "") or "finished stages, and each running stage up to its last step, are saved"
     table = [
         (StopRequested, lambda: EXIT_SIGTERM if signals.stop_requested() == signal.SIGTERM else EXIT_SIGINT,
          f"Stopped. {saved}; {resume}", False),

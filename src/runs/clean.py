@@ -52,7 +52,16 @@ def is_run_folder(path: Path) -> bool:
     if path.is_symlink() or not path.is_dir():
         return False
     names = {p.name for p in path.iterdir()}
-    return ((RunFolder.CONFIG in names and bool(names & {RunFolder.ENV, RunFolder.DIGEST})) or RunFolder.SEEDS in names)
+    return ((RunFolder.CONFIG in names and bool(names & {RunFolder.ENV, RunFolder.DIGEST})) or RunFolder.SEEDS in names
+            or is_reproduction(path))
+
+
+def is_reproduction(path: Path) -> bool:
+    """The output of benchmarks/reproduce_takd.py (--out): its configs/ holds the teachers' or students'
+    config of a family and dataset (e.g. plain-cifar10-students.yaml)."""
+    configs = path / "configs"
+    return configs.is_dir() and not configs.is_symlink() and any(
+        p.name.endswith(("-teachers.yaml", "-students.yaml")) for p in configs.iterdir())
 
 
 def removal_problem(path: Path) -> str | None:
@@ -65,8 +74,8 @@ def removal_problem(path: Path) -> str | None:
     if resolved in (Path("/"), Path.home().resolve(), Path.cwd().resolve()) or REPO_ROOT.is_relative_to(resolved):
         return f"{path} is the root, your home, the current folder or holds the project: never deleted"
     if not is_run_folder(path):
-        return (f"{path} is not a run folder (it has no config.yaml with env.json, nor seeds.json): only run "
-                f"folders are deleted")
+        return (f"{path} is not a run folder (it has no config.yaml with env.json, nor seeds.json, nor a "
+                f"reproduction's configs/): only run folders are deleted")
     return None
 
 
@@ -138,7 +147,7 @@ def claim_all(targets: list) -> list:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(allow_abbrev=False,
         prog="clean.sh",
         description="Between runs: report each GPU's free memory and the processes holding it (warning when "
                     "another process still holds memory: a new process cannot free it, stop that process), "

@@ -39,6 +39,7 @@ class DataConfig:
     num_workers: int = 2
     cache_dir: Optional[str] = None    # decoded uint8 tensors cached here (default: <root>/.cache)
     skip_bad_images: bool = False      # skip unreadable images (count reported) instead of stopping
+    read_test: bool = True             # false: the test split is never opened (a search's trials select on validation)
 
 
 @dataclass
@@ -135,6 +136,18 @@ class SweepConfig:
 
 
 @dataclass
+class TuneConfig:
+    """A search (src/experiment/search.py, on Optuna): knobs of a stage tuned on validation, trial by trial."""
+    knobs: Any = None                  # "kd.temperature=1:20:log,kd.alpha=0.05:0.95" or {knob: "low:high[:log]"} (src/spec/tune.py)
+    trials: int = 0                    # trials per tuned stage (0: no search)
+    each: bool = False                 # tune every KD-taught student (direct and via each assistant) and each method's
+                                       # direct student, each with `trials` trials on its own knobs
+    stage: Optional[str] = None        # the stage to tune (default: the chain's student)
+    storage: Optional[str] = None      # Optuna storage URL (several machines); default: RUN/tune/study.journal
+    sampler_seed: int = 0              # TPE's seed (each tuned stage adds its index)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 42
@@ -146,6 +159,8 @@ class RunConfig:
     viz: VizConfig = field(default_factory=VizConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # expanded into stages when the config is read
+    tune: TuneConfig = field(default_factory=TuneConfig)  # a search before the final training (trials > 0)
+    tuned: dict = field(default_factory=dict)  # written by a finished search: per stage its study and frozen values
     guidance: str = "single"           # single | dense: every taught stage learns from all stages above it (DGKD)
     stages: list = field(default_factory=list)
 
@@ -259,7 +274,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check_kd(cfg.kd)
     _check_viz(cfg.viz)
     _check_stages(cfg.stages)
+    _check_tune(cfg)
     return cfg
+
+
+def _check_tune(cfg: RunConfig) -> None:
+    t = cfg.tune
+    _need(t.trials >= 0, f"tune.trials must be >= 0 (0: no search), got {t.trials}")
+    if t.trials == 0:
+        _need(t.knobs is None and not t.each, "tune: knobs given but no trials: add --trials N (or --tune-each N)")
+        return
+    _need(t.knobs is not None or t.each, "tune.trials without knobs: name them with --tune (or use --tune-each)")
+    if t.knobs is not None:
+        from .tune import parse_knobs  # the knob grammar lives beside the search's other spec code
+        parse_knobs(t.knobs)
+    if t.stage is not None:
+        _need(t.stage in {s.name for s in cfg.stages}, f"tune.stage: no stage named {t.stage!r}")
 
 
 def _check_choices(cfg: RunConfig) -> None:

@@ -26,6 +26,11 @@ def method_student(method: str, via=None) -> str:
     return f"student_{method}" if via is None else f"student_{method}_via_{via}"
 
 
+def tuned_stage(name: str) -> str:
+    """The stage a search adds beside a tuned one, with the search's best values: <stage>_tuned."""
+    return f"{name}_tuned"
+
+
 def baseline_stages(student, teacher_name: str) -> dict:
     """{name: stage} of the two baselines made from the chain's student: trained alone, and
     distilled from `teacher_name` directly. Same model, data, epochs, recipe and seed stream as

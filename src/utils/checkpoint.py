@@ -110,13 +110,27 @@ def read_weights(path: str | os.PathLike) -> dict:
     """The state dict a checkpoint holds: its own weights, or, for a finished stage's best.pt,
     those of the export it names (model.safetensors beside it)."""
     path = Path(path)
+    if path.suffix == ".safetensors":  # an export itself (a `checkpoint:` of another run's model.safetensors)
+        return read_safetensors(path)
     ck = safe_load(path)
     if isinstance(ck, dict) and ck.get("model") is None and ck.get("weights"):
         export = path.parent / ck["weights"]
         if not export.is_file():
             raise CheckpointError(f"{path} keeps its weights in {export}, which is missing")
-        return load_file(str(export))
+        return read_safetensors(export)
     return extract_state_dict(ck)
+
+
+def read_safetensors(path: Path) -> dict:
+    """A model.safetensors file's tensors; a truncated or corrupt file is one CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"weights not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 (safetensors' own SafetensorError, OSError, ...: one message)
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: not readable weights (cut short or corrupt: {reason}); copy the file again "
+                              f"from where the run was made, or retrain the stage") from None
 
 
 def extract_state_dict(obj: dict) -> dict:

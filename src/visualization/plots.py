@@ -21,6 +21,11 @@ DPI = 120
 METHOD_ORDER = {"scratch": 0, "kd": 1, "takd": 2, "dkd": 3, "dist": 4, "fitnet": 5, "at": 6, "dense": 7}
 METHOD_COLORS = {"scratch": "#7f7f7f", "kd": "#4c72b0", "takd": "#dd8452", "dkd": "#55a868", "dist": "#c44e52",
                  "fitnet": "#8172b3", "at": "#937860", "dense": "#da8bc3"}
+# One colour per stage for up to 20 stages (matplotlib's tab10, then Dark2 and two of Set1): a study
+# with its baselines and four methods via an assistant has more than ten, and tab10 alone repeats.
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666",
+           "#377eb8", "#ffff33"]
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 1)), "P")]
 MIN_ACC_SPAN = 10.0  # percentage points: the accuracy axes show at least this range
 
@@ -128,7 +133,7 @@ def training_curves(curves: dict, path: Path, num_classes: int = 0, title: str =
     accuracy (with the chance level), validation CE against hard labels, train CE against the
     training targets (label smoothing and mixup included: not the same quantity), the KD term.
     Several seeds: the mean, shaded ±1 std."""
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = PALETTE
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.6 + 0.12 * len(curves)))
     axes = axes.ravel()
     n_epochs = max(int(df["epoch"].max()) for df in curves.values())

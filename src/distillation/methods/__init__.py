@@ -58,7 +58,7 @@ from torch import nn
 
 from ..losses import kd_term, task_ce
 from ...utils.errors import ConfigError
-from ...utils.training_guards import freeze_teacher
+from ...utils.training_guards import freeze_teacher, schedule_kd_alpha
 
 METHODS: dict = {}
 
@@ -465,6 +465,7 @@ def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0,
     a method that sizes modules from it, the `student`."""
     cls = resolve(method_name(stage))
     options = dict(stage.method_args)
+    options.pop("kd_alpha", None)  # the KD weight of the stage (kd_alpha), read by the stage's epochs, not the method
     if cfg.kd.weights is not None and "weights" not in options and len(stage.teachers) > 1:
         options["weights"] = cfg.kd.weights
     if cfg.kd.drop_teachers and "drop_teachers" not in options and len(stage.teachers) > 1:
@@ -472,6 +473,17 @@ def build_method(cfg, stage, teachers: Sequence[nn.Module] = (), seed: int = 0,
     return cls(list(teachers), stage.teachers, temperature=method_temperature(cls, cfg, options),
                label_smoothing=cfg.label_smoothing(stage), seed=seed, student=student,
                image_size=cfg.data.image_size, **options)
+
+
+def kd_alpha(cfg, stage, epoch: int, epochs: int) -> float:
+    """The weight of the KD term at `epoch` for this stage: its own `method_args.kd_alpha` (constant,
+    e.g. a value a search froze for it) else the chain's kd.alpha_start -> kd.alpha_end schedule."""
+    own = stage.method_args.get("kd_alpha")
+    if own is not None:
+        if not 0.0 <= float(own) <= 1.0:
+            raise ConfigError(f"stage {stage.name!r}: method_args.kd_alpha must be in [0, 1], got {own}")
+        return float(own)
+    return schedule_kd_alpha(epoch, epochs, cfg.kd.alpha_start, cfg.kd.alpha_end)
 
 
 def method_temperature(cls, cfg, options: dict) -> float:

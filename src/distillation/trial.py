@@ -1,0 +1,53 @@
+"""A search's trial as seen from inside its stage: each epoch's validation accuracy goes to the
+trial (Optuna), which may prune it.
+
+The search (src/experiment/search.py) writes RUN/trial.json into a trial's run folder before its
+jobs start: the storage (Optuna's journal file, or a database URL), the study and the trial. The
+stage job, in whatever process or node runs it, reads it back here, so that a trial needs nothing
+but its run folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..utils.errors import ConfigError
+
+TRIAL_FILE = "trial.json"
+PRUNER = dict(n_startup_trials=4, n_warmup_steps=1)  # median pruning once 4 trials finished, from epoch 2 on
+
+
+def open_storage(spec: str):
+    """Optuna storage: a database URL (postgresql://, mysql://, sqlite://) or a journal file path
+    (several processes on one machine, and nodes sharing the run folder's filesystem)."""
+    import optuna  # the search's engine, only where a search runs
+    if "://" in spec:
+        try:
+            return optuna.storages.RDBStorage(spec, heartbeat_interval=None)
+        except Exception as exc:  # noqa: BLE001 (driver missing, host unreachable, bad credentials: one message)
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise ConfigError(f"--storage {spec}: cannot open it ({reason})") from None
+    from optuna.storages.journal import JournalFileBackend, JournalStorage  # the search's engine, only where one runs
+    Path(spec).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(spec)))
+
+
+def pruner():
+    import optuna  # the search's engine, only where a search runs
+    return optuna.pruners.MedianPruner(**PRUNER)
+
+
+def trial_reporter(run_dir: Path) -> Optional[Callable[[int, float], bool]]:
+    """For a trial's run folder, `report(epoch, val_accuracy) -> prune?`; None for any other run."""
+    path = Path(run_dir) / TRIAL_FILE
+    if not path.is_file():
+        return None
+    import optuna  # the search's engine, only where a search runs
+    info = json.loads(path.read_text())
+    study = optuna.load_study(study_name=info["study"], storage=open_storage(info["storage"]), pruner=pruner())
+    trial = optuna.trial.Trial(study, info["trial_id"])
+
+    def report(epoch: int, val_accuracy: float) -> bool:
+        trial.report(val_accuracy, step=epoch)
+        return trial.should_prune()
+    return report
