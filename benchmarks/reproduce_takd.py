@@ -42,8 +42,9 @@ from benchmarks.takd_tables import (PUBLISHED_SOURCE, Comparison, not_comparable
 from src.experiment import cli  # noqa: E402
 from src.spec.names import DIRECT_KD, SCRATCH, assistant_stage, method_student, path_student, tuned_stage  # noqa: E402
 from src.spec.tune import DECLARED  # noqa: E402
-from src.distillation.chain import check_stages  # noqa: E402
-from src.plan.jobs import machine_threads  # noqa: E402
+from src.distillation.chain import check_stages, estimate_jobs  # noqa: E402
+from src.distillation.clock import duration  # noqa: E402
+from src.plan.jobs import build_plan, machine_threads  # noqa: E402
 from src.spec.config import apply_override, changed_keys, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
 from src.analysis.report import ONE_CLASS_SHARE, chance_bar, still_rising, top_class_share, write_report  # noqa: E402
@@ -131,10 +132,11 @@ def protocol_overrides(args) -> list:
     (a data cap, a recipe value, ...), a changed early-stopping patience, other seeds. Any of them
     makes the run not comparable with the paper."""
     out = [f"--set {item}" for item in args.overrides]
-    for family in args.families:
-        if args.early_stop.get(family) != FAMILIES[family]["early_stop"]:
+    for family in args.families:  # declared: by the preset (--slice cpu: off, as it says), else by the family
+        declared = SLICES.get(args.slice, {}).get("early_stop", FAMILIES[family]["early_stop"])
+        if args.early_stop.get(family) != declared:
             out.append(f"early stopping for {family} after {args.early_stop[family] or 'no'} epochs without a better "
-                       f"validation accuracy (declared: {FAMILIES[family]['early_stop'] or 'none'})")
+                       f"validation accuracy (declared: {declared or 'none'})")
     if list(args.seeds) != DECLARED_SEEDS:
         out.append(f"seeds {','.join(map(str, args.seeds))} (declared: {','.join(map(str, DECLARED_SEEDS))})")
     return out
@@ -398,6 +400,36 @@ def student_threads(folder: RunFolder, seeds: list, jobs: int) -> int:
         if recorded:
             return int(recorded)
     return max(1, machine_threads() // max(1, min(jobs, len(seeds))))
+
+
+def whole_estimate(runs, args) -> dict:
+    """{label: seconds} of every run not finished yet, as the toolkit's --dry-run times a study (one
+    seed's stages planned and timed over a few steps, on the real data), then spread over --jobs:
+    the longer of the critical path and the work over the workers. A --tune search's trials are
+    not in it (each trial is one more student of the stage it tunes)."""
+    out = {}
+    for label, raw, run_dir, seeds in runs:
+        if run_done(run_dir, raw["stages"], seeds):
+            continue
+        cfg = from_dict(raw)
+        threads = student_threads(RunFolder(run_dir), seeds, args.jobs) if seeds else None
+        plan = build_plan(cfg, RunFolder(run_dir), seeds, threads)
+        seconds = estimate_jobs(plan)
+        work, (path, _) = sum(seconds.values()), plan.critical_path(seconds)
+        out[label] = max(path, work / max(1, args.jobs)) if seeds else work
+    return out
+
+
+def say_estimate(estimates: dict, done: dict, tuning: bool = False) -> None:
+    """The time left, from the estimates of the runs not done yet (printed at the start and after each run)."""
+    left = {k: v for k, v in estimates.items() if k not in done}
+    if not left:
+        return
+    parts = ", ".join(f"{k} {duration(v)}" for k, v in left.items())
+    head = "Whole reproduction" if not done else "Left"
+    print(f"{head}: about {duration(sum(left.values()))} ({parts}; timed over a few steps of each stage on this "
+          f"machine now{', a --tune search not counted' if tuning else ''}); each run updates its own "
+          f"estimate every epoch", flush=True)
 
 
 def plan_runs(args) -> list:
@@ -962,6 +994,13 @@ def main(argv=None) -> int:
     print(PROTOCOL, flush=True)
     fresh = not args.resume and not args.report_only  # this command made args.out: a refusal leaves nothing behind
     timings_path = args.out / "timings.json"
+    estimates, done = {}, {}
+    if not args.report_only:
+        try:
+            estimates = whole_estimate(runs, args)
+        except Exception as exc:  # noqa: BLE001 (the estimate is advice: the runs themselves say what is wrong)
+            print(f"(no whole-reproduction estimate: {type(exc).__name__}: {exc})", flush=True)
+        say_estimate(estimates, done, bool(args.tune))
     for i, (label, raw, run_dir, seeds) in enumerate([] if args.report_only else runs):
         if run_done(run_dir, raw["stages"], seeds):
             print(f"[{i + 1}/{len(runs)}] {label}: finished earlier", flush=True)
@@ -971,6 +1010,9 @@ def main(argv=None) -> int:
         threads = student_threads(RunFolder(run_dir), seeds, args.jobs) if seeds else None
         with RunClock(timings_path, label):
             code = train_run(config_path, run_dir, args, seeds, threads)
+        done[label] = True
+        if code == 0:
+            say_estimate(estimates, done, bool(args.tune))
         if code != 0:  # the run said why, and printed the one command that continues the reproduction
             if fresh and i == 0 and not any(args.out.rglob("stage.json")) and not any(args.out.rglob("last.pt")):
                 shutil.rmtree(args.out, ignore_errors=True)  # refused before anything trained: no skeleton left behind

@@ -170,3 +170,14 @@ def test_several_runs_compared_get_the_columns_a_researcher_sorts_by(sweep_run, 
     assert "| run | dataset | epochs | T | KD weight (alpha) | methods' weights | seeds | teacher acc (%) |" in text
     json.dumps(text)  # plain text
     assert Path(path).exists()
+
+
+def test_a_chain_says_what_it_does_before_its_estimate(tmp_path):
+    """Between the data line and the estimate a chain plans and times its stages (minutes for a
+    ViT-Base on a CPU): it says so first, naming them."""
+    config = tmp_path / "c.yaml"
+    config.write_text(SWEEP.replace("sweep: {assistants: [plain_cnn4], baselines: true, methods: [dist, fitnet]}\n", ""))
+    res = run_entry("cnn", "--config", config, "--output-dir", tmp_path / "run", "--threads", "1", timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = res.stdout
+    assert text.index("Data: digits") < text.index("Planning 2 stages (teacher, student)") < text.index("Estimated training time")

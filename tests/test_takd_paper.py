@@ -385,6 +385,14 @@ def test_a_run_of_another_length_gets_no_verdict_against_the_paper():
     assert reason in out["words"]
 
 
+def test_a_preset_as_declared_is_no_override_of_its_own_protocol():
+    """--slice cpu declares early stopping off: run as declared, only its length makes it not comparable."""
+    reason = rt.comparability(rt.parse_args(["--slice", "cpu", "--out", "/nonexistent/never-written"]))
+    assert reason == "not comparable: 8 teacher and 15 student epochs of 150"
+    args = rt.parse_args(["--slice", "cpu", "--early-stop", "5", "--out", "/nonexistent/never-written"])
+    assert "early stopping for plain after 5 epochs" in rt.comparability(args)
+
+
 def test_any_override_of_the_declared_protocol_makes_a_run_not_comparable():
     """The full-length slice with a data cap, a changed patience or other seeds gets no verdict
     against the paper, and each override is listed among the deviations."""
@@ -458,6 +466,7 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path, capsys):
     text = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, text[-3000:]
     assert "--resume" in text and not results.exists()
+    assert "Whole reproduction: about" in text and "teacher and assistants" in text.split("Whole reproduction")[1]
     capsys.readouterr()  # the refusals, in this process (main() is the script's whole body)
     assert reproduce_takd.main(_reproduce_args(out, results)) == 2  # without --resume: nothing is overwritten
     assert "add --resume" in capsys.readouterr().err
@@ -467,6 +476,7 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0, text[-3000:]
     assert "teacher and assistants: finished earlier" in text
+    assert "Whole reproduction: about" in text and "students, seeds 0,1" in text.split("Whole reproduction")[1]
     table = pd.read_csv(results)
     assert list(table["row"]) == ["NOKD", "BLKD", "TAKD"] and (table["seeds"] == 2).all()
     assert list(table["published"]) == [70.16, 72.57, 73.51]

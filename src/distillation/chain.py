@@ -311,6 +311,10 @@ def prepare_run(cfg: RunConfig, folder: RunFolder, resume: bool, threads: Option
     What a study's executor calls once per seed before its jobs start."""
     chain = start_chain(cfg, folder, resume, threads)
     todo = []
+    new = [s.name for s in cfg.stages if s.name not in chain.plans and not (resume and chain.folder.stage(s.name).finished)]
+    if new and dist.is_main():  # what the silence before the estimate is: large models on a CPU take minutes here
+        log.info(f"Planning {len(new)} stage{'s' if len(new) > 1 else ''} ({', '.join(new[:6])}{', ...' if len(new) > 6 else ''}): "
+                 f"batch size and memory, compile or not, then a few timed steps each for the estimate")
     for idx, stage in enumerate(cfg.stages):
         stage_folder = chain.folder.stage(stage.name)
         if resume and stage_folder.finished:
@@ -544,6 +548,9 @@ def _planned_twin(chain: ChainRun, stage) -> Optional[str]:
     return next((n for n in chain.plans if n in twins), None)
 
 
+PLAN_NOTE_S = 10.0  # a stage whose planning took longer says so (progress through a long, quiet start)
+
+
 def stage_plan(chain: ChainRun, stage, resuming: bool) -> StagePlan:
     """The plan a resumed stage started with (its epochs may have grown), else the plan of a twin
     planned earlier in this run (same model and shapes), else a new one, measured on rank 0 and
@@ -563,6 +570,9 @@ def stage_plan(chain: ChainRun, stage, resuming: bool) -> StagePlan:
         chain.plans[stage.name] = asdict(plan)
         if main:
             atomic_write_text(chain.folder.file(RunFolder.PLAN), json.dumps(chain.plans, indent=2))
+            took = time.perf_counter() - t0
+            if took > PLAN_NOTE_S:
+                log.info(f"  planned {stage.name} ({stage.model}) in {duration(took)}")
     chain.timings["planning"] += time.perf_counter() - t0
     return plan
 
