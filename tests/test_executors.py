@@ -202,3 +202,22 @@ def test_a_failed_job_stops_only_the_jobs_that_need_it(tmp_path):
         run = RunFolder(out / f"seed_{seed}")
         assert not run.stage("student").started and not run.stage("assistant").finished
         assert all(run.stage(s).finished for s in ("teacher", "student_kd", "student_scratch", "student_dkd"))
+
+
+def test_a_stage_job_builds_its_method_once(tmp_path, monkeypatch):
+    """The study's process checks, plans and times every stage before any job starts; the job's
+    own process then builds its stage's method once, to train it (not once per check, probe and
+    estimate of every stage of the config)."""
+    from src.distillation import chain as chain_mod, stage as stage_mod
+    cfg = tiny_cfg(stages=[{"name": "teacher", "model": "plain_cnn2", "role": "teacher"},
+                           {"name": "student", "model": "plain_cnn2", "role": "student", "teacher": "teacher"}])
+    plan = build_plan(cfg, RunFolder(tmp_path / "run"), threads=1)
+    chain_mod.prepare_run(cfg, plan.root, False, 1)
+    chain_mod.run_job(plan.job("teacher"))
+    built = []
+    real = stage_mod.build_method
+    monkeypatch.setattr(stage_mod, "build_method", lambda *a, **k: built.append(a[1].name) or real(*a, **k))
+    import src.distillation.methods as methods_mod
+    monkeypatch.setattr(methods_mod, "build_method", lambda *a, **k: built.append(a[1].name) or real(*a, **k))
+    chain_mod.run_job(plan.job("student"))
+    assert built == ["student"]

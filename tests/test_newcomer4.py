@@ -125,6 +125,10 @@ def test_gpus_without_a_gpu_and_options_that_would_be_ignored_are_refused(tmp_pa
         assert code == 2 and "needs CUDA GPUs" in err and not (tmp_path / "a").exists()
     code, err = run_cli("cnn", "--seeds", "0,1", "--seed", "3", "--output-dir", tmp_path / "b")
     assert code == 2 and "give only one" in err
+    if not torch.cuda.is_available():  # a refused start: no --resume advice, nothing left behind
+        code, err = run_cli("cnn", "--config", ROOT / "cnn_distillation" / "configs" / "demo.yaml", "--device", "cuda",
+                            "--output-dir", tmp_path / "d")
+        assert code == 2 and "--resume" not in err and not (tmp_path / "d").exists(), err
     res = run_entry("cnn", "--baseline", "--output-dir", tmp_path / "c", timeout=120)  # a typo, not --baselines
     assert res.returncode == 2 and "unrecognized arguments: --baseline" in res.stderr
 

@@ -466,6 +466,8 @@ def test_the_reproduction_resumes_after_a_stop_in_its_middle(tmp_path, capsys):
     text = proc.communicate(timeout=600)[0]
     assert proc.returncode == 130, text[-3000:]
     assert "--resume" in text and not results.exists()
+    resumes = [ln for ln in text.splitlines() if "--resume" in ln and "reproduce_takd.py" in ln]
+    assert len(resumes) == 1 and "train_cnn.sh" not in text  # one command, the reproduction's own
     assert "Whole reproduction: about" in text and "teacher and assistants" in text.split("Whole reproduction")[1]
     capsys.readouterr()  # the refusals, in this process (main() is the script's whole body)
     assert reproduce_takd.main(_reproduce_args(out, results)) == 2  # without --resume: nothing is overwritten

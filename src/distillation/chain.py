@@ -28,7 +28,7 @@ from . import clock as chain_clock
 from .clock import CPU_PRESETS, ChainClock, StageWork, duration
 from ..spec.config import RunConfig, to_dict
 from .engine import Precision, prepare_teacher
-from .methods import check_methods, method_name, resolve
+from .methods import check_methods, method_name, method_source, resolve
 from .planner import StepSpec, apply_vram_budget, compile_decision, measure_steps, probe_plan
 from .recipe import optimizer_factory
 from .trial import trial_reporter
@@ -377,13 +377,17 @@ def estimate_jobs(plan) -> dict:
 
 
 def open_chain(cfg: RunConfig, folder: RunFolder, threads: Optional[int]) -> ChainRun:
-    """A prepared run as one job's process sees it: device, threads, data and plans, nothing written."""
+    """A prepared run as one job's process sees it: device, threads, data and plans, nothing written.
+    The study's process checked, planned and timed every stage before any job started (prepare_run):
+    here each method is only located (its file and hash for stage.json), and the job builds its own
+    stage's method once, to train it."""
     device = resolve_device(cfg.train.device)
     set_cpu_threads(device, threads=threads)
     setup_reproducibility(cfg.seed, cfg.deterministic)
     apply_vram_budget(device, cfg.train.vram_budget_gb)
     data = load_dataset(cfg.data)
-    chain = ChainRun(cfg, folder, device, data, True, {"data": 0.0, "planning": 0.0}, methods=check_stages(cfg))
+    chain = ChainRun(cfg, folder, device, data, True, {"data": 0.0, "planning": 0.0},
+                     methods={s.name: method_source(s) for s in cfg.stages})
     if folder.file(RunFolder.PLAN).exists():
         chain.plans = json.loads(folder.file(RunFolder.PLAN).read_text())
     return chain
