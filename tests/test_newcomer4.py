@@ -57,6 +57,10 @@ def test_the_methods_table_leads_the_report_and_names_a_dominating_term(sweep_ru
     table = report[glance:tests]
     assert "| method | from the teacher | via ta_plain_cnn4 |" in table
     assert "| DIST |" in table and "| FITNET |" in table and "| KD |" in table and "(KD " in table
+    import pandas as pd
+    rows = pd.read_csv(sweep_run / "report_table.csv").set_index("stage")
+    scratch = 100 * rows.loc["student_scratch", "test_accuracy_mean"]  # the student alone, not the teacher (also "scratch")
+    assert f"| scratch | {scratch:.2f} [" in table
     # FitNets' hint weight of 100 against CE, measured from its terms (a two-epoch run: it sits far below scratch)
     from src.analysis.glance import dominant_term
     from src.runs.runfolder import RunFolder

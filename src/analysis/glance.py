@@ -57,7 +57,7 @@ def section(rows: pd.DataFrame, table: pd.DataFrame) -> list:
                   "Test accuracy (%), mean [95% t interval] over seeds; in brackets the difference to KD on the same "
                   "path. The paired tests follow below.", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        scratch = sub[sub["method"] == "scratch"]
+        scratch = sub[(sub["method"] == "scratch") & ~sub["role"].isin(["teacher", "assistant"])]  # the student alone
         if len(scratch):
             s = scratch.iloc[0]
             lines.append(f"| scratch | {_cell(s, None)} |" + " |" * (len(paths) - 1))
