@@ -193,3 +193,19 @@ def test_a_stage_kd_alpha_is_constant_and_the_method_never_sees_it():
     import torch
     m = build_method(cfg, st, [torch.nn.Identity()])
     assert m.temperature == 2.5
+
+
+def test_the_median_pruner_leaves_every_trial_its_first_epoch():
+    """Pruning starts once 4 trials finished, and never on a trial's first epoch (the noisiest)."""
+    from src.distillation.trial import pruner
+    study = optuna.create_study(direction="maximize", pruner=pruner())
+    for _ in range(4):
+        t = study.ask()
+        for epoch in (1, 2, 3):
+            t.report(0.9, epoch)
+        study.tell(t, 0.9)
+    low = study.ask()
+    low.report(0.1, 1)
+    assert not low.should_prune()  # epoch 1: kept, however low
+    low.report(0.1, 2)
+    assert low.should_prune()      # epoch 2 below the median of the finished trials: pruned

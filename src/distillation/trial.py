@@ -14,7 +14,9 @@ from typing import Callable, Optional
 from ..utils.errors import ConfigError
 
 TRIAL_FILE = "trial.json"
-PRUNER = dict(n_startup_trials=4, n_warmup_steps=1)  # median pruning once 4 trials finished, from epoch 2 on
+# median pruning once 4 trials finished, from epoch 2 on: steps are epochs (1, 2, ...), and optuna prunes
+# at a step not below n_warmup_steps, so 2 keeps every trial's first epoch (the noisiest) out of it
+PRUNER = dict(n_startup_trials=4, n_warmup_steps=2)
 
 
 def open_storage(spec: str):
