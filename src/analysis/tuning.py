@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..spec.names import DIRECT_KD, path_student
+
 
 
 def tuned_records(rows: pd.DataFrame) -> dict:
@@ -42,9 +44,8 @@ def _over_seeds(diffs: pd.DataFrame, run: str, a: str, b: str):
 def survives(diffs: pd.DataFrame, run: str, records: dict) -> list:
     """Whether the assistant's gain over KD survives equal tuning: TAKD tuned - KD tuned, when both
     were tuned with the same number of trials."""
-    kd = next((n for n, r in records.items() if r["from"] == "student_kd"), None)
-    via = [n for n, r in records.items() if n != kd and r["from"] not in ("student_kd",)
-           and (r["from"] == "student" or r["from"].startswith("student_via_"))]
+    kd = next((n for n, r in records.items() if r["from"] == DIRECT_KD), None)
+    via = [n for n, r in records.items() if r["from"] == "student" or r["from"].startswith(path_student(""))]
     lines = []
     for takd in via:
         if kd is None or records[takd]["trials"] != records[kd]["trials"]:

@@ -31,7 +31,8 @@ from ..distillation.trial import TRIAL_FILE, open_storage, pruner
 from ..plan.jobs import Plan, build_plan
 from ..runs.runfolder import RunFolder
 from ..spec.config import TuneConfig, from_dict, to_dict
-from ..spec.names import BASELINES, tuned_stage
+from ..inference import final_student
+from ..spec.names import tuned_stage
 from ..spec.tune import Knob, check_knobs_fit, declared_knobs, parse_knobs, with_values
 from ..utils.checkpoint import atomic_write_text
 from ..utils.errors import ConfigError
@@ -62,7 +63,7 @@ def targets(cfg) -> list:
         stages = [s for s in cfg.stages if len(s.teachers) == 1 and s.role != "assistant" and s.name != teacher
                   and ((s.method or "kd") == "kd" or s.teachers == [teacher])]
     else:
-        name = t.stage or main_student(cfg)
+        name = t.stage or final_student(cfg)  # the stage load_model and src.evaluate read by default
         stages = [cfg.stage(name)]
     out = []
     for s in stages:
@@ -72,12 +73,6 @@ def targets(cfg) -> list:
     if not out:
         raise ConfigError("--tune-each: the chain has no student taught by one teacher to tune")
     return out
-
-
-def main_student(cfg) -> str:
-    """The chain's own student: its last stage that is not a baseline or a method's variant."""
-    plain = [s for s in cfg.stages if s.name not in BASELINES and not s.method and s.role not in ("teacher", "assistant")]
-    return (plain or [cfg.stages[-1]])[-1].name
 
 
 def _fits(stage, knobs) -> bool:
@@ -245,11 +240,11 @@ def preflight(cfg) -> None:
 
 
 def search(cfg, root: RunFolder, seeds, threads: int, width: int, run_plan: Callable) -> object:
-    """Tune, then return the config the declared seeds train (see the module's docstring).
+    """Tune, then return the config the declared seeds train (see the module's docstring); the
+    caller ran `preflight(cfg)` first.
     `run_plan(plan)` runs a plan under the study's executor (resuming what was started)."""
-    # 1. the targets, checked before anything trains
+    # 1. the targets (preflight, run by the caller before anything was written, built them at both ends)
     found = targets(cfg)
-    check_targets(cfg, found)
     tune_root = root.path / SEARCH_DIR
     storage_spec = cfg.tune.storage or str(tune_root / JOURNAL)
     studies = open_studies(found, storage_spec, cfg.tune.sampler_seed)  # an unreachable --storage fails here
