@@ -87,6 +87,33 @@ def test_a_search_freezes_its_best_values_and_trains_them_beside_the_declared_st
     assert any((out / "figures").glob("tune_*_history.png")) and any((out / "figures").glob("tune_*_importance.png"))
 
 
+def test_a_moved_run_reports_its_search_from_its_own_journal(tuned, tmp_path):
+    """The config records the journal's absolute path; a run folder moved since finds the journal in
+    its own RUN/tune, and nothing is created at the recorded path."""
+    import shutil
+    out, _ = tuned
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("figures", "report*"))
+    gone = tmp_path / "was_here" / "run"  # where the run lay when it was tuned
+    cfg = moved / "config.yaml"
+    cfg.write_text(cfg.read_text().replace(str(out), str(gone)))
+    assert str(gone / "tune" / "study.journal") in cfg.read_text()
+    proc = subprocess.run([sys.executable, "-m", "src.report", str(moved)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert any((moved / "figures").glob("tune_*_history.png"))
+    assert not (tmp_path / "was_here").exists()
+    # and with the journal gone too, the report still stands (without the search's figures), creating nothing
+    shutil.rmtree(moved / "figures")
+    (moved / "tune" / "study.journal").unlink()
+    proc = subprocess.run([sys.executable, "-m", "src.report", str(moved)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "## Tuned on validation" in (moved / "report.md").read_text()
+    assert not any((moved / "figures").glob("tune_*")) and not (tmp_path / "was_here").exists()
+    assert not (moved / "tune" / "study.journal").exists()
+
+
 def test_no_trial_reads_the_test_split(tuned):
     """Every trial's stage has no test metrics and no predictions; the upstream teacher neither."""
     out, _ = tuned

@@ -14,12 +14,16 @@ from ..spec.names import DIRECT_KD, path_student
 
 
 def tuned_records(rows: pd.DataFrame) -> dict:
-    """{run: {tuned stage: record}} from each run's config (`tuned:`, written by the search)."""
+    """{run: {tuned stage: record}} from each run's config (`tuned:`, written by the search); each
+    record also names the folders where its journal may lie now (`_dirs`: the seed's run folder and
+    the study's, for a run folder moved since)."""
     out = {}
     for run, sub in rows.groupby("run", sort=False):
-        cfg = sub.iloc[0]["folder"].config()
+        folder = sub.iloc[0]["folder"]
+        cfg = folder.config()
         if cfg.tuned:
-            out[run] = dict(cfg.tuned)
+            dirs = [str(folder.path), str(folder.path.parent)]
+            out[run] = {name: {**rec, "_dirs": dirs} for name, rec in cfg.tuned.items()}
     return out
 
 
@@ -95,9 +99,13 @@ def study_figures(rec: dict, fig_dir: Path, title: str) -> list:
     import matplotlib.pyplot as plt  # the report's figures are drawn by src/visualization, which set the backend
     import optuna  # the search's engine: read only where a run was tuned
     from optuna.visualization import matplotlib as ovm
+    from ..distillation.trial import journal_of, open_storage  # the same storage the search wrote
+    spec = journal_of(rec["storage"], rec.get("_dirs", []))
+    if spec is None:  # the journal is gone (a copy of the results without RUN/tune): the tables stand alone
+        return []
     try:
-        study = optuna.load_study(study_name=rec["study"], storage=_storage(rec["storage"]))
-    except Exception:  # noqa: BLE001 (a moved run folder or a database gone: the tables stand without the figures)
+        study = optuna.load_study(study_name=rec["study"], storage=open_storage(spec))
+    except Exception:  # noqa: BLE001 (a database gone, or a journal without this study: the tables stand)
         return []
     fig_dir.mkdir(parents=True, exist_ok=True)
     safe = "".join(ch if ch.isalnum() else "_" for ch in f"{title}")
@@ -138,9 +146,3 @@ def study_figures(rec: dict, fig_dir: Path, title: str) -> list:
             plt.close(fig)
             out.append(path)
     return out
-
-
-def _storage(spec: str):
-    from ..distillation.trial import open_storage  # the same storage the search wrote
-    return open_storage(spec)
-

@@ -14,6 +14,8 @@ from typing import Callable, Optional
 from ..utils.errors import ConfigError
 
 TRIAL_FILE = "trial.json"
+SEARCH_DIR = "tune"           # RUN/tune: the search's trials, its upstream and its journal
+JOURNAL = "study.journal"     # Optuna's journal file in RUN/tune, the default storage
 # median pruning once 4 trials finished, from epoch 2 on: steps are epochs (1, 2, ...), and optuna prunes
 # at a step not below n_warmup_steps, so 2 keeps every trial's first epoch (the noisiest) out of it
 PRUNER = dict(n_startup_trials=4, n_warmup_steps=2)
@@ -32,6 +34,18 @@ def open_storage(spec: str):
     from optuna.storages.journal import JournalFileBackend, JournalStorage  # the search's engine, only where one runs
     Path(spec).parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(spec)))
+
+
+def journal_of(spec: str, run_dirs) -> Optional[str]:
+    """The storage a finished search recorded, for reading it back: a database URL as it is; a
+    journal file where it was written, else the journal in RUN/tune of one of `run_dirs` (the run
+    folder was moved or copied since); None when there is none (nothing is created)."""
+    if "://" in spec:
+        return spec
+    for path in [Path(spec)] + [Path(d) / SEARCH_DIR / JOURNAL for d in run_dirs]:
+        if path.is_file():
+            return str(path)
+    return None
 
 
 def pruner():

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..distillation.chain import check_stages
-from ..distillation.trial import TRIAL_FILE, open_storage, pruner
+from ..distillation.trial import JOURNAL, SEARCH_DIR, TRIAL_FILE, open_storage, pruner
 from ..plan.jobs import Plan, build_plan
 from ..runs.runfolder import RunFolder
 from ..spec.config import TuneConfig, from_dict, to_dict
@@ -38,9 +38,7 @@ from ..utils.checkpoint import atomic_write_text
 from ..utils.errors import ConfigError
 from ..utils.logger import get_console
 
-SEARCH_DIR = "tune"
 STATE_FILE = "search.json"
-JOURNAL = "study.journal"
 log = get_console()
 
 
