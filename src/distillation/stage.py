@@ -30,6 +30,7 @@ from timm.data import Mixup
 from torch import nn
 
 from . import distributed as dist
+from . import logits_cache
 from .clock import whole_epoch_seconds
 from .engine import (MAX_TEACHER_CACHE_BYTES, Precision, StepContext, StopRequested, compile_warmup,
                                      evaluate, train_one_epoch)
@@ -389,10 +390,22 @@ def cache_teachers(run: StageRun, train_loader) -> None:
     if not run.method.teachers or run.ctx.mixup is not None or run.start_epoch > run.plan.epochs:
         return
     t0 = time.perf_counter()
+    # loaded teachers: the tables an earlier stage computed on the same images, if any (logits_cache.py)
+    shared = run.method.can_cache_teacher_logits(train_loader) and dist.state().world_size == 1  # not per rank
+    key = logits_cache.key_of(run, train_loader) if shared else None
+    tables = logits_cache.load(key, run.device) if key else None
+    if tables is not None and run.method.use_teacher_logits(tables, train_loader):
+        run.teacher_cache_seconds = time.perf_counter() - t0
+        log.info(f"  {run.stage.name}: teacher logits of {len(train_loader.labels):,} training images read from "
+                 f"{logits_cache.DIR}/ beside the teacher ({run.teacher_cache_seconds:.1f}s): computed by an earlier "
+                 f"stage with the same teacher, images, precision and threads")
+        return
     if run.method.cache_teacher_logits(train_loader, run.precision, MAX_TEACHER_CACHE_BYTES):
         run.teacher_cache_seconds = time.perf_counter() - t0
         log.info(f"  {run.stage.name}: teacher logits of {len(train_loader.labels):,} training images computed once "
                  f"({run.teacher_cache_seconds:.1f}s): no augmentation, so every epoch would repeat them")
+        if key:
+            logits_cache.save(key, run.method.cached)
 
 
 def warm_compile(run: StageRun, train_loader) -> None:

@@ -246,6 +246,21 @@ class Method(nn.Module):
         for t in self.teachers:
             t.eval()
 
+    def can_cache_teacher_logits(self, loader) -> bool:
+        """Teachers whose logits are the same every epoch: frozen, on inputs presented identically,
+        for a method that reads only their logits (one that reads their features needs the forwards)."""
+        return bool(self.teachers) and getattr(loader, "same_inputs_every_epoch", False) \
+            and not self.uses_teacher_features()
+
+    def use_teacher_logits(self, tables: list, loader) -> bool:
+        """Tables computed earlier (src/distillation/logits_cache.py) in place of computing them: each
+        teacher's [N, C] logits in dataset order; False when they do not fit this loader."""
+        if len(tables) != len(self.teachers) or any(t.shape[0] != len(loader.labels) for t in tables):
+            return False
+        self.eval_teachers()
+        self.cached = tables
+        return True
+
     @torch.no_grad()
     def cache_teacher_logits(self, loader, precision, max_bytes: int) -> bool:
         """When the loader presents every image identically each epoch (no augmentation, no
@@ -253,8 +268,8 @@ class Method(nn.Module):
         keep its logits [N, C], in dataset order: the same inputs, precision and eval mode as the
         online forward. False (nothing cached) when that does not hold or the tables would pass
         `max_bytes`."""
-        if not self.teachers or not getattr(loader, "same_inputs_every_epoch", False) or self.uses_teacher_features():
-            return False  # a method that reads the teachers' features needs their forwards
+        if not self.can_cache_teacher_logits(loader):
+            return False
         n = len(loader.labels)
         tables = [None] * len(self.teachers)
         self.eval_teachers()
