@@ -44,6 +44,7 @@ from src.spec.names import DIRECT_KD, SCRATCH, assistant_stage, method_student, 
 from src.spec.tune import DECLARED  # noqa: E402
 from src.distillation.chain import check_stages, estimate_jobs  # noqa: E402
 from src.distillation.clock import duration  # noqa: E402
+from src.experiment.search import search_seconds  # noqa: E402
 from src.plan.jobs import build_plan, machine_threads  # noqa: E402
 from src.spec.config import apply_override, changed_keys, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
@@ -405,8 +406,8 @@ def student_threads(folder: RunFolder, seeds: list, jobs: int) -> int:
 def whole_estimate(runs, args) -> dict:
     """{label: seconds} of every run not finished yet, as the toolkit's --dry-run times a study (one
     seed's stages planned and timed over a few steps, on the real data), then spread over --jobs:
-    the longer of the critical path and the work over the workers. A --tune search's trials are
-    not in it (each trial is one more student of the stage it tunes)."""
+    the longer of the critical path and the work over the workers; a --tune search at most (every
+    trial of each tuned student run to the end, --jobs at a time, and the seeds' tuned students)."""
     out = {}
     for label, raw, run_dir, seeds in runs:
         if run_done(run_dir, raw["stages"], seeds):
@@ -417,6 +418,9 @@ def whole_estimate(runs, args) -> dict:
         seconds = estimate_jobs(plan)
         work, (path, _) = sum(seconds.values()), plan.critical_path(seconds)
         out[label] = max(path, work / max(1, args.jobs)) if seeds else work
+        if cfg.tune.trials > 0 and not cfg.tuned:
+            by_stage = {j.stage: seconds[j.id] for j in plan.jobs if j.id in seconds}
+            out[label] += search_seconds(cfg, by_stage, len(seeds or [0]), args.jobs)
     return out
 
 
@@ -428,7 +432,7 @@ def say_estimate(estimates: dict, done: dict, tuning: bool = False) -> None:
     parts = ", ".join(f"{k} {duration(v)}" for k, v in left.items())
     head = "Whole reproduction" if not done else "Left"
     print(f"{head}: about {duration(sum(left.values()))} ({parts}; timed over a few steps of each stage on this "
-          f"machine now{', a --tune search not counted' if tuning else ''}); each run updates its own "
+          f"machine now{'; the --tune search as if no trial were pruned' if tuning else ''}); each run updates its own "
           f"estimate every epoch", flush=True)
 
 

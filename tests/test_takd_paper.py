@@ -724,6 +724,33 @@ def test_methods_beside_kd_from_the_teacher_and_via_the_assistant(tmp_path, caps
     assert list(pd.read_csv(results)["row"]) == ["NOKD", "BLKD", "TAKD"]
 
 
+def test_the_reproduction_tunes_blkd_and_takd_on_validation_with_the_same_trials(tmp_path, capsys):
+    """--tune N: BLKD's and TAKD's students each searched with N trials on validation (the teacher and
+    the assistant trained once), then every seed trains both tuned students beside the declared ones;
+    the table says how they were tuned where the paper says "best of 120 on test", and compares
+    TAKD and BLKD both tuned. The estimate counts the search."""
+    from benchmarks import reproduce_takd
+    out, results = tmp_path / "out", tmp_path / "res" / "takd.csv"
+    args = _reproduce_args(out, results, "--tune", "2")
+    args[args.index("--epochs") + 1] = "1"
+    code = reproduce_takd.main(args)
+    text = capsys.readouterr().out
+    assert code == 0, text[-3000:]
+    assert "the --tune search as if no trial were pruned" in text.split("Whole reproduction")[1].splitlines()[0]
+    students = out / "plain-cifar10" / "students"
+    for stage in ("student_kd", "student"):
+        assert len(list((students / "tune" / stage).glob("trial_*"))) == 2
+    table = pd.read_csv(results)
+    assert list(table["row"]) == ["NOKD", "BLKD", "TAKD", "BLKD, tuned (tuned on validation with 2 trials each; the paper: "
+                                  "best of 120 on test)", "TAKD, tuned (tuned on validation with 2 trials each; the "
+                                  "paper: best of 120 on test)"]
+    assert (table["seeds"] == 2).all()
+    assert "TAKD - BLKD (both tuned)" in list(pd.read_csv(results.with_name("takd_tests.csv"))["comparison"])
+    for seed in (0, 1):
+        done = json.loads((students / f"seed_{seed}" / "student_tuned" / "stage.json").read_text())
+        assert done["test_accuracy"] == done["test_accuracy"]  # the final students read the test split once
+
+
 def test_a_method_that_cannot_work_on_the_reproductions_models_is_refused_before_anything_trains(tmp_path, capsys):
     from benchmarks import reproduce_takd
     out = tmp_path / "out"

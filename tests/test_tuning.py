@@ -114,6 +114,20 @@ def test_a_moved_run_reports_its_search_from_its_own_journal(tuned, tmp_path):
     assert not (moved / "tune" / "study.journal").exists()
 
 
+def test_a_dry_run_names_the_search_and_the_most_it_adds(config, tmp_path):
+    out = tmp_path / "run"
+    proc = run(config, out, *TUNE, "--trials", "8", "--jobs", "2", "--dry-run")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "search before the plan above: student (kd.temperature=1:8:log, kd.alpha=0.1:0.9); 8 trials" in proc.stdout
+    assert "the search adds at most about" in proc.stdout and "2 trial(s) at a time" in proc.stdout
+    assert not out.exists()
+    # every trial to the end, two at a time, then the tuned student of each of three seeds
+    from src.experiment.search import search_seconds
+    from src.spec.config import load_config
+    cfg = load_config(config, ["tune.knobs=kd.temperature=1:8", "tune.trials=8"])
+    assert search_seconds(cfg, {"student": 10.0, "teacher": 99.0}, seeds=3, width=2) == pytest.approx(10.0 * (8 + 3) / 2)
+
+
 def test_no_trial_reads_the_test_split(tuned):
     """Every trial's stage has no test metrics and no predictions; the upstream teacher neither."""
     out, _ = tuned

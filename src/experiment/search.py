@@ -228,6 +228,16 @@ def freeze(cfg, found: list, studies: dict, storage_spec: str, trials: int, seed
     return replace(cfg, stages=stages, tuned=tuned)
 
 
+# ------------------------------------------------------------------------------------------ its time
+def search_seconds(cfg, stage_seconds: dict, seeds: int, width: int) -> float:
+    """The most a search adds to a study, from each target's timed stage (`stage_seconds`, as a
+    --dry-run times them): every trial run to the end (a pruned one ends sooner), `width` at a
+    time, then each seed's `<stage>_tuned`. The upstream trains once more only where the study's
+    own teachers are not loaded (not counted: it is one seed's teachers again)."""
+    per_target = [stage_seconds.get(t.stage, 0.0) for t in targets(cfg)]
+    return sum(per_target) * (cfg.tune.trials + max(1, seeds)) / max(1, width)
+
+
 # ------------------------------------------------------------------------------------------ the search
 def preflight(cfg) -> None:
     """Everything a search can refuse, before anything is written: its targets and knobs (built at

@@ -28,7 +28,7 @@ from ..distillation import distributed as dist
 from ..distillation.chain import check_writable, estimate_jobs, finish_run, prepare_run, run_chain
 from ..distillation.clock import duration
 from .executor import JobsFailed, RayExecutor, SerialExecutor, make_executor
-from .search import pending_search, search, targets
+from .search import pending_search, search, search_seconds, targets
 from .search import preflight as search_preflight
 from ..plan.jobs import build_plan, gpu_share, recorded_threads
 from ..spec.config import apply_override, changed_keys, config_leaves, from_dict, load_config
@@ -299,7 +299,9 @@ def train(session: Session) -> None:
     plan = build_plan(cfg, folder, session.seeds, args.threads or recorded_threads(folder), gpu_per_job(cfg))
     searching = cfg.tune.trials > 0 and not cfg.tuned
     if args.dry_run:
-        print(dry_run_text(plan, session) + (f"\n{search_text(cfg)}" if searching else ""))
+        text, seconds = dry_run_text(plan, session)
+        print(text + (f"\n{search_text(cfg, plan, seconds, len(session.seeds or [0]), args.jobs or 1)}"
+                      if searching else ""))
         return
     if session.own_process:
         freeze_import_heap()
@@ -327,12 +329,18 @@ def train(session: Session) -> None:
                      f"in model.safetensors, plus logs and the report)")
 
 
-def search_text(cfg) -> str:
-    """--dry-run with a search: what it would tune, with which knobs and how many trials."""
+def search_text(cfg, plan, seconds: dict, seeds: int, width: int) -> str:
+    """--dry-run with a search: what it would tune, with which knobs, how many trials, and the most
+    it adds to the plan's time (every trial run to the end)."""
     found = targets(cfg)
-    return "search before the plan above: " + "; ".join(
+    text = "search before the plan above: " + "; ".join(
         f"{t.stage} ({', '.join(k.text() for k in t.knobs)})" for t in found) + (
         f"; {cfg.tune.trials} trials each on validation, then <stage>_tuned beside each with the best values")
+    by_stage = {j.stage: seconds[j.id] for j in plan.jobs if j.id in seconds}
+    if seconds and all(t.stage in by_stage for t in found):
+        text += (f"\nthe search adds at most about {duration(search_seconds(cfg, by_stage, seeds, width))} "
+                 f"({width} trial(s) at a time, every trial run to the end; a pruned trial ends sooner)")
+    return text
 
 
 def run_plan(session: Session, plan, executor, started_only: bool = False) -> None:
@@ -398,7 +406,7 @@ def dry_run_text(plan, session: Session) -> str:
     except Exception as exc:  # noqa: BLE001 (the graph is still worth printing)
         session.log.warning(f"⚠️  no time estimate ({type(exc).__name__}: {exc})")
         seconds = {}
-    return plan.describe(seconds, duration=duration) + "\n(dry run: nothing written)"
+    return plan.describe(seconds, duration=duration) + "\n(dry run: nothing written)", seconds
 
 
 def exit_code(session: Session, exc: BaseException) -> int:
