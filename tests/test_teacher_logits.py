@@ -85,10 +85,13 @@ def test_another_thread_count_or_teacher_file_is_another_key(first):
         assert key_of(run, loader) != k1
     finally:
         torch.set_num_threads(threads)
-    ckpt = a / "teacher" / "best.pt"
-    st = ckpt.stat()
-    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert key_of(run, loader) != k1
+    for name in ("best.pt", "model.safetensors"):  # the checkpoint, and the export a finished stage's best.pt names
+        path = a / "teacher" / name
+        assert path.is_file()
+        k0 = key_of(run, loader)
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert key_of(run, loader) != k0
     loader.images = loader.images + 1
     assert key_of(run, loader)["images"] != k1["images"]
     # a teacher that is not a stage folder's checkpoint (or none at all): no key, nothing shared

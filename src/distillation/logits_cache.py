@@ -6,8 +6,8 @@ A stage whose teachers see the same inputs every epoch computes their logits onc
 many stages compute the same tables: each trial of a search, each seed of the final students.
 The first stage writes them to `<teacher folder>/teacher_logits/<key>.pt`; the others read them.
 
-The key holds everything the tables depend on: each teacher's stage and checkpoint file (size and
-modification time), the images (the data config, their number, a digest of the labels and of a
+The key holds everything the tables depend on: each teacher's stage, checkpoint file and exported
+weights (size and modification time), the images (the data config, their number, a digest of the labels and of a
 sample of the stored images), the batch the tables are computed in, the precision, the device,
 the torch version and its thread count. A hit is therefore the same tensor the stage would
 compute itself: a student's weights are the same bit for bit with and without the file. Any
@@ -28,7 +28,7 @@ import torch
 from ..runs.runfolder import StageFolder
 from ..utils.logger import get_console
 
-DIR = "teacher_logits"
+DIR = StageFolder.TEACHER_LOGITS
 log = get_console()
 
 
@@ -59,6 +59,9 @@ def key_of(run, loader) -> Optional[dict]:
         if not path.is_file() or not (path.parent / StageFolder.SUMMARY).is_file():
             return None
         files.append(path.resolve())
+        weights = path.parent / StageFolder.WEIGHTS  # a finished stage's best.pt names its export
+        if weights.is_file() and weights.resolve() != path.resolve():
+            files.append(weights.resolve())
     if getattr(loader, "images", None) is None:
         return None
     data = asdict(run.cfg.data)
@@ -67,8 +70,8 @@ def key_of(run, loader) -> Optional[dict]:
     train = run.cfg.train
     device = run.device
     return {
-        "teachers": [{"stage": json.dumps(asdict(t), sort_keys=True, default=str), "file": str(f),
-                      "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for t, f in zip(teachers, files)],
+        "teachers": [json.dumps(asdict(t), sort_keys=True, default=str) for t in teachers],
+        "files": [{"file": str(f), "size": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files],
         "data": json.dumps(data, sort_keys=True, default=str),
         "images": _images_digest(loader),
         "batch": loader.batch_size,
@@ -83,7 +86,7 @@ def key_of(run, loader) -> Optional[dict]:
 
 def _path(key: dict) -> Path:
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return Path(key["teachers"][0]["file"]).parent / DIR / f"{name}.pt"
+    return Path(key["files"][0]["file"]).parent / DIR / f"{name}.pt"
 
 
 def load(key: dict, device: torch.device) -> Optional[list]:

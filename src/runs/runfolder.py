@@ -41,6 +41,7 @@ class StageFolder:
     WEIGHTS = "model.safetensors"        # exported weights (+ model.json)
     MODEL_JSON = "model.json"            # how to load the export (timm name, kwargs, classes, normalisation)
     ATTENTION = "attention"              # ViT attention maps
+    TEACHER_LOGITS = "teacher_logits"    # a loaded teacher's logits on a training split, for the next stage that loads it
 
     epoch_log, terms, schedule = _file(EPOCH_LOG), _file(TERMS), _file(SCHEDULE)
     last, best, predictions, summary_file = _file(LAST), _file(BEST), _file(PREDICTIONS), _file(SUMMARY)
