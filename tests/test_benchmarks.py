@@ -79,3 +79,30 @@ def test_profile_stage_writes_trace_tables_and_summary(tmp_path):
     ops = (tmp_path / "cnn16_student_ops.txt").read_text()
     assert "top operators by host time" in ops and "aten::" in ops
     assert "wall_ms_per_step" in res.stdout and "host_reads_per_step" in res.stdout
+
+
+def test_bench_teacher_logits_computes_then_reads_with_the_same_weights(tmp_path):
+    """Cold, cold, warm, warm: the teacher's logits computed twice, then read twice, the student's
+    weights the same every time (the script's exit code says so, and its table)."""
+    from tests.test_tuning import make_tree
+    tree = make_tree(tmp_path / "tree", corrupt_test=False)
+    config = tmp_path / "teacher.yaml"
+    config.write_text(f"""name: t
+seed: 0
+data: {{source: imagefolder, root: {tree}, image_size: 32, augment: none}}
+train: {{epochs: 1, batch_size: 32, lr: 0.003, device: cpu}}
+stages:
+  - {{name: teacher, model: plain_cnn4, role: teacher}}
+""")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "cnn_distillation.train_cnn", "--no-progress", "--threads", "1",
+                           "--config", str(config), "--output-dir", str(run)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_teacher_logits.py"), "--checkpoint",
+                           str(run / "teacher" / "best.pt"), "--model", "plain_cnn4", "--data-root", str(tree),
+                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert [r.split("|")[2].strip() + "/" + r.split("|")[3].strip() for r in rows] == [
+        "cold/computed", "cold/computed", "warm/read", "warm/read"]
+    assert all(r.rstrip(" |").endswith("yes") for r in rows)
