@@ -385,18 +385,20 @@ def test_a_run_of_another_length_gets_no_verdict_against_the_paper():
     assert reason in out["words"]
 
 
-def test_a_preset_as_declared_is_no_override_of_its_own_protocol():
-    """--slice cpu declares early stopping off: run as declared, only its length makes it not comparable."""
-    reason = rt.comparability(rt.parse_args(["--slice", "cpu", "--out", "/nonexistent/never-written"]))
+def test_a_preset_as_declared_is_no_override_of_its_own_protocol(tmp_path):
+    """--slice cpu declares early stopping off: run as declared, only its length makes it not comparable.
+    (--data-root: any folder that exists; the checkout need not sit beside the shared data.)"""
+    where = ["--out", "/nonexistent/never-written", "--data-root", str(tmp_path)]
+    reason = rt.comparability(rt.parse_args(["--slice", "cpu", *where]))
     assert reason == "not comparable: 8 teacher and 15 student epochs of 150"
-    args = rt.parse_args(["--slice", "cpu", "--early-stop", "5", "--out", "/nonexistent/never-written"])
+    args = rt.parse_args(["--slice", "cpu", "--early-stop", "5", *where])
     assert "early stopping for plain after 5 epochs" in rt.comparability(args)
 
 
-def test_any_override_of_the_declared_protocol_makes_a_run_not_comparable():
+def test_any_override_of_the_declared_protocol_makes_a_run_not_comparable(tmp_path):
     """The full-length slice with a data cap, a changed patience or other seeds gets no verdict
     against the paper, and each override is listed among the deviations."""
-    base = ["--slice", "cpu-full", "--out", "/nonexistent/never-written"]
+    base = ["--slice", "cpu-full", "--out", "/nonexistent/never-written", "--data-root", str(tmp_path)]
     assert rt.comparability(rt.parse_args(base)) is None  # as declared: comparable
     for extra, words in ((["--set", "data.max_train_samples=500"], "--set data.max_train_samples=500"),
                          (["--early-stop", "1"], "early stopping for plain after 1 epochs"),
