@@ -406,8 +406,9 @@ def student_threads(folder: RunFolder, seeds: list, jobs: int) -> int:
 def whole_estimate(runs, args) -> dict:
     """{label: seconds} of every run not finished yet, as the toolkit's --dry-run times a study (one
     seed's stages planned and timed over a few steps, on the real data), then spread over --jobs:
-    the longer of the critical path and the work over the workers; a --tune search at most (every
-    trial of each tuned student run to the end, --jobs at a time, and the seeds' tuned students)."""
+    the longer of the critical path and the work over the workers; a --tune search as if no trial
+    were pruned (every trial of each tuned student run to the end, --jobs at a time, and the seeds'
+    tuned students)."""
     out = {}
     for label, raw, run_dir, seeds in runs:
         if run_done(run_dir, raw["stages"], seeds):

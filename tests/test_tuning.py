@@ -119,7 +119,7 @@ def test_a_dry_run_names_the_search_and_the_most_it_adds(config, tmp_path):
     proc = run(config, out, *TUNE, "--trials", "8", "--jobs", "2", "--dry-run")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "search before the plan above: student (kd.temperature=1:8:log, kd.alpha=0.1:0.9); 8 trials" in proc.stdout
-    assert "the search adds at most about" in proc.stdout and "2 trial(s) at a time" in proc.stdout
+    assert "the search adds about" in proc.stdout and "if no trial is pruned (2 trial(s) at a time" in proc.stdout
     assert not out.exists()
     # every trial to the end, two at a time, then the tuned student of each of three seeds
     from src.experiment.search import search_seconds

@@ -230,7 +230,7 @@ def freeze(cfg, found: list, studies: dict, storage_spec: str, trials: int, seed
 
 # ------------------------------------------------------------------------------------------ its time
 def search_seconds(cfg, stage_seconds: dict, seeds: int, width: int) -> float:
-    """The most a search adds to a study, from each target's timed stage (`stage_seconds`, as a
+    """What a search adds to a study if no trial is pruned, from each target's timed stage (`stage_seconds`, as a
     --dry-run times them): every trial run to the end (a pruned one ends sooner), `width` at a
     time, then each seed's `<stage>_tuned`. The upstream trains once more only where the study's
     own teachers are not loaded (not counted: it is one seed's teachers again)."""

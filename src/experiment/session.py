@@ -330,16 +330,16 @@ def train(session: Session) -> None:
 
 
 def search_text(cfg, plan, seconds: dict, seeds: int, width: int) -> str:
-    """--dry-run with a search: what it would tune, with which knobs, how many trials, and the most
-    it adds to the plan's time (every trial run to the end)."""
+    """--dry-run with a search: what it would tune, with which knobs, how many trials, and what it
+    adds to the plan's time if no trial is pruned."""
     found = targets(cfg)
     text = "search before the plan above: " + "; ".join(
         f"{t.stage} ({', '.join(k.text() for k in t.knobs)})" for t in found) + (
         f"; {cfg.tune.trials} trials each on validation, then <stage>_tuned beside each with the best values")
     by_stage = {j.stage: seconds[j.id] for j in plan.jobs if j.id in seconds}
     if seconds and all(t.stage in by_stage for t in found):
-        text += (f"\nthe search adds at most about {duration(search_seconds(cfg, by_stage, seeds, width))} "
-                 f"({width} trial(s) at a time, every trial run to the end; a pruned trial ends sooner)")
+        text += (f"\nthe search adds about {duration(search_seconds(cfg, by_stage, seeds, width))} if no trial is "
+                 f"pruned ({width} trial(s) at a time; a pruned trial ends sooner)")
     return text
 
 
