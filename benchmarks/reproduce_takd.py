@@ -44,7 +44,7 @@ from src.spec.names import DIRECT_KD, SCRATCH, assistant_stage, method_student, 
 from src.spec.tune import DECLARED  # noqa: E402
 from src.distillation.chain import check_stages, estimate_jobs  # noqa: E402
 from src.distillation.clock import duration  # noqa: E402
-from src.experiment.search import search_seconds  # noqa: E402
+from src.experiment.search import search_seconds, seconds_by_stage  # noqa: E402
 from src.plan.jobs import build_plan, machine_threads  # noqa: E402
 from src.spec.config import apply_override, changed_keys, from_dict  # noqa: E402
 from src.distillation.methods import available  # noqa: E402
@@ -420,8 +420,7 @@ def whole_estimate(runs, args) -> dict:
         work, (path, _) = sum(seconds.values()), plan.critical_path(seconds)
         out[label] = max(path, work / max(1, args.jobs)) if seeds else work
         if cfg.tune.trials > 0 and not cfg.tuned:
-            by_stage = {j.stage: seconds[j.id] for j in plan.jobs if j.id in seconds}
-            out[label] += search_seconds(cfg, by_stage, len(seeds or [0]), args.jobs)
+            out[label] += search_seconds(cfg, seconds_by_stage(plan, seconds), len(seeds or [0]), args.jobs)
     return out
 
 

@@ -7,8 +7,8 @@ many stages compute the same tables: each trial of a search, each seed of the fi
 The first stage writes them to `<teacher folder>/teacher_logits/<key>.pt`; the others read them.
 
 The key holds everything the tables depend on: each teacher's stage, checkpoint file and exported
-weights (size and modification time), the images (the data config, their number, a digest of the labels and of a
-sample of the stored images), the batch the tables are computed in, the precision, the device,
+weights (size and modification time), the images (the data config, their number, a digest of
+the labels and of a sample of the stored images), the batch the tables are computed in, the precision, the device,
 the torch version and its thread count. A hit is therefore the same tensor the stage would
 compute itself: a student's weights are the same bit for bit with and without the file. Any
 doubt (another key, a file that does not read) computes the tables again; a folder that cannot be
@@ -38,12 +38,9 @@ def _digest(t: torch.Tensor) -> str:
 
 def _images_digest(loader) -> str:
     """The labels and up to 256 of the stored images, evenly spaced: which images, in which order."""
-    labels, images = loader.labels, getattr(loader, "images", None)
-    parts = [_digest(labels), str(tuple(labels.shape))]
-    if images is not None:
-        step = max(1, len(images) // 256)
-        parts += [_digest(images[::step]), str(tuple(images.shape))]
-    return ",".join(parts)
+    labels, images = loader.labels, loader.images
+    step = max(1, len(images) // 256)
+    return ",".join([_digest(labels), str(tuple(labels.shape)), _digest(images[::step]), str(tuple(images.shape))])
 
 
 def key_of(run, loader) -> Optional[dict]:

@@ -229,11 +229,16 @@ def freeze(cfg, found: list, studies: dict, storage_spec: str, trials: int, seed
 
 
 # ------------------------------------------------------------------------------------------ its time
+def seconds_by_stage(plan, seconds: dict) -> dict:
+    """{stage: seconds} from a plan's {job id: seconds} (every seed trains the same stages)."""
+    return {j.stage: seconds[j.id] for j in plan.jobs if j.id in seconds}
+
+
 def search_seconds(cfg, stage_seconds: dict, seeds: int, width: int) -> float:
-    """What a search adds to a study if no trial is pruned, from each target's timed stage (`stage_seconds`, as a
-    --dry-run times them): every trial run to the end (a pruned one ends sooner), `width` at a
-    time, then each seed's `<stage>_tuned`. The upstream trains once more only where the study's
-    own teachers are not loaded (not counted: it is one seed's teachers again)."""
+    """What a search adds to a study if no trial is pruned, from each target's timed stage
+    (`stage_seconds`, as a --dry-run times them): every trial run to the end (a pruned one ends
+    sooner), `width` at a time, then each seed's `<stage>_tuned`. The upstream trains once more
+    only where the study's own teachers are not loaded (not counted: one seed's teachers again)."""
     per_target = [stage_seconds.get(t.stage, 0.0) for t in targets(cfg)]
     return sum(per_target) * (cfg.tune.trials + max(1, seeds)) / max(1, width)
 

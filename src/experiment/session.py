@@ -28,7 +28,7 @@ from ..distillation import distributed as dist
 from ..distillation.chain import check_writable, estimate_jobs, finish_run, prepare_run, run_chain
 from ..distillation.clock import duration
 from .executor import JobsFailed, RayExecutor, SerialExecutor, make_executor
-from .search import pending_search, search, search_seconds, targets
+from .search import pending_search, search, search_seconds, seconds_by_stage, targets
 from .search import preflight as search_preflight
 from ..plan.jobs import build_plan, gpu_share, recorded_threads
 from ..spec.config import apply_override, changed_keys, config_leaves, from_dict, load_config
@@ -336,7 +336,7 @@ def search_text(cfg, plan, seconds: dict, seeds: int, width: int) -> str:
     text = "search before the plan above: " + "; ".join(
         f"{t.stage} ({', '.join(k.text() for k in t.knobs)})" for t in found) + (
         f"; {cfg.tune.trials} trials each on validation, then <stage>_tuned beside each with the best values")
-    by_stage = {j.stage: seconds[j.id] for j in plan.jobs if j.id in seconds}
+    by_stage = seconds_by_stage(plan, seconds)
     if seconds and all(t.stage in by_stage for t in found):
         text += (f"\nthe search adds about {duration(search_seconds(cfg, by_stage, seeds, width))} if no trial is "
                  f"pruned ({width} trial(s) at a time; a pruned trial ends sooner)")
